@@ -1,10 +1,31 @@
 """SAM-Med3D: promptable 3D segmentation for CT and MRI.
 
-Public API:
-- :func:`build_sam_med3d` builds the network from a named configuration or a config dict.
+Public API (imported lazily, so ``import sam_med3d`` stays cheap):
+
+- :func:`build_sam_med3d` / :data:`CONFIGS`: build the network from a named configuration or a config dict.
+- :func:`load_checkpoint`, :func:`load_model`, :func:`save_checkpoint`: official and our own checkpoints.
+- :class:`Sam3DPredictor`: clicks on a whole scan -> a 3D mask in the scan's own geometry.
 """
 
-from .build import CONFIGS, build_sam_med3d
-from .modeling import Sam3D
+from __future__ import annotations
 
-__all__ = ["CONFIGS", "build_sam_med3d", "Sam3D"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CONFIGS": "sam_med3d.build",
+    "build_sam_med3d": "sam_med3d.build",
+    "Sam3D": "sam_med3d.modeling",
+    "load_checkpoint": "sam_med3d.checkpoint",
+    "load_model": "sam_med3d.checkpoint",
+    "save_checkpoint": "sam_med3d.checkpoint",
+    "Sam3DPredictor": "sam_med3d.predictor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sam_med3d' has no attribute {name!r}")
