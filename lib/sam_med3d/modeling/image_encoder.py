@@ -6,17 +6,38 @@ Conventions: the input volume is ``(B, in_chans, D, H, W)``; inside the encoder 
 Two properties of the official model are reproduced on purpose, because the released weights expect them:
 windowed blocks zero-pad the token grid up to a multiple of the window (8^3 -> 14^3 for ``vit_b_ori``)
 *after* ``norm1``, so padded tokens take part in attention; and GELU is the exact (erf) one.
+
+Attention runs one of two ways, with the same outputs (``tests/test_fast_encoder.py``):
+
+* ``"fast"`` (default, :data:`DEFAULT_ATTENTION_IMPL`): only the real tokens are projected and attend; all the
+  padded keys of a window are folded into one extra key by exact algebra (:mod:`.fast_attention`), and
+  ``scaled_dot_product_attention`` takes the relative-position bias as its ``attn_mask``.
+* ``"reference"``: the literal official computation (pad, partition, full attention, crop).
+
+Switch with ``ImageEncoderViT3D(..., attention_impl=...)`` or ``encoder.set_attention_impl(...)``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Type
+from typing import Callable, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm3d, MLPBlock
+from .fast_attention import padded_window_attention, partition_boxes, unpartition_boxes, window_boxes
+
+#: Attention implementations: ``"fast"`` (exact, skips the padding) and ``"reference"`` (the official one).
+ATTENTION_IMPLS = ("fast", "reference")
+#: Implementation used by encoders built without an explicit ``attention_impl``.
+DEFAULT_ATTENTION_IMPL = "fast"
+
+
+def _check_attention_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    return impl
 
 
 class PatchEmbed3D(nn.Module):
@@ -128,6 +149,32 @@ class Attention(nn.Module):
         attn = attn.softmax(dim=-1)
         return self.merge_heads(attn @ v, b, (d, h, w))
 
+    def forward_box(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """Fast exact attention of zero-padded ``window^3`` windows given only their real tokens.
+
+        ``x``: ``(N, rd, rh, rw, C)``, the real tokens of N windows (the box at each window's low corner; the
+        rest of the window is zero tokens, as after ``window_partition``). Returns ``(N, rd, rh, rw, C)``,
+        equal to ``forward`` on the padded windows cropped to the box. A global block is the case
+        ``rd = rh = rw = window`` = grid size. The official bias layout needs a cubic window.
+        """
+        n, rd, rh, rw, _ = x.shape
+        q, k, v = self.split_qkv(x)
+        heads, head_dim = self.num_heads, q.shape[-1]
+        if self.qkv.bias is not None:
+            zero_qkv = self.qkv.bias.view(3, 1, heads, head_dim).expand(3, n, heads, head_dim)
+            q0, k0, v0 = zero_qkv.reshape(3, n * heads, head_dim).unbind(0)
+        else:
+            q0 = k0 = v0 = q.new_zeros(n * heads, head_dim)
+        tables = None
+        if self.use_rel_pos:
+            tables = (relative_position_table(window, window, self.rel_pos_d),
+                      relative_position_table(window, window, self.rel_pos_h),
+                      relative_position_table(window, window, self.rel_pos_w))
+        box = (n * heads, rd, rh, rw, head_dim)
+        out = padded_window_attention(q.view(box), k.view(box), v.view(box), q0, k0, v0, window, tables,
+                                      self.scale)
+        return self.merge_heads(out, n, (rd, rh, rw))
+
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     """Zero-pad ``(B, D, H, W, C)`` to multiples of ``window_size`` and cut it into windows.
@@ -162,8 +209,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  layer_norm_eps: float = 1e-6, act_layer: Type[nn.Module] = nn.GELU, use_rel_pos: bool = False,
-                 window_size: int = 0, input_size: Optional[Tuple[int, int, int]] = None) -> None:
+                 window_size: int = 0, input_size: Optional[Tuple[int, int, int]] = None,
+                 attention_impl: str = "fast") -> None:
         super().__init__()
+        self.attention_impl = _check_attention_impl(attention_impl)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         attn_size = input_size if window_size == 0 else (window_size, window_size, window_size)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos,
@@ -172,10 +221,35 @@ class Block(nn.Module):
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
 
+    def attend_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of normalised tokens ``(B, D, H, W, C)`` by the fast path (same result as the reference).
+
+        Windowed: the grid is cut into at most 8 groups of equally shaped real boxes (full windows, and the
+        partial last windows along each axis); each group attends in one batched call. Global: one box, the
+        grid. Falls back to the reference for a non-cubic global grid (which the official layout lacks).
+        """
+        b, d, h, w, c = x.shape
+        if self.window_size == 0:
+            if not d == h == w:
+                return self.attn(x)
+            return self.attn.forward_box(x, d)
+        groups = window_boxes((d, h, w), self.window_size)
+        if len(groups) == 1:
+            box = groups[0][1]
+            return unpartition_boxes(self.attn.forward_box(partition_boxes(x, box), self.window_size), (b, d, h, w))
+        out = torch.empty_like(x)
+        for (sd, sh, sw), box in groups:
+            region = x[:, sd, sh, sw]
+            attended = self.attn.forward_box(partition_boxes(region, box), self.window_size)
+            out[:, sd, sh, sw] = unpartition_boxes(attended, tuple(region.shape[:4]))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
+        if self.attention_impl == "fast":
+            x = self.attend_fast(x)
+        elif self.window_size > 0:
             size = tuple(x.shape[1:4])
             x, padded_size = window_partition(x, self.window_size)
             x = self.attn(x)
@@ -193,8 +267,10 @@ class ImageEncoderViT3D(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, out_chans: int = 384,
                  qkv_bias: bool = True, layer_norm_eps: float = 1e-6, use_abs_pos: bool = True,
                  use_rel_pos: bool = True, window_size: int = 14,
-                 global_attn_indexes: Sequence[int] = (2, 5, 8, 11)) -> None:
+                 global_attn_indexes: Sequence[int] = (2, 5, 8, 11), attention_impl: Optional[str] = None
+                 ) -> None:
         super().__init__()
+        attention_impl = _check_attention_impl(attention_impl or DEFAULT_ATTENTION_IMPL)
         self.img_size = img_size
         self.patch_size = patch_size
         grid = img_size // patch_size
@@ -205,8 +281,9 @@ class ImageEncoderViT3D(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, layer_norm_eps=layer_norm_eps,
                   use_rel_pos=use_rel_pos, window_size=0 if i in global_attn_indexes else window_size,
-                  input_size=(grid, grid, grid))
+                  input_size=(grid, grid, grid), attention_impl=attention_impl)
             for i in range(depth))
+        self._compiled_blocks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.neck = nn.Sequential(
             nn.Conv3d(embed_dim, out_chans, kernel_size=1, bias=False),
             LayerNorm3d(out_chans, eps=layer_norm_eps),
@@ -221,8 +298,31 @@ class ImageEncoderViT3D(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(x)
+    @property
+    def attention_impl(self) -> str:
+        """The attention implementation of the blocks (``"fast"`` or ``"reference"``)."""
+        return self.blocks[0].attention_impl if len(self.blocks) else DEFAULT_ATTENTION_IMPL
+
+    def set_attention_impl(self, impl: str, compile: bool = False, **compile_kwargs) -> "ImageEncoderViT3D":
+        """Choose ``"fast"`` or ``"reference"`` attention for every block; returns ``self``.
+
+        ``compile=True`` runs the block stack through ``torch.compile(**compile_kwargs)`` (first call is slow;
+        needs a C++ compiler on CPU). Parameters and state_dict keys are unchanged either way.
+        """
+        _check_attention_impl(impl)
+        for block in self.blocks:
+            block.attention_impl = impl
+        # Compiled graphs bake in the implementation, so drop any previous one.
+        self._compiled_blocks = torch.compile(self.blocks_forward, **compile_kwargs) if compile else None
+        return self
+
+    def blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks on channels-last tokens ``(B, D', H', W', C)``."""
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(x)
+        x = self._compiled_blocks(x) if self._compiled_blocks is not None else self.blocks_forward(x)
         return self.neck(x.permute(0, 4, 1, 2, 3))
