@@ -1,0 +1,472 @@
+"""Training pieces shared by ``pretrain/train.py`` and the MONAI Label app's trainer.
+
+Two things live here:
+
+1. **Training-crop transforms** (:func:`training_transforms`, split into :func:`preprocess_transforms`, the
+   deterministic and cacheable part, and :func:`crop_transforms`, the per-sample random part). A sample is a
+   dict ``{"image", "label"}``; the output is ``image`` float32 ``(1, S, S, S)`` and ``label`` float32 ``{0, 1}``
+   ``(1, S, S, S)`` (plain tensors), in the same frame the predictor uses: array axes = canonical **RAS**
+   (MONAI ``Orientation("RAS")``, i.e. torchio's ``ToCanonical``), voxels of ``spacing_mm`` (1.5 mm,
+   bilinear image / nearest label), a cubic crop of ``S`` voxels around the target (the bounding-box centre of
+   the target plus a random jitter, zero padding outside the scan, as the official ``CropOrPad(mask_name=
+   "label")``), then z-scored with the mean/std of the crop's voxels > 0 applied to every voxel (the official
+   ``ZNormalization(masking_method=lambda x: x > 0)``), then random flips along each axis.
+
+2. **The click-iteration step** (:func:`click_iteration_step`, :class:`ClickIterationModel`,
+   :class:`ClickTrainingStep`): SAM-Med3D's interactive training recipe (the official ``train.py``
+   ``BaseTrainer.interaction``):
+
+   - the image is encoded **once** per batch;
+   - iteration 0 clicks a uniformly random voxel of the target (positive); every later iteration adds one click
+     drawn uniformly from the error region (false negatives -> positive, false positives -> negative) of the
+     current prediction (:func:`sam_med3d.clicks.simulate_clicks_batch`, ``mode="random"``);
+   - each iteration decodes with the clicks so far and the previous low-res logits as the mask prompt (zeros
+     at iteration 0, exactly as the official trainer and inference do);
+   - as in the official trainer, one random iteration in ``[2, 8]`` and the last one are decoded from the
+     mask prompt alone (no points), which teaches the decoder to refine its own previous mask
+     (``mask_only_iterations=True``);
+   - the loss (DiceCE on the logits upsampled trilinearly to ``S``, vs the label) is computed at every
+     iteration and **averaged** (the official sums; AdamW is invariant to that constant factor, and the mean
+     keeps loss values and the gradient-clipping threshold comparable across click counts);
+   - gradients flow through the chain of mask prompts (the official does not detach either;
+     ``detach_mask_prompt=True`` cuts it to save memory).
+
+   Deviations from the official code, on purpose: all clicks so far are given (the official default
+   ``--multi_click`` off gives only the newest click; the released inference gives them all), and the
+   prediction used to place the next click is ``logits > 0`` (probability > 0.5; the official thresholds the
+   raw logits at 0.5). An optional IoU-head loss (``iou_loss_weight``; the official never trains the IoU head)
+   makes ``iou_pred`` meaningful.
+
+Coordinates: click points are voxel indices ``(d, h, w)`` along tensor axes 2, 3, 4 of the ``(B, 1, S, S, S)``
+crop (= RAS array axes i, j, k after :func:`training_transforms`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.losses import DiceCELoss
+from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd,
+                              RandFlipd, Randomizable, Spacingd)
+from torch import nn
+
+from .clicks import simulate_clicks_batch
+
+__all__ = [
+    "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
+    "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "zscore_foreground", "default_loss",
+    "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice",
+]
+
+#: Isotropic voxel size of the training/inference frame (the official preprocessing resamples to 1.5 mm).
+DEFAULT_SPACING_MM = 1.5
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def zscore_foreground(image: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Z-score ``image`` with the mean/std of its voxels > 0, applied to all voxels (the official rule).
+
+    Args:
+        image: any-shape float tensor (a crop, ``(1, S, S, S)``).
+    Returns:
+        a float32 tensor of the same shape; unchanged (only cast) when no voxel is > 0 or the std is 0.
+    """
+    image = torch.as_tensor(image).float()
+    fg = image[image > 0]
+    if fg.numel() < 2:
+        return image
+    std = fg.std()
+    if not torch.isfinite(std) or std < eps:
+        return image - fg.mean()
+    return (image - fg.mean()) / std
+
+
+class SelectTargetd(MapTransform):
+    """Binarise the label: ``label == label_value`` (multi-class labels) or ``label > 0`` (``label_value=None``).
+
+    A per-sample ``"label_value"`` entry in the dict, when present, overrides the constructor's value, so one
+    cached multi-class volume can serve each of its classes as a separate target.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", label_value: Optional[int] = None,
+                 value_key: str = "label_value") -> None:
+        super().__init__(keys)
+        self.label_value = label_value
+        self.value_key = value_key
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        value = d.get(self.value_key, self.label_value)
+        for key in self.key_iterator(d):
+            lab = torch.as_tensor(d[key])
+            d[key] = (lab > 0) if value is None else (lab == int(value))
+        return d
+
+
+class RandTargetCropd(Randomizable, MapTransform):
+    """Cubic crop of ``crop_size`` voxels centred on the target's bounding box, with a random jitter.
+
+    The window centre is the centre of the bounding box of ``label > 0`` (the scan centre when the label is
+    empty) plus an integer offset drawn uniformly from ``[-jitter, jitter]`` per axis. Parts of the window
+    outside the scan are zero-padded (image and label), as the official ``CropOrPad``. Works on channel-first
+    ``(C, I, J, K)`` tensors; returns plain tensors (the crop's affine is not needed for training).
+    """
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), label_key: str = "label", crop_size: int = 128,
+                 jitter: int = 0) -> None:
+        super().__init__(keys)
+        if int(crop_size) <= 0:
+            raise ValueError(f"crop_size must be a positive number of voxels, got {crop_size}")
+        if int(jitter) < 0:
+            raise ValueError(f"jitter must be >= 0 voxels, got {jitter}")
+        self.label_key = label_key
+        self.crop_size = int(crop_size)
+        self.jitter = int(jitter)
+        self._offset = np.zeros(3, dtype=np.int64)
+
+    def randomize(self, data: Any = None) -> None:
+        self._offset = self.R.randint(-self.jitter, self.jitter + 1, size=3) if self.jitter else np.zeros(3, int)
+
+    def window(self, label: torch.Tensor) -> np.ndarray:
+        """Start voxel (3,) of the crop window for a ``(C, I, J, K)`` label (uses the current random offset)."""
+        shape = np.asarray(label.shape[-3:])
+        fg = torch.nonzero(torch.as_tensor(label).reshape(label.shape[-3:]) > 0)
+        if fg.numel():
+            lo, hi = fg.min(0).values.cpu().numpy(), fg.max(0).values.cpu().numpy() + 1
+            centre = (lo + hi) // 2
+        else:
+            centre = shape // 2
+        return centre + self._offset - self.crop_size // 2
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        self.randomize()
+        label = d[self.label_key]
+        start = self.window(label)
+        for key in self.key_iterator(d):
+            d[key] = crop_or_pad(torch.as_tensor(d[key]), start, self.crop_size)
+        return d
+
+
+def crop_or_pad(x: torch.Tensor, start: Sequence[int], size: int) -> torch.Tensor:
+    """The window ``[start, start + size)`` of the last three axes of ``x``, zero-padded where outside ``x``."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> plain tensor
+    shape = x.shape[-3:]
+    src, dst = [], []
+    for axis in range(3):
+        a, b = int(start[axis]), int(start[axis]) + size
+        lo, hi = max(a, 0), min(b, shape[axis])
+        src.append(slice(lo, max(hi, lo)))
+        dst.append(slice(lo - a, lo - a + max(hi - lo, 0)))
+    out = torch.zeros(x.shape[:-3] + (size, size, size), dtype=x.dtype, device=x.device)
+    out[(Ellipsis, *dst)] = x[(Ellipsis, *src)]
+    return out
+
+
+class ForegroundZNormd(MapTransform):
+    """:func:`zscore_foreground` on each key (statistics of voxels > 0, applied to all voxels)."""
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = zscore_foreground(d[key])
+        return d
+
+
+class ToTrainingTensord(MapTransform):
+    """Plain contiguous float32 tensors (MetaTensor metadata dropped: the training step needs none)."""
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+            d[key] = x.float().contiguous()
+        return d
+
+
+def preprocess_transforms(spacing_mm: float = DEFAULT_SPACING_MM, load: bool = True,
+                          keys: Sequence[str] = ("image", "label")) -> List[Any]:
+    """The deterministic (cacheable) part: load -> channel first -> RAS -> ``spacing_mm`` isotropic.
+
+    Input dict: ``image``/``label`` file paths (``load=True``) or channel-first MetaTensors with affines.
+    Output: ``image`` float32 MetaTensor ``(1, I, J, K)`` (bilinear), ``label`` MetaTensor ``(1, I, J, K)``
+    with the original integer values (nearest), in canonical RAS at ``spacing_mm``.
+    """
+    if not spacing_mm or float(spacing_mm) <= 0:
+        raise ValueError(f"spacing_mm must be a positive voxel size in mm, got {spacing_mm}")
+    keys = list(keys)
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    out: List[Any] = []
+    if load:
+        out += [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    out += [Orientationd(keys=keys, axcodes="RAS"),
+            Spacingd(keys=keys, pixdim=(float(spacing_mm),) * 3, mode=modes)]
+    return out
+
+
+def crop_transforms(crop_size: int, augment: bool = True, jitter: Optional[int] = None,
+                    label_value: Optional[int] = None) -> List[Any]:
+    """The per-sample part: binarise the target -> crop/pad around it -> z-score -> (flips) -> tensors.
+
+    ``jitter`` defaults to ``crop_size // 8`` voxels when ``augment`` (0 otherwise). ``label_value``: the class
+    to segment (``None`` = every label > 0); a ``"label_value"`` entry in the sample overrides it.
+    """
+    if jitter is None:
+        jitter = crop_size // 8 if augment else 0
+    out: List[Any] = [SelectTargetd("label", label_value=label_value),
+                      RandTargetCropd(("image", "label"), crop_size=crop_size, jitter=jitter),
+                      ForegroundZNormd("image")]
+    if augment:
+        # Independent flips along the three axes (the official tio.RandomFlip(axes=(0, 1, 2)), p = 0.5 each).
+        out += [RandFlipd(("image", "label"), prob=0.5, spatial_axis=axis) for axis in range(3)]
+    out.append(ToTrainingTensord(("image", "label")))
+    return out
+
+
+def training_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM, augment: bool = True,
+                        load: bool = True, jitter: Optional[int] = None,
+                        label_value: Optional[int] = None) -> Compose:
+    """MONAI dict transforms ``{"image", "label"}`` -> a training crop (see the module docstring).
+
+    Args:
+        crop_size: edge ``S`` of the cubic crop in voxels (``model.img_size``).
+        spacing_mm: isotropic voxel size of the training frame.
+        augment: random jitter of the crop centre and random flips.
+        load: the inputs are file paths (``LoadImaged`` first); else channel-first MetaTensors with affines.
+        jitter: maximum crop-centre offset in voxels per axis (default ``crop_size // 8`` when augmenting).
+        label_value: class to segment in a multi-class label (``None``: every label > 0).
+
+    Returns:
+        a ``Compose`` producing ``image`` float32 ``(1, S, S, S)`` and ``label`` float32 ``{0, 1}``
+        ``(1, S, S, S)``.
+    """
+    return Compose(preprocess_transforms(spacing_mm, load=load)
+                   + crop_transforms(crop_size, augment=augment, jitter=jitter, label_value=label_value))
+
+
+# ------------------------------------------------------------------------------------------------ click step
+def default_loss() -> nn.Module:
+    """The official loss: ``DiceCELoss(sigmoid=True, squared_pred=True)``, mean over the batch."""
+    return DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+
+
+def batch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per-item Dice ``(B,)`` of ``logits > 0`` vs ``label > 0`` (``(B, 1, S, S, S)`` each); 1 when both empty."""
+    pred = (logits > 0).flatten(1)
+    gt = (label > 0).flatten(1)
+    inter = (pred & gt).sum(1).float()
+    total = (pred.sum(1) + gt.sum(1)).float()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def _check_batch(image: torch.Tensor, label: torch.Tensor, img_size: int) -> None:
+    if image.ndim != 5 or image.shape[1] != 1:
+        raise ValueError(f"image must be (B, 1, S, S, S), got shape {tuple(image.shape)}")
+    if tuple(label.shape) != tuple(image.shape):
+        raise ValueError(f"label must have the image's shape {tuple(image.shape)}, got {tuple(label.shape)}")
+    if tuple(image.shape[2:]) != (img_size,) * 3:
+        raise ValueError(f"image crop is {tuple(image.shape[2:])} but the model takes {img_size}^3 crops")
+
+
+def _mask_only_iterations(n: int, rng: np.random.Generator, enabled: bool) -> set:
+    """Official: one random iteration in [2, 8] and the last one use the mask prompt only (when n > 1)."""
+    if not enabled or n < 2:
+        return set()
+    return {int(rng.integers(2, 9)), n - 1}
+
+
+def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
+                         rng: np.random.Generator, loss_fn: Optional[nn.Module] = None,
+                         mask_only_iterations: bool = True, detach_mask_prompt: bool = False,
+                         iou_loss_weight: float = 0.0, click_mode: str = "random") -> Dict[str, Any]:
+    """The interactive loop on an unwrapped :class:`~sam_med3d.modeling.Sam3D` (see the module docstring).
+
+    Args:
+        sam: the model (its ``image_encoder`` and ``decode``).
+        image: ``(B, 1, S, S, S)`` float, z-scored crop.
+        label: ``(B, 1, S, S, S)`` {0, 1}.
+        num_click_iterations: number of decoder passes (= clicks simulated; the official uses 11).
+        rng: numpy Generator driving the clicks and the choice of the mask-only iteration.
+        loss_fn: segmentation loss on logits (default :func:`default_loss`).
+
+    Returns:
+        dict with ``loss`` (scalar tensor with graph: mean over iterations), ``seg_loss`` (float),
+        ``low_res_logits`` (detached ``(B, 1, S/4, S/4, S/4)``, last iteration), ``logits`` (detached
+        upsampled ``(B, 1, S, S, S)``), ``dice`` (float: mean Dice of the last prediction), ``dice_per_item``
+        ``(B,)``, ``points`` ``(B, N, 3)`` and ``point_labels`` ``(B, N)`` (the clicks given).
+    """
+    if num_click_iterations < 1:
+        raise ValueError(f"num_click_iterations must be >= 1, got {num_click_iterations}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    img_size = int(sam.img_size)
+    _check_batch(image, label, img_size)
+    loss_fn = loss_fn if loss_fn is not None else default_loss()
+    label = (label > 0).to(image.dtype if image.is_floating_point() else torch.float32)
+    b = image.shape[0]
+    low = img_size // 4
+    mask_only = _mask_only_iterations(num_click_iterations, rng, mask_only_iterations)
+
+    embedding = sam.image_encoder(image)
+    low_res = torch.zeros((b, 1, low, low, low), device=image.device, dtype=embedding.dtype)
+    pred = torch.zeros_like(label, dtype=torch.bool)
+    coords: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    total = image.new_zeros((), dtype=torch.float32)
+    seg_total = 0.0
+    logits = None
+    for it in range(num_click_iterations):
+        # Clicks are always simulated (as the official does), even for a mask-only pass, so the click list
+        # keeps growing with the error of every prediction.
+        pts, lab = simulate_clicks_batch(pred, label > 0, rng, mode=click_mode)
+        coords.append(pts.to(image.device, torch.float32))
+        labels.append(lab.to(image.device))
+        points = None if it in mask_only else (torch.cat(coords, 1), torch.cat(labels, 1))
+        mask_in = low_res.detach() if detach_mask_prompt else low_res
+        low_res, iou_pred = sam.decode(embedding, points=points, mask_input=mask_in, multimask_output=False)
+        # Loss in float32 whatever the autocast dtype (bf16 logits make Dice/CE noisy).
+        logits = F.interpolate(low_res.float(), size=(img_size,) * 3, mode="trilinear", align_corners=False)
+        seg = loss_fn(logits, label.float())
+        step_loss = seg
+        pred = logits.detach() > 0
+        if iou_loss_weight:
+            # The IoU head learns the IoU of its own thresholded mask (SAM's recipe; not in the official 3D code).
+            inter = (pred & (label > 0)).flatten(1).sum(1).float()
+            union = (pred | (label > 0)).flatten(1).sum(1).float()
+            true_iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+            step_loss = step_loss + iou_loss_weight * F.mse_loss(iou_pred[:, 0].float(), true_iou)
+        total = total + step_loss
+        seg_total += float(seg.detach())
+    dice_items = batch_dice(logits.detach(), label)
+    return {"loss": total / num_click_iterations, "seg_loss": seg_total / num_click_iterations,
+            "low_res_logits": low_res.detach(), "logits": logits.detach(), "dice": float(dice_items.mean()),
+            "dice_per_item": dice_items, "points": torch.cat(coords, 1), "point_labels": torch.cat(labels, 1)}
+
+
+class ClickIterationModel(nn.Module):
+    """Wraps a ``Sam3D`` so that the whole click loop is one ``forward`` (what ``DistributedDataParallel`` needs:
+    wrap *this* module, not the bare model, so DDP sees one forward and one backward per step).
+
+    ``forward(image, label, num_click_iterations, rng)`` returns the dict of :func:`run_click_iterations`.
+    """
+
+    def __init__(self, sam: nn.Module, loss_fn: Optional[nn.Module] = None, mask_only_iterations: bool = True,
+                 detach_mask_prompt: bool = False, iou_loss_weight: float = 0.0, click_mode: str = "random") -> None:
+        super().__init__()
+        self.sam = sam
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss()
+        self.mask_only_iterations = mask_only_iterations
+        self.detach_mask_prompt = detach_mask_prompt
+        self.iou_loss_weight = float(iou_loss_weight)
+        self.click_mode = click_mode
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
+                rng: np.random.Generator) -> Dict[str, Any]:
+        return run_click_iterations(self.sam, image, label, num_click_iterations, rng, loss_fn=self.loss_fn,
+                                    mask_only_iterations=self.mask_only_iterations,
+                                    detach_mask_prompt=self.detach_mask_prompt,
+                                    iou_loss_weight=self.iou_loss_weight, click_mode=self.click_mode)
+
+
+def click_iteration_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
+                         rng: np.random.Generator, loss_fn: Optional[nn.Module] = None,
+                         **options: Any) -> Dict[str, Any]:
+    """One forward pass of the click-iteration recipe (no backward, no optimizer step).
+
+    ``model`` is a bare ``Sam3D``, a :class:`ClickIterationModel`, or a ``DistributedDataParallel`` wrapping a
+    :class:`ClickIterationModel` (then the wrapper's own loss/options apply and ``loss_fn``/``options`` must
+    be left out). Shapes: ``image``/``label`` ``(B, 1, S, S, S)``. Returns ``dict(loss, low_res_logits, dice,
+    ...)`` as :func:`run_click_iterations`; call ``out["loss"].backward()``.
+    """
+    inner = getattr(model, "module", model)
+    if isinstance(inner, ClickIterationModel):
+        if loss_fn is not None or options:
+            raise ValueError("loss_fn/options are fixed by the ClickIterationModel wrapper; set them there")
+        return model(image, label, num_click_iterations, rng)
+    return run_click_iterations(model, image, label, num_click_iterations, rng, loss_fn=loss_fn, **options)
+
+
+class ClickTrainingStep:
+    """An ignite/MONAI ``iteration_update`` callable: one optimisation step of the click-iteration recipe.
+
+    Use as ``SupervisedTrainer(..., iteration_update=ClickTrainingStep(...))``: it reads ``engine.network``
+    (a ``Sam3D``, a :class:`ClickIterationModel`, or DDP around one), ``engine.optimizer``,
+    ``engine.state.device``, ``engine.amp`` and ``engine.scaler`` when present, and the batch's ``"image"`` /
+    ``"label"`` ``(B, 1, S, S, S)``. Also callable without an engine: ``step.train_step(model, optimizer,
+    batch)``.
+
+    Args:
+        num_click_iterations: clicks per sample (int), or ``(low, high)`` to draw it per batch in
+            ``[low, high]``.
+        seed: seed of the click generator (numpy), so runs are reproducible.
+        loss_fn: segmentation loss (default :func:`default_loss`).
+        grad_clip: max global gradient norm (``None``/0: no clipping).
+        amp_dtype: autocast dtype when the engine asks for AMP (bf16 on GPU by default).
+        options: ``mask_only_iterations``, ``detach_mask_prompt``, ``iou_loss_weight``, ``click_mode``.
+
+    Returns (per call) the MONAI-style output dict: ``image``, ``label``, ``pred`` (upsampled logits),
+    ``loss`` (float), ``dice`` (float), ``low_res_logits``.
+    """
+
+    def __init__(self, num_click_iterations: Union[int, Tuple[int, int]] = 11, seed: int = 0,
+                 loss_fn: Optional[nn.Module] = None, grad_clip: Optional[float] = 1.0,
+                 amp_dtype: torch.dtype = torch.bfloat16, **options: Any) -> None:
+        self.num_click_iterations = num_click_iterations
+        self.rng = np.random.default_rng(seed)
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss()
+        self.grad_clip = grad_clip
+        self.amp_dtype = amp_dtype
+        self.options = options
+
+    def draw_iterations(self) -> int:
+        n = self.num_click_iterations
+        if isinstance(n, (tuple, list)):
+            return int(self.rng.integers(int(n[0]), int(n[1]) + 1))
+        return int(n)
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any],
+                   device: Optional[torch.device] = None, amp: bool = False,
+                   scaler: Optional[Any] = None) -> Dict[str, Any]:
+        device = device or next(model.parameters()).device
+        image = torch.as_tensor(batch["image"]).to(device).float()
+        label = torch.as_tensor(batch["label"]).to(device).float()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        inner = getattr(model, "module", model)
+        wrapped = isinstance(inner, ClickIterationModel)
+        ctx = torch.autocast(device.type, dtype=self.amp_dtype) if amp else nullcontext()
+        with ctx:
+            out = click_iteration_step(model, image, label, self.draw_iterations(), self.rng,
+                                       **({} if wrapped else dict(loss_fn=self.loss_fn, **self.options)))
+        loss = out["loss"]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], self.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return {"image": image, "label": label, "pred": out["logits"], "loss": float(loss.detach()),
+                "dice": out["dice"], "low_res_logits": out["low_res_logits"]}
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> Dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("ClickTrainingStep got no batch data (None) from the engine's data loader")
+        device = getattr(getattr(engine, "state", None), "device", None) or getattr(engine, "device", None)
+        device = torch.device(device) if device is not None else None
+        scaler = getattr(engine, "scaler", None)
+        amp = bool(getattr(engine, "amp", False))
+        # bf16 autocast needs no loss scaling; a GradScaler is only used when the engine made one for fp16.
+        return self.train_step(engine.network, engine.optimizer, batchdata, device=device, amp=amp,
+                               scaler=scaler if amp and self.amp_dtype == torch.float16 else None)
