@@ -46,15 +46,6 @@ import torch.nn.functional as F
 Tables = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _logsumexp_or_neg_inf(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``logsumexp`` that returns ``-inf`` (not an error) when ``dim`` is empty."""
-    if t.shape[dim] == 0:
-        shape = list(t.shape)
-        del shape[dim]
-        return t.new_full(shape, float("-inf"))
-    return t.logsumexp(dim)
-
-
 def relative_bias_and_padding_logit(q: torch.Tensor, q_pad: torch.Tensor, tables: Tables, window: int
                                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Bias of the real keys and the log-mass of all padded keys for every real query.
@@ -86,13 +77,21 @@ def relative_bias_and_padding_logit(q: torch.Tensor, q_pad: torch.Tensor, tables
     bias = bias.reshape(n, nr, nr)
     if nr == w ** 3:
         return bias, None
-    h_real, h_pad = _logsumexp_or_neg_inf(term_h[:, :, :, :rd], 3), _logsumexp_or_neg_inf(term_h[:, :, :, rd:], 3)
-    v_real, v_pad = _logsumexp_or_neg_inf(term_v[:, :, :, :rh], 3), _logsumexp_or_neg_inf(term_v[:, :, :, rh:], 3)
-    h_all, v_all = torch.logaddexp(h_real, h_pad), torch.logaddexp(v_real, v_pad)   # (n, rd, rh, W) over z
-    # z < rw: (x, y) not both real; z >= rw: every (x, y) is padding.
-    g_real_z = torch.logaddexp(h_pad + v_all, h_real + v_pad)[..., :rw]
-    g = torch.cat([g_real_z, (h_all + v_all)[..., rw:]], dim=-1)
-    pad_logit = (term_d + g[:, :, :, None, :]).logsumexp(-1)
+    # Log-sums over x (split at rd) and y (split at rh) for every z: (n, rd, rh, W). Only non-empty parts are
+    # formed, so no -inf appears (logaddexp(-inf, -inf) would poison gradients with NaN).
+    h_real, v_real = term_h[:, :, :, :rd].logsumexp(3), term_v[:, :, :, :rh].logsumexp(3)
+    h_pad = term_h[:, :, :, rd:].logsumexp(3) if rd < w else None
+    v_pad = term_v[:, :, :, rh:].logsumexp(3) if rh < w else None
+    h_all = torch.logaddexp(h_real, h_pad) if h_pad is not None else h_real
+    v_all = torch.logaddexp(v_real, v_pad) if v_pad is not None else v_real
+    pieces = []   # log of exp(D[z]) * (sum over the padded (x, y) of exp(H + V)), one column per z
+    if h_pad is not None:       # z < rw, x padded, any y
+        pieces.append(term_d[..., :rw] + (h_pad + v_all)[:, :, :, None, :rw])
+    if v_pad is not None:       # z < rw, x real, y padded
+        pieces.append(term_d[..., :rw] + (h_real + v_pad)[:, :, :, None, :rw])
+    if rw < w:                  # z padded, any (x, y)
+        pieces.append(term_d[..., rw:] + (h_all + v_all)[:, :, :, None, rw:])
+    pad_logit = torch.cat(pieces, dim=-1).logsumexp(-1)
     return bias, pad_logit.reshape(n, nr)
 
 
