@@ -1,0 +1,264 @@
+"""Canonical 1.5 mm grid, crops around clicks, normalisation and paste-back (sam_med3d.geometry)."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import distance_transform_edt
+
+from conftest import data_cases
+from sam_med3d.geometry import PreparedScan, normalize_intensity, sample_separable
+from sam_med3d.io import LPS_TO_RAS, Scan, load_scan
+
+SPACING = np.array([0.8, 1.3, 2.5])
+
+
+def _rotation(deg: float) -> np.ndarray:
+    a, b = np.deg2rad(deg), np.deg2rad(deg / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+#: Direction matrices (columns = RAS direction of array axes i, j, k) for the orientations in the data set.
+ORIENTATIONS = {
+    "RAS": np.eye(3),
+    "LPS": np.diag([-1.0, -1.0, 1.0]),
+    "LAS": np.diag([-1.0, 1.0, 1.0]),
+    "PSR": np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+    "oblique": np.diag([-1.0, -1.0, 1.0]) @ _rotation(20.0),
+}
+
+
+def _affine(direction: np.ndarray, spacing=SPACING, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
+    aff = np.eye(4)
+    aff[:3, :3] = direction @ np.diag(spacing)
+    aff[:3, 3] = origin
+    return aff
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return (affine @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+
+
+def _linear_scan(direction: np.ndarray, shape=(40, 30, 16)) -> Scan:
+    """Intensity = a linear function of the RAS position (trilinear sampling reproduces it exactly)."""
+    affine = _affine(direction)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = _world(affine, ijk)
+    values = 100.0 + world @ np.array([1.0, -2.0, 3.0])
+    return load_scan(values.reshape(shape).astype(np.float32), affine)
+
+
+def _itk_resample(scan: Scan, crop) -> np.ndarray:
+    """The crop grid filled by SimpleITK's linear resampler (default value 0): the reference implementation."""
+    img = sitk.GetImageFromArray(scan.array.transpose(2, 1, 0))
+    lps = LPS_TO_RAS @ scan.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    img.SetSpacing(spacing.tolist())
+    img.SetOrigin(lps[:3, 3].tolist())
+    img.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    grid = LPS_TO_RAS @ crop.affine
+    grid_spacing = np.linalg.norm(grid[:3, :3], axis=0)
+    ref = sitk.Image([crop.size] * 3, sitk.sitkFloat32)
+    ref.SetSpacing(grid_spacing.tolist())
+    ref.SetOrigin(grid[:3, 3].tolist())
+    ref.SetDirection((grid[:3, :3] / grid_spacing).flatten().tolist())
+    out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_canonical_grid_is_ras_ordered_1p5mm_and_keeps_the_field_of_view(name):
+    scan = _linear_scan(ORIENTATIONS[name])
+    prep = PreparedScan(scan)
+    assert "".join(nib.aff2axcodes(prep.affine)) == "RAS"
+    np.testing.assert_allclose(np.linalg.norm(prep.affine[:3, :3], axis=0), 1.5)
+    # torchio's grid: ceil(n * spacing / 1.5) voxels along the scan's own (permuted) axes ...
+    expected = [math.ceil(scan.shape[p] * SPACING[p] / 1.5) for p in prep.source_axis]
+    assert prep.shape == tuple(expected)
+    # ... whose first corner is the scan's first corner (world positions of the corner voxels' corners).
+    canon_corner = np.array([[-0.5, -0.5, -0.5]])
+    orig_corner = prep.to_original(canon_corner)
+    assert np.all(np.isclose(orig_corner, -0.5) | np.isclose(orig_corner, np.array(scan.shape) - 0.5))
+    # The canonical grid's axes are the scan's axes: no rotation, even for the oblique scan.
+    for a in range(3):
+        col = prep.affine[:3, a] / 1.5
+        src = scan.affine[:3, prep.source_axis[a]] / SPACING[prep.source_axis[a]]
+        np.testing.assert_allclose(np.abs(col @ src), 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_maps_agree_with_world_positions(name):
+    scan = _linear_scan(ORIENTATIONS[name])
+    prep = PreparedScan(scan)
+    pts = np.array([[0, 0, 0], [39, 29, 15], [12.0, 7.5, 3.25]])
+    canon = prep.to_canonical(pts)
+    np.testing.assert_allclose(_world(prep.affine, canon), _world(scan.affine, pts), atol=1e-9)
+    np.testing.assert_allclose(prep.to_original(canon), pts, atol=1e-9)
+    crop = prep.crop_around(pts[:1], 16)
+    np.testing.assert_allclose(_world(crop.affine, crop.to_crop(pts)), _world(scan.affine, pts), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_crop_pixels_match_itk_resampling(name):
+    """Separable sampling == SimpleITK linear resampling on the same grid, padding and edges included."""
+    rng = np.random.default_rng(1)
+    scan = load_scan(rng.normal(50, 20, (40, 30, 16)).astype(np.float32), _affine(ORIENTATIONS[name]))
+    prep = PreparedScan(scan)
+    crop = prep.crop_around([[20, 15, 8]], 32)  # larger than the scan along every axis: pads everywhere
+    assert not bool(crop.inside.all())
+    np.testing.assert_allclose(crop.raw.numpy(), _itk_resample(scan, crop), atol=1e-4)
+    assert float(crop.raw[~crop.inside].abs().max()) == 0.0
+
+
+def test_crop_pixels_match_itk_on_real_scans(data_dir):
+    """One LAS CT and the oblique prostate MRI: our crop equals ITK's resampling of the real file."""
+    for dataset in ("msd_spleen_ct", "picai_prostate_t2w_lesion"):
+        image = next((data_dir / dataset / "imagesTr").glob("*.nii.gz"))
+        prep = PreparedScan.load(image)
+        centre = np.array(prep.scan.shape) // 2
+        crop = prep.crop_around([centre], 64)
+        ref = _itk_resample(prep.scan, crop)
+        np.testing.assert_allclose(crop.raw.numpy(), ref, atol=1e-3 * np.abs(ref).max())
+
+
+def test_single_click_sits_at_the_crop_centre_and_crops_stay_inside_big_scans():
+    scan = _linear_scan(ORIENTATIONS["LPS"], shape=(200, 150, 80))  # canonical 107 x 130 x 134
+    prep = PreparedScan(scan)
+    click = np.array([[100, 75, 40]])
+    crop = prep.crop_around(click, 32)
+    np.testing.assert_allclose(crop.to_crop(click)[0], [16, 16, 16], atol=0.5)
+    assert bool(crop.contains(click)[0])
+    # Near the border the crop shifts inwards instead of padding.
+    corner = prep.crop_around([[0, 0, 0]], 32)
+    assert all(0 <= s <= m - 32 for s, m in zip(corner.start, prep.shape))
+    assert bool(corner.inside.all())
+    assert bool(corner.contains([[0, 0, 0]])[0])
+    assert not bool(corner.contains(click)[0])
+
+
+def test_crop_centres_on_positive_clicks_only():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["RAS"], shape=(200, 150, 80)))
+    clicks = np.array([[60, 60, 40], [80, 60, 40], [190, 140, 70]])
+    labels = np.array([1, 1, 0])
+    crop = prep.crop_around(clicks, 32, labels)
+    np.testing.assert_allclose(crop.to_crop([[70, 60, 40]])[0], [16, 16, 16], atol=0.5)
+    assert crop.contains(clicks).tolist() == [True, True, False]
+    negative_only = prep.crop_around(clicks[2:], 32, labels[2:])
+    assert bool(negative_only.contains(clicks[2:])[0])
+
+
+def test_axes_shorter_than_the_crop_are_centred():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["RAS"], shape=(40, 30, 16)))  # canonical 22 x 26 x 27
+    crop = prep.crop_around([[0, 0, 0]], 64)
+    for a in range(3):
+        before = -crop.start[a]
+        after = crop.stop[a] - prep.shape[a]
+        assert abs(before - after) <= 1
+
+
+def test_normalisation_uses_positive_voxels_and_pads_with_zero():
+    rng = np.random.default_rng(0)
+    ct = rng.normal(-300, 400, (50, 50, 20)).astype(np.float32)  # CT-like: many voxels <= 0
+    prep = PreparedScan(load_scan(ct, _affine(np.eye(3), spacing=(1.5, 1.5, 1.5))))
+    crop = prep.crop_around([[25, 25, 10]], 64)  # pads
+    raw, image = crop.raw, crop.image
+    positive = raw > 0
+    assert abs(float(image[positive].mean())) < 1e-4
+    assert abs(float(image[positive].std()) - 1.0) < 1e-4
+    mean, std = crop.mean_std
+    # The padding was 0 before normalisation (torchio CropOrPad default), like every other voxel it is shifted.
+    np.testing.assert_allclose(image[~crop.inside].numpy(), -mean / std, rtol=1e-5)
+    np.testing.assert_allclose(image.numpy(), ((raw.double() - mean) / std).numpy(), atol=1e-4)
+
+
+def test_normalisation_fallbacks():
+    negative = -torch.arange(1000.0).reshape(10, 10, 10)  # no voxel > 0: whole-crop statistics
+    image, mean, std = normalize_intensity(negative)
+    assert abs(float(image.mean())) < 1e-5 and abs(float(image.std()) - 1) < 1e-4
+    flat, mean, std = normalize_intensity(torch.full((4, 4, 4), -5.0))
+    assert std == 1.0 and float(flat.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_paste_back_returns_to_the_original_grid(name):
+    """A linear intensity survives crop -> paste-back exactly away from the scan's edges."""
+    scan = _linear_scan(ORIENTATIONS[name], shape=(60, 50, 24))
+    prep = PreparedScan(scan)
+    crop = prep.crop_around([[30, 25, 12]], 24)
+    pasted = prep.paste_back(crop, crop.raw)
+    assert pasted.shape == scan.shape and pasted.dtype == np.float32
+    region = crop.region_ijk
+    inner = tuple(slice(r.start + 3, r.stop - 3) for r in region)
+    interior = pasted[inner]
+    assert interior.size > 0
+    np.testing.assert_allclose(interior, scan.array[inner], rtol=1e-4, atol=1e-2)
+    outside = np.ones(scan.shape, bool)
+    outside[region] = False
+    assert outside.any() and float(np.abs(pasted[outside]).max()) == 0.0
+    # out= writes the crop's region only.
+    out = np.full(scan.shape, 7.0, np.float32)
+    prep.paste_back(crop, torch.ones((24,) * 3), out=out)
+    assert np.all(out[outside] == 7.0) and np.allclose(out[inner], 1.0)
+
+
+def test_paste_back_rejects_wrong_inputs():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["RAS"]))
+    crop = prep.crop_around([[5, 5, 5]], 16)
+    with pytest.raises(ValueError, match=r"shape \(16, 16, 16\)"):
+        prep.paste_back(crop, torch.zeros(8, 8, 8))
+    other = PreparedScan(_linear_scan(ORIENTATIONS["LPS"]))
+    with pytest.raises(ValueError, match="another scan"):
+        other.paste_back(crop, torch.zeros(16, 16, 16))
+
+
+def test_check_inside_names_the_click_and_the_scan():
+    prep = PreparedScan(load_scan(np.random.default_rng(0).random((512, 512, 32)).astype(np.float32)))
+    with pytest.raises(ValueError, match=r"click \(600, 12, 40\) is outside the scan 512x512x32"):
+        prep.check_inside([[1, 2, 3], [600, 12, 40]])
+    with pytest.raises(ValueError, match="non-finite"):
+        prep.check_inside([[1, np.nan, 3]])
+    with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
+        prep.check_inside([1, 2, 3])
+    np.testing.assert_array_equal(prep.check_inside([[0, 0, 0], [511, 511, 31]]), [[0, 0, 0], [511, 511, 31]])
+
+
+def test_nearest_sampling_keeps_labels():
+    labels = np.zeros((30, 30, 10), np.uint8)
+    labels[10:20, 10:20, 3:7] = 4
+    out = sample_separable(labels, [np.arange(30.0), np.arange(30.0), np.arange(10.0)], "nearest")
+    assert out.dtype == torch.uint8
+    np.testing.assert_array_equal(out.numpy(), labels)
+    with pytest.raises(ValueError, match="mode"):
+        sample_separable(labels, [np.arange(3.0)] * 3, "cubic")
+
+
+def test_resampled_volume_matches_crops():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["oblique"]))
+    whole = prep.resampled()
+    assert tuple(whole.shape) == prep.shape
+    crop = prep.crop((2, 3, 4), 8)
+    np.testing.assert_allclose(crop.raw.numpy(), whole[2:10, 3:11, 4:12].numpy(), atol=1e-4)
+
+
+def test_every_real_case_crop_sees_its_label_at_the_click(data_dir):
+    """Geometry against real headers (LPS, RAS, LAS, PSR, oblique): a labelled voxel, taken to the crop grid,
+    lands on the label there."""
+    for dataset, case, image, label in data_cases(data_dir):
+        prep = PreparedScan.load(image)
+        lab = np.asarray(nib.load(str(label)).dataobj).astype(np.uint8)
+        assert lab.shape == prep.scan.shape, case
+        # The deepest labelled voxel: its neighbours (which nearest sampling at 1.5 mm may pick) are labelled.
+        depth = distance_transform_edt(lab > 0, sampling=prep.scan.spacing_mm)
+        click = np.array(np.unravel_index(np.argmax(depth), lab.shape))[None]
+        crop = prep.crop_around(click, 64)
+        crop_lab = crop.sample(lab)
+        d, h, w = np.floor(crop.to_crop(click)[0] + 0.5).astype(int)
+        assert crop_lab[d, h, w] > 0, f"{dataset}/{case}: click {click[0]} misses its label in the crop"
+        assert "".join(nib.aff2axcodes(prep.affine)) == "RAS", case
