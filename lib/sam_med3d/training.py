@@ -56,6 +56,7 @@ from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, MapTrans
 from torch import nn
 
 from .clicks import simulate_clicks_batch
+from .geometry import TARGET_SPACING_MM, normalize_intensity
 
 __all__ = [
     "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
@@ -64,26 +65,17 @@ __all__ = [
 ]
 
 #: Isotropic voxel size of the training/inference frame (the official preprocessing resamples to 1.5 mm).
-DEFAULT_SPACING_MM = 1.5
+DEFAULT_SPACING_MM = TARGET_SPACING_MM
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def zscore_foreground(image: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def zscore_foreground(image: torch.Tensor) -> torch.Tensor:
     """Z-score ``image`` with the mean/std of its voxels > 0, applied to all voxels (the official rule).
 
-    Args:
-        image: any-shape float tensor (a crop, ``(1, S, S, S)``).
-    Returns:
-        a float32 tensor of the same shape; unchanged (only cast) when no voxel is > 0 or the std is 0.
+    Delegates to :func:`sam_med3d.geometry.normalize_intensity`, so training crops are normalised exactly as
+    the predictor's crops (same statistics and fallbacks). ``image``: any-shape tensor -> float32, same shape.
     """
-    image = torch.as_tensor(image).float()
-    fg = image[image > 0]
-    if fg.numel() < 2:
-        return image
-    std = fg.std()
-    if not torch.isfinite(std) or std < eps:
-        return image - fg.mean()
-    return (image - fg.mean()) / std
+    return normalize_intensity(torch.as_tensor(image))[0]
 
 
 class SelectTargetd(MapTransform):
