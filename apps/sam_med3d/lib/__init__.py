@@ -1,0 +1,1 @@
+"""SAM-Med3D MONAI Label app library: configs, infer task, trainer, active learning."""

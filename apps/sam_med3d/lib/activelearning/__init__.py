@@ -1,0 +1,1 @@
+"""Active-learning strategy and scoring that use the model."""

@@ -1,0 +1,1 @@
+"""The app's TaskConfig, its --conf options and the choice of served weights."""

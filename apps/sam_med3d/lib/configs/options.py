@@ -1,0 +1,239 @@
+"""The app's ``--conf`` options: names, documented defaults and parsing into typed values.
+
+MONAI Label hands the app every ``--conf KEY VALUE`` pair as strings. Its ``monailabel`` launcher re-splits
+its arguments on spaces, so every value here has a form without spaces: labels are written
+``spleen=1,liver=2`` (or ``spleen,liver``, or JSON without spaces such as ``{"spleen":1,"liver":2}``).
+
+Every bad value raises ``ValueError`` naming the option and the value, so a typo stops the server at start
+with one readable line instead of failing on the first click.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional
+
+import torch
+
+#: Every option the app reads, with its default (as the string a user would pass) and one line of help.
+#: docs/app.md renders the same table; keep the two in step.
+DEFAULTS: Dict[str, str] = {
+    "checkpoint": "default",
+    "model": "auto",
+    "labels": "liver,spleen,kidney_right,kidney_left,lung_right,lung_left,vertebrae,aorta",
+    "device": "auto",
+    "model_dir": "",
+    "cache_size": "4",
+    "cache_ttl_s": "1800",
+    "preload": "true",
+    "use_finetuned": "true",
+    "epochs": "20",
+    "val_split": "0.2",
+    "lr": "0.0001",
+    "train_clicks": "5",
+    "multi_gpu": "false",
+    "uncertainty_prompts": "3",
+}
+
+HELP: Dict[str, str] = {
+    "checkpoint": "weights to serve: a path, an http(s) URL, 'turbo' (official SAM-Med3D-turbo), 'bundled' "
+                  "(small offline model) or 'default' (turbo downloaded into model_dir, else bundled)",
+    "model": "architecture: 'auto' (what the checkpoint records; official files are vit_b_ori) or a name from "
+             "sam_med3d.CONFIGS (vit_b_ori, vit_tiny, vit_mini) that the checkpoint must match",
+    "labels": "label names and values: 'spleen=1,liver=2', 'spleen,liver' (values 1..N) or JSON without spaces",
+    "device": "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
+    "model_dir": "where downloaded and fine-tuned weights live (default: <app>/model)",
+    "cache_size": "how many images keep their predictor (image embedding, previous masks) between clicks",
+    "cache_ttl_s": "seconds after its last click before an image's predictor is dropped",
+    "preload": "load the model when the server starts (true) or on the first click (false)",
+    "use_finetuned": "serve <model_dir>/finetuned_<arch>.pt (written by training) when it exists",
+    "epochs": "default max_epochs of a training run (the Train request may override it)",
+    "val_split": "default fraction of labelled images held out for validation Dice",
+    "lr": "default AdamW learning rate for fine-tuning",
+    "train_clicks": "simulated click iterations per training sample (paper-style click training)",
+    "multi_gpu": "default for the trainer's multi_gpu (torch.distributed over all visible GPUs)",
+    "uncertainty_prompts": "automatic prompts per image for the model-based active-learning score",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(name: str, value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"--conf {name} must be true or false, got {value!r}")
+
+
+def _int(name: str, value: str, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"--conf {name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"--conf {name} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def _float(name: str, value: str, low: float, high: float, low_open: bool = False) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"--conf {name} must be a number in {'(' if low_open else '['}{low}, {high}], "
+                         f"got {value!r}") from None
+    if not (low < number <= high if low_open else low <= number <= high):
+        raise ValueError(f"--conf {name} must be in {'(' if low_open else '['}{low}, {high}], got {number}")
+    return number
+
+
+def parse_labels(text: str) -> Dict[str, int]:
+    """Parse the ``labels`` option into ``{name: value}`` with ``"background": 0`` first.
+
+    Accepted forms (none needs a space, see the module docstring):
+
+    - ``spleen=1,liver=6``: explicit values;
+    - ``spleen,liver``: values 1, 2, ... in the order given;
+    - JSON without spaces: ``{"spleen":1,"liver":6}`` or ``["spleen","liver"]``.
+
+    Values must be integers 1..255 (label maps are written as 8-bit or 16-bit images and 0 is background),
+    unique, and names unique and non-empty. ``background`` may be listed only with value 0.
+
+    Raises:
+        ValueError: naming the option and what is wrong with it.
+    """
+    raw = str(text).strip()
+    if not raw:
+        raise ValueError("--conf labels is empty; give e.g. 'spleen=1,liver=2' or 'spleen,liver'")
+    pairs: list
+    if raw[0] in "{[":
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--conf labels looks like JSON but does not parse ({err.msg} at character "
+                             f"{err.pos}): {raw!r}") from None
+        if isinstance(parsed, dict):
+            pairs = list(parsed.items())
+        elif isinstance(parsed, list):
+            pairs = [(name, i + 1) for i, name in enumerate(parsed)]
+        else:
+            raise ValueError(f"--conf labels JSON must be an object or a list, got {raw!r}")
+    else:
+        items = [item.strip() for item in raw.split(",")]
+        if any(not item for item in items):
+            raise ValueError(f"--conf labels has an empty entry: {raw!r}")
+        if all("=" in item for item in items):
+            pairs = [tuple(part.strip() for part in item.split("=", 1)) for item in items]
+        elif any("=" in item for item in items):
+            raise ValueError(f"--conf labels mixes 'name=value' and bare names: {raw!r}; use one form")
+        else:
+            pairs = [(name, i + 1) for i, name in enumerate(items)]
+
+    labels: Dict[str, int] = {"background": 0}
+    seen_values: Dict[int, str] = {}
+    for name, value in pairs:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"--conf labels has an empty label name in {raw!r}")
+        name = name.strip()
+        try:
+            number = int(value)
+            if isinstance(value, float) and value != number:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"--conf labels: the value of {name!r} must be an integer, got {value!r}") from None
+        if name == "background":
+            if number != 0:
+                raise ValueError(f"--conf labels: 'background' is always 0, got {number}")
+            continue
+        if not 1 <= number <= 255:
+            raise ValueError(f"--conf labels: the value of {name!r} must be in 1..255 (0 is background), "
+                             f"got {number}")
+        if name in labels:
+            raise ValueError(f"--conf labels lists {name!r} twice")
+        if number in seen_values:
+            raise ValueError(f"--conf labels gives {seen_values[number]!r} and {name!r} the same value {number}")
+        labels[name] = number
+        seen_values[number] = name
+    if len(labels) == 1:
+        raise ValueError(f"--conf labels names no label besides background: {raw!r}")
+    return labels
+
+
+def resolve_device(value: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; otherwise check the name is usable here."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--conf device {value!r} asks for CUDA, but no CUDA device is available here; "
+                             "use 'cpu' or 'auto'")
+        if text.startswith("cuda:"):
+            index = _int("device", text[5:], 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"--conf device {value!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return text
+    raise ValueError(f"--conf device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """The parsed ``--conf`` options (see :data:`DEFAULTS` and :data:`HELP`)."""
+
+    checkpoint: str
+    model: str
+    labels: Dict[str, int]
+    device: str
+    model_dir: str
+    cache_size: int
+    cache_ttl_s: float
+    preload: bool
+    use_finetuned: bool
+    epochs: int
+    val_split: float
+    lr: float
+    train_clicks: int
+    multi_gpu: bool
+    uncertainty_prompts: int
+    raw: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_conf(cls, conf: Optional[Mapping[str, str]], app_dir: str) -> "AppOptions":
+        """Parse MONAI Label's ``conf`` dict (string values); unknown keys are kept in ``raw`` and ignored."""
+        values = dict(DEFAULTS)
+        values.update({k: str(v) for k, v in (conf or {}).items()})
+
+        from sam_med3d.build import CONFIGS  # the named architectures live in the core package
+
+        model = values["model"].strip()
+        if model != "auto" and model not in CONFIGS:
+            raise ValueError(f"--conf model {model!r} is not a known SAM-Med3D architecture; use 'auto' or one of "
+                             f"{', '.join(sorted(CONFIGS))}")
+        checkpoint = values["checkpoint"].strip()
+        if not checkpoint:
+            raise ValueError("--conf checkpoint is empty; give a path, a URL, 'turbo', 'bundled' or 'default'")
+        model_dir = values["model_dir"].strip() or os.path.join(app_dir, "model")
+        return cls(
+            checkpoint=checkpoint,
+            model=model,
+            labels=parse_labels(values["labels"]),
+            device=resolve_device(values["device"]),
+            model_dir=os.path.abspath(os.path.expanduser(model_dir)),
+            cache_size=_int("cache_size", values["cache_size"], 1),
+            cache_ttl_s=_float("cache_ttl_s", values["cache_ttl_s"], 0.0, 7 * 24 * 3600.0, low_open=True),
+            preload=_bool("preload", values["preload"]),
+            use_finetuned=_bool("use_finetuned", values["use_finetuned"]),
+            epochs=_int("epochs", values["epochs"], 1),
+            val_split=_float("val_split", values["val_split"], 0.0, 0.9),
+            lr=_float("lr", values["lr"], 0.0, 1.0, low_open=True),
+            train_clicks=_int("train_clicks", values["train_clicks"], 1),
+            multi_gpu=_bool("multi_gpu", values["multi_gpu"]),
+            uncertainty_prompts=_int("uncertainty_prompts", values["uncertainty_prompts"], 1),
+            raw=values,
+        )

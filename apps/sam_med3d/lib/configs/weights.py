@@ -1,0 +1,234 @@
+"""Which weights the server serves, and why: the ``checkpoint`` option resolved to one local file.
+
+Order of precedence for the *base* weights (``--conf checkpoint``):
+
+- ``default``: SAM-Med3D-turbo, downloaded once into ``<model_dir>/`` on the first start; when that download
+  fails (offline machine), the small bundled model shipped with ``sam_med3d``; when that is missing too, a
+  clear error telling the user to pass a checkpoint path;
+- ``turbo``: SAM-Med3D-turbo only (download failure is an error);
+- ``bundled``: the bundled model only;
+- an http(s) URL: downloaded once into ``<model_dir>/``;
+- a local path.
+
+Fine-tuned weights published by the app's trainer (``<model_dir>/finetuned_<arch>.pt``) take precedence over
+the base weights when they exist (``--conf use_finetuned true``); the infer task checks that file's mtime on
+every click and reloads when training publishes a better model.
+
+The server resolves the base weights once and exports the answer in ``SAM_MED3D_APP_WEIGHTS``, so the
+training and scoring subprocesses MONAI Label spawns reuse it instead of retrying a failed download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable through which the server hands its resolved base weights to its subprocesses.
+ENV_RESOLVED = "SAM_MED3D_APP_WEIGHTS"
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The resolved base checkpoint.
+
+    Attributes:
+        path: local file holding the weights.
+        requested: the ``checkpoint`` option as given (``default``, ``turbo``, a path, ...).
+        reason: one human sentence saying which model this is and why it was chosen.
+    """
+
+    path: Path
+    requested: str
+    reason: str
+
+
+@contextlib.contextmanager
+def _download_cache(directory: Path) -> Iterator[None]:
+    """Point ``sam_med3d.checkpoint``'s download cache at ``directory`` for the duration of the block.
+
+    The core downloader (atomic, with a timeout and clear offline errors) stores files in ``$SAM_MED3D_CACHE``;
+    the app wants them beside its other weights, in ``model_dir``.
+    """
+    old = os.environ.get("SAM_MED3D_CACHE")
+    os.environ["SAM_MED3D_CACHE"] = str(directory)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SAM_MED3D_CACHE", None)
+        else:
+            os.environ["SAM_MED3D_CACHE"] = old
+
+
+def _download(url: str, model_dir: Path) -> Path:
+    from sam_med3d.checkpoint import resolve_checkpoint
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with _download_cache(model_dir):
+        return Path(resolve_checkpoint(url))
+
+
+def _bundled() -> Path:
+    from sam_med3d.checkpoint import BUNDLED_PATH
+
+    return Path(BUNDLED_PATH)
+
+
+def resolve_base_weights(checkpoint: str, model_dir: str) -> BaseWeights:
+    """Resolve the ``checkpoint`` option to a local file (downloading if needed); see the module docstring.
+
+    Raises:
+        FileNotFoundError: a path, the bundled model or (for ``default``) every candidate is missing.
+        sam_med3d.checkpoint.CheckpointDownloadError: ``turbo`` or a URL could not be downloaded.
+    """
+    from sam_med3d.checkpoint import TURBO_URL, CheckpointDownloadError
+
+    inherited = os.environ.get(ENV_RESOLVED)
+    if inherited:
+        requested, _, path = inherited.partition("|")
+        if requested == checkpoint and Path(path).is_file():
+            return BaseWeights(Path(path), checkpoint, f"{path} (as resolved by the server process)")
+
+    directory = Path(model_dir)
+    if checkpoint in ("default", "turbo"):
+        copied = directory / "sam_med3d_turbo.pth"  # a copy the user placed there by hand (offline install)
+        if copied.is_file():
+            return BaseWeights(copied, checkpoint, f"SAM-Med3D-turbo ({copied})")
+        try:
+            path = _download(TURBO_URL, directory)
+            return BaseWeights(path, checkpoint, f"SAM-Med3D-turbo ({path})")
+        except (CheckpointDownloadError, OSError) as err:
+            if checkpoint == "turbo":
+                raise
+            bundled = _bundled()
+            if bundled.is_file():
+                return BaseWeights(bundled, checkpoint,
+                                   f"the bundled offline model {bundled}, because SAM-Med3D-turbo could not be "
+                                   f"downloaded from {TURBO_URL} ({type(err).__name__}: {err})")
+            raise FileNotFoundError(
+                f"no model to serve: SAM-Med3D-turbo could not be downloaded from {TURBO_URL} ({err}) and the "
+                f"bundled offline model {bundled} is not installed. Download sam_med3d_turbo.pth on a machine "
+                f"with internet access and start with '--conf checkpoint /path/to/sam_med3d_turbo.pth' (or copy "
+                f"it into {directory}).") from err
+    if checkpoint == "bundled":
+        bundled = _bundled()
+        if not bundled.is_file():
+            raise FileNotFoundError(
+                f"--conf checkpoint bundled: the bundled offline model {bundled} is not installed in this "
+                "checkout; use '--conf checkpoint turbo' or a checkpoint path")
+        return BaseWeights(bundled, checkpoint, f"the bundled offline model {bundled} (asked for)")
+    if checkpoint.lower().startswith(("http://", "https://")):
+        path = _download(checkpoint, directory)
+        return BaseWeights(path, checkpoint, f"{path} (downloaded from {checkpoint})")
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--conf checkpoint {checkpoint!r}: no such file ({path.resolve()})")
+    return BaseWeights(path.resolve(), checkpoint, f"{path.resolve()} (given by --conf checkpoint)")
+
+
+def export_for_subprocesses(weights: BaseWeights) -> None:
+    """Record the resolution in the environment that MONAI Label's train/scoring subprocesses inherit."""
+    os.environ[ENV_RESOLVED] = f"{weights.requested}|{weights.path}"
+
+
+def finetuned_path(model_dir: str, base: Path) -> Path:
+    """Where the trainer publishes the best model fine-tuned from the base weights ``base``.
+
+    The name carries the base file's name, so switching ``--conf checkpoint`` never serves weights that were
+    fine-tuned from another model (the download cache's 12-hex-digit prefix is dropped for readability).
+    """
+    stem = Path(base).name
+    for suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"^[0-9a-f]{12}-", "", stem)
+    return Path(model_dir) / f"finetuned_{stem}.pt"
+
+
+def architecture_name(config: dict) -> str:
+    """The name in ``sam_med3d.CONFIGS`` whose configuration equals ``config``, else ``"custom"``."""
+    from sam_med3d.build import CONFIGS
+
+    # JSON round trip: a config read back from a checkpoint may hold tuples where CONFIGS holds lists.
+    wanted = json.dumps(config, sort_keys=True, default=list)
+    for name, candidate in CONFIGS.items():
+        if json.dumps(candidate, sort_keys=True, default=list) == wanted:
+            return name
+    return "custom"
+
+
+def load_weights(path: Path, expected_arch: str, device: str) -> Tuple[torch.nn.Module, str]:
+    """Build the model recorded in ``path`` and load it on ``device``; check it is ``expected_arch``.
+
+    Returns:
+        ``(model, arch)``: the ``Sam3D`` in eval mode and its architecture name (see :func:`architecture_name`).
+
+    Raises:
+        ValueError: ``expected_arch`` is not ``"auto"`` and the checkpoint holds another architecture.
+    """
+    from sam_med3d.checkpoint import load_model
+
+    model = load_model(str(path), device=device)
+    arch = architecture_name(model.config)
+    if expected_arch != "auto" and arch != expected_arch:
+        raise ValueError(f"--conf model {expected_arch} was asked, but checkpoint {path} holds a {arch} model; "
+                         f"pass the matching --conf model or 'auto'")
+    return model, arch
+
+
+class ServedModel:
+    """The model the server serves right now: fine-tuned weights when published, else the base weights.
+
+    :meth:`get` stats the candidate file on every call (microseconds) and reloads when the file, its size or
+    its mtime changed, which is how weights published by a training subprocess reach the clicks.
+    """
+
+    def __init__(self, base: BaseWeights, expected_arch: str, device: str, finetuned: Path, use_finetuned: bool):
+        self.base = base
+        self.expected_arch = expected_arch
+        self.device = device
+        self.finetuned = Path(finetuned)
+        self.use_finetuned = use_finetuned
+        self._model: "torch.nn.Module | None" = None
+        self._loaded_key: "Tuple[str, int, int] | None" = None
+        self.arch = expected_arch
+
+    def path(self) -> Path:
+        """The file that should be served now."""
+        if self.use_finetuned and self.finetuned.is_file():
+            return self.finetuned
+        return self.base.path
+
+    def describe(self) -> str:
+        """One log line: which model is served and why."""
+        path = self.path()
+        if path == self.finetuned:
+            return f"fine-tuned weights {path} (published by training from {self.base.path})"
+        return self.base.reason
+
+    def get(self) -> Tuple[torch.nn.Module, bool]:
+        """``(model, reloaded)``: the current model, loading it first when the served file changed."""
+        path = self.path()
+        stat = path.stat()
+        key = (str(path), int(stat.st_size), int(stat.st_mtime_ns))
+        if self._model is not None and key == self._loaded_key:
+            return self._model, False
+        first = self._model is None
+        model, arch = load_weights(path, self.expected_arch, self.device)
+        self._model, self._loaded_key, self.arch = model, key, arch
+        if first:  # the app already logged which model it serves and why, at start
+            logger.debug("Loaded SAM-Med3D %s from %s on %s", arch, path, self.device)
+        else:
+            logger.info("Now serving new SAM-Med3D %s weights: %s", arch, self.describe())
+        return model, True

@@ -1,0 +1,1 @@
+"""The interactive infer task and its request/session helpers."""

@@ -1,0 +1,163 @@
+"""Reading the clicks of an ``/infer`` request in the shapes 3D Slicer and OHIF send.
+
+Request shapes (the JSON ``params`` of ``POST /infer/<model>``; points are voxel indices ``[i, j, k]`` of the
+image *as stored* in the datastore: NIfTI array axes / ITK index order, what Slicer's RAS->IJK matrix and
+OHIF's ``worldToIndex`` give):
+
+1. DeepEdit (3D Slicer's MONAI Label module for models of type ``deepedit``, and OHIF v3's "Point Prompts"):
+   one key per label name holding that label's clicks, ``"background"`` holding background clicks, and the
+   label being edited::
+
+       {"spleen": [[250, 201, 18]], "liver": [], "background": [[240, 180, 18]], "label": "spleen"}
+
+   OHIF v3 sends the same without ``"label"``.
+2. Foreground/background (Slicer and OHIF for ``deepgrow``-type models, and scripts)::
+
+       {"foreground": [[250, 201, 18]], "background": [[240, 180, 18]], "label": "spleen"}
+
+Which labels are (re)segmented:
+
+- ``"label"`` names a label: that label, from its clicks (positive) and the background clicks (negative);
+- ``"label"`` is ``"background"`` or absent: every label that has at least one click (a background click
+  changes every label's mask).
+
+Coordinates may be integers or floats (rounded to the nearest voxel); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class LabelClicks:
+    """The prompt for one label.
+
+    Attributes:
+        name: label name (a key of the app's labels).
+        value: the label's value in the label map.
+        points: ``(N, 3)`` int64 voxel indices ``(i, j, k)``, positives first, then negatives.
+        point_labels: ``(N,)`` int64, 1 = positive (inside the structure), 0 = negative (background).
+    """
+
+    name: str
+    value: int
+    points: np.ndarray
+    point_labels: np.ndarray
+
+
+def _point(raw: Any, where: str) -> Tuple[int, int, int]:
+    """One click -> ``(i, j, k)`` ints; ``ValueError`` naming ``where`` for anything but three finite numbers."""
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) != 3:
+        raise ValueError(f"click {raw!r} in {where} is not a point [i, j, k] of three voxel indices")
+    coords = []
+    for c in raw:
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise ValueError(f"click {raw!r} in {where} has a non-numeric coordinate {c!r}; "
+                             "coordinates are voxel indices (numbers)")
+        if not math.isfinite(c):
+            raise ValueError(f"click {raw!r} in {where} has a non-finite coordinate {c!r}")
+        coords.append(int(round(c)))
+    return coords[0], coords[1], coords[2]
+
+
+def _points(raw: Any, where: str) -> List[Tuple[int, int, int]]:
+    if raw is None:
+        return []
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise ValueError(f"{where} must be a list of clicks [[i, j, k], ...], got {raw!r}")
+    # A single bare point ([i, j, k]) is a common scripting slip; accept it as one click.
+    if len(raw) == 3 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in raw):
+        return [_point(raw, where)]
+    return [_point(p, where) for p in raw]
+
+
+def _known_label(name: Any, labels: Mapping[str, int]) -> str:
+    if not isinstance(name, str) or name not in labels:
+        known = ", ".join(n for n in labels if n != BACKGROUND)
+        raise ValueError(f"unknown label {name!r}; this server's labels are: {known} (and background)")
+    return name
+
+
+def parse_clicks(request: Mapping[str, Any], labels: Mapping[str, int]) -> List[LabelClicks]:
+    """The labels to segment and their clicks, from a Slicer or OHIF request (see the module docstring).
+
+    Args:
+        request: the infer request (MONAI Label merges the JSON params into it).
+        labels: the app's labels ``{name: value}`` including ``"background": 0``.
+
+    Returns:
+        One :class:`LabelClicks` per label to segment, in label-value order; each has at least one positive click.
+
+    Raises:
+        ValueError: unknown label, no clicks, malformed or non-numeric coordinates.
+    """
+    current = request.get("label")
+    if current is not None:
+        current = _known_label(current, labels)
+    background = _points(request.get(BACKGROUND), "'background'")
+
+    if "foreground" in request:
+        if current in (None, BACKGROUND):
+            names = [n for n in labels if n != BACKGROUND]
+            if len(names) != 1:
+                raise ValueError("the request has 'foreground' clicks but no 'label' saying which label they belong "
+                                 f"to; add \"label\": one of {', '.join(names)}")
+            current = names[0]
+        positives = {current: _points(request.get("foreground"), "'foreground'")}
+    else:
+        positives = {name: _points(request.get(name), repr(name)) for name in labels
+                     if name != BACKGROUND and name in request}
+
+    if current not in (None, BACKGROUND):
+        targets = [current]
+        if not positives.get(current):
+            raise ValueError(f"no foreground click for label {current!r}; click inside the {current} first"
+                             + (" (the request has only background clicks)" if background else ""))
+    else:
+        targets = [name for name in labels if positives.get(name)]
+        if not targets:
+            raise ValueError("the request has no foreground clicks for any label: send "
+                             "{\"<label>\": [[i, j, k], ...], \"label\": \"<label>\"} (Slicer/OHIF DeepEdit) or "
+                             "{\"foreground\": [[i, j, k], ...], \"background\": [...], \"label\": \"<label>\"}")
+
+    result = []
+    for name in sorted(targets, key=lambda n: labels[n]):
+        pos = positives[name]
+        points = np.asarray(pos + background, dtype=np.int64).reshape(-1, 3)
+        point_labels = np.asarray([1] * len(pos) + [0] * len(background), dtype=np.int64)
+        result.append(LabelClicks(name=name, value=int(labels[name]), points=points, point_labels=point_labels))
+    return result
+
+
+def check_inside(clicks: Sequence[LabelClicks], shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` for the first click outside a scan of ``shape`` ``(I, J, K)``."""
+    size = "x".join(str(int(n)) for n in shape)
+    upper = np.asarray(shape, dtype=np.int64)
+    for target in clicks:
+        for point, lab in zip(target.points, target.point_labels):
+            if np.any(point < 0) or np.any(point >= upper):
+                kind = f"for label {target.name!r}" if lab == 1 else "(background)"
+                raise ValueError(f"click ({', '.join(str(int(c)) for c in point)}) {kind} is outside the scan "
+                                 f"{size}; clicks are voxel indices (i, j, k) with 0 <= i < {shape[0]}, "
+                                 f"0 <= j < {shape[1]}, 0 <= k < {shape[2]}")
+
+
+def label_names_present(label_map: np.ndarray, labels: Mapping[str, int]) -> Dict[str, int]:
+    """``{"background": 0, name: value, ...}`` for the labels whose value occurs in ``label_map``, by value.
+
+    Returned to the viewer as ``label_names``: 3D Slicer maps the i-th label value present in the returned map
+    to the i-th non-background name it is given, so listing absent labels would shift the names.
+    """
+    present = set(int(v) for v in np.unique(label_map))
+    names = {BACKGROUND: 0}
+    for name, value in sorted(labels.items(), key=lambda item: item[1]):
+        if name != BACKGROUND and value in present:
+            names[name] = int(value)
+    return names

@@ -1,0 +1,232 @@
+"""The ``/infer/sam_med3d`` task: viewer clicks -> SAM-Med3D mask -> merged label map on the image's grid.
+
+A thin MONAI Label ``InferTask`` (type ``deepedit``, so 3D Slicer and OHIF show their click tools for it)
+over :class:`sam_med3d.predictor.Sam3DPredictor`; all model logic (orientation, 1.5 mm crop around the
+clicks, encoder/decoder, paste-back) lives in the ``sam_med3d`` package.
+
+Per request:
+
+1. read the clicks (:mod:`lib.infers.clicks`: Slicer's and OHIF's shapes) and refuse bad input with an
+   :class:`~lib.errors.InvalidRequest` (HTTP 422, JSON ``{"detail": "..."}``);
+2. take the image's session from the cache (a follow-up click reuses the predictor, whose embedding cache
+   skips the image encoder when the crop is unchanged) or load the scan and start one;
+3. run the predictor for each label to update, and merge its mask into the session's label map: the label's
+   old voxels are cleared, the new mask is written only where no other label is, so other labels survive;
+4. write the label map with the scan's shape and affine (NIfTI by default; the viewer's ``result_extension``
+   / ``result_dtype`` are honoured, e.g. OHIF's NRRD) and return timings and ``encoder_ran`` in the JSON.
+
+The served weights are checked on every request (:class:`lib.configs.weights.ServedModel`); when training
+publishes new weights the model is reloaded and the session cache cleared (their embeddings are stale).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.transform.writer import Writer
+
+from lib.configs.weights import ServedModel
+from lib.errors import InvalidRequest
+from lib.infers.clicks import LabelClicks, check_inside, label_names_present, parse_clicks
+from lib.infers.sessions import ImageSession, SessionCache, session_key
+
+logger = logging.getLogger(__name__)
+
+
+def _read_label_file(path: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """A previous label map sent by the client, as uint8 ``(I, J, K)`` in the image's voxel order."""
+    import SimpleITK as sitk
+
+    try:
+        # ITK index order (x fastest) transposed = the (i, j, k) order of the scan array (see sam_med3d.io).
+        array = sitk.GetArrayFromImage(sitk.ReadImage(path)).transpose(2, 1, 0)
+    except Exception as err:  # ITK raises RuntimeError subclasses for unreadable files
+        raise InvalidRequest(f"the label file sent with the request could not be read: {err}") from err
+    array = np.squeeze(array)
+    if array.shape != tuple(shape):
+        raise InvalidRequest(f"the label sent with the request has shape {'x'.join(map(str, array.shape))} but "
+                             f"the image is {'x'.join(map(str, shape))}")
+    return array.astype(np.uint8)
+
+
+class SamMed3DInfer(InferTask):
+    """Interactive SAM-Med3D segmentation for MONAI Label (see the module docstring).
+
+    Args:
+        served: the model holder (base or fine-tuned weights, reloaded on change).
+        labels: ``{name: value}`` including ``"background": 0``.
+        cache_size: maximum number of images with a live session.
+        cache_ttl_s: seconds after its last click before a session is dropped.
+        predictor_factory: ``(model, device) -> predictor``; defaults to ``sam_med3d.predictor.Sam3DPredictor``.
+    """
+
+    def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
+                 predictor_factory: Optional[Callable[[Any, str], Any]] = None,
+                 description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks"):
+        # No per-request config: the viewers echo "config" back in every request, and the cache settings
+        # (--conf cache_size / cache_ttl_s) are server-wide.
+        super().__init__(type=InferType.DEEPEDIT, labels=dict(labels), dimension=3, description=description)
+        self.served = served
+        self.label_values: Dict[str, int] = dict(labels)
+        self.sessions = SessionCache(cache_size, cache_ttl_s)
+        self._predictor_factory = predictor_factory
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------------------------------- MONAI Label API
+    def is_valid(self) -> bool:
+        return True
+
+    def get_path(self, validate: bool = True) -> Optional[str]:
+        """The weights file served now (``GET /model/sam_med3d`` downloads it)."""
+        path = self.served.path()
+        return str(path) if (not validate or path.is_file()) else None
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["model_file"] = str(self.served.path())
+        return info
+
+    def warm_up(self) -> None:
+        """Load the model now (server start) instead of on the first click."""
+        with self._lock:
+            self.served.get()
+
+    # -------------------------------------------------------------------------------------------- one request
+    def __call__(self, request: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        begin = time.perf_counter()
+        image_path = request.get("image")
+        if not isinstance(image_path, str) or not image_path or not os.path.exists(image_path):
+            # MONAI Label has already turned an unknown image id into "" by now.
+            what = f"image {image_path!r}" if image_path else "the requested image id"
+            raise InvalidRequest(f"{what} was not found in the datastore; pass the id of an image listed by "
+                                 "GET /datastore/ or upload the image")
+        # MONAI Label stores an uploaded label file under "label"; the viewers use "label" for the label name.
+        clicks_request = dict(request)
+        label_file = None
+        if isinstance(request.get("label"), str) and request["label"] not in self.label_values \
+                and os.path.isfile(request["label"]):
+            label_file = clicks_request.pop("label")
+        try:
+            targets = parse_clicks(clicks_request, self.label_values)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from err
+
+        with self._lock:
+            model, reloaded = self.served.get()
+            if reloaded:
+                self.sessions.clear()
+            session, load_timings = self._session(image_path, model)
+            try:
+                check_inside(targets, session.scan.shape)
+            except ValueError as err:
+                raise InvalidRequest(str(err)) from err
+            if label_file is not None:
+                session.label_map = _read_label_file(label_file, session.scan.shape)
+            per_label, timings = self._predict(session, targets)
+            label_map = session.label_map.copy()
+
+        start = time.perf_counter()
+        result_file = self._write(request, image_path, label_map, session.scan.affine)
+        timings["write"] = time.perf_counter() - start
+        timings.update(load_timings)
+        timings["total"] = time.perf_counter() - begin
+        pre_s = sum(load_timings.values())
+
+        encoder_ran = any(v["encoder_ran"] for v in per_label.values())
+        result = {
+            "label_names": label_names_present(label_map, self.label_values),
+            "encoder_ran": encoder_ran,
+            "labels_updated": list(per_label),
+            "sam_med3d": per_label,
+            "model": {"file": str(self.served.path()), "arch": self.served.arch},
+            "timings": {k: round(float(v), 4) for k, v in timings.items()},
+            # MONAI Label's own latency keys, which its clients log.
+            "latencies": {"pre": round(pre_s, 3), "infer": round(timings.get("predict", 0.0), 3),
+                          "write": round(timings["write"], 3), "total": round(timings["total"], 3)},
+            "centroids": {},  # OHIF v3 reads this key from every result
+        }
+        logger.info("SAM-Med3D %s: labels %s, encoder %s, %.3f s", os.path.basename(image_path), list(per_label),
+                    "ran" if encoder_ran else "cached", timings["total"])
+        return result_file, result
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _new_predictor(self, model: Any) -> Any:
+        if self._predictor_factory is not None:
+            return self._predictor_factory(model, self.served.device)
+        from sam_med3d.predictor import Sam3DPredictor
+
+        return Sam3DPredictor(model, device=self.served.device)
+
+    def _session(self, image_path: str, model: Any) -> Tuple[ImageSession, Dict[str, float]]:
+        """The cached session of ``image_path`` (no load timings) or a new one (``load``, ``set_image`` in s)."""
+        key = session_key(image_path)
+        session = self.sessions.get(key)
+        if session is not None:
+            return session, {}
+        from sam_med3d.io import load_scan
+
+        start = time.perf_counter()
+        try:
+            scan = load_scan(image_path)
+        except ValueError as err:  # unreadable, 2D, 4D, constant... (load_scan names the file and the problem)
+            raise InvalidRequest(f"cannot segment this image: {err}") from err
+        loaded = time.perf_counter()
+        predictor = self._new_predictor(model)
+        predictor.set_image(scan)
+        session = ImageSession(scan=scan, predictor=predictor, label_map=np.zeros(scan.shape, dtype=np.uint8))
+        self.sessions.put(key, session)
+        return session, {"load": loaded - start, "set_image": time.perf_counter() - loaded}
+
+    def _predict(self, session: ImageSession, targets: list) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, float]]:
+        """Run the predictor for each target label and merge its mask into ``session.label_map``."""
+        per_label: Dict[str, Dict[str, Any]] = {}
+        timings: Dict[str, float] = {}
+        start = time.perf_counter()
+        for target in targets:
+            target: LabelClicks
+            # The predictor gets the full click list and itself tells new clicks from edited ones.
+            try:
+                out = session.predictor.predict(target.points, target.point_labels, label_key=target.name)
+            except ValueError as err:  # the predictor's own input checks
+                raise InvalidRequest(f"label {target.name!r}: {err}") from err
+            mask = np.asarray(out.mask) > 0
+            label_map = session.label_map
+            label_map[label_map == target.value] = 0
+            label_map[mask & (label_map == 0)] = target.value
+            for name, seconds in dict(out.timings or {}).items():
+                if name != "total":
+                    timings[name] = timings.get(name, 0.0) + float(seconds)
+            iou = float(out.iou) if out.iou is not None else float("nan")
+            per_label[target.name] = {
+                "value": target.value,
+                "clicks": int(len(target.points)),
+                "encoder_ran": bool(out.encoder_ran),
+                "iou": iou if np.isfinite(iou) else None,  # JSON has no NaN
+                "voxels": int(mask.sum()),
+            }
+        timings["predict"] = time.perf_counter() - start
+        return per_label, timings
+
+    @staticmethod
+    def _write(request: Mapping[str, Any], image_path: str, label_map: np.ndarray, affine: np.ndarray) -> str:
+        """Write ``label_map`` with ``affine`` to a temporary file in the format the client asked for."""
+        data = {
+            "image_path": image_path,
+            "pred": label_map,
+            "pred_meta_dict": {"affine": np.asarray(affine, dtype=np.float64)},
+            # NIfTI unless the client asks otherwise (OHIF asks for .nrrd / uint16); a DICOM folder has no
+            # extension of its own to copy.
+            "result_extension": request.get("result_extension") or ".nii.gz",
+            "result_dtype": request.get("result_dtype"),
+            "result_compress": request.get("result_compress", False),
+            "result": {},
+        }
+        # nibabel=True writes NIfTI with the exact affine (ITK would rebuild it from spacing/direction).
+        path, _ = Writer(label="pred", json="result", nibabel=True)(data)
+        return path

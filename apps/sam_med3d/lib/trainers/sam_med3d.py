@@ -1,0 +1,278 @@
+"""The ``/train/sam_med3d`` task: fine-tune the served SAM-Med3D on the labels saved in the datastore.
+
+A MONAI Label ``BasicTrainTask`` (ignite ``SupervisedTrainer`` / ``SupervisedEvaluator``); MONAI Label runs it
+in a subprocess, so the server keeps answering clicks while it trains. The recipe is the paper's
+click-iteration training from :mod:`sam_med3d.training` (not re-implemented here):
+
+- data: every (image, final label) pair of the datastore, split by image into train/validation
+  (``val_split``); each label value present in a saved label map becomes one binary target;
+- preprocessing: ``sam_med3d.training.training_transforms`` (RAS, 1.5 mm, cubic crop of the model's input
+  size around the target with jitter, foreground z-score, flips); the deterministic part is cached;
+- step: ``sam_med3d.training.ClickTrainingStep``: the image is encoded once, the first click is a random
+  voxel of the target, every further click a random voxel of the error region, the previous low-res mask is
+  the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
+  model-based active-learning score relies on); AdamW;
+- validation Dice: the same click simulation with a fixed seed, no augmentation; it also runs once before
+  the first epoch, so the served weights' Dice is the bar to beat;
+- publishing: whenever validation Dice beats the best so far, the weights are written atomically with
+  ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
+  picks up on its next click. Without validation images the weights are published when training ends.
+
+``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr`` and
+``train_clicks`` can be set per Train request; their defaults come from ``--conf``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.handlers import MeanDice, ValidationHandler, from_engine
+from monai.inferers import SimpleInferer
+from monai.transforms import AsDiscreted
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+logger = logging.getLogger(__name__)
+
+#: Weight of the IoU-head loss (MSE between predicted and actual IoU): keeps the IoU head, which the
+#: official recipe never trains, meaningful for the uncertainty score used by active learning.
+IOU_LOSS_WEIGHT = 1.0
+#: Targets smaller than this (voxels) in a saved label are skipped: too small to crop around and click in.
+MIN_TARGET_VOXELS = 8
+#: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
+VAL_SEED = 1234
+
+
+def label_values(label_path: str) -> List[int]:
+    """The nonzero values of a saved label map with at least :data:`MIN_TARGET_VOXELS` voxels each."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))
+    values, counts = np.unique(array, return_counts=True)
+    return [int(v) for v, n in zip(values, counts) if v != 0 and n >= MIN_TARGET_VOXELS]
+
+
+def expand_targets(datalist: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """One training sample per (image, label value): ``{"image", "label", "label_value"}``."""
+    samples = []
+    for record in datalist:
+        values = label_values(record["label"])
+        if not values:
+            logger.warning("Training: label %s has no structure of %d+ voxels; skipped", record["label"],
+                           MIN_TARGET_VOXELS)
+        samples.extend({"image": record["image"], "label": record["label"], "label_value": v} for v in values)
+    return samples
+
+
+def _sam(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare ``Sam3D`` inside a (DDP-wrapped) ``ClickIterationModel``."""
+    inner = getattr(network, "module", network)
+    return getattr(inner, "sam", inner)
+
+
+class ClickValidationStep:
+    """ignite ``iteration_update`` for validation: the click simulation without gradients, seeded per item."""
+
+    def __init__(self, num_click_iterations: int, seed: int = VAL_SEED):
+        self.num_click_iterations = int(num_click_iterations)
+        self.seed = int(seed)
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        from sam_med3d.training import run_click_iterations
+
+        sam = _sam(engine.network)
+        device = engine.state.device
+        image = torch.as_tensor(batch["image"]).to(device).float()
+        label = torch.as_tensor(batch["label"]).to(device).float()
+        rng = np.random.default_rng([self.seed, int(engine.state.iteration)])
+        sam.eval()
+        with torch.no_grad():
+            out = run_click_iterations(sam, image, label, self.num_click_iterations, rng,
+                                       mask_only_iterations=False)
+        return {"image": image, "label": label, "pred": out["logits"]}
+
+
+class PublishBest:
+    """Evaluator handler: save the weights when validation Dice beats the best so far (first run = baseline)."""
+
+    def __init__(self, trainer_task: "SamMed3DTrainer", context: Context, metric: str):
+        self.task = trainer_task
+        self.context = context
+        self.metric = metric
+        self.best = -1.0
+
+    def __call__(self, evaluator: Any) -> None:
+        dice = float(evaluator.state.metrics.get(self.metric, float("nan")))
+        epoch = int(self.context.trainer.state.epoch)
+        if not np.isfinite(dice):
+            return
+        if epoch == 0:  # validation before training: the served weights' score
+            self.best = dice
+            logger.info("Validation Dice of the served weights: %.4f (to beat)", dice)
+            return
+        if dice > self.best:
+            logger.info("Epoch %d: validation Dice %.4f > %.4f; publishing", epoch, dice, self.best)
+            self.best = dice
+            self.task.publish(self.context, epoch=epoch, val_dice=dice)
+
+
+class SamMed3DTrainer(BasicTrainTask):
+    """Click-iteration fine-tuning of the served SAM-Med3D (see the module docstring).
+
+    Args:
+        model_dir: folder for this task's runs (stats, ignite checkpoints, events).
+        served: the app's :class:`~lib.configs.weights.ServedModel` (weights to start from and publish to).
+        labels: the app's labels (shown in ``/info``; training uses every saved label value).
+        epochs, val_split, lr, train_clicks, multi_gpu: defaults of the request options.
+    """
+
+    def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
+                 lr: float, train_clicks: int, multi_gpu: bool,
+                 description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
+        self.served = served
+        device = served.device
+        super().__init__(
+            model_dir=model_dir,
+            description=description,
+            config={
+                "max_epochs": int(epochs),
+                "val_split": float(val_split),
+                "lr": float(lr),
+                "train_clicks": int(train_clicks),
+                "multi_gpu": bool(multi_gpu),
+                "device": device,
+                "pretrained": True,
+                "train_batch_size": 1,
+                "val_batch_size": 1,
+                "dataset": ["CacheDataset", "Dataset"],
+                "dataloader": ["ThreadDataLoader", "DataLoader"],
+                # MLflow logging is opt-in per request (MONAI Label's Train options), not on by default.
+                "tracking": ["None", "mlflow"],
+            },
+            amp=device.startswith("cuda"),
+            publish_path=None,  # published by PublishBest through sam_med3d.checkpoint, not by file copy
+            n_saved=1,
+            labels=list(labels),
+        )
+        self._sam_img_size = None
+
+    # ----------------------------------------------------------------------------------------- data
+    def pre_process(self, request: Dict[str, Any], datastore: Datastore) -> List[Dict[str, Any]]:
+        datalist = datastore.datalist()
+        if not datalist:
+            raise ValueError("no saved labels to train on: save at least one label (tag 'final') first")
+        return datalist
+
+    def partition_datalist(self, context: Context, shuffle: bool = False):
+        # Split images first, then expand labels, so an image never feeds both training and validation.
+        train_images, val_images = super().partition_datalist(context, shuffle=shuffle)
+        train, val = expand_targets(train_images), expand_targets(val_images)
+        if not train:
+            raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
+        logger.info("Training targets: %d from %d image(s); validation targets: %d from %d image(s)",
+                    len(train), len(train_images), len(val), len(val_images))
+        return train, val
+
+    def train_pre_transforms(self, context: Context):
+        from sam_med3d.training import training_transforms
+
+        return training_transforms(crop_size=self._img_size(context), augment=True)
+
+    def val_pre_transforms(self, context: Context):
+        from sam_med3d.training import training_transforms
+
+        return training_transforms(crop_size=self._img_size(context), augment=False)
+
+    def train_post_transforms(self, context: Context):
+        return [AsDiscreted(keys="pred", threshold=0.0)]  # logits > 0 -> mask, for the Dice metric
+
+    def val_post_transforms(self, context: Context):
+        return [AsDiscreted(keys="pred", threshold=0.0)]
+
+    # ---------------------------------------------------------------------------------------- model
+    def network(self, context: Context) -> torch.nn.Module:
+        from lib.configs.weights import load_weights
+        from sam_med3d.training import ClickIterationModel, default_loss
+
+        path = self.served.path()
+        sam, arch = load_weights(path, self.served.expected_arch, str(context.device))
+        self._sam_img_size = int(sam.img_size)
+        logger.info("Fine-tuning SAM-Med3D %s from %s", arch, path)
+        return ClickIterationModel(sam, loss_fn=default_loss(), iou_loss_weight=IOU_LOSS_WEIGHT)
+
+    def _img_size(self, context: Context) -> int:
+        if self._sam_img_size is None:
+            self._sam_img_size = int(_sam(context.network).img_size)
+        return self._sam_img_size
+
+    def optimizer(self, context: Context) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(context.network.parameters(), lr=float(context.request.get("lr", 1e-4)),
+                                 weight_decay=0.1)
+
+    def loss_function(self, context: Context):
+        from sam_med3d.training import default_loss
+
+        return default_loss()
+
+    def load_path(self, output_dir: str, pretrained: bool = True):
+        return None  # network() already loaded the served weights (sam_med3d checkpoint format)
+
+    def lr_scheduler_handler(self, context: Context):
+        return None
+
+    # ------------------------------------------------------------------------------------ iterations
+    def train_iteration_update(self, context: Context):
+        from sam_med3d.training import ClickTrainingStep
+
+        clicks = int(context.request.get("train_clicks", 5))
+        return ClickTrainingStep(num_click_iterations=clicks, seed=int(context.local_rank), grad_clip=1.0)
+
+    def val_iteration_update(self, context: Context):
+        return ClickValidationStep(int(context.request.get("train_clicks", 5)))
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def train_key_metric(self, context: Context):
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]),
+                                                      include_background=True)}
+
+    def val_key_metric(self, context: Context):
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]),
+                                                    include_background=True)}
+
+    def train_handlers(self, context: Context):
+        handlers = super().train_handlers(context)
+        if context.evaluator:
+            # Also validate before the first epoch: the served weights' Dice is the bar for publishing.
+            handlers = [h for h in handlers if not isinstance(h, ValidationHandler)]
+            handlers.append(ValidationHandler(1, validator=context.evaluator, epoch_level=True, exec_at_start=True))
+        return handlers
+
+    # ------------------------------------------------------------------------------------ publishing
+    def publish(self, context: Context, **extra: Any) -> None:
+        """Write the current weights to the served fine-tuned path (atomic; the infer task reloads them)."""
+        from sam_med3d.checkpoint import save_checkpoint
+
+        path = save_checkpoint(_sam(context.network), self.served.finetuned,
+                               base_checkpoint=str(self.served.base.path), run_id=str(context.run_id), **extra)
+        logger.info("New SAM-Med3D weights published: %s", path)
+
+    def finalize(self, context: Context) -> None:
+        super().finalize(context)  # train stats for /info (Slicer's accuracy bar)
+        if context.local_rank != 0:
+            return
+        if context.evaluator:
+            context.evaluator.add_event_handler(Events.EPOCH_COMPLETED,
+                                                PublishBest(self, context, self.VAL_METRIC_MEAN_DICE))
+        else:
+            context.trainer.add_event_handler(
+                Events.COMPLETED, lambda engine: self.publish(context, epoch=int(engine.state.epoch)))

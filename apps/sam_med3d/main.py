@@ -1,0 +1,78 @@
+"""MONAI Label app serving SAM-Med3D: clicks in 3D Slicer / OHIF -> 3D masks, saved labels -> fine-tuning.
+
+Start it with (the venv's ``python`` must be first on PATH, or set ``MONAILABEL_PYEXE``)::
+
+    monailabel start_server --app apps/sam_med3d --studies <folder or DICOMweb URL> \\
+        --conf labels spleen=1,liver=2 --conf checkpoint default
+
+Tasks (names as the viewers show them):
+
+- model ``sam_med3d`` (type ``deepedit``): interactive segmentation, see ``lib/infers/sam_med3d.py``;
+- trainer ``sam_med3d``: click-iteration fine-tuning on the datastore's saved labels;
+- strategies ``random``, ``first`` (MONAI Label's) and ``sam_med3d_uncertainty`` (model-based);
+- scoring ``sam_med3d_uncertainty``: writes each unlabelled image's score into the datastore.
+
+All ``--conf`` options and their defaults: ``lib/configs/options.py`` and ``docs/app.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.configs.sam_med3d import SamMed3DConfig
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME = "sam_med3d"
+
+
+class SamMed3DApp(MONAILabelApp):
+    """The app: one :class:`~lib.configs.sam_med3d.SamMed3DConfig` providing every task."""
+
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.config = SamMed3DConfig()
+        self.config.init(TASK_NAME, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SAM-Med3D",
+            description="Promptable 3D segmentation (SAM-Med3D) from foreground/background clicks, with "
+                        "fine-tuning on saved labels and active learning",
+            version="1.0",
+            # A list ordered by value, "background" first: OHIF v3 drops the first entry as background and
+            # numbers the rest 1..N; Slicer shows them in this order.
+            labels=[name for name, _ in sorted(self.config.labels.items(), key=lambda item: item[1])],
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return dict(self.config.infer())
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {TASK_NAME: self.config.trainer()}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        strategies: Dict[str, Strategy] = {"random": Random(), "first": First()}
+        strategies.update(self.config.strategy())
+        return strategies
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return dict(self.config.scoring_method())
+
+    def on_init_complete(self) -> None:
+        # Only the server calls this (not the training/scoring subprocesses), so the model is loaded once, at
+        # start, where a broken checkpoint is reported before the first click.
+        if self.config.options.preload:
+            for task in self._infers.values():
+                task.warm_up()
+        super().on_init_complete()
