@@ -7,7 +7,9 @@ Usage::
 
 ``--layout studies`` (default) writes a MONAI Label studies folder: images ``DIR/<case>.nii.gz`` at the top
 level and labels ``DIR/labels/final/<case>.nii.gz`` (MONAI Label's local datastore convention).
-``--layout training`` writes the Medical Segmentation Decathlon layout ``DIR/imagesTr`` + ``DIR/labelsTr``
+``--unlabeled K`` (studies layout) puts the labels of the last K cases in ``DIR/ground_truth/`` instead, which
+MONAI Label does not read, so the server offers those studies as unlabelled ones to annotate while their
+reference masks stay at hand for comparison. ``--layout training`` writes the Medical Segmentation Decathlon layout ``DIR/imagesTr`` + ``DIR/labelsTr``
 (what ``pretrain/`` and the evaluator read, the same layout as ``../shared/data/<dataset>``). Both write
 ``DIR/dataset.json`` with the label names and per-case metadata.
 
@@ -532,12 +534,20 @@ def _nifti(array: Array, affine: Array) -> nib.Nifti1Image:
 
 
 def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str = "studies",
-                  in_plane: int = 256, verbose: bool = False) -> Dict[str, object]:
-    """Write ``num_cases`` cases and ``dataset.json`` under ``output``; returns the dataset.json dict."""
+                  in_plane: int = 256, unlabeled: int = 0, verbose: bool = False) -> Dict[str, object]:
+    """Write ``num_cases`` cases and ``dataset.json`` under ``output``; returns the dataset.json dict.
+
+    ``unlabeled`` (studies layout only): the last ``unlabeled`` cases get their label written to
+    ``output/ground_truth/`` rather than ``output/labels/final/``.
+    """
     if layout not in ("studies", "training"):
         raise ValueError(f"layout must be 'studies' or 'training', got {layout!r}")
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if not 0 <= unlabeled <= num_cases:
+        raise ValueError(f"unlabeled must be between 0 and num_cases={num_cases}, got {unlabeled}")
+    if unlabeled and layout != "studies":
+        raise ValueError("unlabeled only applies to the studies layout (training data needs every label)")
     output = Path(output)
     img_dir, lab_dir = ((output, output / "labels" / "final") if layout == "studies"
                         else (output / "imagesTr", output / "labelsTr"))
@@ -548,10 +558,12 @@ def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str =
         t0 = time.perf_counter()
         case = generate_case(seed, index, in_plane=in_plane)
         fname = case.name + ".nii.gz"
+        case_lab_dir = lab_dir if index < num_cases - unlabeled else output / "ground_truth"
+        case_lab_dir.mkdir(parents=True, exist_ok=True)
         nib.save(_nifti(case.image, case.affine), img_dir / fname)
-        nib.save(_nifti(case.label, case.affine), lab_dir / fname)
+        nib.save(_nifti(case.label, case.affine), case_lab_dir / fname)
         training.append({"image": f"./{(img_dir / fname).relative_to(output).as_posix()}",
-                         "label": f"./{(lab_dir / fname).relative_to(output).as_posix()}", **case.meta})
+                         "label": f"./{(case_lab_dir / fname).relative_to(output).as_posix()}", **case.meta})
         if verbose:
             print(f"{case.name}: {case.meta['shape']} {case.meta['axcodes']} ({case.meta['orientation']}, "
                   f"{case.meta['contrast_phase']}) in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -581,11 +593,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--layout", choices=("studies", "training"), default="studies",
                         help="studies: MONAI Label studies folder (images + labels/final); "
                              "training: imagesTr/labelsTr (default studies)")
+    parser.add_argument("--unlabeled", type=int, default=0,
+                        help="studies layout: keep the labels of the last K cases out of labels/final (in "
+                             "ground_truth/), so the server offers them for annotation (default 0)")
     parser.add_argument("--in-plane", type=int, default=256,
                         help="pixels per in-plane axis (default 256, ~1.4 mm; 512 gives ~0.7 mm)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    write_dataset(args.output, args.num_cases, args.seed, args.layout, args.in_plane, verbose=True)
+    try:
+        write_dataset(args.output, args.num_cases, args.seed, args.layout, args.in_plane, args.unlabeled,
+                      verbose=True)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"wrote {args.num_cases} cases to {args.output} in {time.perf_counter() - t0:.1f} s")
     return 0
 

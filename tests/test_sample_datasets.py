@@ -142,6 +142,14 @@ def test_training_layout(tmp_path):
     assert info["training"][0]["image"] == "./imagesTr/synth_ct_000.nii.gz"
 
 
+def test_unlabeled_cases_keep_labels_out_of_the_datastore(tmp_path):
+    info = ms.write_dataset(tmp_path, num_cases=2, seed=1, in_plane=64, unlabeled=1)
+    assert (tmp_path / "labels" / "final" / "synth_ct_000.nii.gz").is_file()
+    assert not (tmp_path / "labels" / "final" / "synth_ct_001.nii.gz").exists()
+    assert (tmp_path / "ground_truth" / "synth_ct_001.nii.gz").is_file()
+    assert info["training"][1]["label"] == "./ground_truth/synth_ct_001.nii.gz"
+
+
 def test_cli(tmp_path):
     assert ms.main(["--output", str(tmp_path / "s"), "--num-cases", "1", "--in-plane", "64", "--seed", "5"]) == 0
     assert (tmp_path / "s" / "labels" / "final" / "synth_ct_000.nii.gz").is_file()
@@ -152,6 +160,10 @@ def test_bad_input_is_rejected(tmp_path):
         ms.write_dataset(tmp_path, num_cases=1, layout="flat")
     with pytest.raises(ValueError, match="num_cases"):
         ms.write_dataset(tmp_path, num_cases=0)
+    with pytest.raises(ValueError, match="unlabeled"):
+        ms.write_dataset(tmp_path, num_cases=2, unlabeled=3)
+    with pytest.raises(ValueError, match="unlabeled"):
+        ms.write_dataset(tmp_path, num_cases=2, unlabeled=1, layout="training")
     with pytest.raises(ValueError, match="in_plane"):
         ms.generate_case(seed=0, index=0, in_plane=8)
     with pytest.raises(ValueError, match="orientation"):
