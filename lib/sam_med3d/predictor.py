@@ -1,0 +1,341 @@
+"""Clicks on a whole scan -> a 3D mask in the scan's own geometry (the SAM-style owner of the image state).
+
+Usage::
+
+    model = sam_med3d.load_model("turbo")
+    predictor = Sam3DPredictor(model)
+    predictor.set_image("scan.nii.gz")
+    result = predictor.predict([[i, j, k]], [1])          # voxel indices of the scan as stored
+    nib.save(nib.Nifti1Image(result.mask, result.affine), "mask.nii.gz")
+
+How a request is answered (``predict`` always receives the FULL list of clicks so far for one label, as
+MONAI Label clients send it):
+
+1. The clicks already applied for this ``label_key`` are matched (as a multiset: order does not matter)
+   against the new list. If they are all still there, only the new clicks are replayed; if any was removed
+   or changed, the label starts over and all clicks are replayed.
+2. Replay is ONE CLICK AT A TIME, as in the official click loop and in training: each step decodes with all
+   prompt clicks so far plus the previous step's low-res logits as the mask prompt; the first step of a
+   label uses an all-zero low-res mask (the official loop's initial ``prev_masks``).
+3. The model sees one ``img_size``^3 crop of the canonical 1.5 mm grid (see :mod:`sam_med3d.geometry`),
+   centred on the positive clicks. A new click inside the current crop keeps the crop, and the crop's image
+   embedding is cached (keyed by the crop box), so the encoder does not run again
+   (``PredictionResult.encoder_ran``). A new positive click outside the crop moves the crop (centred on all
+   positive clicks if that crop holds the new ones, else on the new clicks), and the label's clicks inside
+   the new crop are replayed from an empty mask. A new *negative* click outside the crop is recorded but
+   changes nothing: the mask outside the crop is already empty there.
+4. Logits are upsampled to the crop (trilinear), turned into probabilities (sigmoid), pasted back onto the
+   original grid (trilinear; 0 outside the crop) and thresholded at 0.5.
+
+Negative-only prompts are allowed (SAM-Med3D accepts them; the result is usually an empty mask). The mask
+only covers the current crop (192 mm at 1.5 mm for 128^3 models, 96 mm for ``vit_mini``): a structure
+larger than the crop is cut at the crop's faces.
+
+Calling :meth:`Sam3DPredictor.set_image` again with the same file (same path, size and modification time)
+keeps the image state and all label states, so a server can call ``set_image`` + ``predict`` per request
+and still reuse cached embeddings and previous masks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, upsample_logits
+from .io import ScanInput, load_scan
+
+PointsLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
+LabelsLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
+
+
+@dataclass
+class PredictionResult:
+    """One prediction on the original scan grid.
+
+    Attributes:
+        mask: uint8 ``(I, J, K)``, 1 where ``probabilities > 0.5``; same shape as the scan as stored.
+        probabilities: float32 ``(I, J, K)`` in [0, 1]; 0 outside the crop.
+        affine: 4x4 RAS voxel->world of the scan (save with ``nib.Nifti1Image(mask, affine)``).
+        iou: the model's IoU prediction for the returned mask (of the last decode step).
+        timings: seconds spent in ``preprocess`` (crop sampling + normalisation), ``encode``, ``decode``,
+            ``paste`` (upsampling + paste-back + threshold) and ``total`` for this call.
+        encoder_ran: whether this call ran the image encoder (False when the crop's embedding was cached).
+        crop_box: ``(start, stop)`` of the crop in canonical 1.5 mm voxel indices.
+        region_ijk: the slices of the original grid covered by the crop (where the mask can be non-zero).
+        decode_steps: decoder runs in this call (one per replayed click).
+        prompt_clicks: number of clicks in the prompt (the label's clicks inside the crop).
+        low_res_logits: ``(1, 1, L, L, L)`` float32 logits of the crop (L = img_size / 4), for callers that
+            want the raw model output.
+    """
+
+    mask: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+    iou: float
+    timings: Dict[str, float]
+    encoder_ran: bool
+    crop_box: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+    region_ijk: Optional[Tuple[slice, slice, slice]]
+    decode_steps: int
+    prompt_clicks: int
+    low_res_logits: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class _LabelState:
+    """What one label remembers between calls."""
+
+    points: np.ndarray  # (N, 3) float64, every click received so far (original ijk)
+    labels: np.ndarray  # (N,) int64
+    crop: Crop
+    prompt_points: np.ndarray  # (n, 3) float64 crop coordinates of the clicks in the prompt
+    prompt_labels: np.ndarray  # (n,) int64
+    low_res: torch.Tensor  # (1, 1, L, L, L) previous logits (all zeros before the first step)
+    result: Optional[PredictionResult] = None
+
+
+def _new_click_indices(old_points: np.ndarray, old_labels: np.ndarray, points: np.ndarray,
+                       labels: np.ndarray) -> Optional[List[int]]:
+    """Indices (in ``points``) of the clicks not applied yet, or None if an applied click is missing."""
+    remaining = Counter(zip(map(tuple, old_points.tolist()), old_labels.tolist()))
+    new = []
+    for index, key in enumerate(zip(map(tuple, points.tolist()), labels.tolist())):
+        if remaining[key] > 0:
+            remaining[key] -= 1
+        else:
+            new.append(index)
+    if any(count > 0 for count in remaining.values()):
+        return None
+    return new
+
+
+class Sam3DPredictor:
+    """SAM-Med3D on whole scans: ``set_image`` once, then ``predict`` per click (see the module docstring).
+
+    Args:
+        model: a :class:`~sam_med3d.modeling.Sam3D` (or anything with ``img_size``, ``image_encoder`` and
+            ``decode`` of the same signatures). It is moved to ``device`` and put in eval mode.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ...).
+        spacing_mm: the canonical voxel size; 1.5 mm is what the official models were trained on.
+        cache_size: how many crop embeddings to keep (least recently used are dropped).
+
+    Thread-safe: calls are serialised by a lock (a MONAI Label server may call from several threads).
+    """
+
+    def __init__(self, model: nn.Module, device: Union[str, torch.device] = "cpu",
+                 spacing_mm: float = TARGET_SPACING_MM, cache_size: int = 8) -> None:
+        for attribute in ("img_size", "image_encoder", "decode"):
+            if not hasattr(model, attribute):
+                raise ValueError(f"model has no {attribute!r}; expected a sam_med3d Sam3D")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.img_size = int(model.img_size)
+        if self.img_size % 16:
+            raise ValueError(f"model img_size {self.img_size} is not a multiple of 16 (the patch size)")
+        self.low_res_size = self.img_size // 4  # 4 x the embedding grid (S / 16), as the mask decoder outputs
+        self.spacing_mm = float(spacing_mm)
+        self.cache_size = int(cache_size)
+        self._lock = threading.RLock()
+        self._prepared: Optional[PreparedScan] = None
+        self._image_key: Optional[Hashable] = None
+        self._embeddings: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
+        self._states: Dict[Hashable, _LabelState] = {}
+        self.encoder_runs = 0  # total over the predictor's life; for tests and benchmarks
+
+    # ----------------------------------------------------------------------------------------- image state
+
+    @property
+    def prepared(self) -> Optional[PreparedScan]:
+        """The current scan and its canonical grid (None before :meth:`set_image`)."""
+        return self._prepared
+
+    def set_image(self, path_or_array: ScanInput, affine: Optional[np.ndarray] = None) -> None:
+        """Load and prepare a scan (no encoder run yet); see :func:`sam_med3d.io.load_scan` for inputs.
+
+        Clears cached embeddings and all label states, except when the same file (path, size and
+        modification time unchanged) is set again, which keeps everything.
+        Raises ValueError for unreadable or invalid scans (the previous image is kept then).
+        """
+        key = self._file_key(path_or_array) if affine is None else None
+        with self._lock:
+            if key is not None and key == self._image_key and self._prepared is not None:
+                return
+            prepared = PreparedScan(load_scan(path_or_array, affine), self.spacing_mm)
+            self._prepared = prepared
+            self._image_key = key
+            self._embeddings.clear()
+            self._states.clear()
+
+    @staticmethod
+    def _file_key(path_or_array: ScanInput) -> Optional[Hashable]:
+        if not isinstance(path_or_array, (str, os.PathLike)):
+            return None
+        try:
+            path = os.path.realpath(os.fspath(path_or_array))
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return (path, stat.st_size, stat.st_mtime_ns)
+
+    def reset(self, label_key: Optional[Hashable] = None) -> None:
+        """Forget the clicks and previous mask of ``label_key`` (of every label if None). The image and its
+        cached embeddings stay."""
+        with self._lock:
+            if label_key is None:
+                self._states.clear()
+            else:
+                self._states.pop(label_key, None)
+
+    # ------------------------------------------------------------------------------------------- predict
+
+    def predict(self, points: PointsLike, labels: LabelsLike, label_key: Hashable = "default",
+                multimask_output: bool = False) -> PredictionResult:
+        """Segment from the full list of clicks so far for one label.
+
+        Args:
+            points: ``(N, 3)`` voxel indices ``(i, j, k)`` of the scan as stored (NIfTI array axes / ITK index
+                order); integers or floats within half a voxel of the scan.
+            labels: ``(N,)``, 1 = positive (object), 0 = negative (background).
+            label_key: which label (segment) these clicks belong to; labels have independent states.
+            multimask_output: decode 3 candidate masks per step and keep the one with the best predicted IoU
+                (the official click loop uses False).
+
+        Returns:
+            A :class:`PredictionResult` on the original grid.
+
+        Raises:
+            ValueError: no image set, no clicks, wrong shapes, non-finite coordinates, labels not in {0, 1},
+                or a click outside the scan (naming the click and the scan shape).
+        """
+        with self._lock, torch.inference_mode():
+            start_time = time.perf_counter()
+            prepared = self._prepared
+            if prepared is None:
+                raise ValueError("no image set: call set_image(path_or_array) before predict()")
+            pts, labs = self._validate(prepared, points, labels)
+            timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0}
+            state = self._states.get(label_key)
+            new = None if state is None else _new_click_indices(state.points, state.labels, pts, labs)
+
+            if state is not None and new is not None and self._keeps_crop(state, pts[new], labs[new]):
+                crop, replay = state.crop, [i for i in new if bool(state.crop.contains(pts[i:i + 1])[0])]
+                prompt_pts, prompt_labs, low_res = state.prompt_points, state.prompt_labels, state.low_res
+                if not replay and state.result is not None:  # nothing the model can see changed
+                    self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res,
+                                                          state.result)
+                    return self._repeat(state.result, start_time)
+            else:
+                crop = self._place_crop(prepared, pts, labs, None if new is None else new)
+                replay = [i for i in range(len(pts)) if bool(crop.contains(pts[i:i + 1])[0])]
+                prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
+                low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
+
+            embedding, encoder_ran = self._embedding(crop, timings)
+
+            tick = time.perf_counter()
+            iou = float("nan") if state is None or state.result is None else state.result.iou
+            for index in replay:
+                prompt_pts = np.concatenate([prompt_pts, crop.to_crop(pts[index:index + 1])])
+                prompt_labs = np.concatenate([prompt_labs, labs[index:index + 1]])
+                low_res, iou = self._decode_step(embedding, prompt_pts, prompt_labs, low_res, multimask_output)
+            timings["decode"] = time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            probs_crop = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
+            probabilities = prepared.paste_back(crop, probs_crop)
+            mask = (probabilities > 0.5).astype(np.uint8)
+            timings["paste"] = time.perf_counter() - tick
+            timings["total"] = time.perf_counter() - start_time
+
+            result = PredictionResult(
+                mask=mask, probabilities=probabilities, affine=prepared.scan.affine.copy(), iou=iou,
+                timings=timings, encoder_ran=encoder_ran, crop_box=(crop.start, crop.stop),
+                region_ijk=crop.region_ijk, decode_steps=len(replay), prompt_clicks=len(prompt_labs),
+                low_res_logits=low_res.float().cpu())
+            self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res, result)
+            return result
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _validate(prepared: PreparedScan, points: PointsLike, labels: LabelsLike) -> Tuple[np.ndarray, np.ndarray]:
+        pts = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
+        if pts.size == 0:
+            raise ValueError("empty prompt: give at least one click (points (N, 3), labels (N,))")
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError(f"points must have shape (N, 3) (voxel indices i, j, k), got {pts.shape}")
+        raw_labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+        if raw_labels.ndim != 1 or raw_labels.shape[0] != pts.shape[0]:
+            raise ValueError(f"labels must have shape ({pts.shape[0]},) to match points, got {raw_labels.shape}")
+        if raw_labels.dtype.kind not in "biuf" or not np.all(np.isin(raw_labels, (0, 1))):
+            bad = [v for v in raw_labels.tolist() if v not in (0, 1)][:3]
+            raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {bad}")
+        pts = prepared.check_inside(pts, "click")
+        return pts, raw_labels.astype(np.int64)
+
+    @staticmethod
+    def _keeps_crop(state: _LabelState, new_points: np.ndarray, new_labels: np.ndarray) -> bool:
+        """The crop stays unless a new positive click falls outside it."""
+        positive = new_points[new_labels == 1]
+        return len(positive) == 0 or bool(state.crop.contains(positive).all())
+
+    def _place_crop(self, prepared: PreparedScan, pts: np.ndarray, labs: np.ndarray,
+                    new: Optional[List[int]]) -> Crop:
+        """Centre on all positive clicks. If that crop misses what must be in it (the new positive clicks when
+        the crop moves, else the latest positive click), centre on those instead: clicks spread wider than
+        the crop cannot all be seen, and the user's latest intent wins."""
+        crop = prepared.crop_around(pts, self.img_size, labs)
+        chosen = list(new) if new else [len(pts) - 1]
+        if not new and np.any(labs == 1):
+            chosen = [int(np.flatnonzero(labs == 1)[-1])]
+        wanted_pts, wanted_labs = pts[chosen], labs[chosen]
+        wanted = wanted_pts[wanted_labs == 1] if np.any(wanted_labs == 1) else wanted_pts
+        if not bool(crop.contains(wanted).all()):
+            crop = prepared.crop_around(wanted_pts, self.img_size, wanted_labs)
+        return crop
+
+    def _embedding(self, crop: Crop, timings: Dict[str, float]) -> Tuple[torch.Tensor, bool]:
+        cached = self._embeddings.get(crop.key)
+        if cached is not None:
+            self._embeddings.move_to_end(crop.key)
+            return cached, False
+        tick = time.perf_counter()
+        image = crop.image.to(self.device)[None, None]
+        timings["preprocess"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        embedding = self.model.image_encoder(image)
+        timings["encode"] = time.perf_counter() - tick
+        self.encoder_runs += 1
+        self._embeddings[crop.key] = embedding
+        while len(self._embeddings) > self.cache_size:
+            self._embeddings.popitem(last=False)
+        return embedding, True
+
+    def _decode_step(self, embedding: torch.Tensor, prompt_pts: np.ndarray, prompt_labs: np.ndarray,
+                     low_res: torch.Tensor, multimask_output: bool) -> Tuple[torch.Tensor, float]:
+        coords = torch.as_tensor(prompt_pts, dtype=torch.float32, device=self.device)[None]
+        point_labels = torch.as_tensor(prompt_labs, dtype=torch.int64, device=self.device)[None]
+        logits, iou_pred = self.model.decode(embedding, points=(coords, point_labels), mask_input=low_res,
+                                             multimask_output=multimask_output)
+        best = int(torch.argmax(iou_pred[0])) if logits.shape[1] > 1 else 0
+        return logits[:, best:best + 1].float(), float(iou_pred[0, best])
+
+    @staticmethod
+    def _repeat(result: PredictionResult, start_time: float) -> PredictionResult:
+        timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0,
+                   "total": time.perf_counter() - start_time}
+        return PredictionResult(mask=result.mask, probabilities=result.probabilities, affine=result.affine,
+                                iou=result.iou, timings=timings, encoder_ran=False, crop_box=result.crop_box,
+                                region_ijk=result.region_ijk, decode_steps=0, prompt_clicks=result.prompt_clicks,
+                                low_res_logits=result.low_res_logits)
+
+
+__all__ = ("Sam3DPredictor", "PredictionResult")
