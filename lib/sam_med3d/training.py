@@ -197,7 +197,8 @@ def preprocess_transforms(spacing_mm: float = DEFAULT_SPACING_MM, load: bool = T
     out: List[Any] = []
     if load:
         out += [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
-    out += [Orientationd(keys=keys, axcodes="RAS"),
+    # Explicit RAS labels: MONAI otherwise warns about its changing default (nibabel-loaded data are RAS anyway).
+    out += [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys=keys, pixdim=(float(spacing_mm),) * 3, mode=modes)]
     return out
 

@@ -1,0 +1,174 @@
+"""sam_med3d.training: training-crop transforms (orientation, spacing, crop, normalisation) and the click step."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from sam_med3d import build_sam_med3d
+from sam_med3d.training import (ClickIterationModel, ClickTrainingStep, click_iteration_step, crop_or_pad,
+                                training_transforms, zscore_foreground)
+
+
+def _nifti(tmp_path, name, array, affine):
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+def _phantom(tmp_path, affine, shape=(40, 40, 40)):
+    """Label cube at i in [5, 15); a bright marker slab at i in [0, 3) (the far -i side of the label)."""
+    image = np.full(shape, 10.0, dtype=np.float32)
+    image[0:3] = 100.0
+    label = np.zeros(shape, dtype=np.uint8)
+    label[5:15, 15:25, 15:25] = 1
+    return {"image": _nifti(tmp_path, "img", image, affine), "label": _nifti(tmp_path, "lab", label, affine)}
+
+
+@pytest.mark.parametrize("x_sign", [1.0, -1.0])
+def test_crops_are_canonical_ras(tmp_path, x_sign):
+    # With +x along i the marker (small i) lies at small R; with -x along i (LPS-like) it lies at large R.
+    affine = np.diag([x_sign * 1.5, 1.5, 1.5, 1.0])
+    out = training_transforms(32, augment=False)(_phantom(tmp_path, affine))
+    image, label = out["image"], out["label"]
+    assert image.shape == label.shape == (1, 32, 32, 32)
+    marker_d = torch.nonzero(image[0] > image[0].median() + 1)[:, 0].float().mean()
+    label_d = torch.nonzero(label[0] > 0)[:, 0].float().mean()
+    if x_sign > 0:
+        assert marker_d < label_d
+    else:
+        assert marker_d > label_d
+
+
+def test_resampled_to_1p5_mm_and_label_binary(tmp_path):
+    # 3 mm slices along k: 10 labelled slices = 30 mm = 20 voxels at 1.5 mm; 0.75 mm in-plane: 10 voxels -> 5.
+    shape = (40, 40, 20)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[10:30, 10:30, 5:15] = 3  # multi-valued labels are binarised
+    image = np.random.default_rng(0).uniform(1, 2, shape).astype(np.float32)
+    affine = np.diag([0.75, 0.75, 3.0, 1.0])
+    out = training_transforms(32, augment=False)({"image": _nifti(tmp_path, "i", image, affine),
+                                                  "label": _nifti(tmp_path, "l", label, affine)})
+    lab = out["label"][0]
+    assert set(torch.unique(lab).tolist()) == {0.0, 1.0}
+    extent = [int(torch.nonzero(lab)[:, a].max() - torch.nonzero(lab)[:, a].min() + 1) for a in range(3)]
+    assert abs(extent[0] - 10) <= 1 and abs(extent[1] - 10) <= 1 and abs(extent[2] - 20) <= 1
+
+
+def test_label_value_selects_one_class(tmp_path):
+    shape = (30, 30, 30)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[2:8, 2:8, 2:8] = 1
+    label[15:25, 15:25, 15:25] = 2
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    paths = {"image": _nifti(tmp_path, "i", np.ones(shape, np.float32), affine),
+             "label": _nifti(tmp_path, "l", label, affine)}
+    one = training_transforms(32, augment=False, label_value=1)(dict(paths))["label"].sum()
+    two = training_transforms(32, augment=False, label_value=2)(dict(paths))["label"].sum()
+    assert int(one) == 6 ** 3 and int(two) == 10 ** 3
+
+
+def test_crop_pads_with_zeros_outside_the_scan():
+    x = torch.arange(1, 1 + 4 * 4 * 4, dtype=torch.float32).reshape(1, 4, 4, 4)
+    out = crop_or_pad(x, (-2, 0, 1), 6)
+    assert out.shape == (1, 6, 6, 6)
+    assert torch.equal(out[0, 2:6, 0:4, 0:3], x[0, :, :, 1:4])
+    assert out[0, :2].abs().sum() == 0 and out[0, :, 4:].abs().sum() == 0
+
+
+def test_zscore_uses_positive_voxels_only():
+    x = torch.zeros(1, 8, 8, 8)
+    x[0, :4] = torch.linspace(1, 5, 4 * 64).reshape(4, 8, 8)
+    z = zscore_foreground(x)
+    pos = z[x > 0]
+    assert abs(float(pos.mean())) < 1e-5 and abs(float(pos.std()) - 1) < 1e-4
+    assert float(z[x == 0].mean()) < -1  # zeros are normalised too (official), far below the mean
+
+
+def test_jitter_moves_the_crop_but_keeps_the_target(tmp_path):
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    paths = _phantom(tmp_path, affine, shape=(60, 60, 60))
+    centres = set()
+    for seed in range(4):
+        t = training_transforms(32, augment=True, jitter=4)
+        t.set_random_state(seed)
+        lab = t(dict(paths))["label"][0]
+        assert lab.sum() > 0
+        centres.add(tuple(torch.nonzero(lab).float().mean(0).round().tolist()))
+    assert len(centres) > 1
+
+
+# ------------------------------------------------------------------------------------------------ click step
+def _batch(s=64, b=2):
+    image = torch.randn(b, 1, s, s, s)
+    label = torch.zeros(b, 1, s, s, s)
+    label[:, :, 20:40, 24:44, 16:36] = 1
+    image = image + 2 * label
+    return image, label
+
+
+def test_click_step_shapes_clicks_and_gradients():
+    torch.manual_seed(0)
+    model = build_sam_med3d("vit_mini").train()
+    image, label = _batch()
+    out = click_iteration_step(model, image, label, 4, np.random.default_rng(0), iou_loss_weight=1.0)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    assert out["low_res_logits"].shape == (2, 1, 16, 16, 16)
+    assert 0.0 <= out["dice"] <= 1.0
+    assert out["points"].shape == (2, 4, 3) and out["point_labels"].shape == (2, 4)
+    # The first click is positive and inside the target (the prediction is empty before it).
+    for b in range(2):
+        d, h, w = out["points"][b, 0].long().tolist()
+        assert out["point_labels"][b, 0] == 1 and label[b, 0, d, h, w] == 1
+    out["loss"].backward()
+    enc = model.image_encoder.patch_embed.proj.weight.grad
+    dec = model.mask_decoder.output_upscaling[0].weight.grad
+    iou = model.mask_decoder.iou_prediction_head.layers[0].weight.grad
+    assert enc is not None and enc.abs().sum() > 0
+    assert dec is not None and dec.abs().sum() > 0
+    assert iou is not None and iou.abs().sum() > 0
+
+
+def test_click_step_is_reproducible_and_wrapper_matches():
+    torch.manual_seed(0)
+    model = build_sam_med3d("vit_mini").train()
+    image, label = _batch(b=1)
+    a = click_iteration_step(model, image, label, 3, np.random.default_rng(5))
+    b = click_iteration_step(ClickIterationModel(model), image, label, 3, np.random.default_rng(5))
+    assert torch.equal(a["points"], b["points"])
+    assert torch.allclose(a["loss"], b["loss"])
+
+
+def test_click_step_rejects_bad_input():
+    model = build_sam_med3d("vit_mini")
+    image, label = _batch(b=1)
+    with pytest.raises(ValueError, match="image crop"):
+        click_iteration_step(model, image[..., :32, :32, :32], label[..., :32, :32, :32], 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="label must have"):
+        click_iteration_step(model, image, label[:, :, :32], 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="num_click_iterations"):
+        click_iteration_step(model, image, label, 0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="rng"):
+        click_iteration_step(model, image, label, 2, 0)
+
+
+def test_click_training_step_in_a_monai_trainer():
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    model = build_sam_med3d("vit_mini")
+    image, label = _batch(b=1)
+    data = [{"image": image[0], "label": label[0]}]
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model.mask_decoder.output_upscaling[0].weight.detach().clone()
+    step = ClickTrainingStep(num_click_iterations=(2, 3), seed=0)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader, network=model,
+                                optimizer=opt, loss_function=torch.nn.Identity(), iteration_update=step)
+    trainer.run()
+    out = trainer.state.output
+    assert np.isfinite(out["loss"]) and 0 <= out["dice"] <= 1
+    assert out["pred"].shape == (1, 1, 64, 64, 64)
+    assert not torch.equal(before, model.mask_decoder.output_upscaling[0].weight)
