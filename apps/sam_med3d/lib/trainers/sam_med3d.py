@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 import torch
 from ignite.engine import Events
+from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, ValidationHandler, from_engine
 from monai.inferers import SimpleInferer
 from monai.transforms import AsDiscreted
@@ -73,6 +74,23 @@ def _sam(network: torch.nn.Module) -> torch.nn.Module:
     """The bare ``Sam3D`` inside a (DDP-wrapped) ``ClickIterationModel``."""
     inner = getattr(network, "module", network)
     return getattr(inner, "sam", inner)
+
+
+class WithModelCompleted:
+    """Run an ignite iteration function the way MONAI's own ``_iteration`` ends: put its output in
+    ``engine.state.output`` and fire ``IterationEvents.MODEL_COMPLETED``, on which MONAI engines decollate the
+    batch and run the post transforms (so the Dice metrics see thresholded masks, not raw logits)."""
+
+    def __init__(self, step: Any):
+        self.step = step
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> Any:
+        output = self.step(engine, batch)
+        if isinstance(output, dict):  # not decollated yet: the step did not fire the event itself
+            engine.state.output = output
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
+        return output
 
 
 class ClickValidationStep:
@@ -230,10 +248,11 @@ class SamMed3DTrainer(BasicTrainTask):
         from sam_med3d.training import ClickTrainingStep
 
         clicks = int(context.request.get("train_clicks", 5))
-        return ClickTrainingStep(num_click_iterations=clicks, seed=int(context.local_rank), grad_clip=1.0)
+        return WithModelCompleted(ClickTrainingStep(num_click_iterations=clicks, seed=int(context.local_rank),
+                                                    grad_clip=1.0))
 
     def val_iteration_update(self, context: Context):
-        return ClickValidationStep(int(context.request.get("train_clicks", 5)))
+        return WithModelCompleted(ClickValidationStep(int(context.request.get("train_clicks", 5))))
 
     def train_inferer(self, context: Context):
         return SimpleInferer()

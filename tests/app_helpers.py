@@ -1,0 +1,120 @@
+"""Starting and stopping a real MONAI Label server on the SAM-Med3D app, for tests and benchmarks.
+
+The server is started exactly as a user would (the ``monailabel`` launcher of this venv, ``start_server``
+with ``--conf`` pairs), on 127.0.0.1 and a free port, in its own process group so that it and the training
+/ scoring subprocesses it spawns are stopped together.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "sam_med3d"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def copy_app(destination: Path) -> Path:
+    """Copy the app's code (``main.py``, ``lib/``) to ``destination``.
+
+    MONAI Label writes ``logs/``, ``bin/`` and downloaded/fine-tuned weights into the app folder; running a
+    copy keeps test runs out of the repository and away from a real ``model/`` folder.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(APP_DIR / "main.py", destination / "main.py")
+    shutil.copytree(APP_DIR / "lib", destination / "lib", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
+    return destination
+
+
+class Server:
+    """A running ``monailabel start_server`` process (see :func:`start_server`)."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the server and its subprocesses (the process group created for it)."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=10)
+
+
+def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path: Path,
+                 port: Optional[int] = None, env: Optional[Dict[str, str]] = None, timeout_s: float = 240.0,
+                 host: str = "127.0.0.1") -> Server:
+    """Start the app with ``--conf`` pairs and wait until ``GET /info/`` answers.
+
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout_s`` (the log tail is included).
+    """
+    port = port or free_port()
+    launcher = Path(sys.executable).parent / "monailabel"
+    cmd = [str(launcher), "start_server", "--app", str(app_dir), "--studies", str(studies), "--host", host,
+           "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, str(value)]
+    full_env = dict(os.environ)
+    # The launcher runs "$MONAILABEL_PYEXE -m monailabel.main"; use this venv's interpreter.
+    full_env["MONAILABEL_PYEXE"] = sys.executable
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.setdefault("OMP_NUM_THREADS", "2")
+    full_env.update(env or {})
+    log = open(log_path, "wb")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = Server(process, f"http://{host}:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the MONAI Label server exited with code {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    server.stop()
+    raise RuntimeError(f"the MONAI Label server did not answer /info/ within {timeout_s} s:\n{server.log_tail()}")
+
+
+def wait_for_training(url: str, timeout_s: float = 600.0, poll_s: float = 2.0) -> dict:
+    """Poll ``GET /train/`` until the latest training task is no longer running; return its status."""
+    deadline = time.monotonic() + timeout_s
+    status: dict = {}
+    while time.monotonic() < deadline:
+        response = requests.get(f"{url}/train/", timeout=30)
+        if response.status_code == 200:
+            status = response.json()
+            if status.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
+                return status
+        time.sleep(poll_s)
+    raise RuntimeError(f"training still running after {timeout_s} s: {status}")

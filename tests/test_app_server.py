@@ -1,0 +1,328 @@
+"""End-to-end tests of the SAM-Med3D MONAI Label app: a real ``monailabel start_server`` driven over HTTP.
+
+One server (vit_mini weights saved in a tmp dir) serves a studies folder built from a few cases of
+``../shared/data``; the tests talk to it with ``monailabel.client.MONAILabelClient`` (and ``requests`` where
+the client has no method), the way 3D Slicer and OHIF do: ``/info``, ``/infer`` with both viewers' request
+shapes, ``/datastore/label``, ``/activelearning``, ``/scoring``, ``/train``. A second server runs the full
+``vit_b_ori`` architecture on the reference fixtures' weights for one click.
+
+Each test uses its own image where click history matters, so test order does not change what they see.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+import torch
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from app_helpers import copy_app, start_server, wait_for_training
+
+#: Studies folder content: image id -> (dataset folder, case) in ../shared/data.
+CASES = {
+    "t2": ("sct_spinalcord_mri", "t2"),                 # 60x55x52, Slicer-shape clicks, training label
+    "t1w": ("sct_spinalcord_mri", "t1w"),               # 42x76x77, OHIF-shape clicks, training label
+    "mr_sm": ("totalseg_mr_multiorgan", "example_mr_sm"),  # 117x91x20, multi-label merging
+    "breast1": ("pyradiomics_mri_tumor", "breast1"),    # 45x120x21, bad input
+    "brain1": ("pyradiomics_mri_tumor", "brain1"),      # 256x256x25, stays unlabelled
+}
+LABELS = "spleen=1,liver=2"
+MODEL = "sam_med3d"
+
+
+def _studies(data_dir: Path, root: Path) -> Path:
+    studies = root / "studies"
+    studies.mkdir()
+    for image_id, (dataset, case) in CASES.items():
+        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", studies / f"{image_id}.nii.gz")
+    return studies
+
+
+def _source_label(data_dir: Path, image_id: str) -> Path:
+    dataset, case = CASES[image_id]
+    return data_dir / dataset / "labelsTr" / f"{case}.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def mini_checkpoint(tmp_path_factory) -> Path:
+    """A vit_mini SAM-Med3D (seeded random weights) saved in our checkpoint format."""
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vit_mini.pt"
+    save_checkpoint(build_sam_med3d("vit_mini"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(data_dir, mini_checkpoint, tmp_path_factory):
+    """The app served on a free port of 127.0.0.1 (vit_mini, labels spleen=1, liver=2)."""
+    root = tmp_path_factory.mktemp("app_server")
+    app = copy_app(root / "app")
+    studies = _studies(data_dir, root)
+    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": LABELS,
+                                      "device": "cpu", "preload": "true"},
+                       log_path=root / "server.log",
+                       # Scoring runs when a test asks for it, not in the background at start.
+                       env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv.root, srv.app, srv.studies = root, app, studies
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server, tmp_path) -> MONAILabelClient:
+    # The client saves results under <tmpdir>/<server's temp file name>; a private tmpdir keeps it from
+    # colliding with the server's own temp file, which the server deletes after answering.
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path))
+
+
+def _image(server, image_id: str) -> nib.Nifti1Image:
+    return nib.load(str(server.studies / f"{image_id}.nii.gz"))
+
+
+def _infer_status(server, image_id: str, params: dict, files=None) -> requests.Response:
+    return requests.post(f"{server.url}/infer/{MODEL}", params={"image": image_id, "output": "json"},
+                         data={"params": json.dumps(params)}, files=files, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def test_info_lists_the_model_labels_trainer_and_strategies(client):
+    info = client.info()
+    model = info["models"][MODEL]
+    assert model["type"] == "deepedit"  # Slicer and OHIF show their click tools for this type
+    assert model["dimension"] == 3
+    assert model["labels"] == {"background": 0, "spleen": 1, "liver": 2}
+    assert info["labels"] == ["background", "spleen", "liver"]  # OHIF drops the first entry as background
+    assert MODEL in info["trainers"]
+    assert {"random", "first", f"{MODEL}_uncertainty"} <= set(info["strategies"])
+    assert f"{MODEL}_uncertainty" in info["scoring"]
+    assert info["datastore"]["total"] == len(CASES)
+
+
+# ----------------------------------------------------------------------------------------------------- infer
+def test_slicer_clicks_return_a_label_on_the_image_grid_and_reuse_the_embedding(server, client):
+    image = _image(server, "t2")
+    # 3D Slicer (DeepEdit multi-label mode): every label's points, "background" points, and the current label.
+    params = {"spleen": [[30, 27, 26]], "liver": [], "background": [], "label": "spleen"}
+    result_file, result = client.infer(MODEL, "t2", params)
+    label = nib.load(result_file)
+    assert label.shape == image.shape
+    np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
+    values = set(np.unique(np.asarray(label.dataobj)).tolist())
+    assert values <= {0, 1}
+    assert result["encoder_ran"] is True
+    assert result["labels_updated"] == ["spleen"]
+    assert result["label_names"]["background"] == 0
+    assert ("spleen" in result["label_names"]) == (1 in values)
+    assert result["sam_med3d"]["spleen"]["voxels"] == int((np.asarray(label.dataobj) == 1).sum())
+
+    # A second click inside the same crop: the image encoder does not run again.
+    params = {"spleen": [[30, 27, 26]], "liver": [], "background": [[33, 27, 26]], "label": "spleen"}
+    result_file, result = client.infer(MODEL, "t2", params)
+    assert result["encoder_ran"] is False
+    assert result["timings"]["encode"] == 0.0
+    assert nib.load(result_file).shape == image.shape
+
+
+def test_ohif_clicks_without_current_label_return_nrrd(server, client):
+    image = _image(server, "t1w")
+    # OHIF v3 "Point Prompts" for a deepedit model: label keys + background, no "label"; NRRD uint16 output.
+    params = {"background": [[5, 5, 5]], "spleen": [[21, 38, 38]], "liver": [[21, 40, 20]],
+              "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False,
+              "restore_label_idx": False}
+    result_file, result = client.infer(MODEL, "t1w", params)
+    assert result_file.endswith(".nrrd")
+    assert result["labels_updated"] == ["spleen", "liver"]  # every label with clicks, in value order
+    assert result["centroids"] == {}  # OHIF v3 reads this key
+    written = sitk.ReadImage(result_file)
+    array = sitk.GetArrayFromImage(written).transpose(2, 1, 0)  # back to the (i, j, k) order of the NIfTI
+    assert array.shape == image.shape
+    assert array.dtype == np.uint16
+    assert set(np.unique(array).tolist()) <= {0, 1, 2}
+    # Same voxel -> world mapping as the image (ITK stores LPS; the NIfTI affine is RAS).
+    ras = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(written.GetDirection()).reshape(3, 3) * np.asarray(
+        written.GetSpacing())[None, :]
+    np.testing.assert_allclose(ras, image.affine[:3, :3], atol=1e-4)
+
+
+def test_a_new_label_is_merged_without_erasing_other_labels(server, client):
+    first_file, _ = client.infer(MODEL, "mr_sm", {"spleen": [[58, 45, 10]], "label": "spleen"})
+    first = np.asarray(nib.load(first_file).dataobj).copy()
+    second_file, second_result = client.infer(MODEL, "mr_sm", {"liver": [[30, 40, 10]], "label": "liver"})
+    second = np.asarray(nib.load(second_file).dataobj)
+    assert second_result["labels_updated"] == ["liver"]
+    # Every spleen voxel of the first answer survives; liver only takes voxels that were free.
+    assert np.array_equal(second == 1, first == 1)
+    assert np.all(first[second == 2] == 0)
+
+
+def test_a_previous_label_sent_by_the_client_is_kept(server, client, tmp_path):
+    image = _image(server, "mr_sm")
+    previous = np.zeros(image.shape, dtype=np.uint8)
+    previous[5:15, 5:15, 2:6] = 1  # a hand-drawn "spleen" the server has never seen
+    path = tmp_path / "previous.nii.gz"
+    nib.save(nib.Nifti1Image(previous, image.affine), str(path))
+    # With a label file the client cannot also send "label" (MONAI Label uses that key for the file).
+    result_file, result = client.infer(MODEL, "mr_sm", {"liver": [[80, 50, 12]]}, label_in=str(path))
+    merged = np.asarray(nib.load(result_file).dataobj)
+    assert result["labels_updated"] == ["liver"]
+    assert np.all(merged[previous == 1] == 1)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"lung": [[10, 10, 10]], "label": "lung"}, "unknown label 'lung'"),
+    ({"spleen": [], "background": [[3, 3, 3]], "label": "spleen"}, "no foreground click for label 'spleen'"),
+    ({}, "no foreground clicks"),
+    ({"spleen": [[600, 12, 10]], "label": "spleen"}, "click (600, 12, 10) for label 'spleen' is outside the scan 45x120x21"),
+    ({"spleen": [["a", 12, 10]], "label": "spleen"}, "non-numeric coordinate 'a'"),
+    ({"spleen": [[1, 2]], "label": "spleen"}, "is not a point [i, j, k]"),
+])
+def test_bad_clicks_get_422_naming_the_problem(server, client, params, expected):
+    response = _infer_status(server, "breast1", params)
+    assert response.status_code == 422, response.text
+    assert expected in response.json()["detail"]
+    assert client.info()["name"] == "SAM-Med3D"  # still serving
+
+
+def test_unknown_image_gets_422(server):
+    response = _infer_status(server, "no_such_image", {"spleen": [[1, 1, 1]], "label": "spleen"})
+    assert response.status_code == 422
+    assert "not found in the datastore" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("kind", ["2d", "unreadable"])
+def test_2d_or_unreadable_uploaded_images_get_422(server, client, tmp_path, kind):
+    path = tmp_path / f"{kind}.nii.gz"
+    if kind == "2d":
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 1)).astype(np.float32), np.eye(4)),
+                 str(path))
+        expected = "2D image"
+    else:
+        path.write_bytes(b"this is not a NIfTI file" * 20)
+        expected = "could not be read"
+    with open(path, "rb") as f:
+        response = _infer_status(server, "", {"spleen": [[2, 2, 0]], "label": "spleen"},
+                                 files={"file": (path.name, f)})
+    assert response.status_code == 422, response.text
+    assert expected in response.json()["detail"]
+    assert client.info()["name"] == "SAM-Med3D"
+
+
+# -------------------------------------------------------------------------------- datastore, active learning
+def test_save_label_then_next_sample_skips_labelled_images(server, client, data_dir):
+    client.save_label("t2", str(_source_label(data_dir, "t2")), tag="final")
+    info = client.info()
+    assert info["datastore"]["completed"] >= 1
+    for strategy in ("first", "random", f"{MODEL}_uncertainty"):
+        sample = client.next_sample(strategy, {})
+        assert sample["id"] in CASES and sample["id"] != "t2"
+        assert Path(sample["path"]).is_file()
+
+
+def test_uncertainty_scoring_writes_scores_and_ranks_the_next_sample(server, client):
+    response = requests.post(f"{server.url}/scoring/{MODEL}_uncertainty", params={"run_sync": "true"}, timeout=600)
+    assert response.status_code == 200, response.text
+    datastore = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
+    unlabelled = [i for i, obj in datastore["objects"].items() if "final" not in obj.get("labels", {})]
+    strategy = f"{MODEL}_uncertainty"
+    scores, recently_served = {}, set()
+    for image_id in unlabelled:
+        info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=30).json()
+        scores[image_id] = info["sam_med3d_uncertainty"]
+        assert 0.0 <= scores[image_id] <= 1.0
+        if time.time() - info.get("strategy", {}).get(strategy, {}).get("ts", 0) < 600:
+            recently_served.add(image_id)
+    # The most uncertain image, among those this strategy has not handed out in the last 10 minutes.
+    candidates = {k: v for k, v in scores.items() if k not in recently_served} or scores
+    sample = client.next_sample(strategy, {})
+    assert sample["id"] == max(candidates, key=candidates.get)
+    assert sample["sam_med3d_uncertainty"] == pytest.approx(candidates[sample["id"]])
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_training_publishes_weights_that_the_next_click_uses(server, client, data_dir):
+    for image_id in ("t2", "t1w"):
+        client.save_label(image_id, str(_source_label(data_dir, image_id)), tag="final")
+    published = server.app / "model" / "finetuned_vit_mini.pt"  # named after the base checkpoint file
+    assert not published.exists()
+
+    client.train_start(MODEL, {"max_epochs": 2, "val_split": 0.0, "train_clicks": 2})
+    # Training runs in a subprocess: a click is answered while it runs (still running after the answer).
+    _, during = client.infer(MODEL, "breast1", {"spleen": [[20, 60, 10]], "label": "spleen"})
+    assert during["labels_updated"] == ["spleen"]
+    assert client.train_status(check_if_running=True)
+
+    status = wait_for_training(server.url, timeout_s=900)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    assert published.is_file()
+    stats = client.info()["train_stats"][MODEL]
+    assert stats["epoch"] == 2
+
+    _, result = client.infer(MODEL, "breast1", {"spleen": [[20, 60, 10]], "label": "spleen"})
+    assert result["model"]["file"] == str(published)
+    assert result["encoder_ran"] is True  # new weights: cached embeddings were dropped
+
+
+def test_training_with_validation_reports_val_dice(server, client, data_dir):
+    for image_id in ("t2", "t1w"):
+        client.save_label(image_id, str(_source_label(data_dir, image_id)), tag="final")
+    client.train_start(MODEL, {"max_epochs": 1, "val_split": 0.5, "train_clicks": 2})
+    status = wait_for_training(server.url, timeout_s=900)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    stats = client.info()["train_stats"][MODEL]
+    assert stats["eval"]["key_metric_name"] == "val_mean_dice"
+    assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0
+
+
+# -------------------------------------------------------------------------------------- full-size model
+@pytest.mark.slow
+def test_full_vit_b_ori_answers_one_click(data_dir, fixtures_dir, fill_module, tmp_path_factory):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("vit_b_server")
+    manifest = json.loads((fixtures_dir / "manifest_vit_b_ori.json").read_text())
+    weights = fill_module.fill_state_dict({e["name"]: e["shape"] for e in manifest["entries"]})
+    model = build_sam_med3d("vit_b_ori")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+    checkpoint = save_checkpoint(model, root / "vit_b_ori_fixture.pt")
+    del model, weights
+
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(data_dir / "sct_spinalcord_mri" / "imagesTr" / "t2.nii.gz", studies / "t2.nii.gz")
+    srv = start_server(copy_app(root / "app"), studies,
+                       {"model": "vit_b_ori", "checkpoint": str(checkpoint), "labels": LABELS, "device": "cpu"},
+                       log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(root))
+        assert client.info()["models"][MODEL]["type"] == "deepedit"
+        result_file, result = client.infer(MODEL, "t2", {"spleen": [[30, 27, 26]], "label": "spleen"})
+        assert result["model"]["arch"] == "vit_b_ori"
+        assert result["encoder_ran"] is True
+        label = nib.load(result_file)
+        image = nib.load(str(studies / "t2.nii.gz"))
+        assert label.shape == image.shape
+        np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
+    finally:
+        srv.stop()
+
+
+def test_unknown_model_name_stops_the_server_with_a_clear_error(data_dir, mini_checkpoint, tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    with pytest.raises(RuntimeError, match="--conf model 'vit_huge' is not a known SAM-Med3D architecture"):
+        start_server(copy_app(tmp_path / "app"), studies,
+                     {"model": "vit_huge", "checkpoint": str(mini_checkpoint)}, log_path=tmp_path / "server.log",
+                     timeout_s=120)
