@@ -255,8 +255,11 @@ def test_every_real_case_crop_sees_its_label_at_the_click(data_dir):
         lab = np.asarray(nib.load(str(label)).dataobj).astype(np.uint8)
         assert lab.shape == prep.scan.shape, case
         # The deepest labelled voxel: its neighbours (which nearest sampling at 1.5 mm may pick) are labelled.
-        depth = distance_transform_edt(lab > 0, sampling=prep.scan.spacing_mm)
-        click = np.array(np.unravel_index(np.argmax(depth), lab.shape))[None]
+        found = np.argwhere(lab > 0)
+        lo, hi = found.min(0), found.max(0) + 1
+        depth = distance_transform_edt(np.pad(lab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0, 1),
+                                       sampling=prep.scan.spacing_mm)
+        click = (np.array(np.unravel_index(np.argmax(depth), depth.shape)) - 1 + lo)[None]
         crop = prep.crop_around(click, 64)
         crop_lab = crop.sample(lab)
         d, h, w = np.floor(crop.to_crop(click)[0] + 0.5).astype(int)

@@ -139,6 +139,10 @@ def test_metatensor_brings_its_affine(direction):
     affine = _expected_affine(direction)
     scan = load_scan(MetaTensor(torch.from_numpy(_volume()), affine=torch.from_numpy(affine)))
     np.testing.assert_allclose(scan.affine, affine)
+    channel_first = load_scan(MetaTensor(torch.from_numpy(_volume())[None], affine=torch.from_numpy(affine)))
+    np.testing.assert_array_equal(channel_first.array, _volume())
+    with pytest.raises(ValueError, match="multi-channel"):  # a plain tensor has no channel convention
+        load_scan(torch.from_numpy(_volume())[None])
 
 
 def test_trailing_singleton_axis_is_dropped(tmp_path):

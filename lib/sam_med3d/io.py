@@ -78,7 +78,8 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None) -> Scan:
             - an NRRD / MHA / MHD (or any other SimpleITK-readable 3D) file,
             - a folder holding one DICOM series (if it holds several, the one with most files is read
               and a warning is logged),
-            - a numpy array or torch tensor ``(I, J, K)`` (a MONAI ``MetaTensor`` brings its own RAS affine),
+            - a numpy array or torch tensor ``(I, J, K)`` (a MONAI ``MetaTensor`` brings its own RAS affine
+              and may be channel-first ``(1, I, J, K)``),
             - a nibabel image or a SimpleITK image,
             - a :class:`Scan` (returned after validation).
         affine: only for arrays/tensors: the 4x4 RAS voxel->world matrix; identity (1 mm voxels) if None.
@@ -100,9 +101,12 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None) -> Scan:
         array, aff = _from_nibabel(path_or_array, "nibabel image")
         return _validated(array, aff, "nibabel image")
     if isinstance(path_or_array, torch.Tensor):
-        if affine is None and getattr(path_or_array, "affine", None) is not None:  # MONAI MetaTensor
-            affine = path_or_array.affine
         array = path_or_array.detach().cpu().numpy()
+        if getattr(path_or_array, "affine", None) is not None:  # MONAI MetaTensor
+            if affine is None:
+                affine = path_or_array.affine
+            if array.ndim == 4 and array.shape[0] == 1:  # MONAI's channel-first (1, I, J, K)
+                array = array[0]
     elif isinstance(path_or_array, np.ndarray):
         array = path_or_array
     else:

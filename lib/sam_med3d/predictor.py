@@ -251,7 +251,10 @@ class Sam3DPredictor:
             tick = time.perf_counter()
             probs_crop = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
             probabilities = prepared.paste_back(crop, probs_crop)
-            mask = (probabilities > 0.5).astype(np.uint8)
+            # Threshold only the crop's region: the rest of a big CT is 0 and touching it costs time.
+            mask = np.zeros(prepared.scan.shape, dtype=np.uint8)
+            if crop.region_ijk is not None:
+                mask[crop.region_ijk] = probabilities[crop.region_ijk] > 0.5
             timings["paste"] = time.perf_counter() - tick
             timings["total"] = time.perf_counter() - start_time
 
