@@ -67,7 +67,7 @@ def both_impls(enc: ImageEncoderViT3D, image: torch.Tensor):
 
 # ------------------------------------------------------------------------------------------ closed form
 @pytest.mark.parametrize("box,window", [((8, 8, 8), 14), ((3, 2, 1), 3), ((2, 3, 3), 3), ((3, 3, 2), 4),
-                                        ((1, 1, 1), 2)])
+                                        ((3, 3, 2), 3), ((1, 1, 1), 2)])
 def test_padding_log_mass_matches_brute_force(box, window):
     """Real-key bias and log-sum-exp of the bias over all padded keys == the full official bias grid."""
     gen = torch.Generator().manual_seed(1)
@@ -214,6 +214,16 @@ def test_bfloat16_autocast_close_to_float32():
 
 
 # ------------------------------------------------------------------------------------------- switches
+def test_inference_mode_then_training_forward():
+    """Cached helper tensors made under inference_mode must not break a later autograd forward."""
+    enc = build_sam_med3d("vit_mini").image_encoder
+    image = torch.randn(1, 1, 64, 64, 64)
+    with torch.inference_mode():
+        enc(image)
+    enc(image).sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+
+
 def test_default_is_fast_and_switch_keeps_state_dict():
     model = build_sam_med3d("vit_mini")
     enc = model.image_encoder

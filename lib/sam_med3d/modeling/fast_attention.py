@@ -14,18 +14,15 @@ outputs from the real tokens alone:
       q(a,b,c).Rd[a,z]  +  q(a,b,x).Rh[b,z]  +  q(a,b,y).Rw[y,z]    =:  D[z] + H[x,z] + V[y,z]
 
   where ``q(a,b,x)`` is the query at another position of the same row; when ``x`` is beyond the row's real
-  extent that query is padding, i.e. ``q0``. Given ``z``, the sum over ``(x, y)`` factorises::
+  extent that query is padding, i.e. ``q0``. ``H`` and ``V`` depend on the query row ``(a, b)`` only, not on
+  ``c``, so the padded keys' total (all ``(x,y,z)`` outside the real box ``[0,rd) x [0,rh) x [0,rw)``) is::
 
-      sum_{x,y} exp(H[x,z] + V[y,z]) = (sum_x exp H[x,z]) (sum_y exp V[y,z])
+      exp(s q.k0) * sum_z exp(D[z]) G[z],    G[z] = sum_{(x,y): (x,y,z) padded} exp(H[x,z] + V[y,z])
 
-  so the padded keys' total (all ``(x,y,z)`` outside the real box ``[0,rd) x [0,rh) x [0,rw)``) is::
-
-      exp(s q.k0) * ( sum_{z <  rw} exp(D[z]) (Hpad[z] Vall[z] + Hreal[z] Vpad[z])
-                    + sum_{z >= rw} exp(D[z]) Hall[z] Vall[z] )
-
-  with ``Hreal[z] = sum_{x<rd} exp H[x,z]``, ``Hpad[z] = sum_{x>=rd} exp H[x,z]``, ``Hall = Hreal + Hpad`` and
-  likewise ``V`` split at ``rh``. Everything is evaluated in log space (``logsumexp``/``logaddexp``) and
-  without subtractions, so it is as accurate as the reference softmax.
+  with ``G`` one ``W^3`` log-sum-exp per row (real keys masked with ``-inf``) instead of ``W^3`` logits per
+  query. (It also factorises, ``sum_{x,y} exp(H+V) = (sum_x exp H)(sum_y exp V)``, but the masked grid is
+  already cheap and needs fewer kernel launches.) Everything is evaluated in log space without subtractions,
+  so it is as accurate as the reference softmax.
 
 The real keys get their exact bias ``D + H + V``; one ``scaled_dot_product_attention`` call then handles
 ``rd*rh*rw`` real keys plus the single extra key, with the bias passed as an additive ``attn_mask``.
@@ -77,21 +74,16 @@ def relative_bias_and_padding_logit(q: torch.Tensor, q_pad: torch.Tensor, tables
     bias = bias.reshape(n, nr, nr)
     if nr == w ** 3:
         return bias, None
-    # Log-sums over x (split at rd) and y (split at rh) for every z: (n, rd, rh, W). Only non-empty parts are
-    # formed, so no -inf appears (logaddexp(-inf, -inf) would poison gradients with NaN).
-    h_real, v_real = term_h[:, :, :, :rd].logsumexp(3), term_v[:, :, :, :rh].logsumexp(3)
-    h_pad = term_h[:, :, :, rd:].logsumexp(3) if rd < w else None
-    v_pad = term_v[:, :, :, rh:].logsumexp(3) if rh < w else None
-    h_all = torch.logaddexp(h_real, h_pad) if h_pad is not None else h_real
-    v_all = torch.logaddexp(v_real, v_pad) if v_pad is not None else v_real
-    pieces = []   # log of exp(D[z]) * (sum over the padded (x, y) of exp(H + V)), one column per z
-    if h_pad is not None:       # z < rw, x padded, any y
-        pieces.append(term_d[..., :rw] + (h_pad + v_all)[:, :, :, None, :rw])
-    if v_pad is not None:       # z < rw, x real, y padded
-        pieces.append(term_d[..., :rw] + (h_real + v_pad)[:, :, :, None, :rw])
-    if rw < w:                  # z padded, any (x, y)
-        pieces.append(term_d[..., rw:] + (h_all + v_all)[:, :, :, None, rw:])
-    pad_logit = torch.cat(pieces, dim=-1).logsumexp(-1)
+    # log sum over the padded (x, y) of exp(H[x,z] + V[y,z]), per z: an (x, y, z) grid per query row (a, b) --
+    # W^3 values, far fewer than the rd*rh*rw * W^3 logits it replaces -- with the real keys masked out.
+    pair = term_h[:, :, :, :, None, :] + term_v[:, :, :, None, :, :]     # (n, rd, rh, Wx, Wy, Wz)
+    pair[:, :, :, :rd, :rh, :rw] = float("-inf")
+    if rd == w and rh == w:
+        # Every (x, y) is real when z < rw: only padded z remain (keeps all-(-inf) slices, and NaN
+        # gradients through them, out of the log-sum-exp).
+        pair, term_d = pair[..., rw:], term_d[..., rw:]
+    g = pair.flatten(3, 4).logsumexp(3)                                     # (n, rd, rh, Wz)
+    pad_logit = (term_d + g[:, :, :, None, :]).logsumexp(-1)                # (n, rd, rh, rw)
     return bias, pad_logit.reshape(n, nr)
 
 

@@ -19,6 +19,7 @@ Switch with ``ImageEncoderViT3D(..., attention_impl=...)`` or ``encoder.set_atte
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence, Tuple, Type
 
 import torch
@@ -62,10 +63,23 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
         resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
                                 size=max_rel_dist, mode="linear")
         rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    return rel_pos[_relative_index(q_size, k_size, rel_pos.device)]
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """``(q_size, k_size)`` row indices into the ``rel_pos`` table (cached: it only depends on the sizes, and
+    rebuilding it costs ~8 small kernel launches per table per block). Built outside inference mode so that a
+    later autograd forward may save it for backward."""
+    with torch.inference_mode(False):
+        return _build_relative_index(q_size, k_size, device)
+
+
+def _build_relative_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[relative.long()]
+    return relative.long()
 
 
 def decomposed_relative_bias(q: torch.Tensor, rel_d: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
