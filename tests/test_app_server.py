@@ -96,6 +96,74 @@ def _infer_status(server, image_id: str, params: dict, files=None) -> requests.R
                          data={"params": json.dumps(params)}, files=files, timeout=120)
 
 
+# ------------------------------------------------------------------------------- app pieces (no server)
+@pytest.fixture(scope="module")
+def app_lib():
+    """The app's ``lib`` package, imported as MONAI Label imports it (app folder first on sys.path)."""
+    import importlib
+    import sys
+
+    from app_helpers import APP_DIR
+
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return {name: importlib.import_module(f"lib.{name}")
+                for name in ("configs.options", "configs.weights", "infers.clicks")}
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("spleen=1,liver=6", {"background": 0, "spleen": 1, "liver": 6}),
+    ("spleen,liver", {"background": 0, "spleen": 1, "liver": 2}),
+    ('{"spleen":3}', {"background": 0, "spleen": 3}),
+    ('["a","b"]', {"background": 0, "a": 1, "b": 2}),
+])
+def test_labels_option_forms_without_spaces(app_lib, text, expected):
+    assert app_lib["configs.options"].parse_labels(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("spleen=0", "must be in 1..255"),
+    ("spleen=1,liver=1", "the same value 1"),
+    ("spleen,liver=2", "mixes"),
+    ("{spleen:1}", "does not parse"),
+    ("background=3", "always 0"),
+])
+def test_bad_labels_option_is_refused_by_name(app_lib, text, message):
+    with pytest.raises(ValueError, match="--conf labels") as err:
+        app_lib["configs.options"].parse_labels(text)
+    assert message in str(err.value)
+
+
+def test_single_label_foreground_background_shape(app_lib):
+    clicks = app_lib["infers.clicks"].parse_clicks(
+        {"foreground": [[1, 2, 3], [4.4, 5.6, 6]], "background": [[7, 8, 9]], "label": "liver"},
+        {"background": 0, "spleen": 1, "liver": 2})
+    assert [c.name for c in clicks] == ["liver"]
+    np.testing.assert_array_equal(clicks[0].points, [[1, 2, 3], [4, 6, 6], [7, 8, 9]])
+    np.testing.assert_array_equal(clicks[0].point_labels, [1, 1, 0])
+
+
+def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):
+    import sam_med3d.checkpoint as checkpoint
+
+    weights = app_lib["configs.weights"]
+    monkeypatch.delenv(weights.ENV_RESOLVED, raising=False)
+    # An address nothing listens on: the download fails at once, as on an offline machine.
+    monkeypatch.setattr(checkpoint, "TURBO_URL", "http://127.0.0.1:9/sam_med3d_turbo.pth")
+    if checkpoint.BUNDLED_PATH.is_file():
+        chosen = weights.resolve_base_weights("default", str(tmp_path))
+        assert chosen.path == checkpoint.BUNDLED_PATH
+        assert "could not be downloaded" in chosen.reason
+    else:
+        with pytest.raises(FileNotFoundError, match="no model to serve") as err:
+            weights.resolve_base_weights("default", str(tmp_path))
+        assert "--conf checkpoint /path/to/sam_med3d_turbo.pth" in str(err.value)
+    with pytest.raises(checkpoint.CheckpointDownloadError):
+        weights.resolve_base_weights("turbo", str(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------------ info
 def test_info_lists_the_model_labels_trainer_and_strategies(client):
     info = client.info()

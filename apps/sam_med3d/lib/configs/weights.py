@@ -111,12 +111,13 @@ def resolve_base_weights(checkpoint: str, model_dir: str) -> BaseWeights:
             if checkpoint == "turbo":
                 raise
             bundled = _bundled()
+            why = str(err).split(". ")[0]  # the core reason; the downloader's advice does not fit this case
             if bundled.is_file():
                 return BaseWeights(bundled, checkpoint,
                                    f"the bundled offline model {bundled}, because SAM-Med3D-turbo could not be "
-                                   f"downloaded from {TURBO_URL} ({type(err).__name__}: {err})")
+                                   f"downloaded ({why})")
             raise FileNotFoundError(
-                f"no model to serve: SAM-Med3D-turbo could not be downloaded from {TURBO_URL} ({err}) and the "
+                f"no model to serve: SAM-Med3D-turbo could not be downloaded ({why}) and the "
                 f"bundled offline model {bundled} is not installed. Download sam_med3d_turbo.pth on a machine "
                 f"with internet access and start with '--conf checkpoint /path/to/sam_med3d_turbo.pth' (or copy "
                 f"it into {directory}).") from err
