@@ -4,18 +4,21 @@ Both take numpy arrays or torch tensors of shape (I, J, K) (anything > 0 is fore
 disk. NSD distances are in millimetres: ``spacing_mm`` gives the voxel size along the array axes (i, j, k), e.g.
 ``nibabel``'s ``img.header.get_zooms()[:3]`` or the column norms of the affine.
 
-NSD is MONAI's :func:`monai.metrics.compute_surface_dice` with ``use_subvoxels=True``, i.e. surface elements
-weighted by their area as in DeepMind's ``surface-distance`` package, which is what the SAM-Med3D papers and
-the CVPR 2024/2025 segmentation challenges report. Conventions for empty masks (MONAI would give NaN): both
+NSD follows MONAI's :func:`monai.metrics.compute_surface_dice` with ``use_subvoxels=True`` (same surface-area
+table, same distances; the tests check the two agree), i.e. surface elements weighted by their area as in
+DeepMind's ``surface-distance`` package, which is what the SAM-Med3D papers and the CVPR 2024/2025
+segmentation challenges report. It is computed with numpy/scipy on the masks' bounding box rather than through
+MONAI's one-hot torch path, which took ~1 s per call for a 50k-voxel tumour on CPU. Conventions for empty masks (MONAI would give NaN): both
 empty -> 1.0 (nothing to find, nothing found), exactly one empty -> 0.0.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Sequence
+from functools import lru_cache
+from typing import Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = ["dice", "normalized_surface_dice"]
 
@@ -70,23 +73,57 @@ def normalized_surface_dice(pred, gt, spacing_mm: Sequence[float] = (1.0, 1.0, 1
     # Crop to the union's bounding box plus one background layer: surface distances do not depend on anything
     # else, and whole CT volumes (512x512xN) would otherwise be one-hot encoded in full. The zero layer also
     # makes an object touching the scan border get a surface there, as in DeepMind's implementation.
-    coords = np.argwhere(p | g)
-    lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = _bounding_box(p | g)
     p_box, g_box = np.pad(p[box], 1), np.pad(g[box], 1)
 
-    import torch
-    from monai.metrics import compute_surface_dice
+    on_p, areas_p = _surface_elements(p_box, spacing)
+    on_g, areas_g = _surface_elements(g_box, spacing)
+    # Distance from each surface element of one mask to the nearest surface element of the other (in mm).
+    dist_to_g = ndimage.distance_transform_edt(~on_g, sampling=spacing)
+    dist_to_p = ndimage.distance_transform_edt(~on_p, sampling=spacing)
+    total = float(areas_p[on_p].sum() + areas_g[on_g].sum())
+    if total == 0.0:  # pragma: no cover - non-empty masks always have a surface inside the padded box
+        return 0.0
+    good = float(areas_p[on_p & (dist_to_g <= tolerance_mm)].sum() + areas_g[on_g & (dist_to_p <= tolerance_mm)].sum())
+    return good / total
 
-    def one_hot(mask: np.ndarray) -> torch.Tensor:
-        m = torch.from_numpy(mask)
-        return torch.stack([~m, m])[None].to(torch.float32)  # (1, 2, I, J, K): background, foreground
 
-    with warnings.catch_warnings():
-        # MONAI 1.5 warns about its own deprecated internal argument (always_return_as_numpy) on every call.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        nsd = compute_surface_dice(one_hot(p_box), one_hot(g_box), class_thresholds=[float(tolerance_mm)],
-                                   include_background=False, distance_metric="euclidean", spacing=spacing,
-                                   use_subvoxels=True)
-    return float(nsd.reshape(-1)[0])
+def _bounding_box(mask: np.ndarray) -> Tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of a non-empty mask (axis projections: much faster
+    than ``argwhere`` on a whole scan)."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def _surface_elements(mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """Surface elements of ``mask``: ``(on_surface bool, area mm^2)`` per 2x2x2 voxel neighbourhood, both of
+    shape ``mask.shape - 1``.
+
+    Each neighbourhood's 8 voxels form a code (0-255) looked up in MONAI's table of DeepMind's surface areas
+    (:func:`monai.metrics.utils.get_code_to_measure_table`): the same numbers MONAI's
+    ``compute_surface_dice(use_subvoxels=True)`` uses, computed here with numpy shifts instead of a torch
+    convolution and one-hot tensors, which is ~10x faster on CPU for large masks.
+    """
+    table, kernel = _area_table(tuple(spacing))
+    m = mask.astype(np.uint8)
+    code = np.zeros(tuple(n - 1 for n in m.shape), dtype=np.int32)
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):
+                # Correlation with MONAI's 2x2x2 kernel of powers of two: same code numbering as its table.
+                code += int(kernel[a, b, c]) * m[a:a + code.shape[0], b:b + code.shape[1], c:c + code.shape[2]]
+    on_surface = (code != 0) & (code != 255)  # neighbourhoods neither fully outside nor fully inside
+    return on_surface, table[code]
+
+
+@lru_cache(maxsize=32)
+def _area_table(spacing: Tuple[float, ...]) -> Tuple[np.ndarray, np.ndarray]:
+    from monai.metrics.utils import get_code_to_measure_table
+
+    table, kernel = get_code_to_measure_table(spacing, device="cpu")
+    return (np.asarray(table.cpu().numpy(), dtype=np.float64),
+            np.asarray(kernel.cpu().numpy()).reshape(2, 2, 2).astype(np.int64))
