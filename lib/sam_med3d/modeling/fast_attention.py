@@ -112,13 +112,17 @@ def padded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
     else:
         bias = None
         pad_logit = qf.new_full((n, nr), math.log(n_pad)) if n_pad else None
-    if pad_logit is not None:
+    if pad_logit is None:
+        mask = bias.to(qf.dtype) if bias is not None else None
+    else:
         kf = torch.cat([kf, k_pad.to(kf.dtype)[:, None, :]], dim=1)
         vf = torch.cat([vf, v_pad.to(vf.dtype)[:, None, :]], dim=1)
-        if bias is None:
-            bias = torch.zeros(n, nr, nr, dtype=pad_logit.dtype, device=pad_logit.device)
-        bias = torch.cat([bias, pad_logit[:, :, None]], dim=-1)
-    mask = bias.to(qf.dtype) if bias is not None else None
+        # nr + 1 key columns, laid out in rows padded to a multiple of 16 elements and then sliced: the CUDA
+        # memory-efficient kernel needs an aligned mask stride (it would otherwise copy the mask and warn).
+        width = -(-(nr + 1) // 16) * 16
+        mask = qf.new_empty(n, nr, width)[..., :nr + 1]
+        mask[..., :nr] = bias if bias is not None else 0.0
+        mask[..., nr] = pad_logit
     return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
 
 
