@@ -136,6 +136,14 @@ def test_bad_labels_option_is_refused_by_name(app_lib, text, message):
     assert message in str(err.value)
 
 
+def test_every_conf_option_is_documented(app_lib):
+    from app_helpers import REPO
+
+    doc = (REPO / "docs" / "app.md").read_text()
+    missing = [name for name in app_lib["configs.options"].DEFAULTS if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/app.md lacks a row for --conf {missing}"
+
+
 def test_single_label_foreground_background_shape(app_lib):
     clicks = app_lib["infers.clicks"].parse_clicks(
         {"foreground": [[1, 2, 3], [4.4, 5.6, 6]], "background": [[7, 8, 9]], "label": "liver"},

@@ -48,7 +48,7 @@ HELP: Dict[str, str] = {
     "cache_size": "how many images keep their predictor (image embedding, previous masks) between clicks",
     "cache_ttl_s": "seconds after its last click before an image's predictor is dropped",
     "preload": "load the model when the server starts (true) or on the first click (false)",
-    "use_finetuned": "serve <model_dir>/finetuned_<arch>.pt (written by training) when it exists",
+    "use_finetuned": "serve <model_dir>/finetuned_<base>.pt (written by training) when it exists",
     "epochs": "default max_epochs of a training run (the Train request may override it)",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
