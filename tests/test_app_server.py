@@ -23,7 +23,6 @@ import requests
 import SimpleITK as sitk
 import torch
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException
 
 from app_helpers import copy_app, start_server, wait_for_training
 

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -52,6 +52,9 @@ def _read_label_file(path: str, shape: Tuple[int, ...]) -> np.ndarray:
     if array.shape != tuple(shape):
         raise InvalidRequest(f"the label sent with the request has shape {'x'.join(map(str, array.shape))} but "
                              f"the image is {'x'.join(map(str, shape))}")
+    if array.size and (array.min() < 0 or array.max() > 255 or not np.all(np.mod(array, 1) == 0)):
+        raise InvalidRequest("the label sent with the request must hold integer label values 0..255, got values "
+                             f"in [{array.min()}, {array.max()}]")
     return array.astype(np.uint8)
 
 
@@ -63,11 +66,9 @@ class SamMed3DInfer(InferTask):
         labels: ``{name: value}`` including ``"background": 0``.
         cache_size: maximum number of images with a live session.
         cache_ttl_s: seconds after its last click before a session is dropped.
-        predictor_factory: ``(model, device) -> predictor``; defaults to ``sam_med3d.predictor.Sam3DPredictor``.
     """
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
-                 predictor_factory: Optional[Callable[[Any, str], Any]] = None,
                  description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks"):
         # No per-request config: the viewers echo "config" back in every request, and the cache settings
         # (--conf cache_size / cache_ttl_s) are server-wide.
@@ -75,7 +76,6 @@ class SamMed3DInfer(InferTask):
         self.served = served
         self.label_values: Dict[str, int] = dict(labels)
         self.sessions = SessionCache(cache_size, cache_ttl_s)
-        self._predictor_factory = predictor_factory
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------------------- MONAI Label API
@@ -156,13 +156,6 @@ class SamMed3DInfer(InferTask):
         return result_file, result
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _new_predictor(self, model: Any) -> Any:
-        if self._predictor_factory is not None:
-            return self._predictor_factory(model, self.served.device)
-        from sam_med3d.predictor import Sam3DPredictor
-
-        return Sam3DPredictor(model, device=self.served.device)
-
     def _session(self, image_path: str, model: Any) -> Tuple[ImageSession, Dict[str, float]]:
         """The cached session of ``image_path`` (no load timings) or a new one (``load``, ``set_image`` in s)."""
         key = session_key(image_path)
@@ -177,7 +170,9 @@ class SamMed3DInfer(InferTask):
         except ValueError as err:  # unreadable, 2D, 4D, constant... (load_scan names the file and the problem)
             raise InvalidRequest(f"cannot segment this image: {err}") from err
         loaded = time.perf_counter()
-        predictor = self._new_predictor(model)
+        from sam_med3d.predictor import Sam3DPredictor
+
+        predictor = Sam3DPredictor(model, device=self.served.device)
         predictor.set_image(scan)
         session = ImageSession(scan=scan, predictor=predictor, label_map=np.zeros(scan.shape, dtype=np.uint8))
         self.sessions.put(key, session)

@@ -25,7 +25,6 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Mapping
 
 import numpy as np
