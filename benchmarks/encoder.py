@@ -9,7 +9,8 @@ Usage::
 Every (device, dtype, implementation) is measured in its own subprocess, so the peak-memory figure is that
 configuration's alone: on CPU the kernel's high-water mark of the process RSS (``ru_maxrss``) minus the RSS
 just before the first forward pass; on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated
-before it. Times are medians over ``--runs`` runs after ``--warmup`` warm-up runs. The encoder input is a
+before it. Encoder times are the median (and the minimum, the least disturbed by other processes on a shared
+machine) over ``--runs`` runs after ``--warmup`` warm-up runs; ``vs ref`` compares medians. The encoder input is a
 random ``(1, 1, S, S, S)`` crop; decode is one click plus the previous low-res mask (a typical refinement
 step), so it does not depend on the attention implementation. ``max |diff|`` compares each embedding with
 the float32 reference embedding of the same device; bf16 runs use ``torch.autocast``.
@@ -47,7 +48,7 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB on Linux
 
 
-def _median_time(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None]) -> float:
+def _times(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None]) -> List[float]:
     for _ in range(warmup):
         fn()
     sync()
@@ -57,7 +58,7 @@ def _median_time(fn: Callable[[], object], runs: int, warmup: int, sync: Callabl
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -101,17 +102,18 @@ def worker(args: argparse.Namespace) -> None:
     embedding = encode()          # also the compile run under --compile; counted as warm-up
     sync()
     first_call = time.perf_counter() - compile_start
-    encode_s = _median_time(encode, args.runs, max(0, args.warmup - 1), sync)
+    encode_times = _times(encode, args.runs, max(0, args.warmup - 1), sync)
     peak = (torch.cuda.max_memory_allocated() if is_cuda else _peak_rss_bytes()) - mem_before
 
     def decode() -> None:
         with torch.no_grad(), autocast:
             model.decode(embedding, points=points, mask_input=mask_input, multimask_output=False)
 
-    decode_s = _median_time(decode, args.runs, args.warmup, sync)
+    decode_s = statistics.median(_times(decode, args.runs, args.warmup, sync))
     torch.save(embedding.float().cpu(), args.embedding)
-    Path(args.result).write_text(json.dumps({"encode_s": encode_s, "decode_s": decode_s, "peak_bytes": peak,
-                                             "first_call_s": first_call}))
+    result = {"encode_s": statistics.median(encode_times), "encode_min_s": min(encode_times),
+              "decode_s": decode_s, "peak_bytes": peak, "first_call_s": first_call}
+    Path(args.result).write_text(json.dumps(result))
 
 
 def run_config(args: argparse.Namespace, device: str, dtype: str, impl: str, tmp: Path) -> Optional[Dict]:
@@ -166,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     gpu = f", GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() and not args.no_cuda else ""
     print(f"model {args.model}, torch {torch.__version__}, CPU threads {args.threads}{gpu}; "
           f"median of {args.runs} runs after {args.warmup} warm-up")
-    header = (f"| {'device':6} | {'dtype':5} | {'attention':12} | {'encoder s':>9} | {'vs ref':>6} | "
+    header = (f"| {'device':6} | {'dtype':5} | {'attention':12} | {'encoder s':>9} | {'min s':>7} | {'vs ref':>6} | "
               f"{'decode s':>8} | {'peak MB':>8} | {'max abs diff':>12} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -181,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             same_dtype_ref = results.get((device, dtype, "reference"))
             ratio = f"{res['encode_s'] / same_dtype_ref['encode_s']:.2f}x" if same_dtype_ref else "-"
             diff = f"{(res['embedding'] - ref['embedding']).abs().max().item():.1e}" if ref else "-"
-            print(f"| {device:6} | {dtype:5} | {impl:12} | {res['encode_s']:9.3f} | {ratio:>6} | "
+            print(f"| {device:6} | {dtype:5} | {impl:12} | {res['encode_s']:9.3f} | {res['encode_min_s']:7.3f} | "
+                  f"{ratio:>6} | "
                   f"{res['decode_s']:8.3f} | {res['peak_bytes'] / 2**20:8.0f} | {diff:>12} |", flush=True)
     if any(k[2] == "fast+compile" for k in results):
         for key, res in results.items():
