@@ -262,7 +262,8 @@ def evaluate_label(predictor, gt: np.ndarray, spacing: Sequence[float], clicks: 
     if hasattr(predictor, "reset"):
         predictor.reset(label_key)
     for k in range(1, max(report) + 1):
-        click = next_click(pred, gt, rng, mode=click_mode, spacing=spacing if click_mode == "center" else None)
+        # The centre click's distance transform is in voxel units, as in the challenge's evaluation script.
+        click = next_click(pred, gt, rng, mode=click_mode)
         if click is None:  # perfect already: nothing left to click
             if k in report and last is not None:
                 records.append(dict(last, clicks=k, seconds=0.0))
@@ -320,7 +321,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         skipped.extend(skip)
         for method_name, predictor in methods.items():
             predictor.set_image(scan.array, affine=scan.affine)
-            for value, label_name in todo:
+            for n_done, (value, label_name) in enumerate(todo):
+                bar.set_postfix_str(f"{case.dataset}/{case.case} {method_name} label {n_done + 1}/{len(todo)}")
                 gt = label_map == value
                 rng = _seed_for(args.seed, case.dataset, case.case, value)
                 try:
@@ -433,7 +435,7 @@ def plot_dice_vs_clicks(rows: List[Dict[str, Any]], path: Path, methods: List[st
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title("Dice vs clicks (mean ± std over labels; faint: per dataset)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
