@@ -180,6 +180,11 @@ class SamMed3DTrainer(BasicTrainTask):
 
     # ----------------------------------------------------------------------------------------- data
     def pre_process(self, request: Dict[str, Any], datastore: Datastore) -> List[Dict[str, Any]]:
+        # Choice options are lists in the config (viewers show them as drop-downs and send one value); a
+        # request that sends none would hand BasicTrainTask the whole list, so take the first (the default).
+        for key in ("dataset", "dataloader", "tracking"):
+            if isinstance(request.get(key), (list, tuple)):
+                request[key] = request[key][0] if request[key] else None
         datalist = datastore.datalist()
         if not datalist:
             raise ValueError("no saved labels to train on: save at least one label (tag 'final') first")
