@@ -212,3 +212,20 @@ def test_resume_continues_exactly(small_data, shared_cache, tmp_path):
     proc = subprocess.run([PY, TRAIN, *common, "--output", str(resumed), "--max-steps", "4"], cwd=str(REPO),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_init_and_freeze_encoder(small_data, shared_cache, tmp_path):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(123)
+    init = save_checkpoint(build_sam_med3d("vit_mini"), tmp_path / "init.pt")
+    out = tmp_path / "ft"
+    proc = _run([PY, TRAIN, "--config", MINI, "--data", str(small_data), "--cache-dir", str(shared_cache),
+                 "--output", str(out), "--max-steps", "1", "--init", str(init), "--freeze-encoder", *FAST])
+    assert "initialised from" in proc.stdout
+    before, after = load_model(init).state_dict(), load_model(out / "last.pt").state_dict()
+    enc = [k for k in before if k.startswith("image_encoder.")]
+    dec = [k for k in before if k.startswith("mask_decoder.")]
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
