@@ -99,11 +99,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sam_med3d"
 
 
-def _cache_path(url: str) -> Path:
+def _cache_path(url: str, directory: Optional[Path] = None) -> Path:
     """``<cache>/<first 12 hex of sha256(url)>-<file name in the URL>``: readable, and two URLs ending in the
-    same file name never share a cache entry."""
+    same file name never share a cache entry. In a caller's own ``directory`` the file keeps its plain name."""
     name = Path(urllib.parse.urlparse(url).path).name or "checkpoint.pth"
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if directory is not None:
+        return Path(directory) / name
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
     return cache_dir() / f"{digest}-{name}"
 
@@ -168,15 +170,16 @@ def _download(url: str, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def resolve_checkpoint(path_or_url: PathOrUrl) -> Path:
-    """A local path (checked to exist) or an http(s) URL (downloaded once into :func:`cache_dir`) -> local path.
+def resolve_checkpoint(path_or_url: PathOrUrl, download_dir: Optional[PathOrUrl] = None) -> Path:
+    """A local path (checked to exist) or an http(s) URL (downloaded once into :func:`cache_dir`, or into
+    ``download_dir`` under the URL's file name when given) -> local path.
 
     Raises :class:`FileNotFoundError` for a missing local file and :class:`CheckpointDownloadError` when a URL
     cannot be fetched.
     """
     if _is_url(path_or_url):
         url = str(path_or_url)
-        dst = _cache_path(url)
+        dst = _cache_path(url, Path(download_dir).expanduser() if download_dir is not None else None)
         if not dst.is_file():
             _download(url, dst)
         return dst

@@ -20,14 +20,13 @@ training and scoring subprocesses MONAI Label spawns reuse it instead of retryin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import torch
 
@@ -52,30 +51,11 @@ class BaseWeights:
     reason: str
 
 
-@contextlib.contextmanager
-def _download_cache(directory: Path) -> Iterator[None]:
-    """Point ``sam_med3d.checkpoint``'s download cache at ``directory`` for the duration of the block.
-
-    The core downloader (atomic, with a timeout and clear offline errors) stores files in ``$SAM_MED3D_CACHE``;
-    the app wants them beside its other weights, in ``model_dir``.
-    """
-    old = os.environ.get("SAM_MED3D_CACHE")
-    os.environ["SAM_MED3D_CACHE"] = str(directory)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SAM_MED3D_CACHE", None)
-        else:
-            os.environ["SAM_MED3D_CACHE"] = old
-
-
 def _download(url: str, model_dir: Path) -> Path:
     from sam_med3d.checkpoint import resolve_checkpoint
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    with _download_cache(model_dir):
-        return Path(resolve_checkpoint(url))
+    return Path(resolve_checkpoint(url, download_dir=model_dir))
 
 
 def _bundled() -> Path:
