@@ -23,7 +23,7 @@ from sam_med3d.modeling.image_encoder import Block, official_bias_layout, relati
 ATOL32, RTOL32 = 1e-4, 1e-3
 TOL64 = 1e-10
 
-# (name, encoder kwargs): the mini model (4^3 grid, window 3 -> 8 windows, 6 of them partly padding), a mid
+# (name, encoder kwargs): the mini model (4^3 grid, window 3 -> 8 windows, 7 of them partly padding), a mid
 # model whose grid is not a multiple of the window (5^3 grid, window 3 -> full and 2-wide windows on each axis),
 # and one whose single window is bigger than the grid, like vit_b_ori (6^3 grid, window 8).
 SMALL_CONFIGS = {

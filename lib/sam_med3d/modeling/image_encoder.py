@@ -224,9 +224,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  layer_norm_eps: float = 1e-6, act_layer: Type[nn.Module] = nn.GELU, use_rel_pos: bool = False,
                  window_size: int = 0, input_size: Optional[Tuple[int, int, int]] = None,
-                 attention_impl: str = "fast") -> None:
+                 attention_impl: Optional[str] = None) -> None:
         super().__init__()
-        self.attention_impl = _check_attention_impl(attention_impl)
+        self.attention_impl = _check_attention_impl(attention_impl or DEFAULT_ATTENTION_IMPL)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         attn_size = input_size if window_size == 0 else (window_size, window_size, window_size)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos,
@@ -321,7 +321,9 @@ class ImageEncoderViT3D(nn.Module):
         """Choose ``"fast"`` or ``"reference"`` attention for every block; returns ``self``.
 
         ``compile=True`` runs the block stack through ``torch.compile(**compile_kwargs)`` (first call is slow;
-        needs a C++ compiler on CPU). Parameters and state_dict keys are unchanged either way.
+        needs a C++ compiler on CPU; an encoder holding a compiled stack may not deep-copy or pickle, so call
+        ``set_attention_impl(impl)`` without ``compile`` first when you need that). Parameters and state_dict
+        keys are unchanged either way.
         """
         _check_attention_impl(impl)
         for block in self.blocks:
