@@ -422,6 +422,13 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
     if bar is not None:
         bar.close()
     log.close()
+    if ctx.distributed:  # DDP keeps replicas identical; a difference would mean a broken gradient sync
+        checksum = float(sum(p.detach().double().sum() for p in sam.parameters()))
+        sums = pdist.all_gather_object(ctx, checksum)
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"model replicas diverged across processes (parameter sums {sums})")
+        if ctx.is_main:
+            print(f"replicas in sync across {ctx.world_size} processes", flush=True)
     return {"step": step, "epoch": epoch, "best_val_dice": best, "last": last_record}
 
 

@@ -171,7 +171,7 @@ def test_ddp_two_processes_on_cpu(small_data, shared_cache, tmp_path):
     proc = _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, "--config", MINI,
                  "--data", str(small_data), "--output", str(out), "--cache-dir", str(shared_cache),
                  "--max-steps", "2", "--device", "cpu", "--set", "train.batch_size=1", *FAST])
-    assert "on 2 x cpu" in proc.stdout
+    assert "on 2 x cpu" in proc.stdout and "replicas in sync across 2 processes" in proc.stdout
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
