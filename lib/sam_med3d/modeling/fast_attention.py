@@ -123,7 +123,10 @@ def padded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
         mask = qf.new_empty(n, nr, width)[..., :nr + 1]
         mask[..., :nr] = bias if bias is not None else 0.0
         mask[..., nr] = pad_logit
-    return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
+    # 4-D (1, N, L, c) so that the fused CUDA kernels apply (they reject 3-D inputs and fall back to math).
+    out = F.scaled_dot_product_attention(qf[None], kf[None], vf[None], attn_mask=None if mask is None else mask[None],
+                                         scale=scale)
+    return out[0]
 
 
 def window_boxes(size: Sequence[int], window: int) -> List[Tuple[Tuple[slice, slice, slice], Tuple[int, int, int]]]:
