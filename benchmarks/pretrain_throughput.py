@@ -7,7 +7,7 @@
 Each cell is a real ``torchrun --nproc_per_node=P pretrain/train.py`` run (one process without torchrun for
 P = 1) of ``--steps`` optimizer steps. samples/s is the mean of the logged steps after the first (warm-up: data
 workers starting, first-touch allocations); it counts samples of all processes together. Memory: peak GPU
-memory allocated by torch (per process) when training on CUDA, else the peak RSS of the largest process.
+memory allocated by torch (per process) when training on CUDA, else the peak RSS of the rank-0 process.
 
 Without ``--data`` the runs use synthetic phantoms (spheres in noise, 1 mm voxels) written to a temporary
 folder, so the figures depend only on the model and recipe. ``vit_b_ori`` on CPU is slow (minutes per
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -75,8 +74,8 @@ def run_cell(config: str, procs: int, steps: int, data: List[str], out: Path, ca
     train_rows = [r for r in rows if r["kind"] == "train"]
     rates = [r["samples_per_s"] for r in train_rows[1:]] or [r["samples_per_s"] for r in train_rows]
     gpu = max((r.get("gpu_mem_gb", 0.0) for r in train_rows), default=0.0)
-    return {"samples_per_s": float(np.mean(rates)), "gpu_mem_gb": gpu,
-            "rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20,
+    rss = max((r.get("peak_rss_gb", 0.0) for r in train_rows), default=0.0)
+    return {"samples_per_s": float(np.mean(rates)), "gpu_mem_gb": gpu, "rss_gb": rss,
             "loss": train_rows[-1]["loss"], "wall_s": wall}
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -391,6 +391,7 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
                     record["grad_norm"] = grad_norm
                 if ctx.device.type == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30
+                record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # rank 0
                 log.write(record)
                 last_record = record
                 if bar is not None:
