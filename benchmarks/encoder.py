@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python benchmarks/encoder.py                 # vit_b_ori, CPU (2 threads), and CUDA if present
     .venv/bin/python benchmarks/encoder.py --runs 3 --model vit_tiny --no-cuda
     .venv/bin/python benchmarks/encoder.py --compile       # also time the fast path under torch.compile
+    .venv/bin/python benchmarks/encoder.py --threads 1,2   # CPU rows for each thread count
 
 Every (device, dtype, implementation) is measured in its own subprocess, so the peak-memory figure is that
 configuration's alone: on CPU the kernel's high-water mark of the process RSS (``ru_maxrss``) minus the RSS
@@ -116,11 +117,12 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-def run_config(args: argparse.Namespace, device: str, dtype: str, impl: str, tmp: Path) -> Optional[Dict]:
+def run_config(args: argparse.Namespace, device: str, threads: int, dtype: str, impl: str, tmp: Path
+               ) -> Optional[Dict]:
     """Run :func:`worker` in a fresh interpreter; returns its result plus the embedding, or None on failure."""
-    stem = tmp / f"{device}-{dtype}-{impl}"
+    stem = tmp / f"{device}-{threads}-{dtype}-{impl}"
     cmd = [sys.executable, __file__, "--worker", "--device", device, "--dtype", dtype, "--impl", impl,
-           "--model", args.model, "--threads", str(args.threads), "--runs", str(args.runs),
+           "--model", args.model, "--threads", str(threads), "--runs", str(args.runs),
            "--warmup", str(args.warmup), "--result", f"{stem}.json", "--embedding", f"{stem}.pt"]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
@@ -137,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_b_ori", help="configuration name (sam_med3d.build.CONFIGS)")
     parser.add_argument("--checkpoint", default=None, help="optional weights (path/URL/name for load_model)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--threads", default="2",
+                        help="CPU threads (torch.set_num_threads); a comma list such as 1,2 gives rows for each")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per configuration (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument("--no-cuda", action="store_true", help="skip the GPU rows even when CUDA is available")
@@ -152,9 +155,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--embedding", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+    try:
+        thread_counts = [int(t) for t in str(args.threads).split(",")]
+    except ValueError:
+        raise ValueError(f"--threads must be an integer or a comma list of integers, got {args.threads!r}") from None
+    if args.runs < 1 or args.warmup < 0 or min(thread_counts) < 1:
         raise ValueError(f"--runs and --threads must be >= 1 and --warmup >= 0, got runs={args.runs}, "
                          f"threads={args.threads}, warmup={args.warmup}")
+    args.threads = thread_counts[0]
     if args.worker:
         worker(args)
         return
@@ -162,28 +170,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     impls = ["reference", "fast"] + (["fast+compile"] if args.compile else [])
     plan = []
     if not args.no_cpu:
-        plan += [("cpu", "fp32", impl) for impl in impls]
+        plan += [("cpu", t, "fp32", impl) for t in thread_counts for impl in impls]
     if torch.cuda.is_available() and not args.no_cuda:
-        plan += [("cuda", dtype, impl) for dtype in ("fp32", "bf16") for impl in impls]
+        plan += [("cuda", thread_counts[0], dtype, impl) for dtype in ("fp32", "bf16") for impl in impls]
     gpu = f", GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() and not args.no_cuda else ""
-    print(f"model {args.model}, torch {torch.__version__}, CPU threads {args.threads}{gpu}; "
+    print(f"model {args.model}, torch {torch.__version__}, CPU threads {','.join(map(str, thread_counts))}{gpu}; "
           f"median of {args.runs} runs after {args.warmup} warm-up")
-    header = (f"| {'device':6} | {'dtype':5} | {'attention':12} | {'encoder s':>9} | {'min s':>7} | {'vs ref':>6} | "
+    header = (f"| {'device':7} | {'dtype':5} | {'attention':12} | {'encoder s':>9} | {'min s':>7} | {'vs ref':>6} | "
               f"{'decode s':>8} | {'peak MB':>8} | {'max abs diff':>12} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     results: Dict[tuple, Dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for device, dtype, impl in plan:
-            res = run_config(args, device, dtype, impl, Path(tmp))
+        for device, threads, dtype, impl in plan:
+            res = run_config(args, device, threads, dtype, impl, Path(tmp))
             if res is None:
                 continue
-            results[(device, dtype, impl)] = res
-            ref = results.get((device, "fp32", "reference"))
-            same_dtype_ref = results.get((device, dtype, "reference"))
+            label = f"cpu/{threads}t" if device == "cpu" else device
+            results[(label, dtype, impl)] = res
+            ref = results.get((label, "fp32", "reference"))
+            same_dtype_ref = results.get((label, dtype, "reference"))
             ratio = f"{res['encode_s'] / same_dtype_ref['encode_s']:.2f}x" if same_dtype_ref else "-"
             diff = f"{(res['embedding'] - ref['embedding']).abs().max().item():.1e}" if ref else "-"
-            print(f"| {device:6} | {dtype:5} | {impl:12} | {res['encode_s']:9.3f} | {res['encode_min_s']:7.3f} | "
+            print(f"| {label:7} | {dtype:5} | {impl:12} | {res['encode_s']:9.3f} | {res['encode_min_s']:7.3f} | "
                   f"{ratio:>6} | "
                   f"{res['decode_s']:8.3f} | {res['peak_bytes'] / 2**20:8.0f} | {diff:>12} |", flush=True)
     if any(k[2] == "fast+compile" for k in results):
