@@ -46,7 +46,7 @@ from torch import nn
 __all__ = [
     "TURBO_URL", "SAM_MED3D_URL", "SAM_MED3D_PAGE", "BUNDLED_PATH", "CheckpointError", "CheckpointDownloadError",
     "CheckpointMismatchError", "UnsafeCheckpointError", "cache_dir", "resolve_checkpoint", "load_checkpoint",
-    "save_checkpoint", "load_model",
+    "save_checkpoint", "atomic_torch_save", "load_model",
 ]
 
 #: SAM-Med3D-turbo (``vit_b_ori``, fine-tuned on 44 datasets), the checkpoint the official README links
@@ -368,6 +368,31 @@ def _check_extra(value: Any, where: str) -> None:
                      "strings, None or lists/tuples/dicts of those (so the file loads with weights_only=True)")
 
 
+def atomic_torch_save(obj: Any, path: PathOrUrl) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``: a crash mid-save
+    leaves the previous file intact and no partial file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(obj, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    try:  # make the rename itself durable (POSIX); not possible on every filesystem/OS
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
 def save_checkpoint(model: nn.Module, path: PathOrUrl, half: bool = False, **extra: Any) -> Path:
     """Write ``model`` (with its ``config``) to ``path`` in our format, atomically.
 
@@ -402,26 +427,7 @@ def save_checkpoint(model: nn.Module, path: PathOrUrl, half: bool = False, **ext
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config,
                "dtype": "float16" if half else "float32", "model_state_dict": state, **extra}
 
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(payload, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    try:  # make the rename itself durable (POSIX); not possible on every filesystem/OS
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return atomic_torch_save(payload, Path(path).expanduser())
 
 
 def _named_source(name_or_path_or_url: PathOrUrl) -> PathOrUrl:
