@@ -163,7 +163,8 @@ def test_nnunet_and_official_layouts(tmp_path):
     assert main(["--data", str(nn), str(official), "--clicks", "1,2", "--output", str(out), "--method",
                  "random_walker", "--click-mode", "center", "--quiet"]) == 0
     rows = read_rows(out)
-    assert {(r["dataset"], r["label_name"]) for r in rows} == {("Dataset001_Ball", "ball"), ("tumour/ct_balls", "tumour")}
+    assert {(r["dataset"], r["label_name"]) for r in rows} == {("Dataset001_Ball", "ball"),
+                                                                ("tumour/ct_balls", "tumour")}
     # A bright ball on a flat background: the random walker gets it from the centre click.
     assert all(float(r["dice"]) > 0.8 for r in rows)
 

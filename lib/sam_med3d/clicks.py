@@ -20,7 +20,7 @@ object), 0 = negative (remove). Both functions return ``None`` when the predicti
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -32,7 +32,6 @@ __all__ = ["random_error_click", "center_error_click", "first_click", "next_clic
 CLICK_MODES = ("random", "center")
 
 Click = Tuple[np.ndarray, int]
-ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 (torch is optional here)
 
 # 26-connectivity, as in the challenge's cc3d.connected_components(..., connectivity=26).
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)

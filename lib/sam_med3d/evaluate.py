@@ -43,7 +43,6 @@ import math
 import os
 import sys
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +305,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     methods = {name: make_method(name, args) for name in args.method if name == "sam_med3d"}
     if args.rw_crop_size is None and "sam_med3d" in methods:
         args.rw_crop_size = methods["sam_med3d"].img_size  # the same crop as the model's
+    if args.rw_crop_size is None and "random_walker" in args.method:
+        args.rw_crop_size = 128  # the official models' crop; recorded in summary.json
     methods.update({name: make_method(name, args) for name in args.method if name != "sam_med3d"})
     methods = {name: methods[name] for name in args.method}
 
@@ -465,14 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--click-mode", choices=CLICK_MODES, default="random",
                    help="random: official SAM-Med3D error click; center: CVPR 2025 challenge centre click")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["sam_med3d"], help="method(s) to evaluate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nsd-tolerance-mm", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the simulated clicks (each case/label gets its own stream; default 0)")
+    p.add_argument("--nsd-tolerance-mm", type=float, default=2.0,
+                   help="Normalized Surface Dice tolerance in mm (default 2)")
     p.add_argument("--labels", default=None,
                    help="comma-separated label values or names to evaluate (default: every label present)")
     p.add_argument("--max-labels-per-case", type=int, default=None,
                    help="evaluate at most the first N labels (by value) of each case (default: all)")
     p.add_argument("--max-cases", type=int, default=None, help="at most N cases per dataset (default: all)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device for SAM-Med3D, e.g. cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--rw-crop-size", type=int, default=None,
                    help="random_walker: crop edge in 1.5 mm voxels (default: the SAM-Med3D model's crop when both "

@@ -17,10 +17,11 @@ For each call, given all clicks so far (original voxel indices ``(i, j, k)``, la
 3. **Seeds**: positive clicks -> label 1; negative clicks -> label 2. Each click seeds the voxels of a
    ``(2 seed_radius + 1)``^3 cube around it (on the solver grid) whose normalised intensity is within
    ``seed_tolerance`` of the clicked voxel's: a single-voxel seed carries almost no weight against the border
-   prior in 3D. **Background prior**: the outer one-voxel shell of the crop is also label 2 (the crop is centred on the object, so its border is assumed to be
-   background: a user would place a box around the object; objects bigger than the crop are clipped by the crop
-   anyway). Padding voxels outside the scan are inactive (removed from the graph). A click that falls outside
-   the crop (positive clicks spread wider than the crop) is ignored.
+   prior in 3D. **Background prior**: the outer one-voxel shell of the crop is also label 2 (the crop is
+   centred on the object, so its border is assumed to be background: a user would place a box around the
+   object; objects bigger than the crop are clipped by the crop anyway). Padding voxels outside the scan are
+   inactive (removed from the graph). A click that falls outside the crop (positive clicks spread wider than
+   the crop) is ignored.
 4. **Solve** ``skimage.segmentation.random_walker(mode="cg_j", beta=beta, return_full_prob=True)``; the
    probability of label 1 is upsampled to the crop grid and pasted back onto the original grid
    (:meth:`~sam_med3d.geometry.PreparedScan.paste_back`); ``mask = probability > 0.5``.
