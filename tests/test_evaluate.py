@@ -178,5 +178,8 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys):
     _write_volume(tmp_path / "ds" / "labelsTr" / "a.nii.gz", ball)
     assert main(["--data", str(tmp_path / "ds"), "--output", str(tmp_path / "o")]) == 2  # sam_med3d, no checkpoint
     assert "--checkpoint is required" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "ds"), "--output", str(tmp_path / "o"), "--checkpoint",
+                 str(tmp_path / "no_such_weights.pt")]) == 2
+    assert "no_such_weights.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path / "ds"), "--output", str(tmp_path / "o"), "--clicks", "0,x"])

@@ -505,9 +505,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from .checkpoint import CheckpointError
+
     try:
         summary = run(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        # Bad input (data, labels, options) or weights that cannot be found/read: one line, no traceback.
         print(f"sam-med3d-evaluate: error: {err}", file=sys.stderr)
         return 2
     for m, block in summary["methods"].items():
