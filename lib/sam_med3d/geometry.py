@@ -424,6 +424,36 @@ class Crop:
         return tuple(region)
 
 
+def crop_keeps_clicks(crop: "Crop", new_points: np.ndarray, new_labels: np.ndarray) -> bool:
+    """Whether ``crop`` can stay for these new clicks: it moves only when a new positive click falls outside it
+    (a negative click outside the crop changes nothing: the mask is already empty there)."""
+    positive = np.asarray(new_points)[np.asarray(new_labels) == 1]
+    return len(positive) == 0 or bool(crop.contains(positive).all())
+
+
+def place_crop(prepared: "PreparedScan", points: np.ndarray, labels: np.ndarray, size: int,
+               new: Optional[Sequence[int]] = None) -> "Crop":
+    """The crop for a label's clicks (original voxel indices), shared by every click-driven segmenter.
+
+    Centre on all positive clicks. If that crop misses what must be in it (the ``new`` clicks when the crop
+    moves, else the latest positive click), centre on those instead: clicks spread wider than the crop cannot
+    all be seen, and the user's latest intent wins.
+    """
+    points, labels = np.asarray(points), np.asarray(labels)
+    crop = prepared.crop_around(points, size, labels)
+    if new:
+        chosen = list(new)
+    elif np.any(labels == 1):
+        chosen = [int(np.flatnonzero(labels == 1)[-1])]
+    else:
+        chosen = [len(points) - 1]
+    wanted_pts, wanted_labs = points[chosen], labels[chosen]
+    wanted = wanted_pts[wanted_labs == 1] if np.any(wanted_labs == 1) else wanted_pts
+    if not bool(crop.contains(wanted).all()):
+        crop = prepared.crop_around(wanted_pts, size, wanted_labs)
+    return crop
+
+
 def upsample_logits(low_res_logits: torch.Tensor, size: int) -> torch.Tensor:
     """Low-res mask logits ``(B, M, L, L, L)`` -> ``(B, M, size, size, size)``, trilinear as the official code
     (``F.interpolate(..., mode="trilinear", align_corners=False)``)."""

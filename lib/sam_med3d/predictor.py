@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, upsample_logits
+from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
 from .io import ScanInput, load_scan
 
 PointsLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
@@ -225,7 +225,7 @@ class Sam3DPredictor:
             state = self._states.get(label_key)
             new = None if state is None else _new_click_indices(state.points, state.labels, pts, labs)
 
-            if state is not None and new is not None and self._keeps_crop(state, pts[new], labs[new]):
+            if state is not None and new is not None and crop_keeps_clicks(state.crop, pts[new], labs[new]):
                 crop, replay = state.crop, [i for i in new if bool(state.crop.contains(pts[i:i + 1])[0])]
                 prompt_pts, prompt_labs, low_res = state.prompt_points, state.prompt_labels, state.low_res
                 if not replay and state.result is not None:  # nothing the model can see changed
@@ -233,7 +233,7 @@ class Sam3DPredictor:
                                                           state.result)
                     return self._repeat(state.result, start_time)
             else:
-                crop = self._place_crop(prepared, pts, labs, None if new is None else new)
+                crop = place_crop(prepared, pts, labs, self.img_size, new)
                 replay = [i for i in range(len(pts)) if bool(crop.contains(pts[i:i + 1])[0])]
                 prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
                 low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
@@ -283,27 +283,6 @@ class Sam3DPredictor:
             raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {bad}")
         pts = prepared.check_inside(pts, "click")
         return pts, raw_labels.astype(np.int64)
-
-    @staticmethod
-    def _keeps_crop(state: _LabelState, new_points: np.ndarray, new_labels: np.ndarray) -> bool:
-        """The crop stays unless a new positive click falls outside it."""
-        positive = new_points[new_labels == 1]
-        return len(positive) == 0 or bool(state.crop.contains(positive).all())
-
-    def _place_crop(self, prepared: PreparedScan, pts: np.ndarray, labs: np.ndarray,
-                    new: Optional[List[int]]) -> Crop:
-        """Centre on all positive clicks. If that crop misses what must be in it (the new positive clicks when
-        the crop moves, else the latest positive click), centre on those instead: clicks spread wider than
-        the crop cannot all be seen, and the user's latest intent wins."""
-        crop = prepared.crop_around(pts, self.img_size, labs)
-        chosen = list(new) if new else [len(pts) - 1]
-        if not new and np.any(labs == 1):
-            chosen = [int(np.flatnonzero(labs == 1)[-1])]
-        wanted_pts, wanted_labs = pts[chosen], labs[chosen]
-        wanted = wanted_pts[wanted_labs == 1] if np.any(wanted_labs == 1) else wanted_pts
-        if not bool(crop.contains(wanted).all()):
-            crop = prepared.crop_around(wanted_pts, self.img_size, wanted_labs)
-        return crop
 
     def _embedding(self, crop: Crop, timings: Dict[str, float]) -> Tuple[torch.Tensor, bool]:
         cached = self._embeddings.get(crop.key)

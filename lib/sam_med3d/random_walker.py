@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .geometry import Crop, PreparedScan
+from .geometry import Crop, PreparedScan, crop_keeps_clicks, place_crop
 
 __all__ = ["RandomWalkerPredictor", "RandomWalkerResult"]
 
@@ -104,27 +104,18 @@ class RandomWalkerPredictor:
             self._crops.pop(label_key, None)
 
     def _place_crop(self, pts: np.ndarray, lab: np.ndarray, label_key: object) -> Crop:
-        """The crop for these clicks, following the SAM-Med3D predictor's policy (module docstring, step 1).
+        """The crop for these clicks: the SAM-Med3D predictor's policy (:func:`sam_med3d.geometry.place_crop`).
 
         Clicks are taken as the previous list plus new ones appended (as the evaluation loop sends them).
         """
         assert self.prepared is not None
         seen, crop = self._crops.get(label_key, (0, None))
         if crop is not None and seen <= len(pts):
-            new_pos = pts[seen:][lab[seen:] == 1]
-            if len(new_pos) == 0 or bool(crop.contains(new_pos).all()):
-                self._crops[label_key] = (len(pts), crop)
-                return crop
-        if crop is not None:
             new = np.arange(seen, len(pts))
-        else:  # first placement: the crop must hold the latest positive click (the user's latest intent)
-            positives = np.flatnonzero(lab == 1)
-            new = positives[-1:] if len(positives) else np.array([len(pts) - 1])
-        crop = self.prepared.crop_around(pts, self.crop_size, lab)
-        wanted_pts, wanted_lab = pts[new], lab[new]
-        wanted = wanted_pts[wanted_lab == 1] if np.any(wanted_lab == 1) else wanted_pts
-        if len(wanted) and not bool(crop.contains(wanted).all()):
-            crop = self.prepared.crop_around(wanted_pts, self.crop_size, wanted_lab)
+            if not crop_keeps_clicks(crop, pts[new], lab[new]):
+                crop = place_crop(self.prepared, pts, lab, self.crop_size, list(new))
+        else:  # first placement, or clicks were removed: start over
+            crop = place_crop(self.prepared, pts, lab, self.crop_size)
         self._crops[label_key] = (len(pts), crop)
         return crop
 
