@@ -52,6 +52,18 @@ def fill_module(fixtures_dir):
     return fill
 
 
+@pytest.fixture(scope="session")
+def mini_checkpoint(tmp_path_factory) -> Path:
+    """A ``vit_mini`` SAM-Med3D (64^3 crop, seeded random weights) saved in our checkpoint format."""
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vit_mini.pt"
+    save_checkpoint(build_sam_med3d("vit_mini"), path)
+    return path
+
+
 def data_cases(data_root: Path):
     """(dataset, case, image path, label path) for every case under ``data_root``."""
     cases = []

@@ -52,18 +52,6 @@ def _source_label(data_dir: Path, image_id: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mini_checkpoint(tmp_path_factory) -> Path:
-    """A vit_mini SAM-Med3D (seeded random weights) saved in our checkpoint format."""
-    from sam_med3d import build_sam_med3d
-    from sam_med3d.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "vit_mini.pt"
-    save_checkpoint(build_sam_med3d("vit_mini"), path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def server(data_dir, mini_checkpoint, tmp_path_factory):
     """The app served on a free port of 127.0.0.1 (vit_mini, labels spleen=1, liver=2)."""
     root = tmp_path_factory.mktemp("app_server")

@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import data_cases
 from sam_med3d.evaluate import discover_cases, main
@@ -18,18 +17,6 @@ from sam_med3d.evaluate import discover_cases, main
 def read_rows(out: Path):
     with open(out / "per_case.csv", newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-@pytest.fixture(scope="module")
-def mini_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised vit_mini (64^3 crop) saved in our checkpoint format."""
-    from sam_med3d import build_sam_med3d
-    from sam_med3d.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "vit_mini_random.pt"
-    save_checkpoint(build_sam_med3d("vit_mini"), path)
-    return path
 
 
 # Two labels per case keeps the 104-class TotalSegmentator CT affordable on CPU; the default (every label) is
