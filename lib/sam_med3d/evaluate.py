@@ -163,7 +163,7 @@ def load_label_map(path: Path, shape: Tuple[int, ...], affine: np.ndarray) -> np
     import nibabel as nib
     import SimpleITK as sitk
 
-    from .io import LPS_TO_RAS
+    from .io import sitk_ras_affine
 
     name = str(path)
     if name.lower().endswith((".nii", ".nii.gz")):
@@ -173,10 +173,7 @@ def load_label_map(path: Path, shape: Tuple[int, ...], affine: np.ndarray) -> np
     else:
         img = sitk.ReadImage(name)
         arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
-        lps = np.eye(4)
-        lps[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())[None, :]
-        lps[:3, 3] = img.GetOrigin()
-        lab_affine = LPS_TO_RAS @ lps
+        lab_affine = sitk_ras_affine(img)
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if tuple(arr.shape) != tuple(shape):

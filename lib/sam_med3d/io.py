@@ -162,11 +162,16 @@ def _from_sitk(img: sitk.Image, name: str) -> tuple:
         img = img[(slice(None),) * 3 + (0,) * (dim - 3)]
     # GetArrayFromImage is (k, j, i); transposing gives the (i, j, k) index order that the affine describes.
     array = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))
+    return array.astype(np.float32, copy=False), sitk_ras_affine(img)
+
+
+def sitk_ras_affine(img: sitk.Image) -> np.ndarray:
+    """The 4x4 RAS voxel->world affine of a 3D SimpleITK image (ITK's LPS geometry with x and y negated)."""
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * np.asarray(img.GetSpacing(), dtype=np.float64)[None, :]
     lps[:3, 3] = img.GetOrigin()
-    return array.astype(np.float32, copy=False), LPS_TO_RAS @ lps
+    return LPS_TO_RAS @ lps
 
 
 def _read_dicom_series(folder: Path) -> tuple:
