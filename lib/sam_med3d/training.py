@@ -56,7 +56,7 @@ from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, MapTrans
 from torch import nn
 
 from .clicks import simulate_clicks_batch
-from .geometry import TARGET_SPACING_MM, normalize_intensity
+from .geometry import TARGET_SPACING_MM, normalize_intensity, upsample_logits
 
 __all__ = [
     "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
@@ -324,7 +324,7 @@ def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tenso
         mask_in = low_res.detach() if detach_mask_prompt else low_res
         low_res, iou_pred = sam.decode(embedding, points=points, mask_input=mask_in, multimask_output=False)
         # Loss in float32 whatever the autocast dtype (bf16 logits make Dice/CE noisy).
-        logits = F.interpolate(low_res.float(), size=(img_size,) * 3, mode="trilinear", align_corners=False)
+        logits = upsample_logits(low_res.float(), img_size)
         seg = loss_fn(logits, label.float())
         step_loss = seg
         pred = logits.detach() > 0
