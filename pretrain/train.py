@@ -114,6 +114,11 @@ def amp_context(ctx: pdist.DistContext, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def new_log_window() -> Dict[str, Any]:
+    """Empty sums of the training metrics logged every ``log.every_steps`` steps, timed from now."""
+    return {"loss": 0.0, "seg_loss": 0.0, "dice": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
+
+
 class MetricsLog:
     """``OUT/metrics.jsonl`` + TensorBoard scalars, rank 0 only. On resume, lines after the resumed step are
     dropped (they belong to progress that the checkpoint does not contain)."""
@@ -196,9 +201,10 @@ def prepare_data(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistC
     train_cases, val_cases = pdata.split_cases(len(cases), float(d["val_fraction"]), int(cfg["seed"]))
     min_vox = int(d["min_target_voxels"])
     all_targets = pdata.make_targets(cases, cache.keys, counts, min_vox)
-    train_targets = [t for t in all_targets if t.case_index in set(train_cases)]
+    train_set, val_set = set(train_cases), set(val_cases)
+    train_targets = [t for t in all_targets if t.case_index in train_set]
     if val_cases:
-        val_targets = [t for t in all_targets if t.case_index in set(val_cases)]
+        val_targets = [t for t in all_targets if t.case_index in val_set]
     else:  # no held-out cases: validate on (a fixed subset of) the training targets, unaugmented
         val_targets = list(train_targets)
     rng = np.random.default_rng(int(cfg["seed"]))
@@ -334,7 +340,7 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
 
     v_every, ck_every, log_every = (int(cfg["val"]["every_steps"]), int(cfg["log"]["checkpoint_every_steps"]),
                                     max(1, int(cfg["log"]["every_steps"])))
-    window = {"loss": 0.0, "seg_loss": 0.0, "dice": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
+    window = new_log_window()
     last_record: Dict[str, Any] = {}
     done = step >= total_steps
     while not done:  # total_steps bounds the loop: every epoch makes steps_per_epoch > 0 steps
@@ -396,8 +402,7 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
                 last_record = record
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", dice=f"{record['dice']:.3f}")
-                window = {"loss": 0.0, "seg_loss": 0.0, "dice": 0.0, "n": 0, "samples": 0,
-                          "t0": time.perf_counter()}
+                window = new_log_window()
 
             final = step >= total_steps
             if (v_every and step % v_every == 0) or final:
