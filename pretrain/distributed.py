@@ -92,11 +92,3 @@ def all_reduce_sum(ctx: DistContext, values: List[float]) -> List[float]:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
-
-def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
