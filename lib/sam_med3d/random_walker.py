@@ -66,6 +66,13 @@ class RandomWalkerResult:
     crop: Optional[Crop] = None
 
 
+def _resize(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """A cubic ``(S, S, S)`` float tensor resampled trilinearly to ``size``^3 (returned as is when ``S == size``)."""
+    if volume.shape[0] == size:
+        return volume
+    return F.interpolate(volume[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+
+
 class RandomWalkerPredictor:
     """Random-walker segmentation from clicks on a whole scan (see the module docstring for the method).
 
@@ -128,10 +135,7 @@ class RandomWalkerPredictor:
             hi = lo + 1.0
         img = ((raw.clamp(float(lo), float(hi)) - float(lo)) / float(hi - lo)).float()
         img = torch.where(inside, img, torch.zeros(()))
-        if self.work_size != self.crop_size:
-            img = F.interpolate(img[None, None], size=(self.work_size,) * 3, mode="trilinear",
-                                align_corners=False)[0, 0]
-        return img.numpy().astype(np.float64)
+        return _resize(img, self.work_size).numpy().astype(np.float64)
 
     def _to_work(self, crop_coords: np.ndarray) -> np.ndarray:
         scale = self.work_size / self.crop_size
@@ -168,9 +172,7 @@ class RandomWalkerPredictor:
         seeds[[0, -1], :, :] = 2
         seeds[:, [0, -1], :] = 2
         seeds[:, :, [0, -1]] = 2
-        inside = crop.inside.float()
-        if n != self.crop_size:
-            inside = F.interpolate(inside[None, None], size=(n,) * 3, mode="trilinear", align_corners=False)[0, 0]
+        inside = _resize(crop.inside.float(), n)
         seeds[(inside < 0.5).numpy()] = -1  # padding outside the scan: not part of the graph
         work = self._to_work(crop.to_crop(pts))
         keep = np.all((work >= 0) & (work < n), axis=1)
@@ -197,11 +199,7 @@ class RandomWalkerPredictor:
             prob_work = np.clip(full[0], 0.0, 1.0).astype(np.float32)  # channel 0 = label 1
             prob_work[seeds == -1] = 0.0
         t2 = time.perf_counter()
-        prob_crop = torch.from_numpy(prob_work)
-        if n != self.crop_size:
-            prob_crop = F.interpolate(prob_crop[None, None], size=(self.crop_size,) * 3, mode="trilinear",
-                                      align_corners=False)[0, 0]
-        prob = self.prepared.paste_back(crop, prob_crop)
+        prob = self.prepared.paste_back(crop, _resize(torch.from_numpy(prob_work), self.crop_size))
         mask = (prob > 0.5).astype(np.uint8)
         t3 = time.perf_counter()
         return RandomWalkerResult(mask=mask, probabilities=prob, affine=self.prepared.scan.affine.copy(),
