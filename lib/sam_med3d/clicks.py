@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from .metrics import binary_mask
+
 __all__ = ["random_error_click", "center_error_click", "first_click", "next_click", "simulate_clicks_batch",
            "CLICK_MODES"]
 
@@ -38,12 +40,8 @@ _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def _as_bool(volume, name: str) -> np.ndarray:
-    """A numpy bool array from a numpy array or torch tensor (anything > 0 is foreground)."""
-    if hasattr(volume, "detach"):  # torch tensor, without importing torch here
-        volume = volume.detach().cpu().numpy()
-    arr = np.asarray(volume)
-    if arr.dtype != bool:
-        arr = arr > 0
+    """A 3D numpy bool array (:func:`sam_med3d.metrics.binary_mask`: anything > 0 is foreground)."""
+    arr = binary_mask(volume)
     if arr.ndim != 3:
         raise ValueError(f"{name} must be a 3D volume, got an array of shape {arr.shape}")
     return arr

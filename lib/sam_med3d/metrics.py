@@ -25,15 +25,16 @@ from scipy import ndimage
 __all__ = ["dice", "normalized_surface_dice"]
 
 
-def _as_bool(volume, name: str) -> np.ndarray:
-    if hasattr(volume, "detach"):
+def binary_mask(volume) -> np.ndarray:
+    """A numpy bool array from a numpy array or torch tensor (anything > 0 is foreground)."""
+    if hasattr(volume, "detach"):  # torch tensor, without importing torch here
         volume = volume.detach().cpu().numpy()
     arr = np.asarray(volume)
     return arr if arr.dtype == bool else arr > 0
 
 
 def _pair(pred, gt):
-    p, g = _as_bool(pred, "pred"), _as_bool(gt, "gt")
+    p, g = binary_mask(pred), binary_mask(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred has shape {p.shape} but gt has shape {g.shape}; they must match")
     return p, g
