@@ -216,6 +216,11 @@ class PreparedScan:
         pts = _points(points_canonical)
         return (self.offset + self.step * pts)[:, self.target_axis]
 
+    def original_coords(self, axis: int, start: int, count: int) -> np.ndarray:
+        """Continuous original indices (along ``source_axis[axis]``) of canonical voxels ``start .. start + count
+        - 1`` of canonical axis ``axis``, ``(count,)`` float64."""
+        return self.offset[axis] + self.step[axis] * np.arange(start, start + count, dtype=np.float64)
+
     def check_inside(self, points_ijk: ArrayLike, name: str = "click") -> np.ndarray:
         """Return ``points_ijk`` as ``(N, 3)`` float64 after checking each is finite and inside the scan.
 
@@ -281,8 +286,7 @@ class PreparedScan:
                              f"{self.scan.shape_str()}")
         coords = [None, None, None]
         for a in range(3):
-            canon = np.arange(start[a], start[a] + shape[a], dtype=np.float64)
-            coords[self.source_axis[a]] = self.offset[a] + self.step[a] * canon
+            coords[self.source_axis[a]] = self.original_coords(a, start[a], shape[a])
         out = sample_separable(volume, coords, mode)  # original axis order
         return out.permute(*[int(p) for p in self.source_axis])
 
@@ -398,8 +402,7 @@ class Crop:
         """``(S, S, S)`` bool, True where the crop voxel lies in the scan (False in the padding)."""
         marks = []
         for a in range(3):
-            canon = np.arange(self.start[a], self.start[a] + self.size, dtype=np.float64)
-            orig = self.prepared.offset[a] + self.prepared.step[a] * canon
+            orig = self.prepared.original_coords(a, self.start[a], self.size)
             n = self.prepared.scan.shape[self.prepared.source_axis[a]]
             marks.append(torch.from_numpy((orig >= -0.5) & (orig <= n - 0.5)))
         return marks[0][:, None, None] & marks[1][None, :, None] & marks[2][None, None, :]
