@@ -65,7 +65,7 @@ def normalized_surface_dice(pred, gt, spacing_mm: Sequence[float] = (1.0, 1.0, 1
     spacing = [float(s) for s in np.asarray(spacing_mm, dtype=float).ravel()]
     if len(spacing) != p.ndim or min(spacing) <= 0:
         raise ValueError(f"spacing_mm must be {p.ndim} positive numbers (mm per voxel along the array axes), "
-                         f"got {list(spacing_mm)}")
+                         f"got {spacing}")
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm}")
     has_p, has_g = bool(p.any()), bool(g.any())
