@@ -81,13 +81,13 @@ def _int(name: str, value: str, minimum: int) -> int:
 
 
 def _float(name: str, value: str, low: float, high: float, low_open: bool = False) -> float:
+    interval = f"{'(' if low_open else '['}{low}, {high}]"
     try:
         number = float(str(value).strip())
     except ValueError:
-        raise ValueError(f"--conf {name} must be a number in {'(' if low_open else '['}{low}, {high}], "
-                         f"got {value!r}") from None
+        raise ValueError(f"--conf {name} must be a number in {interval}, got {value!r}") from None
     if not (low < number <= high if low_open else low <= number <= high):
-        raise ValueError(f"--conf {name} must be in {'(' if low_open else '['}{low}, {high}], got {number}")
+        raise ValueError(f"--conf {name} must be in {interval}, got {number}")
     return number
 
 
