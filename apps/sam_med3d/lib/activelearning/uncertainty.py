@@ -89,7 +89,7 @@ class UncertaintyScoring(ScoringMethod):
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         model, _ = self.served.get()
         path = self.served.path()
-        model_version = f"{path}@{int(path.stat().st_mtime)}"
+        model_version = f"{path}@{path.stat().st_mtime_ns}"  # ns: two publishes within a second differ
         result: Dict[str, Any] = {}
         skipped = 0
         for image_id in datastore.get_unlabeled_images():
