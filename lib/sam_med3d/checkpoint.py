@@ -102,17 +102,21 @@ def cache_dir() -> Path:
 def _cache_path(url: str, directory: Optional[Path] = None) -> Path:
     """``<cache>/<first 12 hex of sha256(url)>-<file name in the URL>``: readable, and two URLs ending in the
     same file name never share a cache entry. In a caller's own ``directory`` the file keeps its plain name."""
-    name = Path(urllib.parse.urlparse(url).path).name or "checkpoint.pth"
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", _url_file_name(url))
     if directory is not None:
         return Path(directory) / name
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
     return cache_dir() / f"{digest}-{name}"
 
 
+def _url_file_name(url: str) -> str:
+    """The file name at the end of ``url`` (what a user saves the download as)."""
+    return Path(urllib.parse.urlparse(url).path).name or "checkpoint.pth"
+
+
 def _offline_advice(url: str, dst: Path) -> str:
     return (f"Download {url} on a machine with internet access and pass the local file's path instead "
-            f"(load_model('/path/to/{dst.name.split('-', 1)[-1]}')), or copy it to {dst}; "
+            f"(load_model('/path/to/{_url_file_name(url)}')), or copy it to {dst}; "
             "or use load_model('bundled') for the small model shipped with the package.")
 
 
@@ -144,7 +148,7 @@ def _download(url: str, dst: Path) -> None:
             total = int(length) if length and length.isdigit() else None
             received = 0
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"Downloading {dst.name.split('-', 1)[-1]}") as bar:
+                      desc=f"Downloading {_url_file_name(url)}") as bar:
                 while True:
                     try:
                         chunk = response.read(_CHUNK)
