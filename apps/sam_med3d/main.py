@@ -30,6 +30,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.sam_med3d import SamMed3DConfig
+from lib.trainers.preflight import install_train_preflight
 
 logger = logging.getLogger(__name__)
 
@@ -75,4 +76,6 @@ class SamMed3DApp(MONAILabelApp):
         if self.config.options.preload:
             for task in self._infers.values():
                 task.warm_up()
+        # A Train request with nothing to train on is refused here (409), not in the training subprocess.
+        install_train_preflight(self)
         super().on_init_complete()

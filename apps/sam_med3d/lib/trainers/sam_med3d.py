@@ -25,6 +25,7 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, List, Mapping
 
 import numpy as np
@@ -37,6 +38,8 @@ from monai.transforms import AsDiscreted
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from lib.errors import InvalidRequest
+
 logger = logging.getLogger(__name__)
 
 #: Weight of the IoU-head loss (MSE between predicted and actual IoU): keeps the IoU head, which the
@@ -48,25 +51,83 @@ MIN_TARGET_VOXELS = 8
 VAL_SEED = 1234
 
 
-def label_values(label_path: str) -> List[int]:
-    """The nonzero values of a saved label map with at least :data:`MIN_TARGET_VOXELS` voxels each."""
+def label_voxel_counts(label_path: str) -> Dict[int, int]:
+    """Voxel count of every nonzero value of a saved label map (any format SimpleITK reads: NIfTI, NRRD, ...).
+
+    Raises:
+        ValueError: the file cannot be read as an image (the message names it).
+    """
     import SimpleITK as sitk
 
-    array = sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))
-    values, counts = np.unique(array, return_counts=True)
-    return [int(v) for v, n in zip(values, counts) if v != 0 and n >= MIN_TARGET_VOXELS]
+    try:
+        image = sitk.ReadImage(str(label_path))
+    except RuntimeError as err:
+        raise ValueError(f"label map {label_path} could not be read: {str(err).strip().splitlines()[-1]}") from err
+    # A copy, not GetArrayViewFromImage: a view does not keep its image alive, so a view of a temporary image
+    # reads freed memory (all zeros or a segfault on a 512x512x32 label).
+    array = sitk.GetArrayFromImage(image).ravel()
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:  # the usual label types: bincount is ~10x faster
+        counts = np.bincount(array)
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(array, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts) if v != 0}
+
+
+def label_values(label_path: str) -> List[int]:
+    """The nonzero values of a saved label map with at least :data:`MIN_TARGET_VOXELS` voxels each."""
+    return [v for v, n in label_voxel_counts(label_path).items() if n >= MIN_TARGET_VOXELS]
+
+
+def _usable_values(record: Mapping[str, Any]) -> List[int]:
+    """:func:`label_values` of a datalist record; an unreadable label is skipped with a warning."""
+    try:
+        values = label_values(record["label"])
+    except ValueError as err:
+        logger.warning("Training: %s; skipped", err)
+        return []
+    if not values:
+        logger.warning("Training: label %s has no structure of %d+ voxels; skipped", record["label"],
+                       MIN_TARGET_VOXELS)
+    return values
 
 
 def expand_targets(datalist: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     """One training sample per (image, label value): ``{"image", "label", "label_value"}``."""
     samples = []
     for record in datalist:
-        values = label_values(record["label"])
-        if not values:
-            logger.warning("Training: label %s has no structure of %d+ voxels; skipped", record["label"],
-                           MIN_TARGET_VOXELS)
-        samples.extend({"image": record["image"], "label": record["label"], "label_value": v} for v in values)
+        samples.extend({"image": record["image"], "label": record["label"], "label_value": v}
+                       for v in _usable_values(record))
     return samples
+
+
+class NothingToTrain(InvalidRequest):
+    """A Train request while the datastore holds no saved label with a structure to train on.
+
+    HTTP 409 ("Conflict": the request is fine, the datastore is not ready for it), body ``{"detail": ...}``.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, status_code=409)
+
+
+def trainable_datalist(datastore: Datastore) -> List[Dict[str, Any]]:
+    """The datastore's (image, final label) records, or :class:`NothingToTrain` saying why there is nothing.
+
+    Stops reading labels at the first one with a usable structure, so the check is quick when it passes.
+    """
+    datalist = datastore.datalist()
+    if not datalist:
+        raise NothingToTrain("nothing to train on: no image has a saved final label yet; save a label first "
+                             "(3D Slicer: Submit Label), then train again")
+    if not any(_usable_values(record) for record in datalist):
+        names = ", ".join(os.path.basename(str(r["label"])) for r in datalist[:5])
+        more = f" and {len(datalist) - 5} more" if len(datalist) > 5 else ""
+        raise NothingToTrain(f"nothing to train on: the {len(datalist)} saved final label(s) ({names}{more}) hold "
+                             f"no structure of {MIN_TARGET_VOXELS}+ voxels (empty, tiny or unreadable); "
+                             f"save a label with the structure drawn, then train again")
+    return datalist
 
 
 def _sam(network: torch.nn.Module) -> torch.nn.Module:
@@ -179,16 +240,21 @@ class SamMed3DTrainer(BasicTrainTask):
         self._sam_img_size = None
 
     # ----------------------------------------------------------------------------------------- data
+    def preflight(self, datastore: Datastore) -> None:
+        """Raise :class:`NothingToTrain` when the datastore holds nothing to train on.
+
+        The server calls this before starting the training subprocess (:mod:`lib.trainers.preflight`), so a
+        Train request with nothing to train on is answered 409 at once instead of 200 and a failed task.
+        """
+        trainable_datalist(datastore)
+
     def pre_process(self, request: Dict[str, Any], datastore: Datastore) -> List[Dict[str, Any]]:
         # Choice options are lists in the config (viewers show them as drop-downs and send one value); a
         # request that sends none would hand BasicTrainTask the whole list, so take the first (the default).
         for key in ("dataset", "dataloader", "tracking"):
             if isinstance(request.get(key), (list, tuple)):
                 request[key] = request[key][0] if request[key] else None
-        datalist = datastore.datalist()
-        if not datalist:
-            raise ValueError("no saved labels to train on: save at least one label (tag 'final') first")
-        return datalist
+        return trainable_datalist(datastore)
 
     def partition_datalist(self, context: Context, shuffle: bool = False):
         # Split images first, then expand labels, so an image never feeds both training and validation.
