@@ -95,7 +95,7 @@ def app_lib():
     sys.path.insert(0, str(APP_DIR))
     try:
         return {name: importlib.import_module(f"lib.{name}")
-                for name in ("configs.options", "configs.weights", "infers.clicks")}
+                for name in ("configs.options", "configs.weights", "infers.clicks", "trainers.sam_med3d")}
     finally:
         sys.path.remove(str(APP_DIR))
 
@@ -157,6 +157,86 @@ def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app
         assert "--conf checkpoint /path/to/sam_med3d_turbo.pth" in str(err.value)
     with pytest.raises(checkpoint.CheckpointDownloadError):
         weights.resolve_base_weights("turbo", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------- trainer data (full-size labels)
+def _spleen_label(data_dir: Path) -> Path:
+    return data_dir / "msd_spleen_ct" / "labelsTr" / "spleen_8.nii.gz"
+
+
+class _Datastore:
+    """The one datastore method the trainer's data checks use."""
+
+    def __init__(self, datalist):
+        self._datalist = datalist
+
+    def datalist(self):
+        return self._datalist
+
+
+@pytest.fixture(scope="module")
+def full_size_labels(data_dir, tmp_path_factory):
+    """Saved labels as a viewer writes them, at the real spleen CT's size (512x512x32), and their contents."""
+    root = tmp_path_factory.mktemp("full_size_labels")
+    spleen = nib.load(str(_spleen_label(data_dir)))
+    spleen_array = np.asarray(spleen.dataobj).astype(np.uint8)
+    assert spleen_array.shape == (512, 512, 32)
+    # Several structures, one below the trainer's size limit: spleen 1, a box 3, 5 stray voxels of 7.
+    multi = spleen_array.copy()
+    multi[40:80, 300:360, 4:20] = 3
+    multi[0, 0, :5] = 7
+    paths = {"spleen": _spleen_label(data_dir), "multi": root / "multi.nii.gz", "empty": root / "empty.nii.gz",
+             "nrrd": root / "multi.nrrd", "unreadable": root / "unreadable.nii.gz"}
+    nib.save(nib.Nifti1Image(multi, spleen.affine), str(paths["multi"]))
+    nib.save(nib.Nifti1Image(np.zeros_like(spleen_array), spleen.affine), str(paths["empty"]))
+    # 3D Slicer saves labels as NRRD too (ITK index order: the array transposed).
+    sitk.WriteImage(sitk.GetImageFromArray(multi.transpose(2, 1, 0)), str(paths["nrrd"]))
+    paths["unreadable"].write_bytes(b"not a label map" * 100)
+    arrays = {"spleen": spleen_array, "multi": multi, "nrrd": multi}
+    return paths, arrays
+
+
+@pytest.mark.parametrize("kind", ["spleen", "multi", "nrrd"])
+def test_label_values_of_full_size_labels_are_the_true_values_and_counts(app_lib, full_size_labels, kind):
+    trainer = app_lib["trainers.sam_med3d"]
+    paths, arrays = full_size_labels
+    values, counts = np.unique(arrays[kind], return_counts=True)
+    expected = {int(v): int(n) for v, n in zip(values, counts) if v != 0}
+    assert trainer.label_voxel_counts(str(paths[kind])) == expected
+    assert trainer.label_values(str(paths[kind])) == sorted(v for v, n in expected.items() if n >= 8)
+    if kind == "spleen":  # the real MSD label: 163456 spleen voxels (was: zeros or garbage from freed memory)
+        assert expected == {1: 163456}
+    else:
+        assert trainer.label_values(str(paths[kind])) == [1, 3]  # value 7 has 5 voxels: too small to train on
+
+
+def test_trainer_datalist_expansion_on_full_size_labels(app_lib, full_size_labels):
+    trainer = app_lib["trainers.sam_med3d"]
+    paths, _ = full_size_labels
+    datalist = [{"image": f"{name}.nii.gz", "label": str(paths[name])}
+                for name in ("spleen", "empty", "multi", "unreadable")]
+    # Empty and unreadable labels are skipped with a warning; every other value becomes one binary target.
+    assert trainer.expand_targets(datalist) == [
+        {"image": "spleen.nii.gz", "label": str(paths["spleen"]), "label_value": 1},
+        {"image": "multi.nii.gz", "label": str(paths["multi"]), "label_value": 1},
+        {"image": "multi.nii.gz", "label": str(paths["multi"]), "label_value": 3},
+    ]
+    assert trainer.trainable_datalist(_Datastore(datalist)) == datalist
+
+
+@pytest.mark.parametrize("labels, message", [
+    ((), "nothing to train on: no image has a saved final label yet"),
+    (("empty", "unreadable"), "nothing to train on: the 2 saved final label(s) (empty.nii.gz, unreadable.nii.gz) "
+                              "hold no structure of 8+ voxels"),
+])
+def test_nothing_to_train_on_is_a_409_naming_the_reason(app_lib, full_size_labels, labels, message):
+    trainer = app_lib["trainers.sam_med3d"]
+    paths, _ = full_size_labels
+    datalist = [{"image": f"{name}.nii.gz", "label": str(paths[name])} for name in labels]
+    with pytest.raises(trainer.NothingToTrain) as err:
+        trainer.trainable_datalist(_Datastore(datalist))
+    assert err.value.status_code == 409
+    assert message in err.value.detail
 
 
 # ------------------------------------------------------------------------------------------------------ info
