@@ -428,6 +428,164 @@ def test_training_with_validation_reports_val_dice(server, client, data_dir):
     assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0
 
 
+# ------------------------------------------------------------------- 3D Slicer's loop on the full-size spleen CT
+SPLEEN_ID = "spleen_8"
+SPLEEN_CLICK = [129, 219, 18]  # voxel (i, j, k) inside the spleen of msd_spleen_ct/spleen_8 (512x512x32)
+SPLEEN_BACKGROUND_CLICK = [330, 250, 18]
+
+
+@pytest.fixture(scope="module")
+def spleen_server(data_dir, mini_checkpoint, tmp_path_factory):
+    """A server on the real 512x512x32 spleen CT alone, with no saved label at start (vit_mini weights)."""
+    root = tmp_path_factory.mktemp("spleen_server")
+    app = copy_app(root / "app")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz", studies / f"{SPLEEN_ID}.nii.gz")
+    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": LABELS,
+                                      "device": "cpu"},
+                       log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv.root, srv.app, srv.studies = root, app, studies
+    yield srv
+    srv.stop()
+
+
+def _slicer_config(info: dict, section: str, name: str) -> dict:
+    """What 3D Slicer's MONAILabel module sends as a task's options (``getParamsFromConfig``): the task's
+    ``config`` from ``/info``, each list (a drop-down) replaced by its first entry."""
+    config = info[section].get(name, {}).get("config", {})
+    return {k: v[0] if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _slicer_click_params(info: dict, points: dict, current_label: str) -> dict:
+    """The request of Slicer's DeepEdit multi-label mode (a deepedit model with labels): the landmarks of every
+    label of ``/info`` by name (``background`` included), the segment being edited as ``label``, the model's
+    options, and the NRRD/uint8 result that ``MONAILabelLogic.infer`` always asks for."""
+    params = {name: points.get(name, []) for name in info["labels"]}
+    params["label"] = current_label
+    params.update(_slicer_config(info, "models", MODEL))
+    params["result_extension"] = ".nrrd"
+    params["result_dtype"] = "uint8"
+    return params
+
+
+def _final_labels(url: str) -> list:
+    objects = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    return [image_id for image_id, obj in objects.items() if "final" in obj.get("labels", {})]
+
+
+def _remove_final_labels(url: str, timeout_s: float = 30.0) -> None:
+    """Delete every saved final label and wait until the datastore no longer lists any."""
+    for image_id in _final_labels(url):
+        assert requests.delete(f"{url}/datastore/label", params={"id": image_id, "tag": "final"},
+                               timeout=30).status_code == 200
+    deadline = time.monotonic() + timeout_s
+    while _final_labels(url):
+        assert time.monotonic() < deadline, "the datastore still lists deleted labels"
+        time.sleep(0.5)
+
+
+def _train_task_count(url: str) -> int:
+    response = requests.get(f"{url}/train/", params={"all": "true"}, timeout=30)
+    return 0 if response.status_code == 404 else len(response.json())  # 404: "No Train Tasks Found"
+
+
+def test_train_with_nothing_to_train_on_is_refused_at_once_and_the_server_keeps_serving(spleen_server, tmp_path):
+    url = spleen_server.url
+    _remove_final_labels(url)  # whatever ran before: a datastore with no saved label
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    tasks_before = _train_task_count(url)
+
+    # OHIF's Update Model (POST /train/, every trainer) and Slicer's Train (POST /train/<model>).
+    for path in ("/train/", f"/train/{MODEL}"):
+        start = time.monotonic()
+        response = requests.post(f"{url}{path}", json={MODEL: {"max_epochs": 1}} if path == "/train/" else {},
+                                 timeout=60)
+        assert time.monotonic() - start < 15  # answered by the server itself, no subprocess in between
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"].startswith("nothing to train on: no image has a saved final label")
+    # What Slicer's error dialog shows: "Failed to run training ... Message: Status: 409; Response: {detail}".
+    with pytest.raises(Exception) as err:
+        client.train_start(MODEL, _slicer_config(client.info(), "trainers", MODEL))
+    assert "Status: 409" in err.value.msg and "nothing to train on" in err.value.msg
+
+    # A saved label with nothing drawn in it is refused the same way, naming the label file.
+    empty = tmp_path / "empty.nii.gz"
+    image = nib.load(str(spleen_server.studies / f"{SPLEEN_ID}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, dtype=np.uint8), image.affine), str(empty))
+    client.save_label(SPLEEN_ID, str(empty))
+    try:
+        response = requests.post(f"{url}/train/{MODEL}", json={}, timeout=60)
+        assert response.status_code == 409, response.text
+        assert "hold no structure of 8+ voxels" in response.json()["detail"]
+        assert f"{SPLEEN_ID}.nii.gz" in response.json()["detail"]
+    finally:
+        _remove_final_labels(url)
+
+    assert _train_task_count(url) == tasks_before  # no training subprocess was started
+    assert requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404
+    _, result = client.infer(MODEL, SPLEEN_ID, {"spleen": [SPLEEN_CLICK], "label": "spleen"})  # still serving
+    assert result["labels_updated"] == ["spleen"]
+
+
+def test_slicer_loop_click_submit_label_train_then_the_next_click_uses_the_new_weights(spleen_server, data_dir,
+                                                                                       tmp_path):
+    url = spleen_server.url
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    published = spleen_server.app / "model" / "finetuned_vit_mini.pt"
+    assert not published.exists()
+    info = client.info()
+    # A deepedit model with labels: Slicer's DeepEdit multi-label mode (landmarks per label, no negative list).
+    assert info["models"][MODEL]["type"] == "deepedit" and info["models"][MODEL]["labels"]
+    assert info["labels"] == ["background", "spleen", "liver"]
+
+    # Next Sample.
+    if not _final_labels(url):
+        sample = client.next_sample("random", _slicer_config(info, "strategies", "random"))
+        assert sample["id"] == SPLEEN_ID
+
+    # Clicks: a spleen landmark and a background landmark, the spleen segment selected.
+    params = _slicer_click_params(info, {"spleen": [SPLEEN_CLICK], "background": [SPLEEN_BACKGROUND_CLICK]},
+                                  "spleen")
+    assert set(params) >= {"background", "spleen", "liver", "label", "result_extension", "result_dtype"}
+    before_file, before = client.infer(MODEL, SPLEEN_ID, params)
+    assert before_file.endswith(".nrrd")
+    written = sitk.GetArrayFromImage(sitk.ReadImage(before_file)).transpose(2, 1, 0)
+    assert written.shape == (512, 512, 32) and written.dtype == np.uint8
+    assert set(np.unique(written).tolist()) <= {0, 1}
+    assert before["labels_updated"] == ["spleen"]
+    assert before["model"]["file"] != str(published)
+    weights_before = requests.get(f"{url}/model/info/{MODEL}", timeout=30).json()
+
+    # Submit Label: Slicer exports the segments (background left out) to a label map, .nii.gz by default,
+    # and PUTs it with its label_info and no tag, i.e. as the image's final label.
+    saved = client.save_label(SPLEEN_ID, str(_spleen_label(data_dir)),
+                              params={"label_info": [{"name": "spleen", "idx": 1}]})
+    assert saved["image"] == SPLEEN_ID
+    assert _final_labels(url) == [SPLEEN_ID]
+    assert client.info()["datastore"]["completed"] == 1
+
+    # Train: the trainer's options as Slicer's Options table sends them, with a short run.
+    train_params = _slicer_config(client.info(), "trainers", MODEL)
+    train_params.update({"max_epochs": 2, "val_split": 0.0, "train_clicks": 2})
+    started = client.train_start(MODEL, train_params)
+    assert started["status"] in ("SUBMITTED", "RUNNING")
+    status = wait_for_training(url, timeout_s=900)
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    assert published.is_file()
+    assert client.info()["train_stats"][MODEL]["epoch"] == 2  # Slicer's training progress bar
+    weights_after = requests.get(f"{url}/model/info/{MODEL}", timeout=30).json()
+    assert weights_after["checksum"] != weights_before["checksum"]
+    assert client.info()["models"][MODEL]["model_file"] == str(published)
+
+    # The same clicks again: answered by the new weights (new embedding, different IoU-head score).
+    after_file, after = client.infer(MODEL, SPLEEN_ID, params)
+    assert after["model"]["file"] == str(published)
+    assert after["encoder_ran"] is True
+    assert after["sam_med3d"]["spleen"]["iou"] != before["sam_med3d"]["spleen"]["iou"]
+    assert sitk.ReadImage(after_file).GetSize() == (512, 512, 32)
+
+
 # -------------------------------------------------------------------------------------- full-size model
 @pytest.mark.slow
 def test_full_vit_b_ori_answers_one_click(data_dir, fixtures_dir, fill_module, tmp_path_factory):
