@@ -280,9 +280,10 @@ def test_slicer_clicks_return_a_label_on_the_image_grid_and_reuse_the_embedding(
 
 def test_ohif_clicks_without_current_label_return_nrrd(server, client):
     image = _image(server, "t1w")
-    # OHIF v3 "Point Prompts" for a deepedit model: label keys + background, no "label"; NRRD uint16 output.
+    # OHIF v3 "Point Prompts" for a deepedit model, as the bundled OHIF sends it: label keys + background,
+    # no "label"; NRRD uint8 output.
     params = {"background": [[5, 5, 5]], "spleen": [[21, 38, 38]], "liver": [[21, 40, 20]],
-              "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False,
+              "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
               "restore_label_idx": False}
     result_file, result = client.infer(MODEL, "t1w", params)
     assert result_file.endswith(".nrrd")
@@ -291,7 +292,7 @@ def test_ohif_clicks_without_current_label_return_nrrd(server, client):
     written = sitk.ReadImage(result_file)
     array = sitk.GetArrayFromImage(written).transpose(2, 1, 0)  # back to the (i, j, k) order of the NIfTI
     assert array.shape == image.shape
-    assert array.dtype == np.uint16
+    assert array.dtype == np.uint8
     assert set(np.unique(array).tolist()) <= {0, 1, 2}
     # Same voxel -> world mapping as the image (ITK stores LPS; the NIfTI affine is RAS).
     ras = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(written.GetDirection()).reshape(3, 3) * np.asarray(

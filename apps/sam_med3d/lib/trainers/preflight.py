@@ -11,7 +11,8 @@ wraps ``AsyncTask.run`` (the one function both endpoints, ``run_sync`` included,
 ``InvalidRequest`` (a FastAPI ``HTTPException``) becomes the answer, e.g. HTTP 409 with
 ``{"detail": "nothing to train on: ..."}``. 3D Slicer shows that body in its error dialog
 ("Failed to run training in MONAI Label Server. Message: Status: 409; Response: {...}"); the bundled OHIF
-shows its own "Failed to RUN training" notification and keeps its "Update Model" button.
+shows its own "Failed to RUN training" notification and keeps its "Update Model" button. A datastore that
+cannot list its labels (a DICOMweb server that does not answer) gets 503 with the reason instead of a bare 500.
 
 Install it once, in the server process only (``MONAILabelApp.on_init_complete``).
 """
@@ -21,7 +22,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
+
+from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -48,5 +52,13 @@ def check_trainers(app: Any, model: Optional[str]) -> None:
     tasks = [trainers[model]] if model in trainers else [] if model else list(trainers.values())
     for task in tasks:
         preflight = getattr(task, "preflight", None)
-        if preflight is not None:
+        if preflight is None:
+            continue
+        try:
             preflight(app.datastore())
+        except HTTPException:
+            raise
+        except Exception as err:  # e.g. a DICOMweb server that does not answer while labels are listed
+            logger.exception("Train pre-flight failed")
+            raise InvalidRequest(f"training cannot start: the saved labels could not be listed ({err})",
+                                 status_code=503) from err
