@@ -21,7 +21,9 @@ import logging
 import os
 from typing import Dict
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -30,6 +32,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.sam_med3d import SamMed3DConfig
+from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.trainers.preflight import install_train_preflight
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,31 @@ class SamMed3DApp(MONAILabelApp):
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return dict(self.config.scoring_method())
 
+    def init_remote_datastore(self) -> Datastore:
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+            return super().init_remote_datastore()
+        # MONAI Label's own DICOMweb datastore needs dcmqi, downloaded from GitHub at start; ours writes DICOM
+        # SEG with highdicom and reads SEGs by segment name (lib/datastore/dicomweb.py).
+        logger.info("Using DICOMweb: %s (DICOM SEG labels via highdicom, nothing downloaded)", self.studies)
+        return connect_dicomweb(self.studies, self.config.labels)
+
+    def _download_dcmqi_tools(self) -> None:
+        """Never download dcmqi: nothing here runs ``itkimage2segimage`` (MONAI Label calls this at start)."""
+
+    def _prefetch_dicomweb(self) -> None:
+        """Download and convert the first ``prefetch`` DICOMweb series in the background, so that the first
+        click on a study opened from OHIF's study list does not wait for it (seconds per series)."""
+        if not isinstance(self._datastore, OfflineDICOMWebDatastore) or self.config.options.prefetch <= 0:
+            return
+        try:
+            images = self._datastore.list_images()
+        except Exception as err:  # the server still starts; the first click will download the series
+            logger.warning("DICOMweb prefetch skipped: the series could not be listed (%s)", err)
+            return
+        logger.info("Prefetching %d of %d DICOMweb series in the background",
+                    min(len(images), self.config.options.prefetch), len(images))
+        self._datastore.prefetch(images[: self.config.options.prefetch])
+
     def on_init_complete(self) -> None:
         # Only the server calls this (not the training/scoring subprocesses), so the model is loaded once, at
         # start, where a broken checkpoint is reported before the first click.
@@ -78,4 +106,5 @@ class SamMed3DApp(MONAILabelApp):
                 task.warm_up()
         # A Train request with nothing to train on is refused here (409), not in the training subprocess.
         install_train_preflight(self)
+        self._prefetch_dicomweb()
         super().on_init_complete()

@@ -35,6 +35,7 @@ DEFAULTS: Dict[str, str] = {
     "train_clicks": "5",
     "multi_gpu": "false",
     "uncertainty_prompts": "3",
+    "prefetch": "16",
 }
 
 HELP: Dict[str, str] = {
@@ -55,6 +56,7 @@ HELP: Dict[str, str] = {
     "train_clicks": "simulated click iterations per training sample (paper-style click training)",
     "multi_gpu": "default for the trainer's multi_gpu (torch.distributed over all visible GPUs)",
     "uncertainty_prompts": "automatic prompts per image for the model-based active-learning score",
+    "prefetch": "DICOMweb only: how many series to download and convert in the background at start (0: none)",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -201,6 +203,7 @@ class AppOptions:
     train_clicks: int
     multi_gpu: bool
     uncertainty_prompts: int
+    prefetch: int
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -235,5 +238,6 @@ class AppOptions:
             train_clicks=_int("train_clicks", values["train_clicks"], 1),
             multi_gpu=_bool("multi_gpu", values["multi_gpu"]),
             uncertainty_prompts=_int("uncertainty_prompts", values["uncertainty_prompts"], 1),
+            prefetch=_int("prefetch", values["prefetch"], 0),
             raw=values,
         )
