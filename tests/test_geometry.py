@@ -82,10 +82,11 @@ def test_canonical_grid_is_ras_ordered_1p5mm_and_keeps_the_field_of_view(name):
     # torchio's grid: ceil(n * spacing / 1.5) voxels along the scan's own (permuted) axes ...
     expected = [math.ceil(scan.shape[p] * SPACING[p] / 1.5) for p in prep.source_axis]
     assert prep.shape == tuple(expected)
-    # ... whose first corner is the scan's first corner (world positions of the corner voxels' corners).
-    canon_corner = np.array([[-0.5, -0.5, -0.5]])
-    orig_corner = prep.to_original(canon_corner)
-    assert np.all(np.isclose(orig_corner, -0.5) | np.isclose(orig_corner, np.array(scan.shape) - 0.5))
+    # ... anchored at the corner of STORED voxel 0 (the official order: resample in the stored orientation,
+    # then reorient), which is the far end of every axis that the reorientation reverses.
+    flipped = prep.step < 0
+    canon_corner = np.where(flipped, np.asarray(prep.shape) - 0.5, -0.5)[None]
+    np.testing.assert_allclose(prep.to_original(canon_corner), -0.5, atol=1e-9)
     # The canonical grid's axes are the scan's axes: no rotation, even for the oblique scan.
     for a in range(3):
         col = prep.affine[:3, a] / 1.5
@@ -125,21 +126,26 @@ def test_crop_pixels_match_itk_on_real_scans(data_dir):
         centre = np.array(prep.scan.shape) // 2
         crop = prep.crop_around([centre], 64)
         ref = _itk_resample(prep.scan, crop)
-        np.testing.assert_allclose(crop.raw.numpy(), ref, atol=1e-3 * np.abs(ref).max())
+        ours = crop.raw.numpy()
+        assert prep.scan.integer  # int16 CT, uint16 MRI: the official resampling truncates toward zero
+        np.testing.assert_allclose(ours, ref, atol=1.0 + 1e-3)
+        # Truncation, not rounding: ours is the float interpolant truncated, except on knife-edge voxels (an
+        # interpolant that is an integer up to floating-point noise), which are many on the oblique MRI.
+        assert np.mean(ours == np.trunc(ref)) > (0.98 if dataset == "msd_spleen_ct" else 0.9), dataset
 
 
-def test_single_click_sits_at_the_crop_centre_and_crops_stay_inside_big_scans():
+def test_single_click_sits_at_the_crop_centre_and_the_crop_pads_at_the_border():
     scan = _linear_scan(ORIENTATIONS["LPS"], shape=(200, 150, 80))  # canonical 107 x 130 x 134
     prep = PreparedScan(scan)
     click = np.array([[100, 75, 40]])
     crop = prep.crop_around(click, 32)
     np.testing.assert_allclose(crop.to_crop(click)[0], [16, 16, 16], atol=0.5)
     assert bool(crop.contains(click)[0])
-    # Near the border the crop shifts inwards instead of padding.
+    # Near the border the crop stays centred on the click and pads (CropOrPad), it is not clamped inside.
     corner = prep.crop_around([[0, 0, 0]], 32)
-    assert all(0 <= s <= m - 32 for s, m in zip(corner.start, prep.shape))
-    assert bool(corner.inside.all())
-    assert bool(corner.contains([[0, 0, 0]])[0])
+    np.testing.assert_allclose(corner.to_crop([[0, 0, 0]])[0], [16, 16, 16], atol=0.5)
+    assert not bool(corner.inside.all())
+    assert float(corner.raw[~corner.inside].abs().max()) == 0.0
     assert not bool(corner.contains(click)[0])
 
 
@@ -154,13 +160,30 @@ def test_crop_centres_on_positive_clicks_only():
     assert bool(negative_only.contains(clicks[2:])[0])
 
 
-def test_axes_shorter_than_the_crop_are_centred():
-    prep = PreparedScan(_linear_scan(ORIENTATIONS["RAS"], shape=(40, 30, 16)))  # canonical 22 x 26 x 27
-    crop = prep.crop_around([[0, 0, 0]], 64)
-    for a in range(3):
-        before = -crop.start[a]
-        after = crop.stop[a] - prep.shape[a]
-        assert abs(before - after) <= 1
+def test_crop_start_is_cropor_pad_rule_on_the_clicks_bounding_box():
+    """start = floor((lo + hi) / 2) - size // 2 over the canonical voxels of the positive clicks, also on axes
+    shorter than the crop (the object, not the scan, is centred)."""
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["LAS"], shape=(40, 30, 16)))  # canonical 22 x 20 x 27
+    clicks = np.array([[3, 4, 5], [9, 4, 12], [30, 20, 2]])
+    crop = prep.crop_around(clicks, 64, [1, 1, 0])
+    voxels = np.floor(prep.to_canonical(clicks[:2]) + 0.5).astype(int)
+    expected = (voxels.min(0) + voxels.max(0) + 1) // 2 - 32
+    assert crop.start == tuple(int(v) for v in expected)
+    mask = np.zeros(prep.scan.shape, np.uint8)
+    mask[3:10, 4, 5:13] = 1
+    assert prep.crop_box_of_mask(mask, 64) == crop.start
+
+
+def test_crop_from_affine_accepts_only_whole_voxel_shifts_of_the_grid():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["oblique"]))
+    crop = prep.crop((-3, 5, 7), 16)
+    assert prep.crop_from_affine(crop.affine, 16).key == crop.key
+    shifted = crop.affine.copy()
+    shifted[:3, 3] += 0.3 * crop.affine[:3, 0]
+    with pytest.raises(ValueError, match="whole-voxel shift"):
+        prep.crop_from_affine(shifted, 16)
+    with pytest.raises(ValueError, match="4x4"):
+        prep.crop_from_affine(np.eye(3), 16)
 
 
 def test_normalisation_uses_positive_voxels_and_pads_with_zero():
@@ -187,25 +210,29 @@ def test_normalisation_fallbacks():
 
 
 @pytest.mark.parametrize("name", sorted(ORIENTATIONS))
-def test_paste_back_returns_to_the_original_grid(name):
-    """A linear intensity survives crop -> paste-back exactly away from the scan's edges."""
+def test_paste_back_is_the_official_nearest_neighbour_rule(name):
+    """Each scan voxel takes crop voxel floor(c + 0.5), c = inv(A_crop) @ A_scan @ ijk, when c is inside the crop."""
     scan = _linear_scan(ORIENTATIONS[name], shape=(60, 50, 24))
     prep = PreparedScan(scan)
     crop = prep.crop_around([[30, 25, 12]], 24)
-    pasted = prep.paste_back(crop, crop.raw)
-    assert pasted.shape == scan.shape and pasted.dtype == np.float32
-    region = crop.region_ijk
-    inner = tuple(slice(r.start + 3, r.stop - 3) for r in region)
-    interior = pasted[inner]
-    assert interior.size > 0
-    np.testing.assert_allclose(interior, scan.array[inner], rtol=1e-4, atol=1e-2)
-    outside = np.ones(scan.shape, bool)
-    outside[region] = False
-    assert outside.any() and float(np.abs(pasted[outside]).max()) == 0.0
-    # out= writes the crop's region only.
-    out = np.full(scan.shape, 7.0, np.float32)
-    prep.paste_back(crop, torch.ones((24,) * 3), out=out)
-    assert np.all(out[outside] == 7.0) and np.allclose(out[inner], 1.0)
+    values = torch.arange(24 ** 3, dtype=torch.float32).reshape(24, 24, 24)  # every crop voxel distinct
+    pasted = prep.paste_back(crop, values, np.full(scan.shape, -1.0, np.float32))
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in scan.shape], indexing="ij"), -1).reshape(-1, 3)
+    c = _world(np.linalg.inv(crop.affine), _world(scan.affine, ijk))
+    nearest = np.floor(c + 0.5 + 1e-6).astype(int)
+    inside = np.all((nearest >= 0) & (nearest < 24), axis=1)
+    expected = np.full(len(ijk), -1.0, np.float32)
+    expected[inside] = values.numpy()[tuple(nearest[inside].T)]
+    np.testing.assert_array_equal(pasted.reshape(-1), expected)
+    # region_ijk is exactly the box of scan voxels that were written.
+    written = np.zeros(scan.shape, bool)
+    written.reshape(-1)[inside] = True
+    box = np.zeros(scan.shape, bool)
+    box[crop.region_ijk] = True
+    assert np.array_equal(written, box)
+    # A default output is zeros of the values' dtype.
+    mask = prep.paste_back(crop, (values > 6000).numpy().astype(np.uint8))
+    assert mask.dtype == np.uint8 and mask[~box].max() == 0
 
 
 def test_paste_back_rejects_wrong_inputs():

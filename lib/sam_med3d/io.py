@@ -48,11 +48,15 @@ class Scan:
         array: float32 ``(I, J, K)``, voxel values as stored (no reorientation, no resampling).
         affine: float64 ``(4, 4)``, voxel index ``(i, j, k)`` -> RAS world millimetres (voxel centres).
         source: where it came from (a file or folder path, or ``"array"``), for messages.
+        integer: whether the voxels are stored with an integer type (int16 CT, uint8/uint16 MRI, ...). The
+            official pipeline resamples such scans in their own type, which truncates interpolated values
+            toward zero (:mod:`sam_med3d.geometry` reproduces it); float scans are interpolated in float.
     """
 
     array: np.ndarray
     affine: np.ndarray
     source: str
+    integer: bool = False
 
     @property
     def shape(self) -> tuple:
@@ -89,17 +93,17 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None) -> Scan:
             image, NaN/inf values, a constant image, an empty array or an invalid affine.
     """
     if isinstance(path_or_array, Scan):
-        return _validated(path_or_array.array, path_or_array.affine, path_or_array.source)
+        return _validated(path_or_array.array, path_or_array.affine, path_or_array.source, path_or_array.integer)
     if isinstance(path_or_array, (str, os.PathLike)):
         if affine is not None:
             raise ValueError(f"affine= is only for arrays; {os.fspath(path_or_array)!r} carries its own geometry")
         return _load_path(Path(path_or_array))
     if isinstance(path_or_array, sitk.Image):
-        array, aff = _from_sitk(path_or_array, "SimpleITK image")
-        return _validated(array, aff, "SimpleITK image")
+        array, aff, integer = _from_sitk(path_or_array, "SimpleITK image")
+        return _validated(array, aff, "SimpleITK image", integer)
     if isinstance(path_or_array, nib.spatialimages.SpatialImage):
-        array, aff = _from_nibabel(path_or_array, "nibabel image")
-        return _validated(array, aff, "nibabel image")
+        array, aff, integer = _from_nibabel(path_or_array, "nibabel image")
+        return _validated(array, aff, "nibabel image", integer)
     if isinstance(path_or_array, torch.Tensor):
         array = path_or_array.detach().cpu().numpy()
         if getattr(path_or_array, "affine", None) is not None:  # MONAI MetaTensor
@@ -114,7 +118,7 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None) -> Scan:
                          "path, a numpy array / torch tensor (I, J, K), a nibabel or a SimpleITK image")
     if affine is None:
         affine = np.eye(4)
-    return _validated(array, _as_affine(affine, "array"), "array")
+    return _validated(array, _as_affine(affine, "array"), "array", np.asarray(array).dtype.kind in "iu")
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -125,26 +129,64 @@ def _load_path(path: Path) -> Scan:
     if not path.exists():
         raise ValueError(f"image file {name} does not exist")
     if path.is_dir():
-        array, aff, name = _read_dicom_series(path)
-        return _validated(array, aff, name)
+        array, aff, integer, name = _read_dicom_series(path)
+        return _validated(array, aff, name, integer)
     try:
         if name.lower().endswith(_NIFTI_SUFFIXES):
-            array, aff = _from_nibabel(nib.load(name), name)
+            array, aff, integer = _from_nibabel(nib.load(name), name)
+            aff = _itk_header_affine(name, array.shape, aff)
         else:
-            array, aff = _from_sitk(sitk.ReadImage(name), name)
+            array, aff, integer = _from_sitk(sitk.ReadImage(name), name)
     except ValueError as err:
         if str(err).startswith(name):  # already one of ours (2D, 4D, ...)
             raise
         raise ValueError(f"{name} could not be read as an image: {err}") from err
     except Exception as err:  # nibabel/ITK raise many types for truncated or corrupt files
         raise ValueError(f"{name} could not be read as an image ({type(err).__name__}: {err})") from err
-    return _validated(array, aff, name)
+    return _validated(array, aff, name, integer)
 
 
 def _from_nibabel(img: "nib.spatialimages.SpatialImage", name: str) -> tuple:
     # get_fdata applies the NIfTI scl_slope/inter; float32 halves memory versus the float64 default.
     array = np.asarray(img.get_fdata(dtype=np.float32))
-    return array, np.asarray(img.affine, dtype=np.float64)
+    return array, np.asarray(img.affine, dtype=np.float64), _nifti_is_integer(img)
+
+
+def _itk_header_affine(name: str, shape: tuple, nibabel_affine: np.ndarray) -> np.ndarray:
+    """The geometry ITK reads from a NIfTI header (header only, no voxels), as the official pipeline sees it.
+
+    nibabel and ITK turn the header's float32 quaternion / sform into float64 differently (up to ~3e-7 mm
+    here); the official resampling rounds ``ceil(n * spacing / 1.5)``, where such noise decides between two
+    grid sizes on scans whose extent is a multiple of 1.5 mm. Falls back to nibabel's affine when ITK cannot
+    read the header or describes another grid (ITK and nibabel index NIfTI voxels identically).
+    """
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        if reader.GetDimension() < 3 or tuple(size[:3]) != tuple(shape[:3]):
+            return nibabel_affine
+        lps = np.eye(4)
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(reader.GetDimension(), -1)[:3, :3]
+        lps[:3, :3] = direction * np.asarray(reader.GetSpacing()[:3], dtype=np.float64)[None, :]
+        lps[:3, 3] = reader.GetOrigin()[:3]
+    except Exception:  # noqa: BLE001 - ITK's header reader is only a refinement of nibabel's geometry
+        return nibabel_affine
+    affine = LPS_TO_RAS @ lps
+    if not np.all(np.isfinite(affine)) or not np.allclose(affine, nibabel_affine, atol=1e-3):
+        return nibabel_affine
+    return affine
+
+
+def _nifti_is_integer(img: "nib.spatialimages.SpatialImage") -> bool:
+    """Whether ITK (hence torchio, hence the official pipeline) reads this image with an integer pixel type:
+    an integer on-disk type and no scaling (ITK turns scaled NIfTI data into float)."""
+    if np.dtype(img.get_data_dtype()).kind not in "iu":
+        return False
+    header = img.header
+    slope, inter = (header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None))
+    return slope in (None, 1.0) and inter in (None, 0.0)
 
 
 def _from_sitk(img: sitk.Image, name: str) -> tuple:
@@ -162,7 +204,7 @@ def _from_sitk(img: sitk.Image, name: str) -> tuple:
         img = img[(slice(None),) * 3 + (0,) * (dim - 3)]
     # GetArrayFromImage is (k, j, i); transposing gives the (i, j, k) index order that the affine describes.
     array = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))
-    return array.astype(np.float32, copy=False), sitk_ras_affine(img)
+    return array.astype(np.float32, copy=False), sitk_ras_affine(img), array.dtype.kind in "iu"
 
 
 def sitk_ras_affine(img: sitk.Image) -> np.ndarray:
@@ -194,8 +236,8 @@ def _read_dicom_series(folder: Path) -> tuple:
     except Exception as err:
         raise ValueError(f"DICOM series {chosen} in {name} could not be read ({err})") from err
     source = f"{name} (DICOM series {chosen})"
-    array, aff = _from_sitk(img, source)
-    return array, aff, source
+    array, aff, integer = _from_sitk(img, source)
+    return array, aff, integer, source
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -216,8 +258,9 @@ def _as_affine(affine: Any, name: str) -> np.ndarray:
     return aff
 
 
-def _validated(array: Any, affine: np.ndarray, name: str) -> Scan:
-    """Check a candidate volume and return it as a :class:`Scan` (float32, C-contiguous)."""
+def _validated(array: Any, affine: np.ndarray, name: str, integer: bool = False) -> Scan:
+    """Check a candidate volume and return it as a :class:`Scan` (float32, C-contiguous); ``integer``: the
+    voxels were stored with an integer type."""
     array = np.asarray(array)
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
@@ -242,7 +285,7 @@ def _validated(array: Any, affine: np.ndarray, name: str) -> Scan:
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
         raise ValueError(f"{name} is constant (every voxel is {lo}); there is nothing to segment")
-    return Scan(array=array, affine=_as_affine(affine, name), source=name)
+    return Scan(array=array, affine=_as_affine(affine, name), source=name, integer=bool(integer))
 
 
 def describe(scan: Scan) -> str:

@@ -17,15 +17,18 @@ MONAI Label clients send it):
 2. Replay is ONE CLICK AT A TIME, as in the official click loop and in training: each step decodes with all
    prompt clicks so far plus the previous step's low-res logits as the mask prompt; the first step of a
    label uses an all-zero low-res mask (the official loop's initial ``prev_masks``).
-3. The model sees one ``img_size``^3 crop of the canonical 1.5 mm grid (see :mod:`sam_med3d.geometry`),
-   centred on the positive clicks. A new click inside the current crop keeps the crop, and the crop's image
-   embedding is cached (keyed by the crop box), so the encoder does not run again
-   (``PredictionResult.encoder_ran``). A new positive click outside the crop moves the crop (centred on all
-   positive clicks if that crop holds the new ones, else on the new clicks), and the label's clicks inside
-   the new crop are replayed from an empty mask. A new *negative* click outside the crop is recorded but
-   changes nothing: the mask outside the crop is already empty there.
-4. Logits are upsampled to the crop (trilinear), turned into probabilities (sigmoid), pasted back onto the
-   original grid (trilinear; 0 outside the crop) and thresholded at 0.5.
+3. The model sees one ``img_size``^3 crop of the canonical 1.5 mm grid, prepared exactly as the official
+   inference prepares it (see :mod:`sam_med3d.geometry`), centred on the positive clicks as torchio's
+   ``CropOrPad`` centres it on the label (padded, never clamped, where it leaves the scan), or pinned by
+   ``crop_affine``. A new click inside the current crop keeps the crop, and the crop's image embedding is
+   cached (keyed by the crop box), so the encoder does not run again (``PredictionResult.encoder_ran``). A new
+   positive click outside the crop moves the crop (centred on all positive clicks if that crop holds the new
+   ones, else on the new clicks), and the label's clicks inside the new crop are replayed from an empty mask.
+   A new *negative* click outside the crop is recorded but changes nothing: the mask outside the crop is
+   already empty there.
+4. As the official post-processing: logits are upsampled to the crop (trilinear), thresholded there
+   (``sigmoid > 0.5``), and the crop mask is pasted onto the original grid by nearest neighbour (0 outside
+   the crop).
 
 Negative-only prompts are allowed (SAM-Med3D accepts them; the result is usually an empty mask). The mask
 only covers the current crop (192 mm at 1.5 mm for 128^3 models, 96 mm for ``vit_mini``): a structure
@@ -42,7 +45,8 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -61,32 +65,47 @@ class PredictionResult:
     """One prediction on the original scan grid.
 
     Attributes:
-        mask: uint8 ``(I, J, K)``, 1 where ``probabilities > 0.5``; same shape as the scan as stored.
-        probabilities: float32 ``(I, J, K)`` in [0, 1]; 0 outside the crop.
+        mask: uint8 ``(I, J, K)``, the official result: the crop's ``sigmoid(logits) > 0.5`` pasted onto the
+            scan's grid by nearest neighbour (0 outside the crop); same shape as the scan as stored.
         affine: 4x4 RAS voxel->world of the scan (save with ``nib.Nifti1Image(mask, affine)``).
         iou: the model's IoU prediction for the returned mask (of the last decode step).
         timings: seconds spent in ``preprocess`` (crop sampling + normalisation), ``encode``, ``decode``,
-            ``paste`` (upsampling + paste-back + threshold) and ``total`` for this call.
+            ``paste`` (upsampling + threshold + paste-back) and ``total`` for this call.
         encoder_ran: whether this call ran the image encoder (False when the crop's embedding was cached).
         crop_box: ``(start, stop)`` of the crop in canonical 1.5 mm voxel indices.
+        crop_affine: 4x4 RAS voxel->world of the crop (``predict(..., crop_affine=...)`` pins a crop by it).
         region_ijk: the slices of the original grid covered by the crop (where the mask can be non-zero).
         decode_steps: decoder runs in this call (one per replayed click).
         prompt_clicks: number of clicks in the prompt (the label's clicks inside the crop).
         low_res_logits: ``(1, 1, L, L, L)`` float32 logits of the crop (L = img_size / 4), for callers that
             want the raw model output.
+        crop_probabilities: ``(S, S, S)`` float32 probabilities on the crop grid (``mask`` is these > 0.5).
+
+    ``probabilities`` (float32 ``(I, J, K)``, 0 outside the crop) is computed on first access only: building a
+    full-size float map on every click would cost time on big scans.
     """
 
     mask: np.ndarray
-    probabilities: np.ndarray
     affine: np.ndarray
     iou: float
     timings: Dict[str, float]
     encoder_ran: bool
     crop_box: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+    crop_affine: np.ndarray
     region_ijk: Optional[Tuple[slice, slice, slice]]
     decode_steps: int
     prompt_clicks: int
     low_res_logits: torch.Tensor = field(repr=False)
+    crop_probabilities: torch.Tensor = field(repr=False)
+    _crop: Optional[Crop] = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def probabilities(self) -> np.ndarray:
+        """float32 ``(I, J, K)``: each scan voxel's probability from the crop voxel its mask value came from."""
+        if self._crop is None:
+            raise ValueError("this result has no crop to paste probabilities from")
+        return self._crop.prepared.paste_back(self._crop, self.crop_probabilities.numpy(),
+                                              np.zeros(self.mask.shape, np.float32))
 
 
 @dataclass
@@ -197,7 +216,7 @@ class Sam3DPredictor:
     # ------------------------------------------------------------------------------------------- predict
 
     def predict(self, points: PointsLike, labels: LabelsLike, label_key: Hashable = "default",
-                multimask_output: bool = False) -> PredictionResult:
+                multimask_output: bool = False, crop_affine: Optional[np.ndarray] = None) -> PredictionResult:
         """Segment from the full list of clicks so far for one label.
 
         Args:
@@ -207,13 +226,19 @@ class Sam3DPredictor:
             label_key: which label (segment) these clicks belong to; labels have independent states.
             multimask_output: decode 3 candidate masks per step and keep the one with the best predicted IoU
                 (the official click loop uses False).
+            crop_affine: optional 4x4 RAS voxel->world matrix of an ``img_size``^3 crop of this scan's canonical
+                grid (e.g. the official pipeline's crop, or ``PredictionResult.crop_affine``): the model sees
+                that crop instead of one placed on the clicks. Pinning a crop other than the label's current
+                one starts the label over in it; clicks outside it are recorded but not seen. Later calls
+                without ``crop_affine`` keep the crop while their clicks fall inside it.
 
         Returns:
             A :class:`PredictionResult` on the original grid.
 
         Raises:
             ValueError: no image set, no clicks, wrong shapes, non-finite coordinates, labels not in {0, 1},
-                or a click outside the scan (naming the click and the scan shape).
+                or a click outside the scan (naming the click and the scan shape), or a ``crop_affine`` that is
+            not a whole-voxel shift of the scan's canonical grid.
         """
         with self._lock, torch.inference_mode():
             start_time = time.perf_counter()
@@ -224,8 +249,12 @@ class Sam3DPredictor:
             timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0}
             state = self._states.get(label_key)
             new = None if state is None else _new_click_indices(state.points, state.labels, pts, labs)
+            pinned = None if crop_affine is None else prepared.crop_from_affine(crop_affine, self.img_size)
+            if pinned is not None and state is not None and state.crop.key != pinned.key:
+                new = None  # another crop: the label starts over in it
 
-            if state is not None and new is not None and crop_keeps_clicks(state.crop, pts[new], labs[new]):
+            if state is not None and new is not None and (
+                    pinned is not None or crop_keeps_clicks(state.crop, pts[new], labs[new])):
                 crop, replay = state.crop, [i for i in new if bool(state.crop.contains(pts[i:i + 1])[0])]
                 prompt_pts, prompt_labs, low_res = state.prompt_points, state.prompt_labels, state.low_res
                 if not replay and state.result is not None:  # nothing the model can see changed
@@ -233,7 +262,7 @@ class Sam3DPredictor:
                                                           state.result)
                     return self._repeat(state.result, start_time)
             else:
-                crop = place_crop(prepared, pts, labs, self.img_size, new)
+                crop = pinned if pinned is not None else place_crop(prepared, pts, labs, self.img_size, new)
                 replay = [i for i in range(len(pts)) if bool(crop.contains(pts[i:i + 1])[0])]
                 prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
                 low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
@@ -250,19 +279,17 @@ class Sam3DPredictor:
 
             tick = time.perf_counter()
             probs_crop = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
-            probabilities = prepared.paste_back(crop, probs_crop)
-            # Threshold only the crop's region: the rest of a big CT is 0 and touching it costs time.
-            mask = np.zeros(prepared.scan.shape, dtype=np.uint8)
-            if crop.region_ijk is not None:
-                mask[crop.region_ijk] = probabilities[crop.region_ijk] > 0.5
+            # The official post-processing: threshold in the crop, then nearest-neighbour onto the scan's grid.
+            mask = prepared.paste_back(crop, (probs_crop > 0.5).numpy().astype(np.uint8),
+                                       np.zeros(prepared.scan.shape, dtype=np.uint8))
             timings["paste"] = time.perf_counter() - tick
             timings["total"] = time.perf_counter() - start_time
 
             result = PredictionResult(
-                mask=mask, probabilities=probabilities, affine=prepared.scan.affine.copy(), iou=iou,
-                timings=timings, encoder_ran=encoder_ran, crop_box=(crop.start, crop.stop),
-                region_ijk=crop.region_ijk, decode_steps=len(replay), prompt_clicks=len(prompt_labs),
-                low_res_logits=low_res.float().cpu())
+                mask=mask, affine=prepared.scan.affine.copy(), iou=iou, timings=timings, encoder_ran=encoder_ran,
+                crop_box=(crop.start, crop.stop), crop_affine=crop.affine, region_ijk=crop.region_ijk,
+                decode_steps=len(replay), prompt_clicks=len(prompt_labs), low_res_logits=low_res.float().cpu(),
+                crop_probabilities=probs_crop, _crop=crop)
             self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res, result)
             return result
 
@@ -314,10 +341,7 @@ class Sam3DPredictor:
     def _repeat(result: PredictionResult, start_time: float) -> PredictionResult:
         timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0,
                    "total": time.perf_counter() - start_time}
-        return PredictionResult(mask=result.mask, probabilities=result.probabilities, affine=result.affine,
-                                iou=result.iou, timings=timings, encoder_ran=False, crop_box=result.crop_box,
-                                region_ijk=result.region_ijk, decode_steps=0, prompt_clicks=result.prompt_clicks,
-                                low_res_logits=result.low_res_logits)
+        return replace(result, timings=timings, encoder_ran=False, decode_steps=0)
 
 
 __all__ = ("Sam3DPredictor", "PredictionResult")
