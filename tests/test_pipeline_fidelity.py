@@ -175,3 +175,24 @@ def test_official_paste_back_rule_on_official_crop_mask(entry_id, pipeline_dir):
     pasted = prep.paste_back(crop, arrays["crop_mask"], np.zeros(prep.scan.shape, np.uint8))
     decided = arrays["mask_tie_undecided"] == 0
     assert np.array_equal(pasted[decided], arrays["mask"][decided])
+
+
+@pytest.mark.parametrize("entry_id", [i for i in IDS if i.endswith(("int16", "small", "uint16", "femur"))] or IDS)
+def test_trainer_validation_crop_is_the_official_crop(entry_id, pipeline_dir):
+    """The trainers' validation samples (``OfficialCropd``) are the official crop: label and input."""
+    from sam_med3d.training import validation_transforms
+
+    entry = _entry(entry_id, pipeline_dir)
+    arrays = np.load(pipeline_dir / entry["npz"])
+    sample = validation_transforms(128)({
+        "image": str(_shared_file(entry["image"], entry["image_sha256"])),
+        "label": str(_shared_file(entry["label_file"], entry["label_file_sha256"])),
+        "label_value": entry["label"]})
+    assert sample["image"].shape == (1, 128, 128, 128) and sample["label"].shape == (1, 128, 128, 128)
+    assert np.array_equal(sample["label"][0].numpy().astype(np.uint8), arrays["crop_label"])
+    if "input_f16" in arrays.files:
+        official = arrays["input_f16"][0, 0].astype(np.float32)
+        close = np.abs(sample["image"][0].numpy() - official) <= 2.0 ** -11 * np.abs(official) + 1e-3
+        knife = arrays["input_truncation_knife_edge"].astype(bool) if entry["scan"]["stored_dtype"] != "float32" \
+            else np.zeros(official.shape, bool)
+        assert (close | knife).all()

@@ -60,7 +60,8 @@ from .geometry import TARGET_SPACING_MM, normalize_intensity, upsample_logits
 
 __all__ = [
     "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
-    "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "zscore_foreground", "default_loss",
+    "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "OfficialCropd", "validation_transforms",
+    "zscore_foreground", "default_loss",
     "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice",
 ]
 
@@ -241,6 +242,46 @@ def training_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM, 
     """
     return Compose(preprocess_transforms(spacing_mm, load=load)
                    + crop_transforms(crop_size, augment=augment, jitter=jitter, label_value=label_value))
+
+
+class OfficialCropd(MapTransform):
+    """The official inference crop of one target, for validation: ``{"image", "label"[, "label_value"]}`` file
+    paths -> ``image`` float32 ``(1, S, S, S)`` and ``label`` float32 ``{0, 1}`` ``(1, S, S, S)``.
+
+    Exactly what the predictor feeds the model (:mod:`sam_med3d.geometry`, i.e. the official
+    ``infer_utils`` preprocessing): resampled to 1.5 mm in the stored orientation, reoriented, the crop placed
+    by ``CropOrPad(mask_name="label")``'s rule on the target, zero-padded, z-scored over raw voxels > 0; the
+    label resampled by nearest neighbour. So validation Dice is measured on the crops that inference sees,
+    not on the training frame (MONAI ``Orientation`` + ``Spacing``, whose grid differs slightly).
+    """
+
+    def __init__(self, crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
+                 label_value: Optional[int] = None, value_key: str = "label_value") -> None:
+        super().__init__(("image", "label"))
+        self.crop_size = int(crop_size)
+        self.spacing_mm = float(spacing_mm)
+        self.label_value = label_value
+        self.value_key = value_key
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        from .evaluate import load_label_map
+        from .geometry import PreparedScan
+
+        d = dict(data)
+        prepared = PreparedScan.load(d["image"], spacing_mm=self.spacing_mm)
+        labels = load_label_map(d["label"], prepared.scan.shape, prepared.scan.affine)
+        value = d.get(self.value_key, self.label_value)
+        target = (labels > 0) if value is None else (labels == int(value))
+        crop = prepared.crop(prepared.crop_box_of_mask(target, self.crop_size), self.crop_size)
+        d["image"] = crop.image[None].float().contiguous()
+        d["label"] = crop.sample(target.astype(np.uint8), "nearest")[None].float().contiguous()
+        return d
+
+
+def validation_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
+                          label_value: Optional[int] = None) -> Compose:
+    """Validation samples as inference sees them (:class:`OfficialCropd`); inputs are file paths."""
+    return Compose([OfficialCropd(crop_size, spacing_mm, label_value)])
 
 
 # ------------------------------------------------------------------------------------------------ click step

@@ -12,7 +12,9 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   voxel of the target, every further click a random voxel of the error region, the previous low-res mask is
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
   model-based active-learning score relies on); AdamW;
-- validation Dice: the same click simulation with a fixed seed, no augmentation; it also runs once before
+- validation Dice: the same click simulation with a fixed seed, on the crops inference sees
+  (``sam_med3d.training.validation_transforms``: the official pipeline's crop around the target, as the
+  predictor prepares it), no augmentation; it also runs once before
   the first epoch, so the served weights' Dice is the bar to beat;
 - publishing: whenever validation Dice beats the best so far, the weights are written atomically with
   ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
@@ -272,9 +274,10 @@ class SamMed3DTrainer(BasicTrainTask):
         return training_transforms(crop_size=self._img_size(context), augment=True)
 
     def val_pre_transforms(self, context: Context):
-        from sam_med3d.training import training_transforms
+        # Validation Dice on the crops inference sees (the official pipeline), not on the training frame.
+        from sam_med3d.training import validation_transforms
 
-        return training_transforms(crop_size=self._img_size(context), augment=False)
+        return validation_transforms(crop_size=self._img_size(context))
 
     def train_post_transforms(self, context: Context):
         return [AsDiscreted(keys="pred", threshold=0.0)]  # logits > 0 -> mask, for the Dice metric
