@@ -179,6 +179,34 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     assert not back.encoder_ran and back.crop_box == first.crop_box
 
 
+def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
+    predictor, model = spleen
+    free = predictor.predict([[300, 200, 16]], [1])
+    grid = predictor.prepared.crop((free.crop_box[0][0] + 5, free.crop_box[0][1] - 3, free.crop_box[0][2]), 64)
+    pinned = predictor.predict([[300, 200, 16]], [1], crop_affine=grid.affine)
+    assert pinned.crop_box == (grid.start, grid.stop) and pinned.encoder_ran
+    np.testing.assert_allclose(pinned.crop_affine, grid.affine)
+    assert pinned.decode_steps == 1 and float(model.calls[-1][2].abs().max()) == 0.0  # started over in it
+    # A follow-up click inside the pinned crop, without crop_affine, keeps it and its embedding.
+    follow = predictor.predict([[300, 200, 16], [305, 204, 16]], [1, 1])
+    assert follow.crop_box == pinned.crop_box and not follow.encoder_ran and follow.decode_steps == 1
+    # Only whole-voxel shifts of the scan's canonical grid are crops of this scan.
+    off_grid = grid.affine.copy()
+    off_grid[:3, 3] += 0.4 * grid.affine[:3, 1]
+    with pytest.raises(ValueError, match="whole-voxel shift"):
+        predictor.predict([[300, 200, 16]], [1], crop_affine=off_grid)
+
+
+def test_crop_is_centred_on_the_click_and_pads_at_the_scan_edge(spleen):
+    """No clamping (the official CropOrPad): a click near the edge stays at the crop centre."""
+    predictor, _ = spleen
+    result = predictor.predict([[3, 500, 1]], [1])
+    prepared = predictor.prepared
+    crop = prepared.crop(result.crop_box[0], 64)
+    np.testing.assert_allclose(crop.to_crop([[3, 500, 1]])[0], [32, 32, 32], atol=0.5)
+    assert not bool(crop.inside.all())
+
+
 def test_three_clicks_at_once_are_replayed_one_at_a_time(spleen):
     predictor, model = spleen
     clicks = [[300, 200, 16], [305, 200, 16], [300, 210, 17]]
