@@ -224,6 +224,25 @@ def test_trainer_datalist_expansion_on_full_size_labels(app_lib, full_size_label
     assert trainer.trainable_datalist(_Datastore(datalist)) == datalist
 
 
+def test_a_split_that_leaves_training_empty_trains_on_the_validation_targets(app_lib, full_size_labels, tmp_path):
+    from types import SimpleNamespace
+
+    from monailabel.tasks.train.basic_train import Context
+
+    trainer_module = app_lib["trainers.sam_med3d"]
+    paths, _ = full_size_labels
+    trainer = trainer_module.SamMed3DTrainer(str(tmp_path), SimpleNamespace(device="cpu"), {"spleen": 1}, epochs=1,
+                                             val_split=0.5, lr=1e-4, train_clicks=2, multi_gpu=False)
+    context = Context()
+    context.request, context.local_rank = {"val_split": 0.5}, 0
+    # MONAI Label's split (not shuffled) puts the first image into training: here the empty one.
+    context.datalist = [{"image": "empty.nii.gz", "label": str(paths["empty"])},
+                        {"image": "spleen.nii.gz", "label": str(paths["spleen"])}]
+    train, val = trainer.partition_datalist(context)
+    assert train == [{"image": "spleen.nii.gz", "label": str(paths["spleen"]), "label_value": 1}]
+    assert val == []
+
+
 @pytest.mark.parametrize("labels, message", [
     ((), "nothing to train on: no image has a saved final label yet"),
     (("empty", "unreadable"), "nothing to train on: the 2 saved final label(s) (empty.nii.gz, unreadable.nii.gz) "

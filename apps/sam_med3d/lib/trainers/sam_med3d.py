@@ -262,6 +262,12 @@ class SamMed3DTrainer(BasicTrainTask):
         # Split images first, then expand labels, so an image never feeds both training and validation.
         train_images, val_images = super().partition_datalist(context, shuffle=shuffle)
         train, val = expand_targets(train_images), expand_targets(val_images)
+        if not train and val:
+            # The split put every image with a structure into validation (e.g. 2 labels, one of them empty):
+            # train on those rather than fail after the viewer was told that training started.
+            logger.warning("Training: the training split holds no structure; training on the %d validation "
+                           "target(s) without validation", len(val))
+            train, val = val, []
         if not train:
             raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
         logger.info("Training targets: %d from %d image(s); validation targets: %d from %d image(s)",
