@@ -5,7 +5,9 @@ in a subprocess, so the server keeps answering clicks while it trains. The recip
 click-iteration training from :mod:`sam_med3d.training` (not re-implemented here):
 
 - data: every (image, final label) pair of the datastore, split by image into train/validation
-  (``val_split``); each label value present in a saved label map becomes one binary target;
+  (``val_split``); each label value present in a saved label map becomes one binary target. A Train request
+  with nothing to train on is refused by the server (HTTP 409) before MONAI Label starts the training
+  subprocess: :meth:`SamMed3DTrainer.preflight`, called through :mod:`lib.trainers.preflight`;
 - preprocessing: ``sam_med3d.training.training_transforms`` (RAS, 1.5 mm, cubic crop of the model's input
   size around the target with jitter, foreground z-score, flips); the deterministic part is cached;
 - step: ``sam_med3d.training.ClickTrainingStep``: the image is encoded once, the first click is a random
