@@ -171,12 +171,24 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     assert moved.encoder_ran and moved.crop_box != first.crop_box
     assert predictor.encoder_runs == 2
     assert moved.mask[60, 450, 5] == 1
-    # The old click is outside the new crop: the label is replayed from scratch with the clicks inside it.
-    assert moved.decode_steps == 1 and moved.prompt_clicks == 1
-    assert float(model.calls[-1][2].abs().max()) == 0.0  # restarted from the all-zero mask prompt
+    # The old click is outside the new crop: the new crop is replayed from scratch with the clicks inside it ...
+    assert moved.prompt_clicks == 1
+    assert float(model.calls[-2][2].abs().max()) == 0.0  # restarted from the all-zero mask prompt
+    # ... and the old positive click is still honoured, in its own crop (the cached embedding of the first).
+    assert moved.mask[300, 200, 16] == 1 and len(moved.crop_boxes) == 2 and first.crop_box in moved.crop_boxes
+    assert moved.decode_steps == 2 and predictor.encoder_runs == 2
     # Going back to the first crop finds its embedding in the cache.
     back = predictor.predict([[300, 200, 16]], [1])
     assert not back.encoder_ran and back.crop_box == first.crop_box
+
+
+def test_without_extension_one_region_per_label(data_dir):
+    predictor = Sam3DPredictor(SphereSam3D(img_size=64), extension=False)
+    predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
+    predictor.predict([[300, 200, 16]], [1])
+    moved = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])
+    assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0
+    assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.timings["crops"] == 1
 
 
 def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
@@ -336,7 +348,8 @@ def test_vit_mini_end_to_end(data_dir):
     from sam_med3d import build_sam_med3d
 
     torch.manual_seed(0)
-    predictor = Sam3DPredictor(build_sam_med3d("vit_mini"))
+    # One crop: untrained weights fill the crop, which the extension would follow across the whole scan.
+    predictor = Sam3DPredictor(build_sam_med3d("vit_mini"), extension=False)
     image = data_dir / "pyradiomics_mri_tumor" / "imagesTr" / "brain1.nii.gz"
     predictor.set_image(image)
     shape = nib.load(str(image)).shape
@@ -355,3 +368,10 @@ def test_vit_mini_end_to_end(data_dir):
     second = predictor.predict([[128, 128, 12], [130, 120, 12]], [1, 0])
     assert not second.encoder_ran and second.decode_steps == 1
     assert second.mask.shape == shape
+    # With the extension the same network covers more crops, blended: mask == blended probabilities > 0.5.
+    extended = Sam3DPredictor(predictor.model)
+    extended.set_image(image)
+    wide = extended.predict([[128, 128, 12]], [1])
+    assert len(wide.crop_boxes) > 1 and wide.timings["crops"] == len(wide.crop_boxes)
+    assert np.array_equal(wide.mask, (wide.probabilities > 0.5).astype(np.uint8))
+    assert wide.crop_boxes[0] == first.crop_box

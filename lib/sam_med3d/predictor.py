@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .extension import (ExtensionConfig, Tile, blend_window, combine_on_scan, derived_points, is_new_place,
+                        known_probabilities, neighbour_start, open_faces)
 from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
 from .io import ScanInput, load_scan
 
@@ -79,7 +81,9 @@ class PredictionResult:
         prompt_clicks: number of clicks in the prompt (the label's clicks inside the crop).
         low_res_logits: ``(1, 1, L, L, L)`` float32 logits of the crop (L = img_size / 4), for callers that
             want the raw model output.
-        crop_probabilities: ``(S, S, S)`` float32 probabilities on the crop grid (``mask`` is these > 0.5).
+        crop_probabilities: ``(S, S, S)`` float32 probabilities on the (first) crop grid.
+        crop_boxes: ``(start, stop)`` of every crop the mask was blended from (the first is ``crop_box``); more
+            than one when the structure is larger than a crop (see :mod:`sam_med3d.extension`).
 
     ``probabilities`` (float32 ``(I, J, K)``, 0 outside the crop) is computed on first access only: building a
     full-size float map on every click would cost time on big scans.
@@ -97,15 +101,17 @@ class PredictionResult:
     prompt_clicks: int
     low_res_logits: torch.Tensor = field(repr=False)
     crop_probabilities: torch.Tensor = field(repr=False)
-    _crop: Optional[Crop] = field(default=None, repr=False, compare=False)
+    crop_boxes: Tuple[Tuple[Tuple[int, int, int], Tuple[int, int, int]], ...] = ()
+    _tiles: Tuple[Tile, ...] = field(default=(), repr=False, compare=False)
+    _window: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @cached_property
     def probabilities(self) -> np.ndarray:
-        """float32 ``(I, J, K)``: each scan voxel's probability from the crop voxel its mask value came from."""
-        if self._crop is None:
+        """float32 ``(I, J, K)``: each scan voxel's probability (the blended crop voxels its mask came from)."""
+        if not self._tiles:
             raise ValueError("this result has no crop to paste probabilities from")
-        return self._crop.prepared.paste_back(self._crop, self.crop_probabilities.numpy(),
-                                              np.zeros(self.mask.shape, np.float32))
+        window = self._window if self._window is not None else np.ones(self._tiles[0].crop.size)
+        return combine_on_scan(self._tiles[0].crop.prepared, self._tiles, window, with_probabilities=True)[1]
 
 
 @dataclass
@@ -119,6 +125,7 @@ class _LabelState:
     prompt_labels: np.ndarray  # (n,) int64
     low_res: torch.Tensor  # (1, 1, L, L, L) previous logits (all zeros before the first step)
     result: Optional[PredictionResult] = None
+    extra: List[Tile] = field(default_factory=list)  # crops added beyond the first (structure larger than a crop)
 
 
 def _new_click_indices(old_points: np.ndarray, old_labels: np.ndarray, points: np.ndarray,
@@ -144,13 +151,17 @@ class Sam3DPredictor:
             ``decode`` of the same signatures). It is moved to ``device`` and put in eval mode.
         device: where the model runs (``"cpu"``, ``"cuda"``, ...).
         spacing_mm: the canonical voxel size; 1.5 mm is what the official models were trained on.
-        cache_size: how many crop embeddings to keep (least recently used are dropped).
+        cache_size: how many crop embeddings to keep (least recently used are dropped); at least
+            ``extension.max_crops`` are kept when the extension is on, so follow-up clicks reuse every crop.
+        extension: covering structures larger than one crop (:mod:`sam_med3d.extension`): True (default
+            settings), False (one crop per label), or an :class:`~sam_med3d.extension.ExtensionConfig`.
 
     Thread-safe: calls are serialised by a lock (a MONAI Label server may call from several threads).
     """
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device] = "cpu",
-                 spacing_mm: float = TARGET_SPACING_MM, cache_size: int = 8) -> None:
+                 spacing_mm: float = TARGET_SPACING_MM, cache_size: int = 8,
+                 extension: Union[bool, ExtensionConfig] = True) -> None:
         for attribute in ("img_size", "image_encoder", "decode"):
             if not hasattr(model, attribute):
                 raise ValueError(f"model has no {attribute!r}; expected a sam_med3d Sam3D")
@@ -161,7 +172,13 @@ class Sam3DPredictor:
             raise ValueError(f"model img_size {self.img_size} is not a multiple of 16 (the patch size)")
         self.low_res_size = self.img_size // 4  # 4 x the embedding grid (S / 16), as the mask decoder outputs
         self.spacing_mm = float(spacing_mm)
-        self.cache_size = int(cache_size)
+        if isinstance(extension, bool):
+            extension = ExtensionConfig(enabled=extension)
+        if not isinstance(extension, ExtensionConfig):
+            raise ValueError(f"extension must be True, False or an ExtensionConfig, got {extension!r}")
+        self.extension = extension
+        self._window = blend_window(self.img_size, extension.overlap_for(self.img_size))
+        self.cache_size = max(int(cache_size), extension.max_crops if extension.enabled else 0)
         self._lock = threading.RLock()
         self._prepared: Optional[PreparedScan] = None
         self._image_key: Optional[Hashable] = None
@@ -257,13 +274,20 @@ class Sam3DPredictor:
                     pinned is not None or crop_keeps_clicks(state.crop, pts[new], labs[new])):
                 crop, replay = state.crop, [i for i in new if bool(state.crop.contains(pts[i:i + 1])[0])]
                 prompt_pts, prompt_labs, low_res = state.prompt_points, state.prompt_labels, state.low_res
-                if not replay and state.result is not None:  # nothing the model can see changed
+                extra = list(state.extra)
+                touched = [t for t in extra if any(bool(t.crop.contains(pts[i:i + 1])[0]) for i in new)]
+                positive_outside = [i for i in new if labs[i] == 1 and not any(
+                    bool(t.crop.contains(pts[i:i + 1])[0]) for t in [state.result._tiles[0]] + extra)] \
+                    if state.result is not None and state.result._tiles else []
+                if not replay and not touched and not positive_outside and state.result is not None:
+                    # nothing the model can see changed
                     self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res,
-                                                          state.result)
+                                                          state.result, extra)
                     return self._repeat(state.result, start_time)
             else:
                 crop = pinned if pinned is not None else place_crop(prepared, pts, labs, self.img_size, new)
                 replay = [i for i in range(len(pts)) if bool(crop.contains(pts[i:i + 1])[0])]
+                extra = []
                 prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
                 low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
 
@@ -279,19 +303,176 @@ class Sam3DPredictor:
 
             tick = time.perf_counter()
             probs_crop = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
-            # The official post-processing: threshold in the crop, then nearest-neighbour onto the scan's grid.
-            mask = prepared.paste_back(crop, (probs_crop > 0.5).numpy().astype(np.uint8),
-                                       np.zeros(prepared.scan.shape, dtype=np.uint8))
             timings["paste"] = time.perf_counter() - tick
+            primary = Tile(crop, prompt_pts, prompt_labs, low_res, probs_crop)
+            tiles = [primary]
+            if pinned is None and self.extension.enabled:
+                tick = time.perf_counter()
+                tiles = self._extend(prepared, primary, extra, pts, labs, new if state is not None else None,
+                                     timings, start_time, multimask_output)
+                timings["extension"] = time.perf_counter() - tick
+            timings["crops"] = len(tiles)
+
+            tick = time.perf_counter()
+            # The official post-processing: threshold in the crop, then nearest-neighbour onto the scan's grid
+            # (with several crops: their probabilities blended, see sam_med3d.extension).
+            mask, _, _ = combine_on_scan(prepared, tiles, self._window)
+            timings["paste"] += time.perf_counter() - tick
             timings["total"] = time.perf_counter() - start_time
 
+            regions = [t.crop.region_ijk for t in tiles if t.crop.region_ijk is not None]
+            region = None if not regions else tuple(
+                slice(min(r[p].start for r in regions), max(r[p].stop for r in regions)) for p in range(3))
             result = PredictionResult(
-                mask=mask, affine=prepared.scan.affine.copy(), iou=iou, timings=timings, encoder_ran=encoder_ran,
-                crop_box=(crop.start, crop.stop), crop_affine=crop.affine, region_ijk=crop.region_ijk,
-                decode_steps=len(replay), prompt_clicks=len(prompt_labs), low_res_logits=low_res.float().cpu(),
-                crop_probabilities=probs_crop, _crop=crop)
-            self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res, result)
+                mask=mask, affine=prepared.scan.affine.copy(), iou=iou, timings=timings, encoder_ran=encoder_ran
+                or timings.get("extension_encoder_runs", 0) > 0, crop_box=(crop.start, crop.stop),
+                crop_affine=crop.affine, region_ijk=region, decode_steps=len(replay) + int(
+                    timings.pop("extension_decode_steps", 0)), prompt_clicks=len(prompt_labs),
+                low_res_logits=low_res.float().cpu(), crop_probabilities=probs_crop,
+                crop_boxes=tuple((t.crop.start, t.crop.stop) for t in tiles), _tiles=tuple(tiles),
+                _window=self._window)
+            timings.pop("extension_encoder_runs", None)
+            self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res, result,
+                                                  tiles[1:])
             return result
+
+    # ----------------------------------------------------------------------------------------- extension
+
+    def _extend(self, prepared: PreparedScan, primary: Tile, extra: List[Tile], pts: np.ndarray, labs: np.ndarray,
+                new: Optional[List[int]], timings: Dict[str, float], start_time: float,
+                multimask_output: bool) -> List[Tile]:
+        """Cover the structure beyond ``primary`` (see :mod:`sam_med3d.extension`): update the label's earlier
+        extra crops with the new clicks inside them, add a crop for every positive click no crop holds, then
+        add crops across open faces until none is left or a cap is reached. Returns all tiles, primary first."""
+        cfg = self.extension
+        size = self.img_size
+        overlap = cfg.overlap_for(size)
+        deadline = start_time + float(cfg.time_budget_s)
+        tiles = [primary]
+        for tile in extra:  # a follow-up click: re-run only the crops it falls in
+            inside = [i for i in (new or []) if bool(tile.crop.contains(pts[i:i + 1])[0])]
+            if inside:
+                tile = self._run_tile(tile.crop, np.zeros((0, 3)), inside, pts, labs, timings, multimask_output,
+                                      previous=tile)
+            tiles.append(tile)
+        if cfg.strategy == "zoom" and not extra and open_faces(primary, tiles, prepared, cfg.face_margin):
+            tiles.extend(self._zoom_tiles(prepared, primary, pts, labs, timings, multimask_output, deadline))
+        # Positive clicks farther apart than one crop are all honoured: each gets a crop of its own.
+        for i in np.flatnonzero(labs == 1):
+            if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                break
+            if any(bool(t.crop.contains(pts[i:i + 1])[0]) for t in tiles):
+                continue
+            crop = prepared.crop_around(pts[i:i + 1], size)
+            user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
+            tiles.append(self._run_tile(crop, np.zeros((0, 3)), user, pts, labs, timings, multimask_output))
+        queue = list(tiles)
+        while queue and len(tiles) < cfg.max_crops and time.perf_counter() <= deadline:
+            tile = queue.pop(0)
+            for axis, side, centre in open_faces(tile, tiles, prepared, cfg.face_margin):
+                if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                    break
+                start = neighbour_start(tile, axis, side, centre, overlap)
+                if not is_new_place(start, tiles, size):
+                    continue
+                crop = prepared.crop(start, size)
+                known, covered = known_probabilities(crop, tiles, self._window)
+                seeds = derived_points(known, covered, cfg.derived_points, size / 8)
+                if not len(seeds):
+                    continue
+                user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
+                added = self._run_tile(crop, seeds, user, pts, labs, timings, multimask_output)
+                tiles.append(added)
+                queue.append(added)
+        return tiles
+
+    def _zoom_tiles(self, prepared: PreparedScan, primary: Tile, pts: np.ndarray, labs: np.ndarray,
+                    timings: Dict[str, float], multimask_output: bool, deadline: float) -> List[Tile]:
+        """The ``"zoom"`` strategy's coarse pass: the user's clicks on a crop of the same size at
+        ``zoom_spacing_mm``, then 1.5 mm crops tiling the coarse mask, each prompted by its deepest voxels."""
+        cfg = self.extension
+        size = self.img_size
+        coarse_prep = self._coarse_prepared(prepared)
+        coarse = place_crop(coarse_prep, pts, labs, size)
+        user = [j for j in range(len(pts)) if bool(coarse.contains(pts[j:j + 1])[0])]
+        coarse_tile = self._run_tile(coarse, np.zeros((0, 3)), user, pts, labs, timings, multimask_output)
+        mask = coarse_tile.probs.numpy() > 0.5
+        if not mask.any():
+            return []
+        # The coarse mask's box on the 1.5 mm canonical grid, tiled with overlapping crops.
+        found = np.argwhere(mask)
+        corners = np.array([found.min(0) - 0.5, found.max(0) + 0.5]) + np.asarray(coarse.start)
+        fine = prepared.to_canonical(coarse_prep.to_original(corners))
+        lo, hi = np.floor(fine.min(0)).astype(int), np.ceil(fine.max(0)).astype(int)
+        stride = size - cfg.overlap_for(size)
+        starts = []
+        for a in range(3):
+            n = max(1, int(np.ceil((hi[a] - lo[a] - size) / stride)) + 1)
+            first = (lo[a] + hi[a]) // 2 - ((n - 1) * stride + size) // 2
+            starts.append([first + k * stride for k in range(n)])
+        tiles: List[Tile] = []
+        for start in sorted(((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]),
+                            key=lambda s: float(np.abs(np.asarray(s) - primary.start).sum())):
+            if 1 + len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                break
+            if not is_new_place(start, [primary] + tiles, size):
+                continue
+            crop = prepared.crop(start, size)
+            # The coarse mask on this crop's grid (nearest), as the known mask to derive clicks from.
+            known = self._coarse_on_crop(coarse_prep, coarse_tile, crop)
+            seeds = derived_points(known, np.ones(known.shape, bool), cfg.derived_points, size / 8)
+            if not len(seeds):
+                continue
+            user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
+            tiles.append(self._run_tile(crop, seeds, user, pts, labs, timings, multimask_output))
+        return tiles
+
+    def _coarse_prepared(self, prepared: PreparedScan) -> PreparedScan:
+        cached = getattr(self, "_coarse", None)
+        if cached is not None and cached.scan is prepared.scan:
+            return cached
+        self._coarse = PreparedScan(prepared.scan, self.extension.zoom_spacing_mm)
+        return self._coarse
+
+    @staticmethod
+    def _coarse_on_crop(coarse_prep: PreparedScan, coarse_tile: Tile, crop: Crop) -> np.ndarray:
+        """The coarse probabilities resampled (nearest) onto a 1.5 mm crop's grid: ``(S, S, S)`` float32, 0
+        outside the coarse crop. Both canonical grids come from the same scan, so their axes correspond and
+        the lookup is separable."""
+        size = crop.size
+        index = []
+        for a in range(3):
+            original = crop.prepared.original_coords(a, crop.start[a], size)
+            pos = (original - coarse_prep.offset[a]) / coarse_prep.step[a] - coarse_tile.crop.start[a]
+            index.append(np.clip(np.floor(pos + 0.5).astype(np.int64), -1, coarse_tile.crop.size) + 1)
+        return np.pad(coarse_tile.probs.numpy(), 1)[np.ix_(*index)]
+
+    def _run_tile(self, crop: Crop, seeds: np.ndarray, user: Sequence[int], pts: np.ndarray, labs: np.ndarray,
+                  timings: Dict[str, float], multimask_output: bool, previous: Optional[Tile] = None) -> Tile:
+        """Decode one crop: from ``previous``'s state (or an empty mask), the derived positive ``seeds`` (crop
+        coordinates) then the user's clicks ``user`` (indices), one click at a time."""
+        embedding, ran = self._embedding(crop, timings)
+        if ran:
+            timings["extension_encoder_runs"] = timings.get("extension_encoder_runs", 0) + 1
+        tick = time.perf_counter()
+        if previous is None:
+            prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
+            low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
+            done: List[int] = []
+        else:
+            prompt_pts, prompt_labs, low_res = previous.prompt_points, previous.prompt_labels, previous.low_res
+            done = list(previous.clicks)
+        steps = [(p, 1) for p in np.asarray(seeds).reshape(-1, 3)]
+        steps += [(crop.to_crop(pts[i:i + 1])[0], int(labs[i])) for i in user if i not in done]
+        for point, label in steps:
+            prompt_pts = np.concatenate([prompt_pts, np.asarray(point, dtype=np.float64)[None]])
+            prompt_labs = np.concatenate([prompt_labs, np.asarray([label], dtype=np.int64)])
+            low_res, _ = self._decode_step(embedding, prompt_pts, prompt_labs, low_res, multimask_output)
+        timings["decode"] += time.perf_counter() - tick
+        timings["extension_decode_steps"] = timings.get("extension_decode_steps", 0) + len(steps)
+        probs = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
+        derived = previous.derived if previous is not None else len(seeds) > 0
+        return Tile(crop, prompt_pts, prompt_labs, low_res, probs, derived, done + [i for i in user if i not in done])
 
     # ------------------------------------------------------------------------------------------- helpers
 

@@ -1,0 +1,277 @@
+"""Structures larger than one crop: more crops where the mask reaches a crop face, blended into one mask.
+
+SAM-Med3D sees one ``img_size``^3 crop at 1.5 mm (192 mm for the 128^3 models). A lung, the liver or the aorta
+is larger, and the single-crop mask is cut at the crop's faces. :class:`~sam_med3d.predictor.Sam3DPredictor`
+extends the mask automatically with the pieces here (the paper's "sliding" extension, which the official code
+never shipped):
+
+1. **Open faces** (:func:`open_faces`): after a crop is decoded, each of its six faces is *open* when the
+   crop mask reaches it (voxels within ``face_margin`` of the face) and the scan continues beyond it, and the
+   voxels just beyond the touching part are not already inside another crop.
+2. **New crops** (:func:`neighbour_start`): an open face gets a crop shifted by ``img_size - overlap`` along
+   that axis and centred, across it, on the part of the mask that touches the face.
+3. **Prompts** (:func:`derived_points`): a new crop knows no clicks of its own beyond the user's clicks that
+   fall inside it, so it is prompted from what is already known: the deepest voxels of the current mask in
+   its overlap with the existing crops become positive clicks (replayed one at a time with the previous
+   low-res mask, as the official click loop does), followed by the user's clicks inside it.
+4. **Blending** (:func:`blend_window`, :func:`combine_on_scan`): every scan voxel takes the weighted mean of
+   the probabilities of the crops that cover it; a crop's weight ramps from almost 0 at its faces to 1 over
+   ``overlap`` voxels, so neighbouring crops hand over smoothly and there is no seam. A voxel that only one
+   crop covers keeps that crop's probability, so a structure that fits one crop gives exactly the single-crop
+   result.
+5. Repeat until no face is open, or ``max_crops`` / ``time_budget_s`` is reached.
+
+The alternative strategy ``"zoom"`` (nnInteractive's AutoZoom idea) first segments a zoomed-out crop (the same
+``img_size``^3 at ``zoom_spacing_mm``, e.g. 3 mm over 384 mm), then refines at 1.5 mm with crops tiling the
+coarse mask, each prompted by the coarse mask's deepest voxels inside it; docs/predictor.md compares the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+
+from .geometry import Crop, PreparedScan
+
+STRATEGIES = ("slide", "zoom")
+
+
+@dataclass
+class ExtensionConfig:
+    """How far the predictor goes beyond one crop.
+
+    Attributes:
+        enabled: extend at all (False: one crop per label, the official behaviour for every structure).
+        strategy: ``"slide"`` (crops added along open faces at 1.5 mm) or ``"zoom"`` (coarse pass at
+            ``zoom_spacing_mm``, then 1.5 mm crops over the coarse mask).
+        max_crops: most crops per label, the first one included.
+        time_budget_s: stop adding crops once a call has spent this long (the mask so far is returned).
+        overlap: voxels shared by neighbouring crops (blending ramp length); default ``img_size // 4``.
+        face_margin: mask voxels this close to a face (in crop voxels) count as touching it.
+        derived_points: positive clicks derived from the known mask for each new crop.
+        zoom_spacing_mm: voxel size of the coarse pass of the ``"zoom"`` strategy.
+    """
+
+    enabled: bool = True
+    strategy: str = "slide"
+    max_crops: int = 12
+    time_budget_s: float = 30.0
+    overlap: Optional[int] = None
+    face_margin: int = 2
+    derived_points: int = 2
+    zoom_spacing_mm: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"extension strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if int(self.max_crops) < 1:
+            raise ValueError(f"max_crops must be >= 1, got {self.max_crops}")
+        if not float(self.time_budget_s) >= 0:
+            raise ValueError(f"time_budget_s must be >= 0 seconds, got {self.time_budget_s}")
+        if int(self.derived_points) < 1:
+            raise ValueError(f"derived_points must be >= 1, got {self.derived_points}")
+        if not float(self.zoom_spacing_mm) > 0:
+            raise ValueError(f"zoom_spacing_mm must be > 0, got {self.zoom_spacing_mm}")
+
+    def overlap_for(self, size: int) -> int:
+        overlap = size // 4 if self.overlap is None else int(self.overlap)
+        if not 1 <= overlap < size:
+            raise ValueError(f"overlap must be between 1 and {size - 1} voxels, got {overlap}")
+        return overlap
+
+
+@dataclass
+class Tile:
+    """One crop of a label's mask and its decode state.
+
+    Attributes:
+        crop: the crop (1.5 mm canonical grid).
+        prompt_points, prompt_labels: ``(n, 3)`` crop coordinates and ``(n,)`` labels of its prompt so far.
+        low_res: ``(1, 1, L, L, L)`` logits of its last decode step.
+        probs: ``(S, S, S)`` float32 probabilities on the crop grid (cpu).
+        derived: True for crops added by the extension (prompted from the known mask), False for the crop
+            placed on the user's clicks.
+        clicks: indices (into the label's clicks) already in its prompt.
+    """
+
+    crop: Crop
+    prompt_points: np.ndarray
+    prompt_labels: np.ndarray
+    low_res: torch.Tensor
+    probs: torch.Tensor
+    derived: bool = False
+    clicks: List[int] = field(default_factory=list)
+
+    @property
+    def start(self) -> np.ndarray:
+        return np.asarray(self.crop.start, dtype=np.int64)
+
+
+def blend_window(size: int, overlap: int, floor: float = 1e-3) -> np.ndarray:
+    """``(size,)`` float64 per-axis blending weight: ramps linearly from ``floor`` at the faces to 1 over
+    ``overlap`` voxels (the 3D weight of a crop voxel is the product over its three axes)."""
+    d = np.arange(size, dtype=np.float64)
+    ramp = np.minimum(d + 0.5, size - d - 0.5) / float(overlap)
+    return np.clip(ramp, floor, 1.0)
+
+
+def _overlap_box(a: np.ndarray, b: np.ndarray, size: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Canonical box ``[lo, hi)`` shared by the crops starting at ``a`` and ``b``, or None."""
+    lo, hi = np.maximum(a, b), np.minimum(a, b) + size
+    return (lo, hi) if np.all(hi > lo) else None
+
+
+def known_probabilities(target: Crop, tiles: Sequence[Tile], window: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Blended probabilities of ``tiles`` on ``target``'s grid: ``(prob, covered)`` ``(S, S, S)``, prob 0
+    where no tile covers it. Crops of one scan share the canonical grid, so this is slicing, no resampling."""
+    size = target.size
+    num = np.zeros((size,) * 3, np.float64)
+    den = np.zeros((size,) * 3, np.float64)
+    t0 = np.asarray(target.start, dtype=np.int64)
+    for tile in tiles:
+        box = _overlap_box(t0, tile.start, size)
+        if box is None:
+            continue
+        lo, hi = box
+        dst = tuple(slice(int(l - t), int(h - t)) for l, h, t in zip(lo, hi, t0))
+        src = tuple(slice(int(l - s), int(h - s)) for l, h, s in zip(lo, hi, tile.start))
+        w = (window[src[0]][:, None, None] * window[src[1]][None, :, None] * window[src[2]][None, None, :])
+        num[dst] += w * tile.probs.numpy()[src]
+        den[dst] += w
+    covered = den > 0
+    prob = np.zeros_like(num)
+    prob[covered] = num[covered] / den[covered]
+    return prob.astype(np.float32), covered
+
+
+def contains_interior(tile: Tile, canonical: np.ndarray, margin: int) -> np.ndarray:
+    """``(N,)`` bool: canonical voxels ``(N, 3)`` inside ``tile``'s crop, at least ``margin`` from its faces."""
+    rel = canonical - tile.start
+    return np.all((rel >= margin) & (rel < tile.crop.size - margin), axis=1)
+
+
+def open_faces(tile: Tile, others: Sequence[Tile], prepared: PreparedScan, margin: int,
+               ) -> List[Tuple[int, int, np.ndarray]]:
+    """The faces of ``tile`` that the extension must cross: ``[(axis, side, centre)]`` with ``side`` -1 / +1
+    and ``centre`` the canonical centre (3,) of the mask voxels touching that face.
+
+    A face is open when the crop mask has voxels within ``margin`` of it, the canonical grid continues beyond
+    it, and some of the voxels just beyond the touching part are not in the interior of another tile.
+    """
+    size = tile.crop.size
+    mask = tile.probs.numpy() > 0.5
+    faces = []
+    for axis in range(3):
+        for side in (-1, 1):
+            slab_index = [slice(None)] * 3
+            slab_index[axis] = slice(0, margin) if side < 0 else slice(size - margin, size)
+            slab = mask[tuple(slab_index)]
+            if not slab.any():
+                continue
+            edge = tile.crop.start[axis] if side < 0 else tile.crop.start[axis] + size
+            if (side < 0 and edge <= 0) or (side > 0 and edge >= prepared.shape[axis]):
+                continue  # the scan ends here: nothing beyond the face
+            touching = np.argwhere(slab)
+            offset = np.zeros(3, np.int64)
+            offset[axis] = 0 if side < 0 else size - margin
+            touching = touching + offset + tile.start
+            beyond = touching.copy()
+            beyond[:, axis] = edge - 1 if side < 0 else edge  # the canonical voxel just across the face
+            if len(beyond) > 512:  # a sample is enough to tell whether the face is covered
+                beyond = beyond[np.linspace(0, len(beyond) - 1, 512).astype(np.int64)]
+            covered = np.zeros(len(beyond), bool)
+            for other in others:
+                if other is not tile:
+                    covered |= contains_interior(other, beyond, margin)
+            if covered.all():
+                continue
+            lo, hi = touching.min(axis=0), touching.max(axis=0) + 1
+            faces.append((axis, side, (lo + hi) // 2))
+    return faces
+
+
+def neighbour_start(tile: Tile, axis: int, side: int, centre: np.ndarray, overlap: int) -> Tuple[int, int, int]:
+    """Start of the crop across face ``(axis, side)`` of ``tile``: shifted by ``size - overlap`` along the axis,
+    centred across it on ``centre`` (canonical)."""
+    size = tile.crop.size
+    start = np.asarray(centre, dtype=np.int64) - size // 2
+    start[axis] = tile.crop.start[axis] + side * (size - overlap)
+    return tuple(int(v) for v in start)
+
+
+def is_new_place(start: Sequence[int], tiles: Sequence[Tile], size: int) -> bool:
+    """False when an existing tile starts within ``size // 4`` voxels of ``start`` on every axis."""
+    s = np.asarray(start, dtype=np.int64)
+    return all(np.any(np.abs(tile.start - s) > size // 4) for tile in tiles)
+
+
+def derived_points(known: np.ndarray, covered: np.ndarray, count: int, min_distance: float) -> np.ndarray:
+    """Up to ``count`` positive clicks ``(n, 3)`` (crop voxel coordinates) from a known mask: the deepest
+    voxels of ``known > 0.5`` (restricted to ``covered``), each at least ``min_distance`` from the previous."""
+    inside = (known > 0.5) & covered
+    if not inside.any():
+        return np.zeros((0, 3))
+    # Depth inside the known mask; the region beyond the known part counts as outside.
+    lo = np.argwhere(inside).min(axis=0)
+    hi = np.argwhere(inside).max(axis=0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    depth = distance_transform_edt(np.pad(inside[box], 1))[1:-1, 1:-1, 1:-1]
+    points = []
+    axes = [np.arange(n, dtype=np.float64) for n in depth.shape]
+    for _ in range(count):
+        if not depth.max() > 0:
+            break
+        best = np.array(np.unravel_index(int(np.argmax(depth)), depth.shape))
+        points.append(best + lo)
+        d2 = ((axes[0] - best[0]) ** 2)[:, None, None] + ((axes[1] - best[1]) ** 2)[None, :, None] \
+            + ((axes[2] - best[2]) ** 2)[None, None, :]
+        depth[d2 < min_distance ** 2] = 0
+    return np.asarray(points, dtype=np.float64).reshape(-1, 3)
+
+
+def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,
+                    with_probabilities: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, int]]:
+    """The blended mask of ``tiles`` on the ORIGINAL scan grid (uint8) and, optionally, the probabilities.
+
+    Every scan voxel takes, from each crop covering it, the crop voxel nearest to its centre (the official
+    paste-back rule) and the weighted mean of those probabilities over the crops; mask = mean > 0.5. With a
+    single tile this is exactly the single-crop paste-back.
+    """
+    shape = prepared.scan.shape
+    if len(tiles) == 1:
+        tile = tiles[0]
+        probs = tile.probs.numpy()
+        mask = prepared.paste_back(tile.crop, (probs > 0.5).astype(np.uint8), np.zeros(shape, np.uint8))
+        full = prepared.paste_back(tile.crop, probs, np.zeros(shape, np.float32)) if with_probabilities else None
+        return mask, full, {"crops": 1}
+    lookups = [(tile, tile.crop.paste_lookup) for tile in tiles if tile.crop.paste_lookup is not None]
+    lo = np.min([[r.start for r in lookup[0]] for _, lookup in lookups], axis=0)
+    hi = np.max([[r.stop for r in lookup[0]] for _, lookup in lookups], axis=0)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    num = np.zeros(tuple(int(b - a) for a, b in zip(lo, hi)), np.float32)
+    den = np.zeros_like(num)
+    for tile, (region, index) in lookups:
+        order = [int(a) for a in prepared.target_axis]
+        weights = [window[index[a]] for a in range(3)]
+        w = (weights[order[0]][:, None, None] * weights[order[1]][None, :, None]
+             * weights[order[2]][None, None, :]).astype(np.float32)
+        p = tile.probs.numpy()[np.ix_(*index)].transpose(*order)
+        local = tuple(slice(r.start - int(a), r.stop - int(a)) for r, a in zip(region, lo))
+        num[local] += w * p
+        den[local] += w
+    mean = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    mask = np.zeros(shape, np.uint8)
+    mask[box] = mean > 0.5
+    full = None
+    if with_probabilities:
+        full = np.zeros(shape, np.float32)
+        full[box] = mean
+    return mask, full, {"crops": len(tiles)}
+
+
+__all__ = ("ExtensionConfig", "Tile", "STRATEGIES", "blend_window", "known_probabilities", "open_faces",
+           "neighbour_start", "is_new_place", "derived_points", "combine_on_scan", "contains_interior")
