@@ -85,6 +85,12 @@ def _known_label(name: Any, labels: Mapping[str, int]) -> str:
     return name
 
 
+def has_clicks(request: Mapping[str, Any], labels: Mapping[str, int]) -> bool:
+    """Whether the request holds any click (foreground, background or a label's), valid or not."""
+    keys = [name for name in labels] + ["foreground"]
+    return any(request.get(key) not in (None, [], "") for key in keys)
+
+
 def parse_clicks(request: Mapping[str, Any], labels: Mapping[str, int]) -> List[LabelClicks]:
     """The labels to segment and their clicks, from a Slicer or OHIF request (see the module docstring).
 

@@ -33,7 +33,7 @@ from monailabel.transform.writer import Writer
 
 from lib.configs.weights import ServedModel
 from lib.errors import InvalidRequest
-from lib.infers.clicks import LabelClicks, check_inside, label_names_present, parse_clicks
+from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class SamMed3DInfer(InferTask):
         if isinstance(request.get("label"), str) and request["label"] not in self.label_values \
                 and os.path.isfile(request["label"]):
             label_file = clicks_request.pop("label")
+        if request.get("save_label") and label_file is None and not has_clicks(clicks_request, self.label_values):
+            return self._session_label(request, image_path, begin)
         try:
             targets = parse_clicks(clicks_request, self.label_values)
         except ValueError as err:
@@ -158,6 +160,30 @@ class SamMed3DInfer(InferTask):
         logger.info("SAM-Med3D %s: labels %s, encoder %s, %.3f s", os.path.basename(image_path), list(per_label),
                     "ran" if encoder_ran else "cached", timings["total"])
         return result_file, result
+
+    def _session_label(self, request: Mapping[str, Any], image_path: str, begin: float) -> Tuple[str, Dict[str, Any]]:
+        """The image's session label map unchanged, for a request with ``save_label`` and no clicks.
+
+        This is how a viewer without a save button (the OHIF bundled with MONAI Label 0.8.5) saves what it
+        shows: MONAI Label saves the returned file under ``label_tag`` (``final``: the label training uses).
+        """
+        with self._lock:
+            session = self.sessions.get(session_key(image_path))
+        if session is None:
+            raise InvalidRequest("nothing to save: this image has no clicks in the server's current session (sessions "
+                                 "end when the server restarts, after cache_ttl_s without clicks or when new weights "
+                                 "are published); click the structures again, then save")
+        label_map = session.label_map.copy()
+        if not label_map.any():
+            raise InvalidRequest("nothing to save: the image's label map is empty")
+        result_file = self._write(request, image_path, label_map, session.scan.affine)
+        names = label_names_present(label_map, self.label_values)
+        logger.info("SAM-Med3D %s: session label map returned for saving (%s)", os.path.basename(image_path),
+                    ", ".join(n for n in names if n != "background"))
+        return result_file, {"label_names": names, "encoder_ran": False, "labels_updated": [], "sam_med3d": {},
+                             "saved_from_session": True, "model": {"file": str(self.served.path()),
+                                                                   "arch": self.served.arch},
+                             "timings": {"total": round(time.perf_counter() - begin, 4)}, "centroids": {}}
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _session(self, image_path: str, model: Any) -> Tuple[ImageSession, Dict[str, float]]:

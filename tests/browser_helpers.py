@@ -1,0 +1,237 @@
+"""Driving the OHIF bundled with MONAI Label in headless Chromium (selenium), for the browser test.
+
+Chromium runs with a fresh profile, no network services of its own (no QUIC, sync, component updates,
+background networking, crash reporter) and talks only to the URLs the test opens (127.0.0.1). chromedriver is
+started in its own process group, so stopping that group also ends every Chromium process it started.
+
+Positions come from OHIF itself: ``window.cornerstone`` (exposed by the OHIF build) gives each viewport's
+camera and its voxel-index <-> canvas transform, so a click lands on a chosen voxel whatever the layout.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-crash-reporter", "--disable-breakpad", "--no-default-browser-check",
+                  "--window-size=1600,1000"]
+
+
+def browser_missing() -> Optional[str]:
+    """Why the browser test cannot run here (None when it can)."""
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).exists():
+            return f"{path} not found (apt-get install {package})"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    return None
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.5) -> Any:
+    """Poll ``condition`` until it returns something truthy; ``TimeoutError`` naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as err:  # the page is re-rendering: elements come and go
+            last_error = err
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what}: not within {timeout_s} s" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class Browser:
+    """A headless Chromium driven by chromedriver; :meth:`stop` ends both (the whole process group)."""
+
+    def __init__(self, profile_dir: Path, log_path: Path, page_timeout_s: float = 120.0):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        self.profile_dir = profile_dir
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile_dir}"]:
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+        self.service = Service(CHROMEDRIVER, log_output=str(log_path), popen_kw={"start_new_session": True})
+        self.driver = webdriver.Chrome(service=self.service, options=options)
+        self.driver.set_page_load_timeout(page_timeout_s)
+        self.driver.set_script_timeout(60)
+        self._performance: List[dict] = []
+
+    # ---------------------------------------------------------------------------------------------- basics
+    def stop(self) -> None:
+        """Quit the browser, then kill chromedriver's process group (any Chromium process left)."""
+        process = getattr(self.service, "process", None)
+        try:
+            self.driver.quit()
+        except Exception:
+            pass
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        shutil.rmtree(self.profile_dir, ignore_errors=True)
+
+    def screenshot(self, path: Path) -> Path:
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def console(self) -> List[str]:
+        return [f"{e['level']} {e['message'][:400]}" for e in self.driver.get_log("browser")]
+
+    def body_text(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "body").text
+
+    def click_text(self, text: str, timeout_s: float = 30.0) -> None:
+        """Click the first visible element whose own text is ``text`` (with JavaScript: panels overlap)."""
+        from selenium.webdriver.common.by import By
+
+        def find():
+            for element in self.driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']"):
+                if element.is_displayed():
+                    return element
+            return None
+
+        element = wait_until(find, timeout_s, f"a visible element with the text {text!r}")
+        self.js("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
+
+    def click_button(self, text: str, timeout_s: float = 30.0) -> None:
+        """Click the visible ``<button>`` labelled ``text``."""
+        from selenium.webdriver.common.by import By
+
+        def find():
+            buttons = self.driver.find_elements(By.XPATH, f"//button[normalize-space(text())='{text}']")
+            return next((b for b in buttons if b.is_displayed()), None)
+
+        self.js("arguments[0].click();", wait_until(find, timeout_s, f"a visible {text!r} button"))
+
+    def point_count(self) -> int:
+        """How many point-prompt annotations OHIF holds (cornerstone's annotation manager)."""
+        return int(self.js("return cornerstoneTools.annotation.state.getAnnotationManager()"
+                           ".getNumberOfAllAnnotations();") or 0)
+
+    # ------------------------------------------------------------------------------------------- network
+    def _drain_performance(self) -> None:
+        for entry in self.driver.get_log("performance"):
+            self._performance.append(json.loads(entry["message"])["message"])
+
+    def requests_to(self, fragment: str) -> List[Dict[str, Any]]:
+        """Requests whose URL contains ``fragment``: ``{"id", "url", "method", "post", "status"}`` (status
+        once the response arrived)."""
+        self._drain_performance()
+        found: Dict[str, Dict[str, Any]] = {}
+        for message in self._performance:
+            params = message.get("params", {})
+            if message.get("method") == "Network.requestWillBeSent" and fragment in params["request"]["url"]:
+                found[params["requestId"]] = {"id": params["requestId"], "url": params["request"]["url"],
+                                              "method": params["request"]["method"],
+                                              "post": params["request"].get("postData"), "status": None,
+                                              "finished": False}
+            elif message.get("method") == "Network.responseReceived" and params.get("requestId") in found:
+                found[params["requestId"]]["status"] = params["response"]["status"]
+            elif message.get("method") == "Network.loadingFinished" and params.get("requestId") in found:
+                found[params["requestId"]]["finished"] = True
+        return list(found.values())
+
+    def response_body(self, request_id: str) -> bytes:
+        body = self.driver.execute_cdp_cmd("Network.getResponseBody", {"requestId": request_id})
+        return base64.b64decode(body["body"]) if body.get("base64Encoded") else body["body"].encode()
+
+    def request_post_data(self, request_id: str) -> str:
+        try:
+            return self.driver.execute_cdp_cmd("Network.getRequestPostData", {"requestId": request_id})["postData"]
+        except Exception:
+            return ""
+
+    # ------------------------------------------------------------------------------------------ OHIF
+    def open_monai_label_mode(self, server_url: str, study_uid: str, timeout_s: float = 180.0) -> None:
+        """Open the study in OHIF's MONAI Label mode and connect the MONAI Label panel to ``server_url``."""
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(f"{server_url}/ohif/")
+        wait_until(lambda: "Study List" in self.body_text(), timeout_s, "OHIF's study list")
+        # The panel reads the server address from this cookie (default: this host on port 8000).
+        self.js("document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/ohif';",
+                f"{server_url}/")
+        self.driver.get(f"{server_url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+        wait_until(lambda: self.axial_viewport(), timeout_s, "the study's volume in OHIF's viewports")
+        for button in self.driver.find_elements(By.XPATH, "//button[normalize-space(text())='Confirm and Hide']"):
+            self.js("arguments[0].click()", button)
+        url_box = wait_until(lambda: self.driver.find_element(By.ID, "monailabelServerURL"), 30,
+                             "the MONAI Label panel's server field")
+        connect = url_box.find_element(By.XPATH, "following::button[1]")
+        self.js("arguments[0].click()", connect)
+        wait_until(lambda: "Point Prompts" in self.body_text(), 60, "the MONAI Label panel connected to the server")
+
+    def axial_viewport(self) -> Optional[Dict[str, Any]]:
+        """The axial viewport's id, volume size, current slice index and canvas rectangle (page pixels)."""
+        return self.js("""
+            if (!window.cornerstone) return null;
+            for (const ee of cornerstone.getEnabledElements()) {
+              const vp = ee.viewport, cam = vp.getCamera();
+              if (Math.abs(cam.viewPlaneNormal[2]) < 0.99) continue;
+              const data = vp.getImageData && vp.getImageData();
+              if (!data) return null;
+              const k = data.imageData.worldToIndex(cam.focalPoint)[2];
+              const r = vp.element.getBoundingClientRect();
+              return {id: vp.id, dims: data.dimensions, k: Math.round(k),
+                      rect: {x: r.left, y: r.top, width: r.width, height: r.height}};
+            }
+            return null;""")
+
+    def voxel_to_page(self, ijk: Sequence[float]) -> Tuple[float, float]:
+        """Page coordinates (CSS pixels) of voxel ``(i, j, k)`` in the axial viewport."""
+        xy = self.js("""
+            for (const ee of cornerstone.getEnabledElements()) {
+              const vp = ee.viewport;
+              if (Math.abs(vp.getCamera().viewPlaneNormal[2]) < 0.99) continue;
+              const c = vp.worldToCanvas(vp.getImageData().imageData.indexToWorld(arguments[0]));
+              const r = vp.element.getBoundingClientRect();
+              return [r.left + c[0], r.top + c[1]];
+            }
+            return null;""", [float(v) for v in ijk])
+        if not xy:
+            raise RuntimeError("no axial viewport in OHIF")
+        return float(xy[0]), float(xy[1])
+
+    def click_page(self, x: float, y: float) -> None:
+        """A mouse click at page coordinates (on whatever tool is active there)."""
+        from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+        actions = ActionBuilder(self.driver)
+        actions.pointer_action.move_to_location(int(round(x)), int(round(y)))
+        actions.pointer_action.click()
+        actions.perform()
+
+
+def read_nrrd(data: bytes) -> Any:
+    """A NRRD file's bytes as a SimpleITK image (via a temporary file)."""
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.nrrd")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return sitk.ReadImage(path)

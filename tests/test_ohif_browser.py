@@ -1,0 +1,265 @@
+"""The OHIF loop in a real browser: DICOMweb study -> click -> mask -> save -> Update Model -> new weights.
+
+Everything runs on 127.0.0.1: Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) holding a CT series made
+from ``../shared/data/msd_spleen_ct`` (one file per slice), the MONAI Label server in DICOMweb mode with the
+bundled offline model, and the OHIF bundled with MONAI Label 0.8.5 in headless Chromium (selenium). The test:
+
+1. opens the study in OHIF's MONAI Label mode and connects the panel to the server;
+2. chooses ``spleen`` under Point Prompts, clicks inside the spleen (ground truth) on the axial slice shown,
+   presses Run, and checks the request OHIF sent (its shape, the clicked voxel), the NRRD it got back (shape,
+   values, the clicked voxel inside the mask, overlap with the ground truth) and the viewport (the mask's
+   colour appears where the mask is, and nowhere far from it);
+3. saves the label with the documented command (the bundled OHIF has no save button): the session's label map
+   becomes the final label, a DICOM SEG on Orthanc that reads back voxel-identical with highdicom;
+4. presses Update Model and waits for training to finish (2 epochs), then clicks again in OHIF: the server
+   loads the fine-tuned weights for that click.
+
+Screenshots and logs are kept in ``outputs/test_ohif_browser/`` (or ``$SAM_MED3D_ARTIFACTS/test_ohif_browser``);
+the test prints the folder. Without Chromium/chromedriver/Orthanc the test skips, naming what is missing;
+``REQUIRE_BROWSER=1`` (set by ``.ci/run``) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+
+from app_helpers import REPO, copy_app, start_server, wait_for_training
+from browser_helpers import Browser, browser_missing, read_nrrd, wait_until
+from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
+
+SPLEEN = "spleen"
+# The app's default labels: liver=1, spleen=2, ... (docs/app.md); the server's values, not OHIF's.
+SPLEEN_VALUE = 2
+SAVE_PARAMS = {"save_label": True, "label_tag": "final"}
+
+
+def _require_tools() -> None:
+    missing = browser_missing() or orthanc_missing()
+    if missing:
+        reason = f"browser test needs Chromium, chromedriver, selenium and Orthanc+DICOMweb: {missing}"
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def _artifacts_dir() -> Path:
+    root = Path(os.environ.get("SAM_MED3D_ARTIFACTS", REPO / "outputs"))
+    folder = root / "test_ohif_browser"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _ground_truth(label_path: Path) -> np.ndarray:
+    """The spleen mask as (slice, row, column) of the DICOM series made from the same NIfTI."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(label_path)), "LPS")) > 0
+
+
+def _interior_point(mask_2d: np.ndarray) -> tuple:
+    """(row, column) deepest inside a 2D mask (largest distance to its border)."""
+    from scipy.ndimage import distance_transform_edt
+
+    distance = distance_transform_edt(mask_2d)
+    row, column = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(row), int(column)
+
+
+def _png(browser: Browser, path: Path) -> np.ndarray:
+    from PIL import Image
+
+    data = browser.driver.get_screenshot_as_png()
+    path.write_bytes(data)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def _tinted(rgb: np.ndarray) -> np.ndarray:
+    """Pixels tinted by the spleen segment's colour (OHIF draws it purple, rgb(157, 108, 162), over grey CT)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return (r - g > 12) & (b - g > 12)
+
+
+def _infer_params(post: str) -> dict:
+    """The JSON ``params`` field of OHIF's multipart infer request."""
+    match = re.search(r'name="params"\r?\n\r?\n(.*?)\r?\n--', post, re.S)
+    assert match, f"no params field in OHIF's request: {post[:500]!r}"
+    return json.loads(match.group(1))
+
+
+def _run_point_prompts(stack: SimpleNamespace, ijk: tuple, seen: int, timeout_s: float = 240.0) -> dict:
+    """Click voxel ``ijk`` in the axial viewport, press Run; return OHIF's finished infer request."""
+    browser = stack.browser
+    x, y = browser.voxel_to_page(ijk)
+    points = browser.point_count()
+    browser.click_page(x, y)
+    wait_until(lambda: browser.point_count() > points, 20, "OHIF's point prompt placed by the click")
+    start = time.monotonic()
+    browser.click_button("Run")
+    request = wait_until(lambda: [r for r in browser.requests_to("/infer/sam_med3d")[seen:] if r["finished"]],
+                         timeout_s, "OHIF's /infer/sam_med3d request to finish")[0]
+    request["round_trip_s"] = time.monotonic() - start
+    request["page_xy"] = (x, y)
+    return request
+
+
+@pytest.fixture(scope="module")
+def stack(data_dir, tmp_path_factory):
+    _require_tools()
+    case = data_dir / "msd_spleen_ct"
+    image_path, label_path = case / "imagesTr" / "spleen_8.nii.gz", case / "labelsTr" / "spleen_8.nii.gz"
+    if not image_path.exists():
+        pytest.fail(f"{image_path} is missing from the shared data")
+    work = tmp_path_factory.mktemp("ohif_browser")
+    artifacts = _artifacts_dir()
+    print(f"\nOHIF browser test: screenshots and logs in {artifacts}")
+    stoppers = []
+    try:
+        files = write_ct_series(image_path, work / "ct")
+        orthanc = start_orthanc(work / "orthanc")
+        stoppers.append(orthanc.stop)
+        orthanc.upload(files)
+        server = start_server(
+            copy_app(work / "app"), orthanc.dicomweb,
+            {"checkpoint": "bundled", "epochs": "2", "val_split": "0", "uncertainty_prompts": "1"},
+            work / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicomweb_cache")})
+        stoppers.append(server.stop)
+        browser = Browser(work / "chromium-profile", work / "chromedriver.log")
+        stoppers.append(browser.stop)
+        import pydicom
+
+        sop_uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        yield SimpleNamespace(orthanc=orthanc, server=server, browser=browser, artifacts=artifacts, work=work,
+                              study_uid=study_uid, series_uid=series_uid, sop_uids=sop_uids,
+                              truth=_ground_truth(label_path), app_dir=work / "app")
+    finally:
+        for stop in reversed(stoppers):
+            try:
+                stop()
+            except Exception as err:  # keep stopping the others
+                print(f"cleanup: {err}")
+        for log in ("server.log", "chromedriver.log", "orthanc/orthanc.log"):
+            if (work / log).exists():
+                shutil.copy(work / log, artifacts / Path(log).name)
+
+
+def test_ohif_click_save_train_click(stack):
+    browser, server = stack.browser, stack.server
+    truth = stack.truth
+
+    # 1. Open the study in OHIF's MONAI Label mode and connect the panel.
+    browser.open_monai_label_mode(server.url, stack.study_uid)
+    browser.screenshot(stack.artifacts / "01_connected.png")
+    browser.click_text("Point Prompts")
+    browser.click_text(SPLEEN)
+
+    # 2. Click inside the spleen on the axial slice OHIF shows, then Run.
+    view = browser.axial_viewport()
+    k = int(view["k"])
+    assert truth[k].any(), f"the slice OHIF shows ({k}) has no spleen in the ground truth"
+    row, column = _interior_point(truth[k])
+    target = (column, row, k)  # voxel (i, j, k) = (column, row, slice)
+    before = _png(browser, stack.artifacts / "02_before_click.png")
+    request = _run_point_prompts(stack, target, seen=0)
+    print(f"first click on the DICOMweb study: {request['round_trip_s']:.2f} s from Run to the mask")
+    assert request["status"] == 200, browser.console()[-20:]
+
+    params = _infer_params(request["post"] or browser.request_post_data(request["id"]))
+    assert "label" not in params and params["result_extension"] == ".nrrd" and params["result_dtype"] == "uint8"
+    assert stack.series_uid in request["url"]
+    sent = np.asarray(params[SPLEEN][-1], dtype=float)
+    assert np.abs(sent - np.asarray(target)).max() <= 1.0, f"OHIF sent {sent.tolist()} for voxel {target}"
+
+    result = read_nrrd(browser.response_body(request["id"]))
+    import SimpleITK as sitk
+
+    label_map = sitk.GetArrayFromImage(result)
+    assert label_map.shape == truth.shape, f"result {label_map.shape} vs image {truth.shape}"
+    assert set(np.unique(label_map).tolist()) == {0, SPLEEN_VALUE}
+    mask = label_map == SPLEEN_VALUE
+    assert mask[k, row, column], "the clicked voxel is not in the returned mask"
+    precision = float((mask & truth).sum() / mask.sum())
+    dice = float(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
+    print(f"first mask: {int(mask.sum())} voxels, {precision:.2f} of them in the ground-truth spleen, Dice {dice:.3f}")
+    assert precision > 0.5, f"only {precision:.2f} of the mask lies in the spleen"
+
+    # The viewport shows the mask: pixels on the mask (this slice) turn the segment's colour, pixels far away
+    # do not change.
+    def mask_drawn():
+        after = _png(browser, stack.artifacts / "03_mask_in_ohif.png")
+        on = np.argwhere(mask[k])
+        pick = on[np.linspace(0, len(on) - 1, min(40, len(on))).astype(int)]
+        xy = [browser.voxel_to_page((c, r, k)) for r, c in pick]
+        inside = np.mean([_tinted(after[int(y), int(x)]) and not _tinted(before[int(y), int(x)]) for x, y in xy])
+        return inside if inside >= 0.8 else None
+
+    inside = wait_until(mask_drawn, 30, "the spleen mask drawn in the axial viewport")
+    print(f"viewport: {inside:.0%} of sampled mask pixels drawn in the segment colour")
+    after = _png(browser, stack.artifacts / "03_mask_in_ohif.png")
+    far_x, far_y = browser.voxel_to_page((511 - column, 511 - row, k))
+    assert not _tinted(after[int(far_y), int(far_x)]), "segment colour far from the mask"
+
+    # 3. Save: the documented command (the bundled OHIF has no save button).
+    response = requests.post(f"{server.url}/infer/sam_med3d", params={"image": stack.series_uid, "output": "json"},
+                             files={"params": (None, json.dumps(SAVE_PARAMS))}, timeout=120)
+    assert response.status_code == 200, response.text
+    segs = wait_until(lambda: stack.orthanc.series_of_modality("SEG"), 30, "the SEG on Orthanc")
+    assert len(segs) == 1
+    seg_uid = segs[0]["0020000E"]["Value"][0]
+    seg_file = stack.work / "seg.dcm"
+    instances = requests.get(f"{stack.orthanc.url}/series", timeout=30).json()
+    for orthanc_series in instances:
+        info = requests.get(f"{stack.orthanc.url}/series/{orthanc_series}", timeout=30).json()
+        if info["MainDicomTags"].get("SeriesInstanceUID") == seg_uid:
+            seg_file.write_bytes(requests.get(f"{stack.orthanc.url}/instances/{info['Instances'][0]}/file",
+                                              timeout=30).content)
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(seg_file))
+    numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    assert list(numbers.values()) == [SPLEEN]
+    saved = seg.get_pixels_by_source_instance(source_sop_instance_uids=stack.sop_uids,
+                                              segment_numbers=list(numbers), combine_segments=True)
+    assert np.array_equal(saved > 0, mask), "the DICOM SEG does not read back voxel-identical to the mask"
+    status = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()
+    assert "final" in status["objects"][stack.series_uid]["labels"], status
+
+    # 4. Update Model, wait for training, click again: the fine-tuned weights serve it.
+    browser.click_text("Active Learning")
+    browser.click_button("Update Model")
+    train = wait_until(lambda: [r for r in browser.requests_to("/train/") if r["method"] == "POST" and r["status"]],
+                       60, "OHIF's POST /train/")[0]
+    assert train["status"] == 200
+    status = wait_for_training(server.url, timeout_s=900)
+    assert status.get("status") == "DONE", status
+    finetuned = stack.app_dir / "model" / "finetuned_sam_med3d_bundled.pt"
+    assert finetuned.exists(), server.log_tail()
+    log_before = len(server.log_path.read_text(errors="replace"))
+    # A second point inside the spleen, away from the first (a click on a point would grab it instead).
+    away = truth[k].copy()
+    away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
+    row2, column2 = _interior_point(away)
+    second_target = (column2, row2, k)
+    browser.screenshot(stack.artifacts / "04_training_done.png")
+    request2 = _run_point_prompts(stack, second_target, seen=1)
+    assert request2["status"] == 200
+    new_log = server.log_path.read_text(errors="replace")[log_before:]
+    assert "Now serving new SAM-Med3D" in new_log and finetuned.name in new_log, new_log[-3000:]
+    mask2 = sitk.GetArrayFromImage(read_nrrd(browser.response_body(request2["id"]))) == SPLEEN_VALUE
+    dice2 = float(2 * (mask2 & truth).sum() / (mask2.sum() + truth.sum()))
+    print(f"after Update Model: click served by {finetuned.name}, {int(mask2.sum())} voxels, Dice {dice2:.3f}")
+    time.sleep(2)
+    browser.screenshot(stack.artifacts / "05_click_after_update_model.png")
