@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from cachetools import TTLCache, cached
+from filelock import FileLock
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 #: which hides a SEG stored by OHIF from Next Sample and training for that long).
 QUERY_CACHE_S = 10.0
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Longest wait for another process downloading the same series.
+SERIES_LOCK_S = 600.0
 
 
 # ------------------------------------------------------------------------------------------- volume <-> SEG
@@ -252,20 +255,35 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
         with self._lock(image_id):
             if os.path.exists(volume) and image_id in self._datastore.objects:
                 return volume
-            import SimpleITK as sitk
+            # The training and scoring subprocesses share the cache: one process downloads, the others wait.
+            with FileLock(os.path.join(self._datastore.image_path(), f".{image_id}.lock"), timeout=SERIES_LOCK_S):
+                self._refresh_objects()
+                if os.path.exists(volume) and image_id in self._datastore.objects:
+                    return volume
+                return self._download_and_convert(image_id, volume)
 
-            start = time.perf_counter()
-            series_dir = self._series_dir(image_id)
-            self._download(image_id, series_dir)
-            downloaded = time.perf_counter()
-            image, _, _ = read_series(series_dir)
-            with tempfile.TemporaryDirectory() as tmp:
-                converted = os.path.join(tmp, f"{image_id}.nii")
-                sitk.WriteImage(image, converted, False)
-                LocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
-            logger.info("DICOMweb series %s cached as %s: download %.2f s, conversion %.2f s", image_id, volume,
-                        downloaded - start, time.perf_counter() - downloaded)
-            return volume
+    def _refresh_objects(self) -> None:
+        """Re-read the datastore file (another process may have added the image meanwhile)."""
+        try:
+            self._init_from_datastore_file()
+        except Exception as err:  # a missing or half-written file: keep what this process knows
+            logger.debug("datastore file not re-read: %s", err)
+
+    def _download_and_convert(self, image_id: str, volume: str) -> str:
+        import SimpleITK as sitk
+
+        start = time.perf_counter()
+        series_dir = self._series_dir(image_id)
+        self._download(image_id, series_dir)
+        downloaded = time.perf_counter()
+        image, _, _ = read_series(series_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = os.path.join(tmp, f"{image_id}.nii")
+            sitk.WriteImage(image, converted, False)
+            LocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
+        logger.info("DICOMweb series %s cached as %s: download %.2f s, conversion %.2f s", image_id, volume,
+                    downloaded - start, time.perf_counter() - downloaded)
+        return volume
 
     def prefetch(self, image_ids: Iterable[str]) -> threading.Thread:
         """Download and convert ``image_ids`` in a background thread (the first click then finds them ready)."""
