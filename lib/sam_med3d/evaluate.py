@@ -55,8 +55,15 @@ from .metrics import dice, normalized_surface_dice
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sam_med3d", "random_walker")
-CSV_FIELDS = ("method", "dataset", "case", "label", "label_name", "clicks", "dice", "nsd", "seconds")
+#: ``sam_med3d`` uses the predictor's default extension (structures larger than a crop are followed across
+#: crops, ``slide``); ``sam_med3d_one_crop`` turns it off (the official single crop); ``sam_med3d_zoom`` uses the
+#: coarse-then-fine strategy (see ``sam_med3d.extension``).
+SAM_VARIANTS = {"sam_med3d": "slide", "sam_med3d_one_crop": None, "sam_med3d_zoom": "zoom"}
+METHODS = tuple(SAM_VARIANTS) + ("random_walker",)
+CSV_FIELDS = ("method", "dataset", "case", "label", "label_name", "larger_than_crop", "clicks", "dice", "nsd",
+              "crops", "seconds")
+#: Field of view of one crop of the official models: 128 voxels of 1.5 mm.
+CROP_FOV_MM = 128 * 1.5
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
@@ -187,16 +194,31 @@ def load_label_map(path: Path, shape: Tuple[int, ...], affine: np.ndarray) -> np
 # ------------------------------------------------------------------------------------------------- methods
 
 
+def larger_than_crop(mask: np.ndarray, spacing: Sequence[float], fov_mm: float = CROP_FOV_MM) -> bool:
+    """Whether a structure's bounding box is longer than one crop's field of view along some axis."""
+    found = np.argwhere(mask)
+    if not len(found):
+        return False
+    extent = (found.max(0) - found.min(0) + 1) * np.asarray(spacing, dtype=np.float64)
+    return bool(np.any(extent > fov_mm))
+
+
 def make_method(name: str, args: argparse.Namespace):
     """A predictor with ``set_image(array, affine)`` / ``predict(points, labels, label_key)`` / ``reset()``."""
-    if name == "sam_med3d":
+    if name in SAM_VARIANTS:
         if not args.checkpoint:
-            raise ValueError("--checkpoint is required for --method sam_med3d (a path, a URL, 'turbo' or 'bundled')")
+            raise ValueError(f"--checkpoint is required for --method {name} (a path, a URL, 'turbo' or 'bundled')")
         from .checkpoint import load_model
+        from .extension import ExtensionConfig
         from .predictor import Sam3DPredictor
 
-        model = load_model(args.checkpoint, device=args.device)
-        return Sam3DPredictor(model, device=args.device)
+        model = getattr(args, "_loaded_model", None)
+        if model is None:  # one model shared by the SAM-Med3D variants
+            model = args._loaded_model = load_model(args.checkpoint, device=args.device)
+        strategy = SAM_VARIANTS[name]
+        extension = ExtensionConfig(enabled=False) if strategy is None else ExtensionConfig(
+            strategy=strategy, max_crops=args.max_crops, time_budget_s=args.extension_time_s)
+        return Sam3DPredictor(model, device=args.device, extension=extension)
     if name == "random_walker":
         from .random_walker import RandomWalkerPredictor
 
@@ -274,7 +296,7 @@ def evaluate_label(predictor, gt: np.ndarray, spacing: Sequence[float], clicks: 
             raise ValueError(f"the predictor returned a mask of shape {mask.shape}, the scan is {gt.shape}")
         pred = mask > 0
         last = {"clicks": k, "dice": dice(pred, gt), "nsd": normalized_surface_dice(pred, gt, spacing, tolerance_mm),
-                "seconds": seconds}
+                "crops": len(getattr(result, "crop_boxes", ())) or 1, "seconds": seconds}
         if k in report:
             records.append(dict(last))
     return records
@@ -299,12 +321,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         cases = kept
     if not cases:
         raise ValueError(f"no cases found under {', '.join(map(str, args.data))}")
-    methods = {name: make_method(name, args) for name in args.method if name == "sam_med3d"}
-    if args.rw_crop_size is None and "sam_med3d" in methods:
-        args.rw_crop_size = methods["sam_med3d"].img_size  # the same crop as the model's
+    methods = {name: make_method(name, args) for name in args.method if name in SAM_VARIANTS}
+    if args.rw_crop_size is None and methods:
+        args.rw_crop_size = next(iter(methods.values())).img_size  # the same crop as the model's
     if args.rw_crop_size is None and "random_walker" in args.method:
         args.rw_crop_size = 128  # the official models' crop; recorded in summary.json
-    methods.update({name: make_method(name, args) for name in args.method if name != "sam_med3d"})
+    methods.update({name: make_method(name, args) for name in args.method if name not in SAM_VARIANTS})
     methods = {name: methods[name] for name in args.method}
 
     rows: List[Dict[str, Any]] = []
@@ -317,6 +339,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         label_map = load_label_map(case.label, scan.shape, scan.affine)
         todo, skip = _select_labels(case, np.unique(label_map), args.labels, args.max_labels_per_case)
         skipped.extend(skip)
+        fov_mm = (args.rw_crop_size or 128) * 1.5
+        large = {value: larger_than_crop(label_map == value, spacing, fov_mm) for value, _ in todo}
+        if args.larger_than_crop_only:
+            todo = [(value, name) for value, name in todo if large[value]]
         for method_name, predictor in methods.items():
             predictor.set_image(scan.array, affine=scan.affine)
             for n_done, (value, label_name) in enumerate(todo):
@@ -335,7 +361,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     continue
                 for rec in records:
                     rows.append({"method": method_name, "dataset": case.dataset, "case": case.case, "label": value,
-                                 "label_name": label_name, **rec})
+                                 "label_name": label_name, "larger_than_crop": int(large[value]), **rec})
         bar.update(1)
     bar.close()
 
@@ -347,7 +373,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                          "max_labels_per_case": args.max_labels_per_case, "max_cases": args.max_cases,
                          "device": args.device, "rw_crop_size": args.rw_crop_size,
                          "rw_work_size": args.rw_work_size, "rw_beta": args.rw_beta,
-                         "n_cases": len(cases)}
+                         "max_crops": args.max_crops, "extension_time_s": args.extension_time_s,
+                         "larger_than_crop_only": args.larger_than_crop_only, "n_cases": len(cases)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_dice_vs_clicks(rows, out / "dice_vs_clicks.png", list(args.method), args.clicks)
     return summary
@@ -388,6 +415,17 @@ def _method_block(rows: List[Dict[str, Any]], clicks: Sequence[int]) -> Dict[str
                 "dice": {str(k): _mean([r["dice"] for r in items if r["clicks"] == k]) for k in clicks},
                 "nsd": {str(k): _mean([r["nsd"] for r in items if r["clicks"] == k]) for k in clicks},
             }
+    block["groups"] = {}
+    for group, flag in (("larger_than_crop", 1), ("fits_one_crop", 0)):
+        items = [r for r in rows if int(r.get("larger_than_crop", 0)) == flag]
+        block["groups"][group] = {
+            "n": len({(r["dataset"], r["case"], r["label"]) for r in items}),
+            "dice": {str(k): _mean([r["dice"] for r in items if r["clicks"] == k]) for k in clicks},
+            "nsd": {str(k): _mean([r["nsd"] for r in items if r["clicks"] == k]) for k in clicks},
+            "crops_mean": {str(k): _mean([float(r.get("crops", 1)) for r in items if r["clicks"] == k])
+                           for k in clicks},
+            "seconds_mean": {str(k): _mean([r["seconds"] for r in items if r["clicks"] == k]) for k in clicks},
+        }
     block["n_evaluated"] = len({(r["dataset"], r["case"], r["label"]) for r in rows})
     return block
 
@@ -480,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rw-work-size", type=int, default=64,
                    help="random_walker: the crop is resampled to this edge for the solver (default 64)")
     p.add_argument("--rw-beta", type=float, default=3000.0, help="random_walker: edge weight beta (default 3000)")
+    p.add_argument("--max-crops", type=int, default=12,
+                   help="sam_med3d / sam_med3d_zoom: most crops per structure larger than a crop (default 12)")
+    p.add_argument("--extension-time-s", type=float, default=60.0,
+                   help="sam_med3d / sam_med3d_zoom: time budget of the extension per click (default 60 s)")
+    p.add_argument("--larger-than-crop-only", action="store_true",
+                   help="evaluate only structures whose bounding box exceeds one crop (192 mm for 128^3 crops)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
