@@ -1,0 +1,199 @@
+"""The app's DICOMweb datastore against a real Orthanc on 127.0.0.1: offline start, DICOM SEG out and back.
+
+- the server starts in DICOMweb mode without downloading anything (MONAI Label 0.8.5 would fetch dcmqi);
+- a final label saved the way 3D Slicer submits it (``PUT /datastore/label``, full-size, two structures) becomes
+  a DICOM SEG on Orthanc that reads back voxel-identical (highdicom, independently of the app's reader);
+  bad labels get 422 and the server keeps serving;
+- a SEG written by another tool, with its own segment numbering (OHIF numbers segments alphabetically), is the
+  image's final label with the **server's** values, mapped by segment name; unknown names are ignored.
+
+Without Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) the tests skip; ``REQUIRE_BROWSER=1`` (``.ci/run``,
+which installs it) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from app_helpers import APP_DIR, copy_app, start_server
+from browser_helpers import wait_until
+from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
+
+LABELS = {"background": 0, "liver": 1, "spleen": 2}
+
+
+def _require_orthanc() -> None:
+    missing = orthanc_missing()
+    if missing:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def series(data_dir, tmp_path_factory):
+    """The spleen CT as a DICOM series, its ground-truth spleen (slice, row, column) and SOP UIDs."""
+    import pydicom
+    import SimpleITK as sitk
+
+    case = data_dir / "msd_spleen_ct"
+    folder = tmp_path_factory.mktemp("ct_series")
+    files = write_ct_series(case / "imagesTr" / "spleen_8.nii.gz", folder)
+    truth = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(case / "labelsTr" / "spleen_8.nii.gz")),
+                                                    "LPS")) > 0
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return {"files": files, "truth": truth, "series_uid": str(first.SeriesInstanceUID),
+            "sop_uids": [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]}
+
+
+@pytest.fixture
+def orthanc(series, tmp_path):
+    _require_orthanc()
+    server = start_orthanc(tmp_path / "orthanc")
+    try:
+        server.upload(series["files"])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def datastore_module():
+    """``lib.datastore.dicomweb`` imported as MONAI Label imports the app (app folder first on sys.path)."""
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return importlib.import_module("lib.datastore.dicomweb")
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+def _two_structures(truth: np.ndarray) -> np.ndarray:
+    """A full-size label map with the server's values: the spleen (2) and a box standing in for liver (1)."""
+    label = np.where(truth, LABELS["spleen"], 0).astype(np.uint8)
+    label[10:20, 200:260, 300:380] = LABELS["liver"]
+    return label
+
+
+def _write_like(label: np.ndarray, reference_volume, path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(reference_volume)
+    sitk.WriteImage(image, str(path), True)
+
+
+def _seg_on_orthanc(orthanc, tmp_path):
+    """The one SEG on Orthanc, read with highdicom."""
+    import highdicom as hd
+
+    segs = orthanc.series_of_modality("SEG")
+    assert len(segs) == 1, segs
+    uid = segs[0]["0020000E"]["Value"][0]
+    for series_id in requests.get(f"{orthanc.url}/series", timeout=30).json():
+        info = requests.get(f"{orthanc.url}/series/{series_id}", timeout=30).json()
+        if info["MainDicomTags"].get("SeriesInstanceUID") == uid:
+            path = tmp_path / "seg.dcm"
+            path.write_bytes(requests.get(f"{orthanc.url}/instances/{info['Instances'][0]}/file", timeout=30).content)
+            return hd.seg.segread(str(path))
+    raise AssertionError(f"SEG {uid} not found in Orthanc's REST API")
+
+
+def test_server_starts_offline_and_saves_a_final_label_as_dicom_seg(orthanc, series, tmp_path):
+    import SimpleITK as sitk
+
+    app_dir = copy_app(tmp_path / "app")
+    server = start_server(app_dir, orthanc.dicomweb,
+                          {"checkpoint": "bundled", "labels": "liver=1,spleen=2", "uncertainty_prompts": "1"},
+                          tmp_path / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+    try:
+        log = server.log_path.read_text(errors="replace")
+        assert "nothing downloaded" in log and "github.com" not in log, "the server tried to download at start"
+        assert not (app_dir / "bin" / "itkimage2segimage").exists()
+        image_id = series["series_uid"]
+        # The series is downloaded and converted in the background at start (prefetch).
+        volume_path = wait_until(lambda: next((tmp_path / "cache").rglob(f"{image_id}.nii"), None), 120,
+                                 "the prefetched volume in the DICOMweb cache")
+        time.sleep(1.0)  # the datastore registers the file right after writing it
+        volume = sitk.ReadImage(str(volume_path))
+        assert volume.GetSize() == (512, 512, 32)
+
+        # 3D Slicer's Submit Label: the label map on the image's grid, params with label_info.
+        label = _two_structures(series["truth"])
+        label_file = tmp_path / "label.nii.gz"
+        _write_like(label, volume, label_file)
+        params = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}], "client_id": "test"}
+        response = requests.put(f"{server.url}/datastore/label", params={"image": image_id},
+                                files={"label": ("label.nii.gz", label_file.read_bytes())},
+                                data={"params": json.dumps(params)}, timeout=120)
+        assert response.status_code == 200, response.text
+
+        seg = _seg_on_orthanc(orthanc, tmp_path)
+        names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+        assert names == {1: "liver", 2: "spleen"}
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=series["sop_uids"],
+                                                   segment_numbers=[1, 2], combine_segments=True)
+        assert np.array_equal(pixels, label), "the SEG does not read back voxel-identical"
+
+        # Bad labels: empty, wrong size; the server keeps serving.
+        empty = tmp_path / "empty.nii.gz"
+        _write_like(np.zeros_like(label), volume, empty)
+        response = requests.put(f"{server.url}/datastore/label", params={"image": image_id},
+                                files={"label": ("empty.nii.gz", empty.read_bytes())}, timeout=120)
+        assert response.status_code == 422 and "empty" in response.json()["detail"], response.text
+        small = tmp_path / "small.nii.gz"
+        sitk.WriteImage(sitk.Image(10, 10, 10, sitk.sitkUInt8), str(small))
+        response = requests.put(f"{server.url}/datastore/label", params={"image": image_id},
+                                files={"label": ("small.nii.gz", small.read_bytes())}, timeout=120)
+        assert response.status_code == 422 and "10x10x10" in response.json()["detail"], response.text
+        assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+        assert len(orthanc.series_of_modality("SEG")) == 1
+    finally:
+        server.stop()
+
+
+def test_a_seg_from_another_tool_is_the_final_label_by_segment_name(orthanc, series, datastore_module, tmp_path):
+    """OHIF-style numbering (spleen = segment 1, liver = 2, plus a segment the server does not know)."""
+    import highdicom as hd
+    import pydicom
+    from monailabel.datastore.dicom import DICOMwebClientX
+    from pydicom.sr.codedict import codes
+
+    label = _two_structures(series["truth"])
+    foreign = np.zeros_like(label)
+    foreign[label == LABELS["spleen"]] = 1
+    foreign[label == LABELS["liver"]] = 2
+    foreign[25:28, 100:120, 100:120] = 3
+    sources = [pydicom.dcmread(f) for f in series["files"]]
+    descriptions = [hd.seg.SegmentDescription(segment_number=n, segment_label=name,
+                                              segmented_property_category=codes.cid7150.AnatomicalStructure,
+                                              segmented_property_type=codes.SCT.Tissue,
+                                              algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+                    for n, name in ((1, "Spleen"), (2, "liver"), (3, "tumour"))]
+    seg = hd.seg.Segmentation(source_images=sources, pixel_array=foreign,
+                              segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                              segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9,
+                              sop_instance_uid=hd.UID(), instance_number=1, manufacturer="another viewer",
+                              manufacturer_model_name="test", software_versions="0", device_serial_number="0")
+    client = DICOMwebClientX(url=orthanc.dicomweb)
+    client.store_instances([seg])
+
+    store = datastore_module.OfflineDICOMWebDatastore(client, LABELS, search_filter={"Modality": "CT"},
+                                                      cache_path=str(tmp_path / "cache"))
+    assert store.get_labeled_images() == [series["series_uid"]]
+    assert store.get_unlabeled_images() == []
+    records = store.datalist()
+    assert len(records) == 1
+    import SimpleITK as sitk
+
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(records[0]["label"]))
+    assert np.array_equal(saved, label), "segments were not mapped to the server's values by name"
+    image = sitk.ReadImage(records[0]["image"])
+    assert sitk.ReadImage(records[0]["label"]).GetOrigin() == image.GetOrigin()
