@@ -14,41 +14,11 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from torch import nn
-
+from extension_helpers import CropAwarePredictor, GroundTruthSam3D
 from sam_med3d.extension import ExtensionConfig, blend_window, derived_points
 from sam_med3d.metrics import dice
-from sam_med3d.predictor import Sam3DPredictor
 
 SIZE = 64
-
-
-class GroundTruthSam3D(nn.Module):
-    """Decodes the ground truth of the crop it is given (see :class:`CropAwarePredictor`), ignoring prompts."""
-
-    def __init__(self, label: np.ndarray) -> None:
-        super().__init__()
-        self.img_size = SIZE
-        self.label = label.astype(np.uint8)
-        self.image_encoder = nn.Identity()
-        self.decodes = 0
-
-    def decode(self, crop, points, mask_input, multimask_output=False):
-        self.decodes += 1
-        inside = crop.sample(self.label, "nearest").float()
-        logits = torch.where(inside > 0, 10.0, -10.0)[None, None]  # full crop resolution: upsampling is a no-op
-        m = 3 if multimask_output else 1
-        return logits.expand(1, m, SIZE, SIZE, SIZE).clone(), torch.full((1, m), 0.9)
-
-
-class CropAwarePredictor(Sam3DPredictor):
-    """The real predictor, whose image embedding is the crop itself (so the stand-in knows where it is); the
-    encoder accounting and the embedding cache are the real ones."""
-
-    def _embedding(self, crop, timings):
-        _, ran = super()._embedding(crop, timings)
-        return crop, ran
 
 
 @pytest.fixture(scope="module")

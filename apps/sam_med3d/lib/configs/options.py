@@ -36,6 +36,9 @@ DEFAULTS: Dict[str, str] = {
     "multi_gpu": "false",
     "uncertainty_prompts": "3",
     "prefetch": "16",
+    "extension": "slide",
+    "extension_max_crops": "8",
+    "extension_time_s": "10",
 }
 
 HELP: Dict[str, str] = {
@@ -57,7 +60,18 @@ HELP: Dict[str, str] = {
     "multi_gpu": "default for the trainer's multi_gpu (torch.distributed over all visible GPUs)",
     "uncertainty_prompts": "automatic prompts per image for the model-based active-learning score",
     "prefetch": "DICOMweb only: how many series to download and convert in the background at start (0: none)",
+    "extension": "structures larger than one 192 mm crop: 'slide' (follow the mask into neighbouring crops), "
+                 "'zoom' (coarse 3 mm pass, then 1.5 mm crops) or 'off' (one crop, the official behaviour)",
+    "extension_max_crops": "most crops one click may use for a structure larger than a crop",
+    "extension_time_s": "time budget (s) per click for extra crops; the mask so far is returned when it runs out",
 }
+
+def _extension(value: str) -> str:
+    text = str(value).strip().lower()
+    if text in ("slide", "zoom", "off"):
+        return text
+    raise ValueError(f"--conf extension {value!r} must be 'slide', 'zoom' or 'off'")
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -204,6 +218,9 @@ class AppOptions:
     multi_gpu: bool
     uncertainty_prompts: int
     prefetch: int
+    extension: str = "slide"
+    extension_max_crops: int = 8
+    extension_time_s: float = 10.0
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -239,5 +256,8 @@ class AppOptions:
             multi_gpu=_bool("multi_gpu", values["multi_gpu"]),
             uncertainty_prompts=_int("uncertainty_prompts", values["uncertainty_prompts"], 1),
             prefetch=_int("prefetch", values["prefetch"], 0),
+            extension=_extension(values["extension"]),
+            extension_max_crops=_int("extension_max_crops", values["extension_max_crops"], 1),
+            extension_time_s=_float("extension_time_s", values["extension_time_s"], 0.0, 3600.0),
             raw=values,
         )

@@ -46,7 +46,12 @@ class SamMed3DConfig(TaskConfig):
         logger.log(level, "SAM-Med3D app serving %s on %s", self.served.describe(), self.options.device)
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
-        return {self.name: SamMed3DInfer(self.served, self.labels, self.options.cache_size, self.options.cache_ttl_s)}
+        from sam_med3d.extension import ExtensionConfig
+
+        o = self.options
+        extension = ExtensionConfig(enabled=o.extension != "off", strategy="zoom" if o.extension == "zoom" else "slide",
+                                    max_crops=o.extension_max_crops, time_budget_s=o.extension_time_s)
+        return {self.name: SamMed3DInfer(self.served, self.labels, o.cache_size, o.cache_ttl_s, extension=extension)}
 
     def trainer(self) -> Optional[TrainTask]:
         return SamMed3DTrainer(

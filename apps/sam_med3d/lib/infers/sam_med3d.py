@@ -69,13 +69,15 @@ class SamMed3DInfer(InferTask):
     """
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
-                 description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks"):
+                 description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks",
+                 extension: Optional[Any] = None):
         # No per-request config: the viewers echo "config" back in every request, and the cache settings
         # (--conf cache_size / cache_ttl_s) are server-wide.
         super().__init__(type=InferType.DEEPEDIT, labels=dict(labels), dimension=3, description=description)
         self.served = served
         self.label_values: Dict[str, int] = dict(labels)
         self.sessions = SessionCache(cache_size, cache_ttl_s)
+        self.extension = extension  # sam_med3d.extension.ExtensionConfig (None: the predictor's default)
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------------------- MONAI Label API
@@ -202,7 +204,8 @@ class SamMed3DInfer(InferTask):
         loaded = time.perf_counter()
         from sam_med3d.predictor import Sam3DPredictor
 
-        predictor = Sam3DPredictor(model, device=self.served.device)
+        predictor = Sam3DPredictor(model, device=self.served.device,
+                                   **({} if self.extension is None else {"extension": self.extension}))
         predictor.set_image(scan)
         session = ImageSession(scan=scan, predictor=predictor, label_map=np.zeros(scan.shape, dtype=np.uint8))
         self.sessions.put(key, session)
@@ -232,6 +235,7 @@ class SamMed3DInfer(InferTask):
                 "value": target.value,
                 "clicks": int(len(target.points)),
                 "encoder_ran": bool(out.encoder_ran),
+                "crops": len(getattr(out, "crop_boxes", ())) or 1,  # > 1: a structure larger than one crop
                 "iou": iou if np.isfinite(iou) else None,  # JSON has no NaN
                 "voxels": int(mask.sum()),
             }
