@@ -57,8 +57,10 @@ def server(data_dir, mini_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("app_server")
     app = copy_app(root / "app")
     studies = _studies(data_dir, root)
+    # One crop per click (extension off): these tests check caching and request shapes, and untrained weights
+    # would send the extension across the whole scan on every click (spleen_server runs it on).
     srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": LABELS,
-                                      "device": "cpu", "preload": "true"},
+                                      "device": "cpu", "preload": "true", "extension": "off"},
                        log_path=root / "server.log",
                        # Scoring runs when a test asks for it, not in the background at start.
                        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
@@ -546,6 +548,16 @@ def test_train_with_nothing_to_train_on_is_refused_at_once_and_the_server_keeps_
     assert requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 404
     _, result = client.infer(MODEL, SPLEEN_ID, {"spleen": [SPLEEN_CLICK], "label": "spleen"})  # still serving
     assert result["labels_updated"] == ["spleen"]
+
+
+def test_the_extension_runs_in_the_server_and_reports_its_crops(spleen_server, tmp_path):
+    """Default --conf extension slide: the result says how many crops each label used (untrained vit_mini
+    masks reach their crop faces, so more than one), within --conf extension_max_crops (8)."""
+    client = MONAILabelClient(spleen_server.url, tmpdir=str(tmp_path))
+    _, result = client.infer(MODEL, SPLEEN_ID, {"spleen": [SPLEEN_CLICK], "background": [], "label": "spleen"})
+    crops = result["sam_med3d"]["spleen"]["crops"]
+    assert 1 <= crops <= 8 and result["timings"]["crops"] == crops
+    assert result["sam_med3d"]["spleen"]["voxels"] > 0
 
 
 def test_slicer_loop_click_submit_label_train_then_the_next_click_uses_the_new_weights(spleen_server, data_dir,
