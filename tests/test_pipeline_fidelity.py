@@ -86,6 +86,21 @@ def _model(name: str) -> torch.nn.Module:
     return model.float().eval()
 
 
+def _official_crop(entry_id: str, pipeline_dir: Path):
+    """(manifest entry, its arrays, the prepared scan, the official crop pinned by ``A_roi``)."""
+    entry = _entry(entry_id, pipeline_dir)
+    arrays = np.load(pipeline_dir / entry["npz"])
+    prep = PreparedScan(load_scan(_shared_file(entry["image"], entry["image_sha256"])))
+    return entry, arrays, prep, prep.crop_from_affine(entry["crop"]["A_roi"], 128)
+
+
+def _knife_edge(entry: dict, arrays) -> np.ndarray:
+    """Crop voxels of an integer scan whose truncated value flips under a 1e-6 voxel shift (none for float)."""
+    if entry["scan"]["stored_dtype"] == "float32" or "input_truncation_knife_edge" not in arrays.files:
+        return np.zeros((128,) * 3, bool)
+    return arrays["input_truncation_knife_edge"].astype(bool)
+
+
 @pytest.mark.parametrize("entry_id", IDS)
 def test_canonical_grid_and_crop_match_official(entry_id, pipeline_dir):
     """The 1.5 mm canonical grid (resample in stored orientation, then reorient) and the official crop."""
@@ -107,20 +122,14 @@ def test_canonical_grid_and_crop_match_official(entry_id, pipeline_dir):
 @pytest.mark.parametrize("entry_id", IDS)
 def test_crop_input_matches_official(entry_id, pipeline_dir):
     """Resampling (with integer truncation), zero padding and the z-score over raw voxels > 0."""
-    entry = _entry(entry_id, pipeline_dir)
-    arrays = np.load(pipeline_dir / entry["npz"])
-    prep = PreparedScan(load_scan(_shared_file(entry["image"], entry["image_sha256"])))
-    crop = prep.crop_from_affine(entry["crop"]["A_roi"], 128)
+    entry, arrays, prep, crop = _official_crop(entry_id, pipeline_dir)
     image = crop.image.numpy()
     mean, std = crop.mean_std
     assert abs(mean - entry["crop"]["znorm_mean"]) <= 1e-4 * max(1.0, abs(mean))
     assert abs(std - entry["crop"]["znorm_std"]) <= 1e-4 * max(1.0, abs(std))
     if "input_f16" in arrays.files:
         official = arrays["input_f16"][0, 0].astype(np.float32)
-        if "input_truncation_knife_edge" in arrays.files:
-            knife = arrays["input_truncation_knife_edge"].astype(bool)
-        else:
-            knife = np.zeros(official.shape, bool)
+        knife = _knife_edge(entry, arrays)
         # float16 storage: 2^-11 relative; knife-edge voxels may sit one raw unit (1/std) away.
         tol = 2.0 ** -11 * np.abs(official) + 1e-3
         bad = (np.abs(image - official) > tol) & ~knife
@@ -168,10 +177,7 @@ def test_predictor_reproduces_official_click_steps(entry_id, pipeline_dir):
 @pytest.mark.parametrize("entry_id", IDS)
 def test_official_paste_back_rule_on_official_crop_mask(entry_id, pipeline_dir):
     """Paste-back alone: the official crop mask pasted by our rule is the official scan mask (ties aside)."""
-    entry = _entry(entry_id, pipeline_dir)
-    arrays = np.load(pipeline_dir / entry["npz"])
-    prep = PreparedScan(load_scan(_shared_file(entry["image"], entry["image_sha256"])))
-    crop = prep.crop_from_affine(entry["crop"]["A_roi"], 128)
+    _, arrays, prep, crop = _official_crop(entry_id, pipeline_dir)
     pasted = prep.paste_back(crop, arrays["crop_mask"], np.zeros(prep.scan.shape, np.uint8))
     decided = arrays["mask_tie_undecided"] == 0
     assert np.array_equal(pasted[decided], arrays["mask"][decided])
@@ -193,6 +199,4 @@ def test_trainer_validation_crop_is_the_official_crop(entry_id, pipeline_dir):
     if "input_f16" in arrays.files:
         official = arrays["input_f16"][0, 0].astype(np.float32)
         close = np.abs(sample["image"][0].numpy() - official) <= 2.0 ** -11 * np.abs(official) + 1e-3
-        knife = arrays["input_truncation_knife_edge"].astype(bool) if entry["scan"]["stored_dtype"] != "float32" \
-            else np.zeros(official.shape, bool)
-        assert (close | knife).all()
+        assert (close | _knife_edge(entry, arrays)).all()
