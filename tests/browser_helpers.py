@@ -125,7 +125,12 @@ class Browser:
             buttons = self.driver.find_elements(By.XPATH, f"//button[normalize-space(text())='{text}']")
             return next((b for b in buttons if b.is_displayed()), None)
 
-        self.js("arguments[0].click();", wait_until(find, timeout_s, f"a visible {text!r} button"))
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        button = wait_until(find, timeout_s, f"a visible {text!r} button")
+        self.js("arguments[0].scrollIntoView({block: 'center'});", button)
+        # A real mouse click: some OHIF dialogs act on pointer events, not on a scripted click().
+        ActionChains(self.driver).move_to_element(button).click().perform()
 
     def point_count(self) -> int:
         """How many point-prompt annotations OHIF holds (cornerstone's annotation manager)."""
