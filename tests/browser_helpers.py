@@ -117,8 +117,9 @@ class Browser:
         element = wait_until(find, timeout_s, f"a visible element with the text {text!r}")
         self.js("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
 
-    def click_button(self, text: str, timeout_s: float = 30.0) -> None:
-        """Click the visible ``<button>`` labelled ``text``."""
+    def click_button(self, text: str, timeout_s: float = 30.0, real_mouse: bool = False) -> None:
+        """Click the visible ``<button>`` labelled ``text`` (scripted, or with the mouse: some OHIF dialogs act
+        on pointer events only)."""
         from selenium.webdriver.common.by import By
 
         def find():
@@ -128,9 +129,11 @@ class Browser:
         from selenium.webdriver.common.action_chains import ActionChains
 
         button = wait_until(find, timeout_s, f"a visible {text!r} button")
-        self.js("arguments[0].scrollIntoView({block: 'center'});", button)
-        # A real mouse click: some OHIF dialogs act on pointer events, not on a scripted click().
-        ActionChains(self.driver).move_to_element(button).click().perform()
+        if real_mouse:
+            self.js("arguments[0].scrollIntoView({block: 'center'});", button)
+            ActionChains(self.driver).move_to_element(button).click().perform()
+        else:
+            self.js("arguments[0].click();", button)
 
     def point_count(self) -> int:
         """How many point-prompt annotations OHIF holds (cornerstone's annotation manager)."""

@@ -312,11 +312,14 @@ def test_a_seg_stored_by_ohif_is_the_final_label(stack, tmp_path):
         if len(stack.orthanc.series_of_modality("SEG")) > segs_before:
             return True
         if "Create Report" in browser.body_text():  # the click was lost: press Save again
-            browser.click_button("Save")
+            browser.click_button("Save", real_mouse=True)
         return False
 
     wait_until(stored, 90, "OHIF's SEG on Orthanc", poll_s=3.0)
     browser.screenshot(stack.artifacts / "06_seg_stored_by_ohif.png")
+    stow = [r for r in browser.requests_to("/proxy/dicom") if r["method"] == "POST"]
+    assert stow and stow[-1]["status"] == 200, stow
+    print(f"OHIF stored its SEG with POST {stow[-1]['url'].replace(server.url, '')} -> {stow[-1]['status']}")
 
     sys.path.insert(0, str(APP_DIR))
     try:
