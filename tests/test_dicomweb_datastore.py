@@ -153,6 +153,11 @@ def test_server_starts_offline_and_saves_a_final_label_as_dicom_seg(orthanc, ser
         response = requests.put(f"{server.url}/datastore/label", params={"image": image_id},
                                 files={"label": ("small.nii.gz", small.read_bytes())}, timeout=120)
         assert response.status_code == 422 and "10x10x10" in response.json()["detail"], response.text
+        # Saving the session's map (OHIF's documented save) before any click: a clear 422.
+        response = requests.post(f"{server.url}/infer/sam_med3d", params={"image": image_id, "output": "json"},
+                                 files={"params": (None, json.dumps({"save_label": True, "label_tag": "final"}))},
+                                 timeout=120)
+        assert response.status_code == 422 and "nothing to save" in response.json()["detail"], response.text
         assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
         assert len(orthanc.series_of_modality("SEG")) == 1
     finally:
