@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto", help="--conf device (auto, cpu, cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="first/follow-up click pairs (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server log)")
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="extra --conf option for the server, e.g. --conf extension off (repeatable)")
     args = parser.parse_args()
 
     image = SPLEEN / "imagesTr" / "spleen_8.nii.gz"
@@ -92,7 +94,7 @@ def main() -> int:
 
     server = start_server(copy_app(root / "app"), studies,
                           {"checkpoint": checkpoint, "device": args.device, "labels": "spleen=1",
-                           "model_dir": str(root / "model")},
+                           "model_dir": str(root / "model"), **dict(args.conf)},
                           log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
     try:
         client = MONAILabelClient(server.url, tmpdir=str(root))

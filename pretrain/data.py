@@ -37,7 +37,7 @@ from monai.data import PersistentDataset
 from monai.transforms import Compose, CropForegroundd, MapTransform
 from torch.utils.data import Dataset, DistributedSampler
 
-from sam_med3d.training import crop_transforms, preprocess_transforms
+from sam_med3d.training import crop_transforms, preprocess_transforms, validation_transforms
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
 CACHE_VERSION = 1
@@ -329,6 +329,31 @@ class TargetDataset(Dataset):
         out = self.transform({"image": record["image"], "label": record["label"],
                               "label_value": target.label_value})
         return {"image": out["image"], "label": out["label"], "index": i}
+
+
+class OfficialValidationDataset(Dataset):
+    """Validation targets as inference sees them: ``dataset[i]`` -> ``{"image", "label", "index"}`` from
+    :func:`sam_med3d.training.validation_transforms` on the original files (the official pipeline's crop around
+    the target), not from the training cache's frame. Samples are computed once and kept (validation repeats
+    the same targets every time)."""
+
+    def __init__(self, cases: Sequence[Case], targets: Sequence[Target], crop_size: int) -> None:
+        self.cases = list(cases)
+        self.targets = list(targets)
+        self.transform = validation_transforms(crop_size)
+        self._samples: Dict[int, Dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if i not in self._samples:
+            target = self.targets[i]
+            case = self.cases[target.case_index]
+            out = self.transform({"image": case.image, "label": case.label, "label_value": target.label_value})
+            self._samples[i] = {"image": out["image"], "label": out["label"].bool()}
+        sample = self._samples[i]
+        return {"image": sample["image"], "label": sample["label"].float(), "index": i}
 
 
 class ResumableDistributedSampler(DistributedSampler):

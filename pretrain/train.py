@@ -216,8 +216,8 @@ def prepare_data(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistC
                          f"({len(cases)} cases); lower data.min_target_voxels or add data")
     train_ds = pdata.TargetDataset(cache, train_targets, crop_size, augment=True, jitter=int(d["jitter"]),
                                    seed=int(cfg["seed"]), memory_cases=int(d["memory_cases"]))
-    val_ds = (pdata.TargetDataset(cache, val_targets, crop_size, augment=False, seed=int(cfg["seed"]),
-                                  memory_cases=int(d["memory_cases"])) if val_targets else None)
+    # Validation on the crops inference sees (the official pipeline), from the original files.
+    val_ds = pdata.OfficialValidationDataset(cases, val_targets, crop_size) if val_targets else None
     if ctx.is_main:
         (out_dir / "targets.json").write_text(json.dumps(
             {"train": pdata.describe_targets(cases, train_targets),
