@@ -224,6 +224,25 @@ class Browser:
             raise RuntimeError("no axial viewport in OHIF")
         return float(xy[0]), float(xy[1])
 
+    def segment_label_at(self, ijk: Sequence[int]) -> Optional[str]:
+        """The label of OHIF's segment at voxel ``(i, j, k)`` of its first segmentation (None: background)."""
+        return self.js("""
+            const [i, j, k] = arguments[0];
+            const seg = window.services.segmentationService.getSegmentations()[0];
+            if (!seg) return 'no segmentation';
+            const labelmap = seg.representationData.Labelmap;
+            let value;
+            if (labelmap.volumeId) {
+              const volume = cornerstone.cache.getVolume(labelmap.volumeId);
+              value = volume.voxelManager.getAtIJK(i, j, k);
+            } else {  // one derived image per slice, in the order of the referenced images
+              const image = cornerstone.cache.getImage(labelmap.imageIds[k]);
+              value = image.voxelManager.getScalarData()[j * image.columns + i];
+            }
+            if (!value) return null;
+            const segment = seg.segments[value];
+            return segment ? segment.label : `segment ${value}`;""", [int(v) for v in ijk])
+
     def click_page(self, x: float, y: float) -> None:
         """A mouse click at page coordinates (on whatever tool is active there)."""
         from selenium.webdriver.common.actions.action_builder import ActionBuilder

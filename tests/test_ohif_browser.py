@@ -8,7 +8,8 @@ bundled offline model, and the OHIF bundled with MONAI Label 0.8.5 in headless C
 2. chooses ``spleen`` under Point Prompts, clicks inside the spleen (ground truth) on the axial slice shown,
    presses Run, and checks the request OHIF sent (its shape, the clicked voxel), the NRRD it got back (shape,
    values, the clicked voxel inside the mask, overlap with the ground truth) and the viewport (the mask's
-   colour appears where the mask is, and nowhere far from it);
+   colour appears where the mask is, and nowhere far from it; the clicked voxel is in OHIF's segment named
+   ``spleen``, although OHIF numbers its segments alphabetically);
 3. saves the label with the documented command (the bundled OHIF has no save button): the session's label map
    becomes the final label, a DICOM SEG on Orthanc that reads back voxel-identical with highdicom;
 4. presses Update Model and waits for training to finish (2 epochs), then clicks again in OHIF: the server
@@ -208,6 +209,9 @@ def test_ohif_click_save_train_click(stack):
 
     inside = wait_until(mask_drawn, 30, "the spleen mask drawn in the axial viewport")
     print(f"viewport: {inside:.0%} of sampled mask pixels drawn in the segment colour")
+    # OHIF numbers its segments alphabetically, not by the server's values: the voxel clicked must still be in
+    # OHIF's segment named spleen.
+    assert browser.segment_label_at(target) == SPLEEN
     after = _png(browser, stack.artifacts / "03_mask_in_ohif.png")
     far_x, far_y = browser.voxel_to_page((511 - column, 511 - row, k))
     assert not _tinted(after[int(far_y), int(far_x)]), "segment colour far from the mask"
