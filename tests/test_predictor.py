@@ -182,6 +182,13 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     assert not back.encoder_ran and back.crop_box == first.crop_box
 
 
+def test_a_repeated_request_reports_its_crops(spleen):
+    predictor, _ = spleen
+    first = predictor.predict([[300, 200, 16]], [1])
+    again = predictor.predict([[300, 200, 16]], [1])
+    assert again.decode_steps == 0 and again.timings["crops"] == len(first.crop_boxes) == first.timings["crops"]
+
+
 def test_without_extension_one_region_per_label(data_dir):
     predictor = Sam3DPredictor(SphereSam3D(img_size=64), extension=False)
     predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")

@@ -521,7 +521,7 @@ class Sam3DPredictor:
     @staticmethod
     def _repeat(result: PredictionResult, start_time: float) -> PredictionResult:
         timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0,
-                   "total": time.perf_counter() - start_time}
+                   "crops": len(result.crop_boxes) or 1, "total": time.perf_counter() - start_time}
         return replace(result, timings=timings, encoder_ran=False, decode_steps=0)
 
 
