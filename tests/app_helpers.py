@@ -92,18 +92,25 @@ def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path
     log = open(log_path, "wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = Server(process, f"http://{host}:{port}", log_path)
+    wait_until_answering(server, f"{server.url}/info/", "the MONAI Label server", timeout_s, interval_s=1.0)
+    return server
+
+
+def wait_until_answering(service, url: str, what: str, timeout_s: float, interval_s: float = 0.5) -> None:
+    """Poll ``url`` until it answers 200; stop ``service`` (``.process``, ``.stop()``, ``.log_tail()``) and raise
+    with its log tail if its process exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the MONAI Label server exited with code {process.returncode}:\n{server.log_tail()}")
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {service.process.returncode}:\n{service.log_tail()}")
         try:
-            if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
-                return server
+            if requests.get(url, timeout=5).status_code == 200:
+                return
         except requests.RequestException:
             pass
-        time.sleep(1.0)
-    server.stop()
-    raise RuntimeError(f"the MONAI Label server did not answer /info/ within {timeout_s} s:\n{server.log_tail()}")
+        time.sleep(interval_s)
+    service.stop()
+    raise RuntimeError(f"{what} did not answer {url} within {timeout_s} s:\n{service.log_tail()}")
 
 
 def wait_for_training(url: str, timeout_s: float = 600.0, poll_s: float = 2.0) -> dict:

@@ -22,9 +22,9 @@ import numpy as np
 import requests
 
 try:
-    from app_helpers import free_port
+    from app_helpers import free_port, wait_until_answering
 except ImportError:  # imported as tests.dicomweb_helpers
-    from tests.app_helpers import free_port
+    from tests.app_helpers import free_port, wait_until_answering
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"
@@ -109,18 +109,8 @@ def start_orthanc(work_dir: Path, timeout_s: float = 60.0) -> Orthanc:
     process = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
                                cwd=work_dir, start_new_session=True)
     orthanc = Orthanc(process, port, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with code {process.returncode}:\n{orthanc.log_tail()}")
-        try:
-            if requests.get(f"{orthanc.dicomweb}/studies", timeout=5).status_code == 200:
-                return orthanc
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    orthanc.stop()
-    raise RuntimeError(f"Orthanc did not answer within {timeout_s} s:\n{orthanc.log_tail()}")
+    wait_until_answering(orthanc, f"{orthanc.dicomweb}/studies", "Orthanc", timeout_s)
+    return orthanc
 
 
 def _uid(*parts: str) -> str:
