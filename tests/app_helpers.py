@@ -43,12 +43,11 @@ def copy_app(destination: Path) -> Path:
     return destination
 
 
-class Server:
-    """A running ``monailabel start_server`` process (see :func:`start_server`)."""
+class LoggedProcess:
+    """A service process started in its own process group, with its log file."""
 
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+    def __init__(self, process: subprocess.Popen, log_path: Path):
         self.process = process
-        self.url = url
         self.log_path = log_path
 
     def log_tail(self, lines: int = 60) -> str:
@@ -56,7 +55,7 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        """Stop the server and its subprocesses (the process group created for it)."""
+        """Stop the process and its children (the process group created for it): SIGTERM, then SIGKILL."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -67,6 +66,14 @@ class Server:
                 except ProcessLookupError:
                     pass
                 self.process.wait(timeout=10)
+
+
+class Server(LoggedProcess):
+    """A running ``monailabel start_server`` process (see :func:`start_server`)."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        super().__init__(process, log_path)
+        self.url = url
 
 
 def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path: Path,

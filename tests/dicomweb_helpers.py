@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import List, Optional
@@ -22,9 +19,9 @@ import numpy as np
 import requests
 
 try:
-    from app_helpers import free_port, wait_until_answering
+    from app_helpers import LoggedProcess, free_port, wait_until_answering
 except ImportError:  # imported as tests.dicomweb_helpers
-    from tests.app_helpers import free_port, wait_until_answering
+    from tests.app_helpers import LoggedProcess, free_port, wait_until_answering
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"
@@ -41,19 +38,14 @@ def orthanc_missing() -> Optional[str]:
     return None
 
 
-class Orthanc:
+class Orthanc(LoggedProcess):
     """A running Orthanc; ``dicomweb`` is its DICOMweb root (``http://127.0.0.1:PORT/dicom-web``)."""
 
     def __init__(self, process: subprocess.Popen, port: int, log_path: Path):
-        self.process = process
+        super().__init__(process, log_path)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.dicomweb = f"{self.url}/dicom-web"
-        self.log_path = log_path
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
     def upload(self, files: List[Path]) -> None:
         """Store DICOM files through Orthanc's REST API (``POST /instances``)."""
@@ -66,18 +58,6 @@ class Orthanc:
         response = requests.get(f"{self.dicomweb}/series", params={"Modality": modality}, timeout=30)
         response.raise_for_status()
         return response.json() if response.text.strip() else []
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(timeout=10)
 
 
 def start_orthanc(work_dir: Path, timeout_s: float = 60.0) -> Orthanc:
