@@ -3,7 +3,9 @@
 # MONAI Label with the SAM-Med3D app (default model: SAM-Med3D-turbo, downloaded into apps/sam_med3d/model/
 # on the first start; the bundled offline model when that download fails).
 #
-#   bash scripts/serve.sh                                   # studies/ (made if empty), 0.0.0.0:8000
+#   bash scripts/serve.sh                                   # studies/ (made if empty), 127.0.0.1:8000
+#   HOST=0.0.0.0 bash scripts/serve.sh                      # reachable from other machines (read docs/app.md
+#                                                           # "Exposing the server" first: no auth by default)
 #   STUDIES=/data/ct PORT=8001 bash scripts/serve.sh        # your own folder of NIfTI/NRRD scans
 #   STUDIES=http://127.0.0.1:8042/dicom-web bash scripts/serve.sh   # a DICOMweb server (needed for OHIF)
 #   bash scripts/serve.sh --conf labels spleen=1,liver=2 --conf checkpoint /path/to/sam_med3d_turbo.pth
@@ -18,7 +20,8 @@ bash scripts/setup.sh
 source .venv/bin/activate
 
 STUDIES=${STUDIES:-studies}
-HOST=${HOST:-0.0.0.0}
+# Loopback only unless the user asks for more: the API has no authentication by default.
+HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 
 if [[ ! "$STUDIES" =~ ^https?:// ]] && [ -z "$(ls -A "$STUDIES" 2>/dev/null || true)" ]; then

@@ -142,6 +142,26 @@ def test_single_label_foreground_background_shape(app_lib):
     np.testing.assert_array_equal(clicks[0].point_labels, [1, 1, 0])
 
 
+@pytest.mark.parametrize("params, message", [
+    ({"spleen": [[1e308, 1, 1]], "label": "spleen"}, r"out of range \(1e\+308\)"),
+    ({"spleen": [[10 ** 400, 1, 1]], "label": "spleen"}, "integer of 401 digits"),
+    ({"spleen": [[1, 2, 3]] * 60, "background": [[4, 5, 6]] * 41, "label": "spleen"}, r"too many clicks.*101"),
+])
+def test_absurd_coordinates_and_click_floods_are_refused_by_name(app_lib, params, message):
+    with pytest.raises(ValueError, match=message):
+        app_lib["infers.clicks"].parse_clicks(params, {"background": 0, "spleen": 1})
+
+
+def test_cors_origins_option_accepts_origins_only(app_lib):
+    options = app_lib["configs.options"]
+    parsed = options.AppOptions.from_conf({"cors_origins": "https://a.example.org,http://b.local:3000/"}, "/tmp")
+    assert parsed.cors_origins == ("https://a.example.org", "http://b.local:3000")
+    assert options.AppOptions.from_conf({}, "/tmp").cors_origins == ()
+    for bad in ("*", "a.example.org", "https://a.example.org/ohif", "ftp://x"):
+        with pytest.raises(ValueError, match="cors_origins"):
+            options.AppOptions.from_conf({"cors_origins": bad}, "/tmp")
+
+
 def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):
     import sam_med3d.checkpoint as checkpoint
 

@@ -32,6 +32,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.sam_med3d import SamMed3DConfig
+from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.trainers.preflight import install_train_preflight
 
@@ -106,5 +107,7 @@ class SamMed3DApp(MONAILabelApp):
                 task.warm_up()
         # A Train request with nothing to train on is refused here (409), not in the training subprocess.
         install_train_preflight(self)
+        # Only the configured web origins (default: none) may read the API's answers from their pages.
+        install_cors_policy(self.config.options.cors_origins)
         self._prefetch_dicomweb()
         super().on_init_complete()

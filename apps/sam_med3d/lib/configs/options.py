@@ -39,6 +39,7 @@ DEFAULTS: Dict[str, str] = {
     "extension": "slide",
     "extension_max_crops": "8",
     "extension_time_s": "10",
+    "cors_origins": "",
 }
 
 HELP: Dict[str, str] = {
@@ -64,7 +65,19 @@ HELP: Dict[str, str] = {
                  "'zoom' (coarse 3 mm pass, then 1.5 mm crops) or 'off' (one crop, the official behaviour)",
     "extension_max_crops": "most crops one click may use for a structure larger than a crop",
     "extension_time_s": "time budget (s) per click for extra crops; the mask so far is returned when it runs out",
+    "cors_origins": "web origins whose pages may call the API, comma-separated (e.g. https://viewer.example.org); "
+                    "default none (OHIF at /ohif/ is same-origin, Slicer is not a browser)",
 }
+
+def _origins(value: str) -> tuple:
+    origins = tuple(o.strip().rstrip("/") for o in str(value).split(",") if o.strip())
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest or "*" in origin:
+            raise ValueError(f"--conf cors_origins: {origin!r} is not an origin like https://viewer.example.org "
+                             "(scheme and host[:port], no path, no wildcard)")
+    return origins
+
 
 def _extension(value: str) -> str:
     text = str(value).strip().lower()
@@ -221,6 +234,7 @@ class AppOptions:
     extension: str = "slide"
     extension_max_crops: int = 8
     extension_time_s: float = 10.0
+    cors_origins: tuple = ()
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -259,5 +273,6 @@ class AppOptions:
             extension=_extension(values["extension"]),
             extension_max_crops=_int("extension_max_crops", values["extension_max_crops"], 1),
             extension_time_s=_float("extension_time_s", values["extension_time_s"], 0.0, 3600.0),
+            cors_origins=_origins(values["cors_origins"]),
             raw=values,
         )

@@ -21,7 +21,10 @@ Which labels are (re)segmented:
 - ``"label"`` is ``"background"`` or absent: every label that has at least one click (a background click
   changes every label's mask).
 
-Coordinates may be integers or floats (rounded to the nearest voxel); anything else is refused.
+Coordinates may be integers or floats (rounded to the nearest voxel); anything else is refused, and so are
+coordinates beyond :data:`MAX_COORDINATE` in magnitude (``1e308``, a 400-digit integer: no scan is that large)
+and requests with more than :data:`MAX_CLICKS` clicks in all (each click is one decoder run: a request with
+thousands would hold the server for minutes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 BACKGROUND = "background"
+#: Largest accepted coordinate magnitude (voxels); anything beyond is not a voxel of any scan.
+MAX_COORDINATE = 1e6
+#: Most clicks (all labels and background together) one request may carry.
+MAX_CLICKS = 100
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,12 @@ def _point(raw: Any, where: str) -> Tuple[int, int, int]:
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise ValueError(f"click {raw!r} in {where} has a non-numeric coordinate {c!r}; "
                              "coordinates are voxel indices (numbers)")
-        if not math.isfinite(c):
+        if isinstance(c, float) and not math.isfinite(c):
             raise ValueError(f"click {raw!r} in {where} has a non-finite coordinate {c!r}")
+        if abs(c) > MAX_COORDINATE:
+            shown = f"{c:.3g}" if isinstance(c, float) else f"an integer of {len(str(abs(c)))} digits"
+            raise ValueError(f"click in {where} has a coordinate out of range ({shown}); coordinates are voxel "
+                             "indices of the scan")
         coords.append(int(round(c)))
     return coords[0], coords[1], coords[2]
 
@@ -133,6 +144,10 @@ def parse_clicks(request: Mapping[str, Any], labels: Mapping[str, int]) -> List[
                              "{\"<label>\": [[i, j, k], ...], \"label\": \"<label>\"} (Slicer/OHIF DeepEdit) or "
                              "{\"foreground\": [[i, j, k], ...], \"background\": [...], \"label\": \"<label>\"}")
 
+    total = len(background) + sum(len(positives.get(name) or []) for name in positives)
+    if total > MAX_CLICKS:
+        raise ValueError(f"too many clicks in one request: {total} (at most {MAX_CLICKS}); send the clicks as the "
+                         "viewer does, the full list so far of one annotation session")
     result = []
     for name in sorted(targets, key=lambda n: labels[n]):
         pos = positives[name]
