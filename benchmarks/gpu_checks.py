@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Every GPU-only check of the project in one run, one table (called by ``benchmarks/gpu_check.sh``).
+
+Checks (each in its own process group, with its own timeout; one failing does not stop the others):
+
+- ``encoder``: ``vit_b_ori`` (random weights, seed 0) on a random 128^3 crop, fp32 and bf16 autocast, fast vs
+  reference attention path (``set_attention_impl``). Tolerances: fp32 fast vs reference
+  ``torch.allclose(atol=1e-4, rtol=1e-3)`` (TF32 off); bf16 fast vs bf16 reference and bf16 fast vs fp32
+  reference: max abs diff < 0.1 and cosine > 0.999 (the embedding is LayerNorm-ed, values of order 1).
+- ``click_latency``: ``benchmarks/app_latency.py --device cuda --random-weights vit_b_ori --conf extension off``
+  (the real server; one crop per click, since untrained weights would send the extension into up to 8 crops).
+- ``app_training``: the real server on CUDA (``vit_b_ori`` random weights, the spleen CT of ``../shared/data``),
+  a saved final label, ``POST /train/sam_med3d`` with ``max_epochs=1``, waits until DONE and checks that the
+  fine-tuned weights were published.
+- ``pretrain``: ``torchrun --standalone --nproc_per_node=1 pretrain/train.py`` (``vit_b_ori`` config, batch 2,
+  ``train.amp=bf16``, ``--device cuda``) for a few steps on synthetic phantoms; samples/s from ``metrics.jsonl``.
+
+Without CUDA every check prints ``<name>: skipped: CUDA is not available`` and the exit status is 0. The exit
+status is 1 only if a check that ran failed (or timed out).
+
+    python benchmarks/gpu_checks.py                  # --device auto: run on CUDA if present, else skip all
+    python benchmarks/gpu_checks.py --only encoder   # a subset (repeatable)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared"))
+SKIP_REASON = "CUDA is not available"
+#: seconds a timed-out check gets after SIGTERM (to stop its server) before SIGKILL
+GRACE_S = 10
+
+#: (name, what it runs, timeout in seconds); with GRACE_S each, the timeouts add up to < 8 minutes.
+CHECKS = [
+    ("encoder", "vit_b_ori encoder fp32/bf16, fast vs reference", 75),
+    ("click_latency", "first/follow-up click via the server (app_latency.py)", 120),
+    ("app_training", "1 fine-tuning epoch via POST /train/sam_med3d", 140),
+    ("pretrain", "pretrain/train.py under torchrun, 1 GPU, bf16", 90),
+]
+
+
+class DeviceError(ValueError):
+    """A device was asked for that this machine cannot provide."""
+
+
+def select_device(requested: str = "auto", cuda_available: Optional[bool] = None) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; ``cuda``/``cuda:N`` without CUDA is an error.
+
+    Raises:
+        DeviceError: ``cuda`` was asked for and CUDA is not available, or the name is not a device.
+    """
+    if cuda_available is None:
+        import torch
+        cuda_available = torch.cuda.is_available()
+    name = (requested or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not cuda_available:
+            raise DeviceError(f"--device {requested} was asked for, but {SKIP_REASON} "
+                              "(torch.cuda.is_available() is False); use --device auto or cpu")
+        return name
+    raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _install_sigterm_exit() -> None:
+    """SIGTERM (the parent's timeout) raises SystemExit, so ``finally`` blocks stop the servers we started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+
+
+def worker_encoder(device: str, arch: str) -> Dict:
+    import statistics
+
+    import torch
+    from sam_med3d import build_sam_med3d
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_sam_med3d(arch).to(device).eval()
+    encoder = model.image_encoder
+    size = model.img_size
+    runs = 5
+    image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    on_cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    out, ms = {}, {}
+    for dtype in ("fp32", "bf16"):
+        for impl in ("fast", "reference"):
+            encoder.set_attention_impl(impl)
+            autocast = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
+                                      enabled=dtype == "bf16")
+
+            def encode() -> torch.Tensor:
+                with torch.no_grad(), autocast:
+                    return encoder(image)
+
+            encode()
+            sync()
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                emb = encode()
+                sync()
+                times.append(time.perf_counter() - start)
+            out[dtype, impl] = emb.float()
+            ms[f"{dtype} {impl}"] = 1000 * statistics.median(times)
+
+    def stats(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        return {"max_abs": float((a - b).abs().max()), "cosine": float(cos)}
+
+    fp32 = stats(out["fp32", "fast"], out["fp32", "reference"])
+    fp32_ok = bool(torch.allclose(out["fp32", "fast"], out["fp32", "reference"], atol=1e-4, rtol=1e-3))
+    bf16 = stats(out["bf16", "fast"], out["bf16", "reference"])
+    bf16_vs_fp32 = stats(out["bf16", "fast"], out["fp32", "reference"])
+    bf16_ok = all(s["max_abs"] < 0.1 and s["cosine"] > 0.999 for s in (bf16, bf16_vs_fp32))
+    timing = ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+    summary = (f"ms/forward: {timing}; fp32 fast-ref max {fp32['max_abs']:.1e} (allclose 1e-4/1e-3: "
+               f"{'yes' if fp32_ok else 'NO'}); bf16 fast-ref max {bf16['max_abs']:.3f} cos {bf16['cosine']:.5f}, "
+               f"bf16 fast vs fp32 ref max {bf16_vs_fp32['max_abs']:.3f} cos {bf16_vs_fp32['cosine']:.5f}")
+    return {"ok": fp32_ok and bf16_ok, "summary": summary,
+            "details": {"ms": ms, "fp32": fp32, "bf16": bf16, "bf16_vs_fp32": bf16_vs_fp32}}
+
+
+def worker_click_latency(device: str, arch: str) -> Dict:
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import app_latency
+
+    buffer = io.StringIO()
+    argv = sys.argv
+    sys.argv = ["app_latency.py", "--device", device, "--random-weights", arch, "--repeats", "3",
+                # untrained weights fill the crop, and the extension would follow them into up to 8 crops
+                "--conf", "extension", "off"]
+    try:
+        with contextlib.redirect_stdout(buffer):
+            rc = app_latency.main()
+    finally:
+        sys.argv = argv
+    text = buffer.getvalue()
+    print(text, file=sys.stderr)  # the full table goes to the check's log
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("total", "round trip", "encode", "decode"):
+            rows[cells[0]] = (float(cells[1].split()[0]), float(cells[2].split()[0]))
+    ran = next((line for line in text.splitlines() if line.startswith("encoder ran on")), "")
+    if rc != 0 or "total" not in rows:
+        return {"ok": False, "summary": f"app_latency.py returned {rc}; no table parsed"}
+    first, follow = rows["total"]
+    summary = (f"extension off; server total first {first:.3f} s, follow-up {follow:.3f} s (mean of 3; round trip "
+               f"{rows['round trip'][0]:.3f} / {rows['round trip'][1]:.3f} s; encode {rows['encode'][0]:.3f} s); "
+               f"{ran}")
+    return {"ok": True, "summary": summary, "details": {"rows": rows}}
+
+
+def worker_app_training(device: str, arch: str) -> Dict:
+    import shutil
+
+    import torch
+    from monailabel.client import MONAILabelClient
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from app_helpers import copy_app, start_server, wait_for_training
+
+    spleen = SHARED / "data" / "msd_spleen_ct"
+    image, label = spleen / "imagesTr" / "spleen_8.nii.gz", spleen / "labelsTr" / "spleen_8.nii.gz"
+    if not (image.is_file() and label.is_file()):
+        return {"ok": False, "summary": f"{image} / {label} not found (shared data expected at {SHARED})"}
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(image, studies / "spleen_8.nii.gz")
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(build_sam_med3d(arch), root / f"{arch}.pt")
+    model_dir = root / "model"
+    server = start_server(copy_app(root / "app"), studies,
+                          {"checkpoint": str(checkpoint), "device": device, "labels": "spleen=1",
+                           "model_dir": str(model_dir), "extension": "off"},
+                          log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    try:
+        client = MONAILabelClient(server.url, tmpdir=str(root))
+        client.save_label("spleen_8", str(label), tag="final")
+        start = time.perf_counter()
+        client.train_start("sam_med3d", {"max_epochs": 1, "val_split": 0.0})
+        status = wait_for_training(server.url, timeout_s=110)
+        seconds = time.perf_counter() - start
+        stats = client.info().get("train_stats", {}).get("sam_med3d", {})
+        log = (root / "server.log").read_text(errors="replace")  # the server's and the training subprocess's
+    finally:
+        server.stop()
+    published = sorted(p.name for p in model_dir.glob("finetuned_*.pt")) if model_dir.is_dir() else []
+    print(log, file=sys.stderr)
+    import re
+
+    used = re.findall(r"Using Device: (\S+?);", log)       # MONAI Label's trainer names its device
+    losses = re.findall(r"train_loss: ([0-9.eE+-]+)", log)
+    trainer_device = used[-1] if used else "not logged"
+    ok = status.get("status") == "DONE" and bool(published) and trainer_device.startswith(device.split(":")[0])
+    summary = (f"status {status.get('status')}, {seconds:.1f} s for request to DONE (1 image, 1 epoch); trainer "
+               f"device {trainer_device}; train_loss {losses[-1] if losses else '?'}; published "
+               f"{published or 'nothing'}; train_stats epoch {stats.get('epoch')}, "
+               f"total_time {stats.get('total_time')}")
+    if not ok:
+        summary += "; details: " + " | ".join(status.get("details", [])[-3:])[:300]
+    return {"ok": ok, "summary": summary, "details": {"status": status, "train_stats": stats}}
+
+
+def worker_pretrain(device: str, arch: str) -> Dict:
+    import statistics
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pretrain_throughput import make_phantoms
+
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_pretrain_"))
+    data = make_phantoms(root / "data", cases=8, size=96)
+    out = root / "run"
+    steps = 8
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(REPO / "pretrain" / "train.py"), "--config", str(REPO / "pretrain" / "configs" / f"{arch}.yaml"),
+           "--data", str(data), "--output", str(out), "--max-steps", str(steps), "--device", device,
+           "--no-progress", "--set", "train.amp=bf16", "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
+           "--set", "log.every_steps=1", "--set", "val.every_steps=0", "--set", "log.checkpoint_every_steps=0",
+           "--set", "data.val_max_targets=1", "--set", "val.clicks=1", "--set", "data.min_target_voxels=50",
+           "--set", "data.num_workers=2"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
+        return {"ok": False, "summary": f"torchrun exited {proc.returncode}: {last}"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    rates = [r["samples_per_s"] for r in train[1:]] or [r["samples_per_s"] for r in train]
+    if not rates:
+        return {"ok": False, "summary": "no train rows in metrics.jsonl"}
+    gpu = max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0)
+    summary = (f"{statistics.median(rates):.2f} samples/s (median of steps 2..{len(train)}, batch 2, {arch} config), "
+               f"peak GPU {gpu:.1f} GB, loss {train[-1]['loss']:.3f}, wall {wall:.0f} s incl. start; "
+               "world size 1: pretrain/distributed.py creates no process group, so NCCL itself is not exercised")
+    return {"ok": True, "summary": summary, "details": {"rates": rates, "gpu_mem_gb": gpu}}
+
+
+WORKERS: Dict[str, Callable[[str, str], Dict]] = {
+    "encoder": worker_encoder, "click_latency": worker_click_latency,
+    "app_training": worker_app_training, "pretrain": worker_pretrain,
+}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _descendant_groups(pid: int) -> set:
+    """Process groups of ``pid`` and all its descendants (Linux ``/proc``), ``pid``'s own group included."""
+    children: Dict[int, List[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    groups, todo = {pid}, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            groups.add(os.getpgid(current))
+        except ProcessLookupError:
+            pass
+        todo.extend(children.get(current, []))
+    return groups
+
+
+def _signal_groups(groups: set, sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_check(name: str, timeout_s: float, device: str, log_dir: Path) -> Dict:
+    """Run one worker in its own process group; returns ``{"status", "summary", "seconds"}``."""
+    result_path = log_dir / f"{name}.json"
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
+           "--result", str(result_path)]
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # The servers a worker starts run in their own sessions: note every descendant's process group
+            # now, let the worker stop them (SIGTERM -> SystemExit -> finally), then kill what is left.
+            groups = _descendant_groups(proc.pid)
+            _signal_groups(groups, signal.SIGTERM)
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_groups(groups | _descendant_groups(proc.pid), signal.SIGKILL)
+            proc.wait()
+            return {"status": "FAILED", "summary": f"timed out after {timeout_s:.0f} s (log: {log_path})",
+                    "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    if rc != 0 or not result_path.is_file():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return {"status": "FAILED", "summary": f"exit {rc}: {tail[0][:200]} (log: {log_path})", "seconds": seconds}
+    result = json.loads(result_path.read_text())
+    return {"status": "ok" if result["ok"] else "FAILED", "summary": result["summary"], "seconds": seconds}
+
+
+def print_table(rows: List[Dict]) -> None:
+    print("\n| check | status | result | s |")
+    print("|---|---|---|---|")
+    for row in rows:
+        seconds = f"{row['seconds']:.0f}" if row.get("seconds") is not None else "-"
+        print(f"| {row['name']} | {row['status']} | {row['summary']} | {seconds} |")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N; cpu skips every check")
+    parser.add_argument("--only", action="append", choices=[c[0] for c in CHECKS], help="run only these checks")
+    parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every check's timeout")
+    parser.add_argument("--log-dir", default=None, help="folder for the per-check logs (default: a temp folder)")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    # internal: a smaller architecture, to smoke-test a worker on CPU (--worker NAME --device cpu --arch vit_mini)
+    parser.add_argument("--arch", default="vit_b_ori", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        _install_sigterm_exit()
+        result = WORKERS[args.worker](args.device, args.arch)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    try:
+        device = select_device(args.device)
+    except DeviceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    checks = [c for c in CHECKS if not args.only or c[0] in args.only]
+    rows = []
+    if not device.startswith("cuda"):
+        why = SKIP_REASON if args.device == "auto" else f"--device {args.device}"
+        for name, what, _ in checks:
+            print(f"{name}: skipped: {why}", flush=True)
+            rows.append({"name": name, "status": "skipped", "summary": f"{what}; {why}", "seconds": None})
+        print_table(rows)
+        return 0
+
+    import torch
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gpu_check_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"GPU checks on {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda});"
+          f" logs in {log_dir}", flush=True)
+    for name, what, timeout_s in checks:
+        print(f"{name}: running ({what}, timeout {timeout_s * args.timeout_scale:.0f} s)", flush=True)
+        row = {"name": name, **run_check(name, timeout_s * args.timeout_scale, device, log_dir)}
+        print(f"{name}: {row['status']} in {row['seconds']:.0f} s", flush=True)
+        rows.append(row)
+    print_table(rows)
+    return 1 if any(r["status"] == "FAILED" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
