@@ -221,11 +221,14 @@ def worker_app_training(device: str, arch: str) -> Dict:
                f"{published or 'nothing'}; train_stats epoch {stats.get('epoch')}, "
                f"total_time {stats.get('total_time')}")
     if not ok:
-        summary += "; details: " + " | ".join(status.get("details", [])[-3:])[:300]
+        summary += f"; details: {' | '.join(status.get('details', [])[-3:])[:300]}; kept {root}"
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     return {"ok": ok, "summary": summary, "details": {"status": status, "train_stats": stats}}
 
 
 def worker_pretrain(device: str, arch: str) -> Dict:
+    import shutil
     import statistics
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -248,13 +251,14 @@ def worker_pretrain(device: str, arch: str) -> Dict:
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
-        return {"ok": False, "summary": f"torchrun exited {proc.returncode}: {last}"}
+        return {"ok": False, "summary": f"torchrun exited {proc.returncode}: {last} (run folder {out})"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     rates = [r["samples_per_s"] for r in train[1:]] or [r["samples_per_s"] for r in train]
     if not rates:
         return {"ok": False, "summary": "no train rows in metrics.jsonl"}
     gpu = max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0)
+    shutil.rmtree(root, ignore_errors=True)   # kept when the run failed (above)
     summary = (f"{statistics.median(rates):.2f} samples/s (median of steps 2..{len(train)}, batch 2, {arch} config), "
                f"peak GPU {gpu:.1f} GB, loss {train[-1]['loss']:.3f}, wall {wall:.0f} s incl. start; "
                "world size 1: pretrain/distributed.py creates no process group, so NCCL itself is not exercised")
