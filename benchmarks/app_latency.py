@@ -118,7 +118,7 @@ def main() -> int:
     print(f"|{'-' * 14}|{'-' * 20}|{'-' * 20}|")
     for name in PHASES + ("round trip",):
         print(_row(name, first, follow))
-    ran = (sum(r["encoder_ran"] for r in first), sum(r["encoder_ran"] for r in follow))
+    ran = (sum(int(r["encoder_ran"]) for r in first), sum(int(r["encoder_ran"]) for r in follow))
     print(f"\nencoder ran on {ran[0]}/{len(first)} first clicks and {ran[1]}/{len(follow)} follow-up clicks")
     if args.keep:
         print(f"server log: {root / 'server.log'}")
