@@ -258,10 +258,12 @@ def worker_pretrain(device: str, arch: str) -> Dict:
     if not rates:
         return {"ok": False, "summary": "no train rows in metrics.jsonl"}
     gpu = max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0)
+    if "nccl process group" not in proc.stdout:
+        return {"ok": False, "summary": f"the run did not use an NCCL process group (run folder {out})"}
     shutil.rmtree(root, ignore_errors=True)   # kept when the run failed (above)
     summary = (f"{statistics.median(rates):.2f} samples/s (median of steps 2..{len(train)}, batch 2, {arch} config), "
                f"peak GPU {gpu:.1f} GB, loss {train[-1]['loss']:.3f}, wall {wall:.0f} s incl. start; "
-               "world size 1: pretrain/distributed.py creates no process group, so NCCL itself is not exercised")
+               "DDP over an NCCL process group of world size 1")
     return {"ok": True, "summary": summary, "details": {"rates": rates, "gpu_mem_gb": gpu}}
 
 

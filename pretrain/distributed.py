@@ -1,15 +1,17 @@
 """Process-group setup for ``torchrun`` (single node or multi-node) and plain single-process runs.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT`` through its
-rendezvous); without them the script runs as one process with no process group. The backend follows the
-device: NCCL when each process has a CUDA GPU, gloo on CPU.
+rendezvous). Under ``torchrun`` a process group is always created, also for a world size of 1, so that a
+single-GPU ``torchrun`` run goes through the same NCCL + DDP code as a multi-GPU one. A plain ``python
+pretrain/train.py`` (none of torchrun's variables) runs as one process with no process group. The backend
+follows the device: NCCL when each process has a CUDA GPU, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +34,14 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """True when this process is in a process group (launched by torchrun, any world size)."""
+        return self.backend is not None
+
+
+def launched_by_torchrun(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether torchrun (or another ``env://`` launcher) started this process: it sets all of these."""
+    environ = os.environ if environ is None else environ
+    return all(key in environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def setup(device: str = "auto") -> DistContext:
@@ -55,7 +64,7 @@ def setup(device: str = "auto") -> DistContext:
     else:
         dev = torch.device("cpu")
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
-    if world > 1:
+    if world > 1 or launched_by_torchrun():
         ctx.backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=ctx.backend, **kwargs)

@@ -329,7 +329,8 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         n_params = sum(p.numel() for p in sam.parameters())
         print(f"{cfg['model'] if isinstance(cfg['model'], str) else 'custom'} ({n_params / 1e6:.2f}M params) on "
-              f"{ctx.world_size} x {ctx.device.type}; {len(train_ds)} training targets, "
+              f"{ctx.world_size} x {ctx.device.type}"
+              f"{f' (DDP, {ctx.backend} process group)' if ctx.distributed else ''}; {len(train_ds)} training targets, "
               f"{len(val_ds) if val_ds else 0} validation; {steps_per_epoch} steps/epoch, {total_steps} steps",
               flush=True)
     log = MetricsLog(out_dir, ctx.is_main, step if resume_state is not None else None)

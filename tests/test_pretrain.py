@@ -184,6 +184,30 @@ def test_ddp_two_processes_on_cpu(small_data, shared_cache, tmp_path):
     assert (out / "best.pt").is_file() and _metrics(out, "val")
 
 
+def test_torchrun_with_one_process_uses_a_process_group(small_data, shared_cache, tmp_path):
+    """A single-process torchrun run goes through DDP over a process group (NCCL on a GPU, gloo here), as the
+    GPU check's world-size-1 run must, instead of silently running without one."""
+    out = tmp_path / "ddp1"
+    proc = _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", TRAIN, "--config", MINI,
+                 "--data", str(small_data), "--output", str(out), "--cache-dir", str(shared_cache),
+                 "--max-steps", "1", "--device", "cpu", "--set", "train.batch_size=1", *FAST])
+    assert "on 1 x cpu (DDP, gloo process group)" in proc.stdout, proc.stdout
+    assert "replicas in sync across 1 processes" in proc.stdout
+    assert [r["step"] for r in _metrics(out)] == [1]
+
+
+def test_plain_python_run_has_no_process_group(monkeypatch):
+    from pretrain import distributed as pdist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not pdist.launched_by_torchrun()
+    ctx = pdist.setup("cpu")
+    assert not ctx.distributed and ctx.backend is None and ctx.device == torch.device("cpu")
+    assert pdist.launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
+                                       "MASTER_PORT": "1"})
+
+
 def test_overfitting_one_case_lowers_the_loss(data_dir, shared_cache, tmp_path):
     root = tmp_path / "one"
     _link_case(data_dir / "sct_spinalcord_mri", "t2", root / "sct")
