@@ -25,7 +25,7 @@ DEFAULTS: Dict[str, str] = {
     "labels": "liver,spleen,kidney_right,kidney_left,lung_right,lung_left,vertebrae,aorta",
     "device": "auto",
     "model_dir": "",
-    "cache_size": "4",
+    "cache_size": "16",
     "cache_ttl_s": "1800",
     "preload": "true",
     "use_finetuned": "true",
@@ -40,6 +40,7 @@ DEFAULTS: Dict[str, str] = {
     "extension_max_crops": "8",
     "extension_time_s": "10",
     "cors_origins": "",
+    "max_voxels": "268435456",
 }
 
 HELP: Dict[str, str] = {
@@ -50,7 +51,8 @@ HELP: Dict[str, str] = {
     "labels": "label names and values: 'spleen=1,liver=2', 'spleen,liver' (values 1..N) or JSON without spaces",
     "device": "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
     "model_dir": "where downloaded and fine-tuned weights live (default: <app>/model)",
-    "cache_size": "how many images keep their predictor (image embedding, previous masks) between clicks",
+    "cache_size": "how many images keep their session (image embedding, each annotator's clicks and label map) "
+                  "between clicks",
     "cache_ttl_s": "seconds after its last click before an image's predictor is dropped",
     "preload": "load the model when the server starts (true) or on the first click (false)",
     "use_finetuned": "serve <model_dir>/finetuned_<base>.pt (written by training) when it exists",
@@ -67,6 +69,8 @@ HELP: Dict[str, str] = {
     "extension_time_s": "time budget (s) per click for extra crops; the mask so far is returned when it runs out",
     "cors_origins": "web origins whose pages may call the API, comma-separated (e.g. https://viewer.example.org); "
                     "default none (OHIF at /ohif/ is same-origin, Slicer is not a browser)",
+    "max_voxels": "largest scan accepted (voxels, read from the file's header before the data is decompressed); "
+                  "default 2^28 = 512x512x1024, about 1 GiB as float32",
 }
 
 def _origins(value: str) -> tuple:
@@ -235,6 +239,7 @@ class AppOptions:
     extension_max_crops: int = 8
     extension_time_s: float = 10.0
     cors_origins: tuple = ()
+    max_voxels: int = 268435456
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -274,5 +279,6 @@ class AppOptions:
             extension_max_crops=_int("extension_max_crops", values["extension_max_crops"], 1),
             extension_time_s=_float("extension_time_s", values["extension_time_s"], 0.0, 3600.0),
             cors_origins=_origins(values["cors_origins"]),
+            max_voxels=_int("max_voxels", values["max_voxels"], 1),
             raw=values,
         )
