@@ -1,0 +1,155 @@
+"""Device handling without a GPU: which device each component picks, and that the model and the predictor's
+torch steps create no tensor on a hard-coded device.
+
+The second part runs on *fake* CUDA tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): they carry a
+``cuda:0`` device and shapes but no data, so this CPU-only machine can execute the encoder, prompt encoder,
+mask decoder and the predictor's encode/decode steps "on CUDA". A tensor created on the CPU by mistake (a
+``torch.zeros(...)`` without ``device=``) meets a CUDA one and raises ``FakeTensorDeviceMismatchError``, the
+error a real GPU would give; the last test shows the check catches exactly that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "sam_med3d"
+
+
+# ------------------------------------------------------------------------------------------------ selection
+@pytest.fixture
+def app_options(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    sys.modules.pop("lib", None)
+    from lib.configs import options
+
+    yield options
+    for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        sys.modules.pop(name, None)
+
+
+def test_app_device_auto_follows_cuda_availability(app_options, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app_options.resolve_device("auto") == "cpu"
+    assert app_options.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        app_options.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert app_options.resolve_device("auto") == "cuda"
+    assert app_options.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        app_options.resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        app_options.resolve_device("tpu")
+
+
+def test_pretrain_device_selection(monkeypatch):
+    from pretrain import distributed as pdist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pdist.setup("auto").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        pdist.setup("cuda")
+    with pytest.raises(ValueError, match="--device must be"):
+        pdist.setup("gpu")
+
+
+def test_predictor_and_loaded_model_use_the_requested_device(tmp_path):
+    from sam_med3d import Sam3DPredictor, build_sam_med3d, load_model, save_checkpoint
+
+    model = build_sam_med3d("vit_mini")
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_model(path, device=torch.device("cpu"))
+    assert {p.device for p in loaded.parameters()} == {torch.device("cpu")}
+    predictor = Sam3DPredictor(loaded, device="cpu")
+    assert predictor.device == torch.device("cpu") and loaded.device == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- fake CUDA runs
+def _fake_cuda_model(mode: FakeTensorMode, arch: str = "vit_mini"):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.modeling import image_encoder
+
+    image_encoder._relative_index.cache_clear()  # it may hold another fake mode's index tensors
+    with mode, torch.device("cuda"):
+        return build_sam_med3d(arch).eval()
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_model_runs_on_cuda_without_cpu_tensors(impl):
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    model = _fake_cuda_model(mode)
+    model.image_encoder.set_attention_impl(impl)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    n = model.img_size
+    with mode, torch.no_grad():
+        image = torch.zeros(1, 1, n, n, n, device="cuda")
+        embedding = model.image_encoder(image)
+        points = (torch.zeros(1, 3, 3, device="cuda"), torch.tensor([[1, 0, 1]], device="cuda"))
+        for mask_input in (None, torch.zeros(1, 1, n // 4, n // 4, n // 4, device="cuda")):
+            for multimask in (False, True):
+                logits, iou = model.decode(embedding, points, mask_input, multimask_output=multimask)
+                assert logits.device.type == "cuda" and iou.device.type == "cuda"
+                assert logits.shape[-3:] == (n // 4,) * 3
+
+
+def test_predictor_encode_and_decode_steps_stay_on_the_model_device():
+    """The predictor's own torch code (crop to device, encoder, click tensors, decoder) on a CUDA model."""
+    from sam_med3d import Sam3DPredictor
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the click arrays come from numpy, as in a request
+    model = _fake_cuda_model(mode)
+    # Already on (fake) CUDA; Module.to cannot swap fake parameters in place, so the predictor's
+    # model.to(device) is made a no-op here.
+    model.to = lambda *args, **kwargs: model
+    n = model.img_size
+    with mode, torch.no_grad():
+        predictor = Sam3DPredictor(model, device="cuda")
+        # A crop as _embedding reads it: its model input (on the CPU, as the geometry builds it) and cache key.
+        crop = SimpleNamespace(image=torch.zeros(n, n, n), key=("fake",))
+        embedding, ran = predictor._embedding(crop, {})
+        assert ran and embedding.device.type == "cuda"
+        low_res = torch.zeros((1, 1) + (predictor.low_res_size,) * 3, device=predictor.device)
+        seen = {}
+        real_decode = model.decode
+
+        class Decoded(Exception):
+            """Stops _decode_step after the decoder: it then reads the IoU as a float, which fake tensors lack."""
+
+        def decode(embedding, points, mask_input, multimask_output=False):
+            logits, iou = real_decode(embedding, points, mask_input, multimask_output)
+            seen.update(points=[t.device.type for t in points], logits=logits.device.type, iou=iou.device.type)
+            raise Decoded
+
+        model.decode = decode
+        with pytest.raises(Decoded):
+            predictor._decode_step(embedding, np.array([[5.0, 6.0, 7.0]]), np.array([1]), low_res, False)
+        assert seen == {"points": ["cuda", "cuda"], "logits": "cuda", "iou": "cuda"}
+
+
+def test_fake_cuda_check_catches_a_tensor_created_on_the_cpu():
+    """The check above can fail: code that forgets ``device=`` breaks on a CUDA model."""
+
+    class Forgetful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale + torch.zeros(4)  # created on the CPU whatever the model's device
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode, torch.device("cuda"):
+        module = Forgetful()
+    with mode, pytest.raises(FakeTensorDeviceMismatchError):
+        module(torch.ones(4, device="cuda"))
