@@ -34,6 +34,9 @@ from monailabel.tasks.activelearning.random import Random
 from lib.configs.sam_med3d import SamMed3DConfig
 from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
+from lib.datastore.local import SafeLocalDatastore
+from lib.routes import install_task_routes
+from lib.shutdown import install_clean_shutdown
 from lib.trainers.preflight import install_train_preflight
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,16 @@ class SamMed3DApp(MONAILabelApp):
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return dict(self.config.scoring_method())
 
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        # MONAI Label's LocalDatastore joins request fields into paths and keeps no label history; ours
+        # validates ids, tags and uploads and archives superseded labels (lib/datastore/local.py).
+        return SafeLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                  auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+                                  max_voxels=self.config.options.max_voxels)
+
     def init_remote_datastore(self) -> Datastore:
         if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
             return super().init_remote_datastore()
@@ -107,6 +120,10 @@ class SamMed3DApp(MONAILabelApp):
                 task.warm_up()
         # A Train request with nothing to train on is refused here (409), not in the training subprocess.
         install_train_preflight(self)
+        # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/routes.py).
+        install_task_routes()
+        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests (lib/shutdown.py).
+        install_clean_shutdown([self.config.options.model_dir])
         # Only the configured web origins (default: none) may read the API's answers from their pages.
         install_cors_policy(self.config.options.cors_origins)
         self._prefetch_dicomweb()

@@ -1,0 +1,264 @@
+"""The app's datastore for a local studies folder: MONAI Label's ``LocalDatastore`` that checks every name and
+every upload before anything touches the folder, and never loses a label.
+
+MONAI Label 0.8.5's ``LocalDatastore`` joins request fields straight into paths: an image id
+``../outside/evil`` or a tag ``../../x`` wrote outside the studies folder, a tag ``..`` overwrote the image
+itself, and ``remove_image`` of an id that reached the datastore file removed whatever the path named. It
+also accepts any file as an image or label, overwrites a saved label without a copy, and keeps a superseded
+``.nii.gz`` beside a newer ``.nrrd`` (deleting the newer one brought the old one back). This subclass:
+
+- validates image ids, label tags and file extensions (:mod:`lib.datastore.validation`) on every call that
+  builds a path; an unknown image id is a 404 naming it; an existing image id is never overwritten (409);
+- validates uploads (``add_image``, ``save_label``) from a temporary file outside the folder: a readable 3D
+  scalar volume of at most ``max_voxels`` voxels (from the header), finite; a label on its image's grid with
+  integer values 0..255. The accepted file is copied next to its destination under a hidden name and moved
+  into place atomically, so a half-written file never appears under a listed name;
+- keeps **label history**: saving over an existing label, or deleting one, moves the previous file (whatever
+  its extension) to ``<studies>/.history/labels/<tag>/<image id>/<UTC time>_<file name>``; so exactly one
+  current file exists per image and tag, and nothing superseded can come back. Deleting an image moves it
+  and its labels into ``.history`` too. :meth:`label_history` lists the kept versions (newest first);
+- drops entries with unsafe ids or tags that an older server may have written into ``datastore_v2.json``.
+
+The constructor takes MONAI Label's arguments (auto reload, extensions, read-only) plus ``max_voxels``; only
+extensions the app reads (:data:`~lib.datastore.validation.IMAGE_EXTENSIONS`) are listed or accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Sequence
+
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+
+from lib.datastore.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, check_image_file, check_label_file,
+                                      check_name, read_header, split_extension)
+from lib.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+#: Hidden folder inside the studies folder that keeps superseded and deleted labels (and deleted images).
+HISTORY_DIR = ".history"
+
+#: Marks a file being copied into place; it matches none of the datastore's patterns, so it is never listed.
+PARTIAL_SUFFIX = ".partial"
+
+
+def _patterns(extensions: Optional[Sequence[str]]) -> List[str]:
+    """MONAI Label's glob patterns (``*.nii.gz``) restricted to the extensions the app reads."""
+    given = [extensions] if isinstance(extensions, str) else list(extensions or [])
+    known = [f"*{ext}" for ext in IMAGE_EXTENSIONS]
+    kept = [p for p in given if p in known]
+    return kept or known
+
+
+class SafeLocalDatastore(LocalDatastore):
+    """``LocalDatastore`` with name and upload validation, atomic writes and label history (module docstring)."""
+
+    def __init__(self, datastore_path: str, images_dir: str = ".", labels_dir: str = "labels",
+                 datastore_config: str = "datastore_v2.json", extensions=("*.nii.gz", "*.nii"),
+                 auto_reload: bool = False, read_only: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS):
+        self._max_voxels = int(max_voxels)
+        patterns = _patterns(extensions)
+        self._allowed_extensions = tuple(p[1:] for p in patterns)
+        super().__init__(datastore_path, images_dir=images_dir, labels_dir=labels_dir,
+                         datastore_config=datastore_config, extensions=patterns, auto_reload=auto_reload,
+                         read_only=read_only)
+
+    # ------------------------------------------------------------------------------------------ names
+    def _check_id(self, image_id: Any, what: str = "image id") -> str:
+        return check_name(image_id, what)
+
+    def _check_tag(self, tag: Any) -> str:
+        tag = check_name(tag, "label tag", max_length=64)
+        return tag
+
+    def _known(self, image_id: Any, what: str = "image id") -> ImageLabelModel:
+        """The datastore entry of a valid, existing ``image_id``; 404 naming it otherwise."""
+        image_id = self._check_id(image_id, what)
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise InvalidRequest(f"{what} {image_id!r} is not in the datastore", status_code=404)
+        return obj
+
+    def _extension(self, file_name: str, what: str) -> str:
+        return split_extension(os.path.basename(file_name), what, self._allowed_extensions)[1]
+
+    # ------------------------------------------------------------------------------------------ paths
+    def _history_path(self, *parts: str) -> str:
+        return os.path.join(self._datastore_path, HISTORY_DIR, *parts)
+
+    def _archive(self, path: str, *history_parts: str) -> str:
+        """Move ``path`` into ``.history/<history_parts>/<UTC time>_<name>``; return the new path."""
+        folder = self._history_path(*history_parts)
+        os.makedirs(folder, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = os.path.join(folder, f"{stamp}_{os.path.basename(path)}")
+        while os.path.exists(target):
+            target = os.path.join(folder, f"{stamp}_{uuid.uuid4().hex[:6]}_{os.path.basename(path)}")
+        os.replace(path, target)
+        logger.info("Datastore: kept %s as %s", path, target)
+        return target
+
+    def _current_files(self, folder: str, stem: str) -> List[str]:
+        """Files ``<stem><ext>`` in ``folder`` for every extension the app reads (regular files only)."""
+        files = []
+        for ext in IMAGE_EXTENSIONS:
+            path = os.path.join(folder, stem + ext)
+            if os.path.lexists(path) and not os.path.isdir(path):
+                files.append(path)
+        return files
+
+    def _place(self, source: str, dest: str) -> None:
+        """Copy ``source`` next to ``dest`` under a hidden partial name, then move it into place atomically."""
+        partial = os.path.join(os.path.dirname(dest), f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+        try:
+            shutil.copyfile(source, partial)
+            os.replace(partial, dest)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    # ----------------------------------------------------------------------------------------- images
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        ext = self._extension(image_filename, "the uploaded image file")
+        if not image_id:
+            image_id = split_extension(os.path.basename(image_filename), "the uploaded image file",
+                                       self._allowed_extensions)[0]
+        image_id = self._check_id(image_id)
+        if image_id in self._datastore.objects:
+            raise InvalidRequest(f"image id {image_id!r} already exists; delete it first or upload under another id",
+                                 status_code=409)
+        check_image_file(image_filename, self._max_voxels, what="the uploaded image")
+        name = self._filename(image_id, ext)
+        dest = os.path.join(self._datastore.image_path(), name)
+        with FileLock(self._lock_file):
+            if image_id in self._datastore.objects or self._current_files(self._datastore.image_path(), image_id):
+                raise InvalidRequest(f"image id {image_id!r} already exists; delete it first or upload under "
+                                     "another id", status_code=409)
+            self._place(image_filename, dest)
+            info = dict(image_info or {})
+            info.update(ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        logger.info("Datastore: added image %s (%s)", image_id, name)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        obj = self._known(image_id)
+        with FileLock(self._lock_file):
+            for tag in list(obj.labels):
+                self._archive_labels(image_id, tag)
+            for path in self._current_files(self._datastore.image_path(), image_id):
+                self._archive(path, "images", image_id)
+        logger.info("Datastore: removed image %s (kept in %s)", image_id, self._history_path("images", image_id))
+        self.refresh()
+
+    def get_image_uri(self, image_id: str) -> str:
+        self._check_id(image_id)
+        return super().get_image_uri(image_id)
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        self._check_id(image_id)
+        return super().get_image_info(image_id)
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        self._known(image_id)
+        return super().update_image_info(image_id, info)
+
+    # ----------------------------------------------------------------------------------------- labels
+    def _archive_labels(self, image_id: str, tag: str) -> List[str]:
+        """Move every current label file of ``image_id`` under ``tag`` into the history (lock held)."""
+        folder = self._datastore.label_path(tag)
+        return [self._archive(path, "labels", tag, image_id) for path in self._current_files(folder, image_id)]
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        obj = self._known(image_id)
+        tag = self._check_tag(label_tag)
+        ext = self._extension(label_filename, "the uploaded label file")
+        image_header = read_header(self.get_image_uri(image_id), f"the stored image {image_id!r}")
+        check_label_file(label_filename, image_header, self._max_voxels, what="the uploaded label")
+        folder = self._datastore.label_path(tag)
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file):
+            os.makedirs(folder, exist_ok=True)
+            kept = self._archive_labels(image_id, tag)
+            self._place(label_filename, os.path.join(folder, name))
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+            if kept:
+                info["previous"] = os.path.relpath(kept[-1], self._datastore_path)
+            obj.labels[tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        logger.info("Datastore: saved label %s/%s (%s)%s", tag, image_id, name,
+                    f"; previous version kept in {self._history_path('labels', tag, image_id)}" if kept else "")
+        return image_id
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        obj = self._known(label_id)
+        tag = self._check_tag(label_tag)
+        if tag not in obj.labels and not self._current_files(self._datastore.label_path(tag), label_id):
+            raise InvalidRequest(f"image {label_id!r} has no label with tag {tag!r}", status_code=404)
+        with FileLock(self._lock_file):
+            self._archive_labels(label_id, tag)
+        logger.info("Datastore: removed label %s/%s (kept in %s)", tag, label_id,
+                    self._history_path("labels", tag, label_id))
+        self.refresh()
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        self._check_id(label_id)
+        self._check_tag(label_tag)
+        return super().get_label_uri(label_id, label_tag)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        self._check_id(label_id)
+        self._check_tag(label_tag)
+        return super().get_label_info(label_id, label_tag)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        self._check_id(label_id)
+        self._check_tag(label_tag)
+        return super().update_label_info(label_id, label_tag, info)
+
+    def label_history(self, image_id: str, tag: str = "final") -> List[Dict[str, Any]]:
+        """Kept versions of ``image_id``'s label ``tag``, newest first: ``{"path", "name", "archived"}``."""
+        image_id = self._check_id(image_id)
+        tag = self._check_tag(tag)
+        folder = self._history_path("labels", tag, image_id)
+        if not os.path.isdir(folder):
+            return []
+        entries = []
+        for name in sorted(os.listdir(folder), reverse=True):
+            stamp, _, original = name.partition("_")
+            entries.append({"path": os.path.join(folder, name), "name": original, "archived": stamp})
+        return entries
+
+    # ---------------------------------------------------------------------------------- reconciliation
+    def _remove_non_existing(self) -> int:
+        """MONAI Label's reconciliation, then drop entries with unsafe ids or tags (an older server may have
+        stored some in ``datastore_v2.json``), so no later call builds a path from them."""
+        removed = super()._remove_non_existing()
+        for image_id in list(self._datastore.objects):
+            obj = self._datastore.objects[image_id]
+            try:
+                check_name(image_id, "image id")
+                split_extension("x" + obj.image.ext, "image", self._allowed_extensions)
+            except InvalidRequest as err:
+                logger.warning("Datastore: ignoring entry %r from the datastore file (%s)", image_id, err.detail)
+                del self._datastore.objects[image_id]
+                removed += 1
+                continue
+            for tag in list(obj.labels):
+                try:
+                    check_name(tag, "label tag", max_length=64)
+                    split_extension("x" + obj.labels[tag].ext, "label", self._allowed_extensions)
+                except InvalidRequest as err:
+                    logger.warning("Datastore: ignoring label %r of %r (%s)", tag, image_id, err.detail)
+                    del obj.labels[tag]
+                    removed += 1
+        return removed
