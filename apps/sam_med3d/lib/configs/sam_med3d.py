@@ -51,7 +51,8 @@ class SamMed3DConfig(TaskConfig):
         o = self.options
         extension = ExtensionConfig(enabled=o.extension != "off", strategy="zoom" if o.extension == "zoom" else "slide",
                                     max_crops=o.extension_max_crops, time_budget_s=o.extension_time_s)
-        return {self.name: SamMed3DInfer(self.served, self.labels, o.cache_size, o.cache_ttl_s, extension=extension)}
+        return {self.name: SamMed3DInfer(self.served, self.labels, o.cache_size, o.cache_ttl_s, extension=extension,
+                                         max_voxels=o.max_voxels)}
 
     def trainer(self) -> Optional[TrainTask]:
         return SamMed3DTrainer(

@@ -9,7 +9,9 @@ Per request:
 1. read the clicks (:mod:`lib.infers.clicks`: Slicer's and OHIF's shapes) and refuse bad input with an
    :class:`~lib.errors.InvalidRequest` (HTTP 422, JSON ``{"detail": "..."}``);
 2. take the image's session from the cache (a follow-up click reuses the predictor, whose embedding cache
-   skips the image encoder when the crop is unchanged) or load the scan and start one;
+   skips the image encoder when the crop is unchanged) or load the scan and start one; each client
+   (``client_id``, see :mod:`lib.infers.fields`) has its own label map and click states in it
+   (:mod:`lib.infers.sessions`), so annotators of the same image never see each other's unsaved labels;
 3. run the predictor for each label to update, and merge its mask into the session's label map: the label's
    old voxels are cleared, the new mask is written only where no other label is, so other labels survive;
 4. write the label map with the scan's shape and affine (NIfTI by default; the viewer's ``result_extension``
@@ -34,6 +36,8 @@ from monailabel.transform.writer import Writer
 from lib.configs.weights import ServedModel
 from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
+from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
+                               client_id)
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ class SamMed3DInfer(InferTask):
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
                  description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks",
-                 extension: Optional[Any] = None):
+                 extension: Optional[Any] = None, max_voxels: int = 2 ** 28):
         # No per-request config: the viewers echo "config" back in every request, and the cache settings
         # (--conf cache_size / cache_ttl_s) are server-wide.
         super().__init__(type=InferType.DEEPEDIT, labels=dict(labels), dimension=3, description=description)
@@ -112,32 +116,44 @@ class SamMed3DInfer(InferTask):
             what = f"image {image_path!r}" if image_path else "the requested image id"
             raise InvalidRequest(f"{what} was not found in the datastore; pass the id of an image listed by "
                                  "GET /datastore/ or upload the image")
-        # MONAI Label stores an uploaded label file under "label"; the viewers use "label" for the label name.
+        check_result_format(request)  # before any work: a bad result_* field is a 422, not a writer's 500
+        client = client_id(request)
+        uploaded_image = bool(request.get(UPLOADED_IMAGE))
+        # Only a file uploaded with this request is a label file (lib.routes says which); a "label" naming a
+        # server path is just an unknown label name.
+        label_file = request.get(UPLOADED_LABEL) if isinstance(request.get(UPLOADED_LABEL), str) else None
         clicks_request = dict(request)
-        label_file = None
-        if isinstance(request.get("label"), str) and request["label"] not in self.label_values \
-                and os.path.isfile(request["label"]):
-            label_file = clicks_request.pop("label")
+        if label_file is not None and clicks_request.get("label") == label_file:
+            clicks_request.pop("label")  # MONAI Label stores the uploaded file under "label"
         if request.get("save_label") and label_file is None and not has_clicks(clicks_request, self.label_values):
-            return self._session_label(request, image_path, begin)
+            return self._session_label(request, image_path, begin, client)
         try:
             targets = parse_clicks(clicks_request, self.label_values)
         except ValueError as err:
             raise InvalidRequest(str(err)) from err
+        key = session_key(image_path)
+        if self.sessions.get(key) is None:
+            check_scan_size(image_path, self.max_voxels)  # from the header, before the scan is decompressed
 
         with self._lock:
-            model, reloaded = self.served.get()
-            if reloaded:
-                self.sessions.clear()
-            session, load_timings = self._session(image_path, model)
             try:
-                check_inside(targets, session.scan.shape)
-            except ValueError as err:
-                raise InvalidRequest(str(err)) from err
-            if label_file is not None:
-                session.label_map = _read_label_file(label_file, session.scan.shape)
-            per_label, timings = self._predict(session, targets)
-            label_map = session.label_map.copy()
+                model, reloaded = self.served.get()
+                if reloaded:
+                    self.sessions.clear()
+                image_session, load_timings = self._session(image_path, model)
+                session = image_session.for_client(client)
+                try:
+                    check_inside(targets, session.scan.shape)
+                except ValueError as err:
+                    raise InvalidRequest(str(err)) from err
+                if label_file is not None:
+                    session.label_map = _read_label_file(label_file, session.scan.shape)
+                per_label, timings = self._predict(session, targets)
+                image_session.set_label_map(client, session.label_map)
+                label_map = session.label_map.copy(order="K")  # keeps Fortran order (fast write)
+            finally:
+                if uploaded_image:  # a temporary file, deleted after this request: keep no session for it
+                    self.sessions.discard(key)
 
         start = time.perf_counter()
         result_file = self._write(request, image_path, label_map, session.scan.affine)
@@ -159,29 +175,32 @@ class SamMed3DInfer(InferTask):
                           "write": round(timings["write"], 3), "total": round(timings["total"], 3)},
             "centroids": {},  # OHIF v3 reads this key from every result
         }
-        logger.info("SAM-Med3D %s: labels %s, encoder %s, %.3f s", os.path.basename(image_path), list(per_label),
-                    "ran" if encoder_ran else "cached", timings["total"])
+        logger.info("SAM-Med3D %s (%s): labels %s, encoder %s, %.3f s", os.path.basename(image_path), client,
+                    list(per_label), "ran" if encoder_ran else "cached", timings["total"])
         return result_file, result
 
-    def _session_label(self, request: Mapping[str, Any], image_path: str, begin: float) -> Tuple[str, Dict[str, Any]]:
-        """The image's session label map unchanged, for a request with ``save_label`` and no clicks.
+    def _session_label(self, request: Mapping[str, Any], image_path: str, begin: float,
+                       client: str) -> Tuple[str, Dict[str, Any]]:
+        """``client``'s session label map of the image unchanged, for a request with ``save_label`` and no clicks.
 
         This is how a viewer without a save button (the OHIF bundled with MONAI Label 0.8.5) saves what it
         shows: MONAI Label saves the returned file under ``label_tag`` (``final``: the label training uses).
+        Only the requesting client's map is returned, never another annotator's unsaved work.
         """
         with self._lock:
             session = self.sessions.get(session_key(image_path))
-        if session is None:
-            raise InvalidRequest("nothing to save: this image has no clicks in the server's current session (sessions "
-                                 "end when the server restarts, after cache_ttl_s without clicks or when new weights "
-                                 "are published); click the structures again, then save")
-        label_map = session.label_map.copy()
+            mine = session.for_client(client) if session is not None and session.has_client(client) else None
+            label_map = mine.label_map.copy(order="K") if mine is not None else None
+        if mine is None:
+            raise InvalidRequest("nothing to save: this image has no clicks from this client in the server's current "
+                                 "session (sessions end when the server restarts, after cache_ttl_s without clicks or "
+                                 "when new weights are published); click the structures again, then save")
         if not label_map.any():
             raise InvalidRequest("nothing to save: the image's label map is empty")
-        result_file = self._write(request, image_path, label_map, session.scan.affine)
+        result_file = self._write(request, image_path, label_map, mine.scan.affine)
         names = label_names_present(label_map, self.label_values)
-        logger.info("SAM-Med3D %s: session label map returned for saving (%s)", os.path.basename(image_path),
-                    ", ".join(n for n in names if n != "background"))
+        logger.info("SAM-Med3D %s (%s): session label map returned for saving (%s)", os.path.basename(image_path),
+                    client, ", ".join(n for n in names if n != "background"))
         return result_file, {"label_names": names, "encoder_ran": False, "labels_updated": [], "sam_med3d": {},
                              "saved_from_session": True, "model": {"file": str(self.served.path()),
                                                                    "arch": self.served.arch},

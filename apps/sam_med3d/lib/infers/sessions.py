@@ -1,8 +1,14 @@
 """Per-image click sessions kept between requests: bounded in number and dropped after a time without clicks.
 
 A session holds what makes a follow-up click cheap and consistent: the loaded scan, the predictor (which
-caches the image embedding of its crop and each label's clicks and previous low-res mask) and the merged
-label map shown to the annotator.
+caches the image embeddings of its crops and each label's clicks and previous low-res mask) and, **per
+client** (annotator), the merged label map shown to that annotator.
+
+Two annotators clicking the same image share the scan and the predictor's embedding cache (the encoder runs
+once per crop for all of them), but never see each other's unsaved work: :meth:`ImageSession.for_client`
+gives each client its own label map and a view of the predictor whose label keys carry the client id, so
+click histories and previous masks are separate too. At most :data:`MAX_CLIENTS_PER_IMAGE` clients keep
+their state per image (the least recently active is dropped beyond that).
 
 Sessions are keyed by the image file's real path plus its size and modification time, so re-uploading an
 image under the same id starts a fresh session.
@@ -14,12 +20,15 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Callable, Dict, Hashable, Optional, Set, Tuple
 
 import numpy as np
 
 SessionKey = Tuple[str, int, int]
+
+#: Most clients (annotators) whose label map and click states one image session keeps.
+MAX_CLIENTS_PER_IMAGE = 16
 
 
 def session_key(image_path: str) -> SessionKey:
@@ -29,21 +38,102 @@ def session_key(image_path: str) -> SessionKey:
     return real, int(stat.st_size), int(stat.st_mtime_ns)
 
 
+class ClientPredictor:
+    """The image's shared predictor as one client sees it: every ``label_key`` is prefixed with the client id.
+
+    Embeddings stay shared (they depend on the crop only); clicks and previous masks are the client's own.
+    """
+
+    def __init__(self, predictor: Any, client: str, used_keys: Set[Hashable]):
+        self._predictor = predictor
+        self._client = client
+        self._used_keys = used_keys
+
+    def predict(self, points: Any, labels: Any, label_key: Hashable = "default", **kwargs: Any) -> Any:
+        key = (self._client, label_key)
+        self._used_keys.add(key)
+        return self._predictor.predict(points, labels, label_key=key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # anything else (timings, image, ...) is the shared predictor's
+        return getattr(self._predictor, name)
+
+
+@dataclass
+class ClientSession:
+    """What one request works on: the shared scan, the client's view of the predictor and its label map.
+
+    Attributes:
+        scan: the image's ``sam_med3d.io.Scan`` (shared).
+        predictor: a :class:`ClientPredictor`.
+        label_map: this client's ``(I, J, K)`` uint8 label map (the same array the image session keeps).
+        client: the client id.
+    """
+
+    scan: Any
+    predictor: Any
+    label_map: np.ndarray
+    client: str
+
+
 @dataclass
 class ImageSession:
     """State of one image between clicks.
 
     Attributes:
         scan: the loaded ``sam_med3d.io.Scan`` (array ``(I, J, K)`` as stored, RAS affine).
-        predictor: the ``Sam3DPredictor`` with this image set.
-        label_map: ``(I, J, K)`` uint8 merged label map (values from the app's labels, 0 = background).
+        predictor: the ``Sam3DPredictor`` with this image set, shared by every client of the image.
+        label_map: (init only) the label map a client new to this image starts from; default all zeros.
+        label_maps: ``{client id: (I, J, K) uint8 label map}`` (values from the app's labels, 0 = background),
+            least recently used client first.
         last_used: ``time.monotonic()`` of the last request that used this session.
     """
 
     scan: Any
     predictor: Any
-    label_map: np.ndarray
+    label_map: InitVar[Optional[np.ndarray]] = None
+    label_maps: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
     last_used: float = 0.0
+
+    def __post_init__(self, label_map: Optional[np.ndarray]) -> None:
+        self._initial = None if label_map is None else np.array(label_map, dtype=np.uint8, copy=True)
+        self._client_keys: Dict[str, Set[Hashable]] = {}
+        self._lock = threading.Lock()
+
+    def _empty(self) -> np.ndarray:
+        if self._initial is not None:
+            return self._initial.copy()
+        return np.zeros(tuple(self.scan.shape), dtype=np.uint8)
+
+    def for_client(self, client: str) -> ClientSession:
+        """The :class:`ClientSession` of ``client`` (created empty on its first request)."""
+        with self._lock:
+            label_map = self.label_maps.get(client)
+            if label_map is None:
+                label_map = self.label_maps[client] = self._empty()
+                while len(self.label_maps) > MAX_CLIENTS_PER_IMAGE:
+                    self._drop_client(next(iter(self.label_maps)))
+            self.label_maps.move_to_end(client)
+            keys = self._client_keys.setdefault(client, set())
+        return ClientSession(scan=self.scan, predictor=ClientPredictor(self.predictor, client, keys),
+                             label_map=label_map, client=client)
+
+    def has_client(self, client: str) -> bool:
+        """Whether ``client`` has a label map in this session."""
+        with self._lock:
+            return client in self.label_maps
+
+    def set_label_map(self, client: str, label_map: np.ndarray) -> None:
+        """Keep ``label_map`` as ``client``'s map (after a request replaced it)."""
+        with self._lock:
+            self.label_maps[client] = label_map
+            self.label_maps.move_to_end(client)
+
+    def _drop_client(self, client: str) -> None:
+        self.label_maps.pop(client, None)
+        reset = getattr(self.predictor, "reset", None)
+        for key in self._client_keys.pop(client, set()):
+            if reset is not None:
+                reset(key)
 
 
 class SessionCache:
@@ -86,6 +176,11 @@ class SessionCache:
             self._evict_expired(now)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
+
+    def discard(self, key: SessionKey) -> None:
+        """Drop the session of ``key`` if there is one (e.g. an image uploaded with a single request)."""
+        with self._lock:
+            self._items.pop(key, None)
 
     def clear(self) -> None:
         """Drop every session (e.g. when new weights make the cached embeddings stale)."""

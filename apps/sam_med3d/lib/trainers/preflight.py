@@ -14,13 +14,23 @@ wraps ``AsyncTask.run`` (the one function both endpoints, ``run_sync`` included,
 shows its own "Failed to RUN training" notification and keeps its "Update Model" button. A datastore that
 cannot list its labels (a DICOMweb server that does not answer) gets 503 with the reason instead of a bare 500.
 
+The same wrapper checks every Train request's options before anything starts (:func:`check_train_options`):
+known options must have their type and range (``max_epochs`` an integer in 1..:data:`MAX_EPOCHS`, ``lr`` a
+number in (0, 1], ``val_split`` in [0, 1), ...), so ``{"max_epochs": -3}`` or ``{"lr": "fast"}`` is a 422
+naming the option instead of a task that fails minutes later in its log. ``bundle_path`` is refused for every
+task (MONAI Label puts it on the subprocess's Python path). ``run_sync`` training and batch inference are
+refused (400): they would run inside the server process and hold it for minutes; start the task without
+``run_sync`` and poll ``GET /train/``. (``run_sync`` scoring runs in a worker thread, see :mod:`lib.routes`.)
+
 Install it once, in the server process only (``MONAILabelApp.on_init_complete``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+import math
+import re
+from typing import Any, Mapping, Optional
 
 from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
@@ -28,6 +38,12 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
+
+#: Most epochs one Train request may ask for.
+MAX_EPOCHS = 1000
+#: Tasks that ``run_sync`` would run inside the server process (refused).
+NO_RUN_SYNC = ("train", "batch_infer")
+STATUS_REFUSED = 400
 
 
 def install_train_preflight(app: Any) -> None:
@@ -38,6 +54,7 @@ def install_train_preflight(app: Any) -> None:
 
     def run(method: str, request: Optional[dict] = None, params: Optional[dict] = None, force_sync: bool = False,
             enqueue: bool = False):
+        check_request(method, request, params, force_sync)
         if method == "train":
             check_trainers(app, (request or {}).get("model"))
         return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
@@ -49,6 +66,9 @@ def install_train_preflight(app: Any) -> None:
 def check_trainers(app: Any, model: Optional[str]) -> None:
     """Run the ``preflight`` of trainer ``model`` (all trainers when ``model`` is empty); errors propagate."""
     trainers = app._trainers  # MONAILabelApp keeps them by name; there is no public accessor in 0.8.5
+    if model and model not in trainers:
+        raise InvalidRequest(f"unknown model {model!r} for training; this server's trainers are: "
+                             f"{', '.join(sorted(trainers)) or 'none'}", status_code=404)
     tasks = [trainers[model]] if model in trainers else [] if model else list(trainers.values())
     for task in tasks:
         preflight = getattr(task, "preflight", None)
@@ -62,3 +82,90 @@ def check_trainers(app: Any, model: Optional[str]) -> None:
             logger.exception("Train pre-flight failed")
             raise InvalidRequest(f"training cannot start: the saved labels could not be listed ({err})",
                                  status_code=503) from err
+
+
+def check_request(method: str, request: Optional[Mapping[str, Any]], params: Optional[Mapping[str, Any]],
+                  force_sync: bool) -> None:
+    """Refuse ``run_sync`` for :data:`NO_RUN_SYNC`, a ``bundle_path`` anywhere, and bad train options."""
+    if force_sync and method in NO_RUN_SYNC:
+        what = "training" if method == "train" else "batch inference"
+        raise InvalidRequest(f"run_sync=true is not accepted for {what}: it would run inside the server and hold "
+                             f"it until done; send the request without run_sync and poll GET /"
+                             f"{'train' if method == 'train' else 'batch/infer'}/ for its status",
+                             status_code=STATUS_REFUSED)
+    sent = dict(request or {})
+    sent.update(params or {})
+    if "bundle_path" in sent or any(isinstance(v, Mapping) and "bundle_path" in v for v in sent.values()):
+        raise InvalidRequest("bundle_path is not accepted in a request (it would be put on the task's Python path)")
+    if method == "train":
+        check_train_options(sent)
+        for value in sent.values():  # POST /train/ nests each trainer's options under its name
+            if isinstance(value, Mapping):
+                check_train_options(value)
+
+
+def _integer(options: Mapping[str, Any], key: str, low: int, high: int) -> None:
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"train option {key} must be an integer in {low}..{high}, got {_short(value)}")
+
+
+def _number(options: Mapping[str, Any], key: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    value = options[key]
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        raise InvalidRequest(f"train option {key} must be a number in {interval}, got {_short(value)}")
+
+
+def _choice(options: Mapping[str, Any], key: str, choices: tuple) -> None:
+    value = options[key]
+    values = value if isinstance(value, list) and value else [value]  # a drop-down's whole list = its default
+    if not all(isinstance(v, str) and v in choices for v in values):
+        raise InvalidRequest(f"train option {key} must be one of {', '.join(choices)}, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+#: ``option: check`` for every Train option this app reads; other keys are passed on unchecked.
+_TRAIN_CHECKS = {
+    "max_epochs": lambda o: _integer(o, "max_epochs", 1, MAX_EPOCHS),
+    "train_clicks": lambda o: _integer(o, "train_clicks", 1, 100),
+    "train_batch_size": lambda o: _integer(o, "train_batch_size", 1, 64),
+    "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
+    "early_stop_patience": lambda o: _integer(o, "early_stop_patience", -1, MAX_EPOCHS),
+    "lr": lambda o: _number(o, "lr", 0.0, 1.0, low_open=True, high_open=False),
+    "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
+    "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
+    "dataloader": lambda o: _choice(o, "dataloader", ("ThreadDataLoader", "DataLoader")),
+    "tracking": lambda o: _choice(o, "tracking", ("None", "mlflow")),
+}
+_BOOLEANS = ("multi_gpu", "pretrained")
+_STRINGS = ("name", "tracking_uri", "tracking_experiment_name", "client_id")
+
+
+def check_train_options(options: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidRequest` (422) naming the first Train option with a wrong type or range."""
+    for key, check in _TRAIN_CHECKS.items():
+        if key in options:
+            check(options)
+    for key in _BOOLEANS:
+        if key in options and not isinstance(options[key], bool):
+            raise InvalidRequest(f"train option {key} must be true or false, got {_short(options[key])}")
+    for key in _STRINGS:
+        if options.get(key) is not None and (not isinstance(options[key], str) or len(options[key]) > 256):
+            raise InvalidRequest(f"train option {key} must be a string of at most 256 characters, got "
+                                 f"{_short(options[key])}")
+    if "device" in options:
+        devices = options["device"] if isinstance(options["device"], list) else [options["device"]]
+        if not devices or not all(isinstance(d, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", d) for d in devices):
+            raise InvalidRequest(f"train option device must be 'cpu', 'cuda' or 'cuda:N', got "
+                                 f"{_short(options['device'])}")
+    if "gpus" in options and not (isinstance(options["gpus"], str)
+                                  and re.fullmatch(r"all|\d{1,2}(,\d{1,2})*", options["gpus"])):
+        raise InvalidRequest(f"train option gpus must be 'all' or GPU indices such as '0,1', got "
+                             f"{_short(options['gpus'])}")

@@ -1,0 +1,133 @@
+"""The fields of an ``/infer`` request other than the clicks: result format, client id, uploads, scan size.
+
+Every field is checked before any work is done, and a bad one is an :class:`~lib.errors.InvalidRequest` (a
+4xx with a message naming the field), never an error deep inside a writer:
+
+- ``result_extension``: one of :data:`RESULT_EXTENSIONS` (single-file formats the viewers read); anything
+  else (``.sh``, ``/../../x.nii.gz``, ``.mhd`` with its separate data file) is refused;
+- ``result_dtype``: one of :data:`RESULT_DTYPES` (integer types that hold every label value 0..255);
+- ``result_compress``: a JSON boolean;
+- ``client_id``: a short printable string (3D Slicer sends ``user-xyz`` unless set otherwise); it only keys
+  the annotator's session (:mod:`lib.infers.sessions`), never a file;
+- the scan's size: at most ``max_voxels`` voxels, read from the file's header (:func:`scan_voxels`), so a
+  small compressed file that would inflate to gigabytes is refused before it is decompressed.
+
+The server's infer route (:mod:`lib.routes`) tells the task which files came with the request under the
+keys :data:`UPLOADED_IMAGE` and :data:`UPLOADED_LABEL`, which it sets after merging the client's JSON
+``params``, so a client cannot point them at a server path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+from lib.errors import InvalidRequest
+
+#: Set by the infer route: True when the image was uploaded with the request (a temporary file).
+UPLOADED_IMAGE = "sam_med3d_uploaded_image"
+#: Set by the infer route: the temporary path of the label file uploaded with the request, else None.
+UPLOADED_LABEL = "sam_med3d_uploaded_label"
+#: Set by the infer route when the client sent no ``client_id``: who the request is from (see lib.routes).
+CLIENT_FALLBACK = "sam_med3d_client"
+
+#: Result formats the app writes (one file each; ITK/nibabel read them; OHIF and Slicer ask for .nrrd).
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Result voxel types: integer types that hold every label value (0..255).
+RESULT_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "int64")
+#: Image formats accepted as an upload with an ``/infer`` request (a DICOM series must be in the datastore).
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Longest accepted ``client_id``.
+MAX_CLIENT_ID = 128
+#: Client id of requests that name no client and come through no route that knows the caller.
+DEFAULT_CLIENT = "default"
+
+STATUS_TOO_LARGE = 413
+
+
+def check_result_format(request: Mapping[str, Any]) -> None:
+    """Refuse an unknown ``result_extension`` / ``result_dtype`` or a non-boolean ``result_compress``."""
+    extension = request.get("result_extension")
+    if extension not in (None, "") and (not isinstance(extension, str) or extension.lower() not in RESULT_EXTENSIONS):
+        raise InvalidRequest(f"result_extension {_short(extension)} is not supported; use one of "
+                             f"{', '.join(RESULT_EXTENSIONS)}")
+    dtype = request.get("result_dtype")
+    if dtype not in (None, "") and (not isinstance(dtype, str) or dtype.lower() not in RESULT_DTYPES):
+        raise InvalidRequest(f"result_dtype {_short(dtype)} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+    compress = request.get("result_compress")
+    if compress is not None and not isinstance(compress, bool):
+        raise InvalidRequest(f"result_compress must be true or false, got {_short(compress)}")
+
+
+def result_format(request: Mapping[str, Any]) -> dict:
+    """The checked result fields, normalised (lower case; ``None`` where the client sent none)."""
+    check_result_format(request)
+    extension = request.get("result_extension") or None
+    dtype = request.get("result_dtype") or None
+    return {"result_extension": extension.lower() if extension else None,
+            "result_dtype": dtype.lower() if dtype else None,
+            "result_compress": bool(request.get("result_compress") or False)}
+
+
+def client_id(request: Mapping[str, Any]) -> str:
+    """Who the request is from: its ``client_id``, else what the route knows of the caller, else "default"."""
+    raw = request.get("client_id")
+    if raw in (None, ""):
+        fallback = request.get(CLIENT_FALLBACK)
+        return str(fallback) if isinstance(fallback, str) and fallback else DEFAULT_CLIENT
+    if not isinstance(raw, str) or len(raw) > MAX_CLIENT_ID or not raw.isprintable():
+        raise InvalidRequest(f"client_id must be a printable string of at most {MAX_CLIENT_ID} characters, got "
+                             f"{_short(raw)}")
+    return "client:" + raw
+
+
+def scan_voxels(path: str) -> Optional[int]:
+    """The number of voxels of the image file at ``path``, from its header only (None for a DICOM folder).
+
+    NIfTI headers are read by nibabel (the data stays on disk, compressed); other formats by ITK's
+    ``ReadImageInformation``. An unreadable header returns None: the full read reports the problem.
+    """
+    if os.path.isdir(path):
+        return None
+    try:
+        if path.lower().endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            shape = nib.load(path).header.get_data_shape()
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            shape = tuple(reader.GetSize()) + (reader.GetNumberOfComponents(),)
+    except Exception:  # nibabel/ITK raise many types for corrupt headers; load_scan names the problem
+        return None
+    count = 1
+    for n in shape:
+        count *= max(int(n), 1)
+    return count
+
+
+def check_scan_size(path: str, max_voxels: int) -> None:
+    """Refuse (413) an image with more than ``max_voxels`` voxels, judged from its header."""
+    voxels = scan_voxels(path)
+    if voxels is not None and voxels > max_voxels:
+        raise InvalidRequest(f"the image has {voxels} voxels, more than this server accepts ({max_voxels}, "
+                             "--conf max_voxels); crop or downsample it", status_code=STATUS_TOO_LARGE)
+
+
+def check_upload_name(filename: Optional[str], what: str) -> str:
+    """The extension of an uploaded ``filename``; refuse a name without a known image extension."""
+    name = os.path.basename(str(filename or ""))
+    lower = name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if lower.endswith(extension) and len(lower) > len(extension):
+            return extension
+    raise InvalidRequest(f"the {what} uploaded with the request is named {_short(name)}; it must be a "
+                         f"{', '.join(IMAGE_EXTENSIONS)} file")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
