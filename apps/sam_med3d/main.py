@@ -35,6 +35,7 @@ from lib.configs.sam_med3d import SamMed3DConfig
 from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
+from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
 from lib.shutdown import install_clean_shutdown
 from lib.trainers.preflight import install_train_preflight
@@ -126,5 +127,7 @@ class SamMed3DApp(MONAILabelApp):
         install_clean_shutdown([self.config.options.model_dir])
         # Only the configured web origins (default: none) may read the API's answers from their pages.
         install_cors_policy(self.config.options.cors_origins)
+        # Hostile ids, tags, paths and task fields are refused before MONAI Label's endpoints see them.
+        install_request_guard()
         self._prefetch_dicomweb()
         super().on_init_complete()
