@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -84,10 +84,36 @@ def label_values(label_path: str) -> List[int]:
     return [v for v, n in label_voxel_counts(label_path).items() if n >= MIN_TARGET_VOXELS]
 
 
+def image_size(path: str) -> Optional[Tuple[int, ...]]:
+    """Voxel grid size of an image file from its header alone (``None`` for a folder or an unreadable file)."""
+    import SimpleITK as sitk
+
+    if not os.path.isfile(str(path)):
+        return None  # e.g. a DICOM series folder: its size is checked when it is loaded
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return tuple(int(n) for n in reader.GetSize())
+
+
+def check_label_grid(record: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the files when a saved label's grid size differs from its image's."""
+    label_size, scan_size = image_size(record["label"]), image_size(record["image"])
+    if label_size is not None and scan_size is not None and label_size != scan_size:
+        raise ValueError(f"label map {record['label']} has size {'x'.join(map(str, label_size))} but its image "
+                         f"{os.path.basename(str(record['image']))} has {'x'.join(map(str, scan_size))}")
+
+
 def _usable_values(record: Mapping[str, Any]) -> List[int]:
-    """:func:`label_values` of a datalist record; an unreadable label is skipped with a warning."""
+    """:func:`label_values` of a datalist record; an unreadable label, or one on another grid than its image,
+    is skipped with a warning (one bad file does not fail the whole run)."""
     try:
         values = label_values(record["label"])
+        if values:
+            check_label_grid(record)
     except ValueError as err:
         logger.warning("Training: %s; skipped", err)
         return []
@@ -132,6 +158,13 @@ def trainable_datalist(datastore: Datastore) -> List[Dict[str, Any]]:
                              f"no structure of {MIN_TARGET_VOXELS}+ voxels (empty, tiny or unreadable); "
                              f"save a label with the structure drawn, then train again")
     return datalist
+
+
+def _as_bool(value: Any) -> bool:
+    """A request flag as a bool: viewers send ``true``/``false`` as JSON booleans or as strings."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _sam(network: torch.nn.Module) -> torch.nn.Module:
@@ -214,7 +247,7 @@ class SamMed3DTrainer(BasicTrainTask):
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
-                 lr: float, train_clicks: int, multi_gpu: bool,
+                 lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = False,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         device = served.device
@@ -227,6 +260,7 @@ class SamMed3DTrainer(BasicTrainTask):
                 "lr": float(lr),
                 "train_clicks": int(train_clicks),
                 "multi_gpu": bool(multi_gpu),
+                "freeze_encoder": bool(freeze_encoder),
                 "device": device,
                 "pretrained": True,
                 "train_batch_size": 1,
@@ -272,6 +306,13 @@ class SamMed3DTrainer(BasicTrainTask):
             train, val = val, []
         if not train:
             raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
+        if not val_images and float(context.request.get("val_split", 0.0)) > 0.0:
+            # Too few labels to hold one back (val_split 0.2 of 1-2 images): validate on the training targets
+            # at the inference crop, so a run that makes the served model worse on them publishes nothing.
+            logger.warning("Training: %d labelled image(s) are too few to hold one back for validation; "
+                           "validating on the training labels (publishing only if they improve)",
+                           len(train_images))
+            val = [dict(sample) for sample in train]
         logger.info("Training targets: %d from %d image(s); validation targets: %d from %d image(s)",
                     len(train), len(train_images), len(val), len(val_images))
         return train, val
@@ -301,7 +342,11 @@ class SamMed3DTrainer(BasicTrainTask):
         path = self.served.path()
         sam, arch = load_weights(path, self.served.expected_arch, str(context.device))
         self._sam_img_size = int(sam.img_size)
-        logger.info("Fine-tuning SAM-Med3D %s from %s", arch, path)
+        frozen = _as_bool(context.request.get("freeze_encoder", False))
+        for parameter in sam.image_encoder.parameters():
+            parameter.requires_grad_(not frozen)
+        logger.info("Fine-tuning SAM-Med3D %s from %s (%s)", arch, path,
+                    "image encoder frozen: prompt encoder and mask decoder tuned" if frozen else "all weights tuned")
         return ClickIterationModel(sam, loss_fn=default_loss(), iou_loss_weight=IOU_LOSS_WEIGHT)
 
     def _img_size(self, context: Context) -> int:
@@ -310,8 +355,8 @@ class SamMed3DTrainer(BasicTrainTask):
         return self._sam_img_size
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(context.network.parameters(), lr=float(context.request.get("lr", 1e-4)),
-                                 weight_decay=0.1)
+        trainable = [p for p in context.network.parameters() if p.requires_grad]  # a frozen encoder is left out
+        return torch.optim.AdamW(trainable, lr=float(context.request.get("lr", 1e-4)), weight_decay=0.1)
 
     def loss_function(self, context: Context):
         from sam_med3d.training import default_loss

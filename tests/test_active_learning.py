@@ -1,0 +1,190 @@
+"""Active learning: the benchmark's machinery end to end on a tiny campaign, and the trainer's few-label logic.
+
+The end-to-end test runs ``benchmarks/active_learning.py`` as a user would (a real server on 127.0.0.1, the
+real client, the bundled model, two synthetic phantoms: one annotated, one evaluated, one round of one epoch)
+and checks that ``summary.json`` follows the issue's schema and that the numbers in it are consistent with the
+per-case rows. It does not judge whether training helped (that is the benchmark's job, in docs/app.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app_helpers import APP_DIR, REPO
+
+BENCHMARK = REPO / "benchmarks" / "active_learning.py"
+
+
+@pytest.fixture(scope="module")
+def trainer_module():
+    """The app's trainer module, imported as MONAI Label imports it (app folder first on ``sys.path``)."""
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return importlib.import_module("lib.trainers.sam_med3d")
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+@pytest.fixture(scope="module")
+def benchmark_module():
+    sys.path.insert(0, str(BENCHMARK.parent))
+    try:
+        return importlib.import_module("active_learning")
+    finally:
+        sys.path.remove(str(BENCHMARK.parent))
+
+
+def _nifti(path: Path, array: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
+    return str(path)
+
+
+@pytest.fixture()
+def small_labels(tmp_path):
+    """Two images with labels: ``good`` (a cube on the image grid) and ``shifted`` (its label on another grid)."""
+    image = np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32)
+    cube = np.zeros((24, 24, 24), dtype=np.uint8)
+    cube[8:16, 8:16, 8:16] = 1
+    return {
+        "good": {"image": _nifti(tmp_path / "good.nii.gz", image), "label": _nifti(tmp_path / "good_l.nii.gz", cube)},
+        "shifted": {"image": _nifti(tmp_path / "shifted.nii.gz", image),
+                    "label": _nifti(tmp_path / "shifted_l.nii.gz", np.pad(cube, ((0, 4), (0, 0), (0, 0))))},
+    }
+
+
+# ------------------------------------------------------------------------------------------ trainer logic
+def test_a_label_on_another_grid_is_skipped_with_a_warning(trainer_module, small_labels, caplog):
+    datalist = [small_labels["shifted"], small_labels["good"]]
+    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+        samples = trainer_module.expand_targets(datalist)
+    assert samples == [dict(small_labels["good"], label_value=1)]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "shifted_l.nii.gz has size 28x24x24 but its image shifted.nii.gz has 24x24x24; skipped" in warning
+
+
+def _trainer(trainer_module, tmp_path, val_split: float):
+    from monailabel.tasks.train.basic_train import Context
+
+    trainer = trainer_module.SamMed3DTrainer(str(tmp_path), SimpleNamespace(device="cpu"), {"spleen": 1}, epochs=1,
+                                             val_split=val_split, lr=1e-4, train_clicks=2, multi_gpu=False)
+    context = Context()
+    context.request, context.local_rank = {"val_split": val_split}, 0
+    return trainer, context
+
+
+def test_one_label_is_validated_on_itself_so_a_worse_model_is_not_published(trainer_module, small_labels, tmp_path):
+    trainer, context = _trainer(trainer_module, tmp_path, 0.2)
+    context.datalist = [small_labels["good"]]  # val_split 0.2 of one image holds nothing back
+    train, val = trainer.partition_datalist(context)
+    assert train == [dict(small_labels["good"], label_value=1)]
+    assert val == train  # validation exists, so PublishBest publishes only on improvement
+
+
+def test_val_split_zero_still_means_no_validation(trainer_module, small_labels, tmp_path):
+    trainer, context = _trainer(trainer_module, tmp_path, 0.0)
+    context.datalist = [small_labels["good"]]
+    _, val = trainer.partition_datalist(context)
+    assert val == []
+
+
+def test_publish_best_publishes_only_above_the_served_weights_score(trainer_module):
+    published = []
+    task = SimpleNamespace(publish=lambda context, **extra: published.append(extra))
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)))
+    handler = trainer_module.PublishBest(task, context, "val_mean_dice")
+    for epoch, dice in [(0, 0.6), (1, 0.5), (2, 0.6), (3, 0.7), (4, 0.65)]:
+        context.trainer.state.epoch = epoch
+        handler(SimpleNamespace(state=SimpleNamespace(metrics={"val_mean_dice": dice})))
+    assert published == [{"epoch": 3, "val_dice": 0.7}]
+
+
+@pytest.mark.parametrize("flag", [True, "true"])
+def test_frozen_encoder_is_left_out_of_the_optimizer_and_keeps_its_weights(trainer_module, tmp_path, flag):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.training import ClickIterationModel, ClickTrainingStep
+
+    trainer, context = _trainer(trainer_module, tmp_path, 0.0)
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini")
+    context.request["freeze_encoder"] = flag
+    # network() loads the served weights; here the same freezing is applied to a mini model.
+    frozen = trainer_module._as_bool(context.request["freeze_encoder"])
+    for p in sam.image_encoder.parameters():
+        p.requires_grad_(not frozen)
+    context.network = ClickIterationModel(sam)
+    optimizer = trainer.optimizer(context)
+    tuned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not tuned & {id(p) for p in sam.image_encoder.parameters()}
+    assert {id(p) for p in sam.mask_decoder.parameters()} <= tuned
+
+    encoder_before = [p.detach().clone() for p in sam.image_encoder.parameters()]
+    decoder_before = [p.detach().clone() for p in sam.mask_decoder.parameters()]
+    label = torch.zeros(1, 1, 64, 64, 64)
+    label[..., 20:40, 20:40, 20:40] = 1
+    ClickTrainingStep(2, seed=0).train_step(context.network, optimizer,
+                                            {"image": torch.randn(1, 1, 64, 64, 64), "label": label})
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, sam.image_encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, sam.mask_decoder.parameters()))
+
+
+# ------------------------------------------------------------------------------------- benchmark pieces
+def test_schedule_and_noc(benchmark_module):
+    assert benchmark_module.parse_schedule("1,3,5", None) == [1, 3, 5]
+    assert benchmark_module.parse_schedule("2", 3) == [2, 4, 6]
+    for bad in ("3,1", "0", "a"):
+        with pytest.raises(ValueError, match="--cases"):
+            benchmark_module.parse_schedule(bad, None)
+    assert benchmark_module.noc([0.5, 0.79, 0.81, 0.9]) == 3
+    assert benchmark_module.noc([0.5] * 20) == 20
+    assert benchmark_module.dice_at([0.2, 0.95], 5) == 0.95  # stopped early: the last Dice holds
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCHMARK), "--structure", "kidney_left", "--cases", "1", "--eval-cases", "1",
+           "--others", "1", "--max-clicks", "10", "--train-options", '{"max_epochs": 1, "train_clicks": 2}',
+           "--train-timeout", "300", "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+
+    assert summary["structure"] == "kidney_left"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    for r in summary["rounds"]:
+        assert set(r["dice"]) == {"1", "3", "5", "10"}
+        assert all(0.0 <= v <= 1.0 for v in r["dice"].values())
+        assert 1 <= r["noc80"] <= 10
+        assert set(r["other_dice"]) == {"5"} and 0.0 <= r["other_dice"]["5"] <= 1.0
+    assert summary["rounds"][0]["train_seconds"] is None
+    trained = summary["rounds"][1]
+    assert trained["train_seconds"] > 0
+    assert trained["annotated_cases"] == 1 and len(trained["annotation"]) == 1
+    assert 1 <= trained["annotation"][0]["clicks"] <= 10
+    # One label, val_split 0.2: validated on the training label, so the run reports a validation Dice.
+    assert trained["val_dice"] is not None and 0.0 <= trained["val_dice"] <= 1.0
+    served = Path(trained["served_model"]).name
+    assert served in ("sam_med3d_bundled.pt", "finetuned_sam_med3d_bundled.pt")
+
+    # The summary's means are the means of the per-case rows.
+    with open(out / "per_case.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in summary["rounds"]:
+        evaluated = [row for row in rows if row["round"] == str(r["round"]) and row["group"] == "evaluate"]
+        assert len(evaluated) == 1
+        assert float(evaluated[0]["dice@5"]) == pytest.approx(r["dice"]["5"], abs=1e-3)
+        assert float(evaluated[0]["noc80"]) == r["noc80"]
+    assert (out / "dice_vs_clicks.png").stat().st_size > 1000
+    assert "| round | annotated |" in done.stdout
