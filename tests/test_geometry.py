@@ -235,6 +235,40 @@ def test_paste_back_is_the_official_nearest_neighbour_rule(name):
     assert mask.dtype == np.uint8 and mask[~box].max() == 0
 
 
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_paste_back_region_is_the_full_paste_back_inside_its_region(name):
+    """The crop-local paste-back (what a click costs on a big scan) equals the full-size one exactly: the same
+    values in ``region_ijk`` and nothing written outside it, also for a crop that leaves the scan."""
+    scan = _linear_scan(ORIENTATIONS[name], shape=(60, 50, 24))
+    prep = PreparedScan(scan)
+    values = torch.arange(24 ** 3, dtype=torch.float32).reshape(24, 24, 24)
+    for click in ([30, 25, 12], [1, 48, 0]):
+        crop = prep.crop_around([click], 24)
+        full = prep.paste_back(crop, values)
+        region, local = prep.paste_back_region(crop, values)
+        assert region == crop.region_ijk and local.shape == full[region].shape and local.dtype == np.float32
+        np.testing.assert_array_equal(local, full[region])
+        outside = np.ones(scan.shape, bool)
+        outside[region] = False
+        assert not full[outside].any()
+    far = prep.crop((500, 500, 500), 24)  # misses the scan
+    region, local = prep.paste_back_region(far, values)
+    assert region is None and local.size == 0 and not prep.paste_back(far, values).any()
+
+
+def test_fortran_and_c_ordered_scans_give_the_same_crops():
+    """Scans are kept in the memory order they were read in (Fortran for files): crops do not depend on it."""
+    for name, integer in (("oblique", False), ("LPS", True)):  # float, and integer (truncated) interpolation
+        scan = _linear_scan(ORIENTATIONS[name], shape=(60, 50, 24))
+        values = np.round(scan.array * 7.3) if integer else scan.array
+        fortran = Scan(np.asfortranarray(values), scan.affine, "f", integer=integer)
+        c_order = Scan(np.ascontiguousarray(values), scan.affine, "c", integer=integer)
+        assert fortran.array.flags.f_contiguous and not fortran.array.flags.c_contiguous
+        a = PreparedScan(fortran).crop_around([[30, 25, 12]], 24)
+        b = PreparedScan(c_order).crop_around([[30, 25, 12]], 24)
+        assert torch.equal(a.raw, b.raw) and torch.equal(a.image, b.image)
+
+
 def test_paste_back_rejects_wrong_inputs():
     prep = PreparedScan(_linear_scan(ORIENTATIONS["RAS"]))
     crop = prep.crop_around([[5, 5, 5]], 16)

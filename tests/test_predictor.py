@@ -382,3 +382,11 @@ def test_vit_mini_end_to_end(data_dir):
     assert len(wide.crop_boxes) > 1 and wide.timings["crops"] == len(wide.crop_boxes)
     assert np.array_equal(wide.mask, (wide.probabilities > 0.5).astype(np.uint8))
     assert wide.crop_boxes[0] == first.crop_box
+    # The crop-local mask (what the app merges and writes) is the full-size mask inside region_ijk, exactly,
+    # for one crop and for several blended crops; the full-size mask is 0 outside the region.
+    for result in (first, second, wide):
+        box = np.zeros(shape, bool)
+        box[result.region_ijk] = True
+        assert result.region_mask.dtype == np.uint8 and result.region_mask.size == int(box.sum())
+        np.testing.assert_array_equal(result.region_mask, result.mask[result.region_ijk])
+        assert not result.mask[~box].any() and result.region_mask.any()

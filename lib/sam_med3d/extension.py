@@ -233,22 +233,28 @@ def derived_points(known: np.ndarray, covered: np.ndarray, count: int, min_dista
     return np.asarray(points, dtype=np.float64).reshape(-1, 3)
 
 
-def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,
-                    with_probabilities: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, int]]:
-    """The blended mask of ``tiles`` on the ORIGINAL scan grid (uint8) and, optionally, the probabilities.
+def combine_in_region(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,
+                      with_probabilities: bool = False
+                      ) -> Tuple[Optional[Tuple[slice, slice, slice]], np.ndarray, Optional[np.ndarray]]:
+    """The blended mask of ``tiles`` on the part of the ORIGINAL scan grid they cover: ``(region, mask,
+    probabilities)``.
 
-    Every scan voxel takes, from each crop covering it, the crop voxel nearest to its centre (the official
-    paste-back rule) and the weighted mean of those probabilities over the crops; mask = mean > 0.5. With a
-    single tile this is exactly the single-crop paste-back.
+    ``region`` is the box (slices of the scan's grid) spanning every tile's ``crop.region_ijk`` (None when no
+    tile covers the scan), ``mask`` uint8 of the region's shape and ``probabilities`` float32 of that shape (or
+    None). Every scan voxel takes, from each crop covering it, the crop voxel nearest to its centre (the
+    official paste-back rule) and the weighted mean of those probabilities over the crops; mask = mean > 0.5.
+    With a single tile this is exactly the single-crop paste-back. Outside ``region`` the mask is 0. Costs
+    O(region), whatever the scan's size.
     """
-    shape = prepared.scan.shape
     if len(tiles) == 1:
         tile = tiles[0]
         probs = tile.probs.numpy()
-        mask = prepared.paste_back(tile.crop, (probs > 0.5).astype(np.uint8), np.zeros(shape, np.uint8))
-        full = prepared.paste_back(tile.crop, probs, np.zeros(shape, np.float32)) if with_probabilities else None
-        return mask, full, {"crops": 1}
+        region, mask = prepared.paste_back_region(tile.crop, (probs > 0.5).astype(np.uint8))
+        full = prepared.paste_back_region(tile.crop, probs)[1] if with_probabilities else None
+        return region, mask, full
     lookups = [(tile, tile.crop.paste_lookup) for tile in tiles if tile.crop.paste_lookup is not None]
+    if not lookups:
+        return None, np.zeros((0, 0, 0), np.uint8), np.zeros((0, 0, 0), np.float32) if with_probabilities else None
     lo = np.min([[r.start for r in lookup[0]] for _, lookup in lookups], axis=0)
     hi = np.max([[r.stop for r in lookup[0]] for _, lookup in lookups], axis=0)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -264,14 +270,24 @@ def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.nd
         num[local] += w * p
         den[local] += w
     mean = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return box, (mean > 0.5).astype(np.uint8), mean if with_probabilities else None
+
+
+def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,
+                    with_probabilities: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, int]]:
+    """:func:`combine_in_region` on the whole ORIGINAL scan grid: ``(mask uint8, probabilities float32 or None,
+    {"crops": n})`` of the scan's shape, 0 outside the region the tiles cover."""
+    region, mask_region, probs_region = combine_in_region(prepared, tiles, window, with_probabilities)
+    shape = prepared.scan.shape
     mask = np.zeros(shape, np.uint8)
-    mask[box] = mean > 0.5
-    full = None
-    if with_probabilities:
-        full = np.zeros(shape, np.float32)
-        full[box] = mean
+    full = np.zeros(shape, np.float32) if with_probabilities else None
+    if region is not None:
+        mask[region] = mask_region
+        if full is not None:
+            full[region] = probs_region
     return mask, full, {"crops": len(tiles)}
 
 
 __all__ = ("ExtensionConfig", "Tile", "STRATEGIES", "blend_window", "known_probabilities", "open_faces",
-           "neighbour_start", "is_new_place", "derived_points", "combine_on_scan", "contains_interior")
+           "neighbour_start", "is_new_place", "derived_points", "combine_in_region", "combine_on_scan",
+           "contains_interior")

@@ -134,29 +134,38 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
     for p, (lo, hi, _, valid) in enumerate(taps):
         first, last = int(lo[valid].min()), int(hi[valid].max())
         block.append(slice(first, last + 1))
-    sub = vol[tuple(block)]
+    # Gather along the volume's memory order: a Fortran-ordered scan (i fastest, as files store it) is viewed
+    # as its contiguous transpose, where index_select copies whole rows and planes instead of single voxels.
+    # Only the memory layout differs: every sample is the same lerp of the same values.
+    perm = sorted(range(3), key=lambda d: -vol.stride(d))
+    if vol.is_contiguous() or not vol.permute(*perm).is_contiguous():
+        perm = [0, 1, 2]
+    dim_of = [perm.index(p) for p in range(3)]  # original axis -> dimension of the working tensor
+    sub = vol.permute(*perm)[tuple(block[a] for a in perm)]
     # Reduce the axes that shrink most first, so later passes touch fewer voxels.
-    order = sorted(range(3), key=lambda p: shape[p] / max(sub.shape[p], 1))
+    order = sorted(range(3), key=lambda p: shape[p] / max(block[p].stop - block[p].start, 1))
     for p in order:
         lo, hi, w, valid = taps[p]
+        d = dim_of[p]
         start = block[p].start
-        lo_t = torch.from_numpy(np.clip(lo - start, 0, sub.shape[p] - 1))
-        picked = sub.index_select(p, lo_t)
+        lo_t = torch.from_numpy(np.clip(lo - start, 0, sub.shape[d] - 1))
+        picked = sub.index_select(d, lo_t)
         if mode == "linear":
             # Gather first, convert after: the first pass shrinks the block before it is widened to float.
-            hi_t = torch.from_numpy(np.clip(hi - start, 0, sub.shape[p] - 1))
+            hi_t = torch.from_numpy(np.clip(hi - start, 0, sub.shape[d] - 1))
             view = [1, 1, 1]
-            view[p] = -1
+            view[d] = -1
             weight = torch.from_numpy(w).to(work_dtype).view(view)
-            picked = torch.lerp(picked.to(work_dtype), sub.index_select(p, hi_t).to(work_dtype), weight)
+            picked = torch.lerp(picked.to(work_dtype), sub.index_select(d, hi_t).to(work_dtype), weight)
         sub = picked
+    sub = sub.permute(*dim_of)  # back to the original axis order
     if mode == "linear":
         sub = (torch.trunc(sub) if truncate else sub).to(torch.float32)
     inside = (torch.from_numpy(taps[0][3])[:, None, None] & torch.from_numpy(taps[1][3])[None, :, None]
               & torch.from_numpy(taps[2][3])[None, None, :])
     if bool(inside.all()):
         return sub.contiguous()
-    return torch.where(inside, sub, torch.zeros((), dtype=sub.dtype))
+    return torch.where(inside, sub, torch.zeros((), dtype=sub.dtype)).contiguous()
 
 
 class PreparedScan:
@@ -422,23 +431,36 @@ class PreparedScan:
         Returns:
             ``(I, J, K)`` array on the scan's grid (``out`` if given).
         """
+        if out is not None and out.shape != self.scan.shape:
+            raise ValueError(f"out must have the scan's shape {self.scan.shape}, got {out.shape}")
+        region, picked = self.paste_back_region(crop, crop_values)
+        if out is None:
+            out = np.zeros(self.scan.shape, dtype=picked.dtype)
+        if region is not None:
+            out[region] = picked
+        return out
+
+    def paste_back_region(self, crop: "Crop", crop_values: Union[np.ndarray, torch.Tensor]
+                          ) -> Tuple[Optional[Tuple[slice, slice, slice]], np.ndarray]:
+        """:meth:`paste_back` restricted to the part of the scan the crop covers: ``(region, values)``.
+
+        ``region`` is ``crop.region_ijk`` (slices of the ORIGINAL grid) and ``values`` the pasted values there,
+        of the region's shape, so that ``paste_back(crop, v)[region] == values`` and ``paste_back`` is 0 (or
+        ``out``) elsewhere. Costs O(crop), whatever the scan's size. ``(None, empty array)`` when the crop misses
+        the scan.
+        """
         if crop.prepared is not self:
             raise ValueError("the crop belongs to another scan")
         values = crop_values.detach().cpu().numpy() if isinstance(crop_values, torch.Tensor) else np.asarray(crop_values)
         if tuple(values.shape) != (crop.size,) * 3:
             raise ValueError(f"crop_values must have shape {(crop.size,) * 3}, got {tuple(values.shape)}")
-        if out is None:
-            out = np.zeros(self.scan.shape, dtype=values.dtype)
-        elif out.shape != self.scan.shape:
-            raise ValueError(f"out must have the scan's shape {self.scan.shape}, got {out.shape}")
         lookup = crop.paste_lookup
         if lookup is None:
-            return out
+            return None, np.zeros((0, 0, 0), dtype=values.dtype)
         region, index = lookup
         # values[index along canonical axes], arranged in original axis order: an outer-product gather.
         picked = values[np.ix_(*index)].transpose(*[int(a) for a in self.target_axis])
-        out[region] = picked
-        return out
+        return region, np.ascontiguousarray(picked)
 
 
 def _padded_box(volume: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .extension import (ExtensionConfig, Tile, blend_window, combine_on_scan, derived_points, is_new_place,
-                        known_probabilities, neighbour_start, open_faces)
+from .extension import (ExtensionConfig, Tile, blend_window, combine_in_region, combine_on_scan, derived_points,
+                        is_new_place, known_probabilities, neighbour_start, open_faces)
 from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
 from .io import ScanInput, load_scan
 
@@ -67,8 +67,10 @@ class PredictionResult:
     """One prediction on the original scan grid.
 
     Attributes:
-        mask: uint8 ``(I, J, K)``, the official result: the crop's ``sigmoid(logits) > 0.5`` pasted onto the
-            scan's grid by nearest neighbour (0 outside the crop); same shape as the scan as stored.
+        shape: ``(I, J, K)`` of the scan as stored.
+        region_mask: uint8, the mask on ``region_ijk`` only (shape of that box; the mask is 0 everywhere else):
+            what a caller that merges or writes only where the crop is needs, at O(crop) cost on any scan.
+            ``(0, 0, 0)`` when the crop misses the scan.
         affine: 4x4 RAS voxel->world of the scan (save with ``nib.Nifti1Image(mask, affine)``).
         iou: the model's IoU prediction for the returned mask (of the last decode step).
         timings: seconds spent in ``preprocess`` (crop sampling + normalisation), ``encode``, ``decode``,
@@ -85,11 +87,14 @@ class PredictionResult:
         crop_boxes: ``(start, stop)`` of every crop the mask was blended from (the first is ``crop_box``); more
             than one when the structure is larger than a crop (see :mod:`sam_med3d.extension`).
 
-    ``probabilities`` (float32 ``(I, J, K)``, 0 outside the crop) is computed on first access only: building a
-    full-size float map on every click would cost time on big scans.
+    ``mask`` (uint8 ``(I, J, K)``, the official result: the crop's ``sigmoid(logits) > 0.5`` pasted onto the
+    scan's grid by nearest neighbour, 0 outside the crop; same shape as the scan as stored) and
+    ``probabilities`` (float32 ``(I, J, K)``, 0 outside the crop) are built on first access only: a full-size
+    map on every click would cost time on big scans (``mask[region_ijk] == region_mask``).
     """
 
-    mask: np.ndarray
+    shape: Tuple[int, int, int]
+    region_mask: np.ndarray
     affine: np.ndarray
     iou: float
     timings: Dict[str, float]
@@ -104,6 +109,14 @@ class PredictionResult:
     crop_boxes: Tuple[Tuple[Tuple[int, int, int], Tuple[int, int, int]], ...] = ()
     _tiles: Tuple[Tile, ...] = field(default=(), repr=False, compare=False)
     _window: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """uint8 ``(I, J, K)``: the mask on the scan's whole grid (``region_mask`` in ``region_ijk``, 0 elsewhere)."""
+        full = np.zeros(self.shape, np.uint8)
+        if self.region_ijk is not None:
+            full[self.region_ijk] = self.region_mask
+        return full
 
     @cached_property
     def probabilities(self) -> np.ndarray:
@@ -315,18 +328,16 @@ class Sam3DPredictor:
 
             tick = time.perf_counter()
             # The official post-processing: threshold in the crop, then nearest-neighbour onto the scan's grid
-            # (with several crops: their probabilities blended, see sam_med3d.extension).
-            mask, _, _ = combine_on_scan(prepared, tiles, self._window)
+            # (with several crops: their probabilities blended, see sam_med3d.extension), computed only where
+            # the crops are: O(crop) on any scan (PredictionResult.mask is built on demand).
+            region, region_mask, _ = combine_in_region(prepared, tiles, self._window)
             timings["paste"] += time.perf_counter() - tick
             timings["total"] = time.perf_counter() - start_time
 
-            regions = [t.crop.region_ijk for t in tiles if t.crop.region_ijk is not None]
-            region = None if not regions else tuple(
-                slice(min(r[p].start for r in regions), max(r[p].stop for r in regions)) for p in range(3))
             result = PredictionResult(
-                mask=mask, affine=prepared.scan.affine.copy(), iou=iou, timings=timings, encoder_ran=encoder_ran
-                or timings.get("extension_encoder_runs", 0) > 0, crop_box=(crop.start, crop.stop),
-                crop_affine=crop.affine, region_ijk=region, decode_steps=len(replay) + int(
+                shape=prepared.scan.shape, region_mask=region_mask, affine=prepared.scan.affine.copy(), iou=iou,
+                timings=timings, encoder_ran=encoder_ran or timings.get("extension_encoder_runs", 0) > 0,
+                crop_box=(crop.start, crop.stop), crop_affine=crop.affine, region_ijk=region, decode_steps=len(replay) + int(
                     timings.pop("extension_decode_steps", 0)), prompt_clicks=len(prompt_labs),
                 low_res_logits=low_res.float().cpu(), crop_probabilities=probs_crop,
                 crop_boxes=tuple((t.crop.start, t.crop.stop) for t in tiles), _tiles=tuple(tiles),
