@@ -22,9 +22,17 @@ Which labels are (re)segmented:
   changes every label's mask).
 
 Coordinates may be integers or floats (rounded to the nearest voxel); anything else is refused, and so are
-coordinates beyond :data:`MAX_COORDINATE` in magnitude (``1e308``, a 400-digit integer: no scan is that large)
-and requests with more than :data:`MAX_CLICKS` clicks in all (each click is one decoder run: a request with
-thousands would hold the server for minutes).
+coordinates beyond :data:`MAX_COORDINATE` in magnitude (``1e308``, a 400-digit integer: no scan is that large).
+
+Limits (each click of a label's prompt is one decoder run plus a paste-back when the session is new or the
+clicks changed, so a request's cost grows with its clicks; 150 clicks in one request held the full model for
+95 s on a loaded 2-core CPU):
+
+- :data:`MAX_CLICKS` clicks per segmented label (its own clicks plus the background clicks, which every
+  label's prompt carries): an annotation needs a handful, and a viewer sends the full list so far;
+- :data:`MAX_PROMPT_CLICKS` prompt clicks over all labels segmented by one request (a background-only request
+  re-segments every label that has clicks);
+- :data:`MAX_REQUEST_CLICKS` clicks of any kind in one request (what is parsed at all).
 """
 
 from __future__ import annotations
@@ -38,8 +46,12 @@ import numpy as np
 BACKGROUND = "background"
 #: Largest accepted coordinate magnitude (voxels); anything beyond is not a voxel of any scan.
 MAX_COORDINATE = 1e6
-#: Most clicks (all labels and background together) one request may carry.
-MAX_CLICKS = 100
+#: Most clicks one segmented label's prompt may carry (its own clicks plus the background clicks).
+MAX_CLICKS = 64
+#: Most prompt clicks over all the labels one request segments (the decoder runs of a new session).
+MAX_PROMPT_CLICKS = 256
+#: Most clicks of any kind (all labels and background together) one request may carry.
+MAX_REQUEST_CLICKS = 1024
 
 
 @dataclass(frozen=True)
@@ -145,9 +157,19 @@ def parse_clicks(request: Mapping[str, Any], labels: Mapping[str, int]) -> List[
                              "{\"foreground\": [[i, j, k], ...], \"background\": [...], \"label\": \"<label>\"}")
 
     total = len(background) + sum(len(positives.get(name) or []) for name in positives)
-    if total > MAX_CLICKS:
-        raise ValueError(f"too many clicks in one request: {total} (at most {MAX_CLICKS}); send the clicks as the "
-                         "viewer does, the full list so far of one annotation session")
+    if total > MAX_REQUEST_CLICKS:
+        raise ValueError(f"too many clicks in one request: {total} (at most {MAX_REQUEST_CLICKS} in all)")
+    for name in targets:
+        count = len(positives[name]) + len(background)
+        if count > MAX_CLICKS:
+            raise ValueError(f"too many clicks for label {name!r}: {count} ({len(positives[name])} on the label, "
+                             f"{len(background)} background; at most {MAX_CLICKS} per label and request); start "
+                             "the label again with fewer clicks, or correct the mask by painting")
+    prompt = sum(len(positives[name]) + len(background) for name in targets)
+    if prompt > MAX_PROMPT_CLICKS:
+        raise ValueError(f"too many clicks for the {len(targets)} labels segmented by this request: {prompt} prompt "
+                         f"clicks (each label's own plus the background ones; at most {MAX_PROMPT_CLICKS}); name one "
+                         "label in \"label\"")
     result = []
     for name in sorted(targets, key=lambda n: labels[n]):
         pos = positives[name]
