@@ -27,17 +27,18 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.transform.writer import Writer
 
 from lib.configs.weights import ServedModel
 from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
                                client_id)
+from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 
 logger = logging.getLogger(__name__)
@@ -226,15 +227,24 @@ class SamMed3DInfer(InferTask):
         predictor = Sam3DPredictor(model, device=self.served.device,
                                    **({} if self.extension is None else {"extension": self.extension}))
         predictor.set_image(scan)
-        session = ImageSession(scan=scan, predictor=predictor, label_map=np.zeros(scan.shape, dtype=np.uint8))
+        session = ImageSession(scan=scan, predictor=predictor,
+                               label_map=np.zeros(scan.shape, dtype=np.uint8, order="F"))
         self.sessions.put(key, session)
         return session, {"load": loaded - start, "set_image": time.perf_counter() - loaded}
 
     def _predict(self, session: ImageSession, targets: list) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, float]]:
-        """Run the predictor for each target label and merge its mask into ``session.label_map``."""
+        """Run the predictor for each target label and merge its mask into ``session.label_map``.
+
+        The merge touches only boxes, never the whole map (78 M voxels on a 512x512x300 CT): the label's old
+        voxels are cleared inside the box where it was last written (the whole map the first time a label
+        meets a map this task did not fill itself, e.g. one uploaded with the request), and the new mask is
+        written inside the crop's region only, where no other label is. The map is kept in Fortran order (i
+        fastest, as NRRD and NIfTI store it), so the result file is written without reordering.
+        """
         per_label: Dict[str, Dict[str, Any]] = {}
-        timings: Dict[str, float] = {}
+        timings: Dict[str, float] = {"merge": 0.0}
         start = time.perf_counter()
+        boxes = self._label_boxes(session)
         for target in targets:
             target: LabelClicks
             # The predictor gets the full click list and itself tells new clicks from edited ones.
@@ -242,10 +252,21 @@ class SamMed3DInfer(InferTask):
                 out = session.predictor.predict(target.points, target.point_labels, label_key=target.name)
             except ValueError as err:  # the predictor's own input checks
                 raise InvalidRequest(f"label {target.name!r}: {err}") from err
-            mask = np.asarray(out.mask) > 0
+            tick = time.perf_counter()
             label_map = session.label_map
-            label_map[label_map == target.value] = 0
-            label_map[mask & (label_map == 0)] = target.value
+            old = boxes.get(target.value, (slice(None),) * 3)  # unknown: anywhere
+            if old is not None:
+                view = label_map[old]
+                view[view == target.value] = 0
+            region, region_mask = out.region_ijk, np.asarray(out.region_mask)
+            voxels = 0
+            if region is not None:
+                view = label_map[region]
+                write = (region_mask > 0) & (view == 0)
+                view[write] = target.value
+                voxels = int(np.count_nonzero(region_mask))
+            boxes[target.value] = region if voxels else None
+            timings["merge"] += time.perf_counter() - tick
             for name, seconds in dict(out.timings or {}).items():
                 if name != "total":
                     timings[name] = timings.get(name, 0.0) + float(seconds)
@@ -256,25 +277,39 @@ class SamMed3DInfer(InferTask):
                 "encoder_ran": bool(out.encoder_ran),
                 "crops": len(getattr(out, "crop_boxes", ())) or 1,  # > 1: a structure larger than one crop
                 "iou": iou if np.isfinite(iou) else None,  # JSON has no NaN
-                "voxels": int(mask.sum()),
+                "voxels": voxels,
             }
         timings["predict"] = time.perf_counter() - start
         return per_label, timings
 
+    def _label_boxes(self, session: Any) -> Dict[int, Optional[Tuple[slice, slice, slice]]]:
+        """``{label value: box of the map where that value may have voxels (None: nowhere)}`` for
+        ``session.label_map``, for the box-local merge of :meth:`_predict`; a value missing from it may be
+        anywhere. Keyed by the map's identity: a map replaced (e.g. by an uploaded label) starts unknown.
+
+        A map not in Fortran order is replaced by one that is (an all-zero one, as a new client's, for free).
+        """
+        label_map = session.label_map
+        if not label_map.flags.f_contiguous:
+            fresh = not label_map.any()
+            session.label_map = np.zeros(label_map.shape, np.uint8, order="F") if fresh \
+                else np.asfortranarray(label_map, dtype=np.uint8)
+            label_map = session.label_map
+        else:
+            fresh = False
+        known = self.__dict__.setdefault("_written_boxes", {})  # id(map) -> (weak reference, boxes, complete)
+        entry = known.get(id(label_map))
+        if entry is None or entry[0]() is not label_map:
+            reference = weakref.ref(label_map, lambda _, key=id(label_map): known.pop(key, None))
+            entry = known[id(label_map)] = (reference, {}, fresh)
+        _, boxes, complete = entry
+        if complete:
+            for value in self.label_values.values():
+                boxes.setdefault(int(value), None)
+        return boxes
+
     @staticmethod
     def _write(request: Mapping[str, Any], image_path: str, label_map: np.ndarray, affine: np.ndarray) -> str:
-        """Write ``label_map`` with ``affine`` to a temporary file in the format the client asked for."""
-        data = {
-            "image_path": image_path,
-            "pred": label_map,
-            "pred_meta_dict": {"affine": np.asarray(affine, dtype=np.float64)},
-            # NIfTI unless the client asks otherwise (OHIF asks for .nrrd / uint16); a DICOM folder has no
-            # extension of its own to copy.
-            "result_extension": request.get("result_extension") or ".nii.gz",
-            "result_dtype": request.get("result_dtype"),
-            "result_compress": request.get("result_compress", False),
-            "result": {},
-        }
-        # nibabel=True writes NIfTI with the exact affine (ITK would rebuild it from spacing/direction).
-        path, _ = Writer(label="pred", json="result", nibabel=True)(data)
-        return path
+        """Write ``label_map`` with ``affine`` to a temporary file in the format the client asked for
+        (:func:`lib.infers.result_writer.write_result`: NRRD and NIfTI directly, other formats via MONAI Label)."""
+        return write_result(request, image_path, label_map, affine)

@@ -1,0 +1,143 @@
+"""The label map a click returns: the box-local merge of ``SamMed3DInfer._predict`` and the file
+``lib.infers.result_writer`` writes (NRRD and NIfTI read back by ITK, pynrrd and nibabel)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app_helpers import APP_DIR
+from sam_med3d.io import load_scan
+
+sys.path.insert(0, str(APP_DIR))
+try:
+    from lib.errors import InvalidRequest  # noqa: E402
+    from lib.infers.clicks import LabelClicks  # noqa: E402
+    from lib.infers.result_writer import write_result  # noqa: E402
+    from lib.infers.sam_med3d import SamMed3DInfer  # noqa: E402
+finally:
+    sys.path.remove(str(APP_DIR))
+
+SHAPE = (30, 25, 20)
+LABELS = {"background": 0, "spleen": 1, "liver": 2}
+#: Oblique, anisotropic, flipped: every term of the geometry is exercised.
+AFFINE = np.array([[-0.78, 0.05, 0.0, 120.5], [0.02, 0.81, -0.1, -80.25], [0.0, 0.03, 2.5, 14.0], [0, 0, 0, 1.0]])
+
+
+class ScriptedPredictor:
+    """Returns the next scripted ``(region, region_mask)`` as a PredictionResult-like object."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def predict(self, points, labels, label_key):
+        region, region_mask = self.script.pop(0)
+        return SimpleNamespace(region_ijk=region, region_mask=region_mask, timings={"decode": 0.0}, iou=0.5,
+                               encoder_ran=False, crop_boxes=((0, 0, 0),))
+
+
+def _task() -> SamMed3DInfer:
+    task = SamMed3DInfer.__new__(SamMed3DInfer)  # only what _predict uses: no model, no sessions
+    task.label_values = dict(LABELS)
+    return task
+
+
+def _random_prediction(rng):
+    lo = rng.integers(0, np.asarray(SHAPE) - 4)
+    hi = np.minimum(lo + rng.integers(4, 16, 3), SHAPE)
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return region, (rng.random(tuple(hi - lo)) > 0.4).astype(np.uint8)
+
+
+def test_box_local_merge_equals_the_full_size_merge():
+    """Clearing the label's old voxels in its last box and writing the new mask in the crop's region gives the
+    same map as the full-size rule (clear every voxel of the label, write where no other label is), click
+    after click, for labels whose crops move, a C-ordered starting map, and an uploaded map the task did not
+    fill (its labels may be anywhere)."""
+    rng = np.random.default_rng(0)
+    task = _task()
+    session = SimpleNamespace(label_map=np.zeros(SHAPE, np.uint8), predictor=None)  # C order, as a new client's
+    reference = np.zeros(SHAPE, np.uint8)
+    for step in range(40):
+        if step == 20:  # the client sends a label file: labels scattered everywhere, unknown boxes
+            uploaded = rng.choice([0, 0, 0, 1, 2], size=SHAPE).astype(np.uint8)
+            session.label_map, reference = np.asfortranarray(uploaded), uploaded.copy()
+        name = ("spleen", "liver")[int(rng.integers(0, 2))]
+        region, region_mask = _random_prediction(rng)
+        session.predictor = ScriptedPredictor([(region, region_mask)])
+        target = LabelClicks(name, LABELS[name], np.zeros((1, 3), np.int64), np.ones(1, np.int64))
+        per_label, timings = task._predict(session, [target])
+        full = np.zeros(SHAPE, bool)
+        full[region] = region_mask > 0
+        reference[reference == LABELS[name]] = 0
+        reference[full & (reference == 0)] = LABELS[name]
+        np.testing.assert_array_equal(session.label_map, reference, err_msg=f"step {step}")
+        assert session.label_map.flags.f_contiguous and "merge" in timings
+        assert per_label[name]["voxels"] == int(region_mask.sum())
+
+
+def test_an_empty_prediction_leaves_no_voxel_of_the_label():
+    task = _task()
+    session = SimpleNamespace(label_map=np.zeros(SHAPE, np.uint8, order="F"), predictor=None)
+    target = LabelClicks("spleen", 1, np.zeros((1, 3), np.int64), np.ones(1, np.int64))
+    region = (slice(2, 12), slice(3, 9), slice(0, 5))
+    session.predictor = ScriptedPredictor([(region, np.ones((10, 6, 5), np.uint8)),
+                                           (region, np.zeros((10, 6, 5), np.uint8))])
+    task._predict(session, [target])
+    assert session.label_map.sum() == 300
+    task._predict(session, [target])
+    assert not session.label_map.any()
+
+
+def _map(order: str) -> np.ndarray:
+    label_map = np.zeros(SHAPE, np.uint8, order=order)
+    label_map[3:9, 4:20, 2:7] = 1
+    label_map[20:28, 1:5, 10:19] = 2
+    label_map[0, 0, 0], label_map[29, 24, 19] = 2, 1  # the corners show a transposed or flipped axis
+    return label_map
+
+
+@pytest.mark.parametrize("extension, dtype, compress", [
+    (".nrrd", "uint8", False), (".nrrd", "uint16", False), (".nrrd", "uint8", True), (".nrrd", None, False),
+    (".nii", None, False), (".nii.gz", "uint8", False), (".NRRD", "uint8", False), (".mha", "uint8", False),
+])
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_result_file_holds_the_map_on_the_scan_geometry(extension, dtype, compress, order):
+    """What the viewer gets: the same voxels (i, j, k) and the scan's affine, read back by ITK (as Slicer and
+    this package read it), pynrrd / nibabel, in the dtype asked for, from a Fortran- or C-ordered map."""
+    label_map = _map(order)
+    path = write_result({"result_extension": extension, "result_dtype": dtype, "result_compress": compress},
+                        "scan.nii.gz", label_map, AFFINE)
+    try:
+        assert path.endswith(extension.lower())
+        scan = load_scan(path)  # ITK for NRRD / MHA (LPS -> RAS), nibabel for NIfTI
+        np.testing.assert_array_equal(scan.array, label_map)
+        np.testing.assert_allclose(scan.affine, AFFINE, atol=1e-6)
+        itk = sitk.ReadImage(path)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), label_map)
+        assert sitk.GetArrayFromImage(itk).dtype == np.dtype(dtype or "uint8")
+        if extension.lower() == ".nrrd":
+            data, header = nrrd.read(path)
+            np.testing.assert_array_equal(data, label_map)
+            assert header["encoding"] == ("gzip" if compress else "raw")
+            assert header["space"] == "left-posterior-superior"
+        if extension.startswith(".nii"):
+            image = nib.load(path)
+            np.testing.assert_array_equal(np.asarray(image.dataobj), label_map)
+            np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
+            assert image.get_data_dtype() == np.dtype(dtype or "uint8")
+    finally:
+        import os
+        os.unlink(path)
+
+
+def test_a_result_dtype_that_is_not_an_integer_type_is_refused():
+    for bad in ("float32", "complex64", "no_such_type"):
+        with pytest.raises(InvalidRequest, match="result_dtype"):
+            write_result({"result_extension": ".nrrd", "result_dtype": bad}, "scan.nii.gz", _map("F"), AFFINE)
