@@ -42,7 +42,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lib.datastore.validation import IMAGE_EXTENSIONS, check_name, check_upload_name
+from lib.datastore.validation import IMAGE_EXTENSIONS, check_name, check_upload_name, upload_basename
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def _known_task(kind: str, name: str, what: str) -> None:
 
 def check_datastore_image(image: Any, what: str = "image") -> str:
     """``image`` must name an image of the app's datastore, and no path MONAI Label would read instead."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
     from monailabel.datastore.local import LocalDatastore
 
     image = check_name(image, what)
@@ -94,9 +95,12 @@ def check_datastore_image(image: Any, what: str = "image") -> str:
         raise InvalidRequest(f"{what} {image!r} is also a file or folder name in the server's working folder; "
                              "the server only reads datastore images, rename the image")
     datastore = _app().datastore()
-    if isinstance(datastore, LocalDatastore) and image not in datastore.list_images():
-        raise InvalidRequest(f"{what} {image!r} is not in the datastore (infer reads datastore images and files "
-                             "uploaded with the request only)", status_code=404)
+    # A local studies folder lists its images; a DICOMweb id is a series UID that the datastore downloads into
+    # its cache under that (checked) name, and a series stored a moment ago may not be listed yet.
+    local = isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore)
+    if local and image not in datastore.list_images():
+        raise InvalidRequest(f"{what} {image!r} was not found in the datastore; pass the id of an image listed by "
+                             "GET /datastore/ or upload the image with the request")
     return image
 
 
@@ -315,7 +319,7 @@ class RequestGuard:
                 try:
                     for _, upload in _uploads(form, ["files"]):
                         if upload.filename:
-                            name = check_name(upload.filename, "the file name of a session upload", 255)
+                            name = upload_basename(upload.filename, "the file name of a session upload")
                             if "." in name and not name.lower().endswith(SESSION_EXTENSIONS):
                                 raise InvalidRequest(f"the session upload {name!r} has an extension this app "
                                                      f"does not read; use one of {', '.join(SESSION_EXTENSIONS)}")

@@ -41,6 +41,7 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
+from lib.datastore.validation import check_label_file, check_name
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -386,11 +387,15 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
         """Save a label; a final one is also written as DICOM SEG and stored on the DICOMweb server."""
         import SimpleITK as sitk
 
+        # Names become paths in the local cache folder; the label must hold integer values 0..255 (#12).
+        check_name(image_id, "image id")
+        check_name(label_tag, "label tag", max_length=64)
         volume = self.get_image_uri(image_id)
         converted = ""
         if label_filename.endswith(".bin"):  # a raw uint8 buffer in the image's voxel order (old OHIF save)
             converted = label_filename = binary_to_image(volume, label_filename)
         try:
+            check_label_file(label_filename, None, what="the label")
             if label_tag == DefaultLabelTag.FINAL:
                 with self._lock(image_id):
                     image, files, _ = read_series(self._series_dir(image_id))

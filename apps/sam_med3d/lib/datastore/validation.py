@@ -81,10 +81,18 @@ def split_extension(file_name: str, what: str, extensions: Sequence[str] = IMAGE
                          f"{', '.join(extensions)}")
 
 
+def upload_basename(file_name: object, what: str = "the uploaded file name") -> str:
+    """The last component of a client's upload file name (clients such as ``MONAILabelClient`` send the full
+    local path; MONAI Label keeps only the last component), checked with :func:`check_name`."""
+    if not isinstance(file_name, str):
+        raise InvalidRequest(f"{what} must be a string")
+    return check_name(re.split(r"[/\\]", file_name)[-1], what, max_length=255)
+
+
 def check_upload_name(file_name: object, what: str = "the uploaded file name",
                       extensions: Sequence[str] = IMAGE_EXTENSIONS) -> str:
-    """A client's upload file name: a safe single name (see :func:`check_name`) with a known extension."""
-    name = check_name(file_name, what, max_length=255)
+    """A client's upload file name: its last component (:func:`upload_basename`) with a known extension."""
+    name = upload_basename(file_name, what)
     split_extension(name, what, extensions)
     return name
 
