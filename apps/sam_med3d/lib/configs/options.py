@@ -31,7 +31,7 @@ DEFAULTS: Dict[str, str] = {
     "use_finetuned": "true",
     "epochs": "20",
     "val_split": "0.2",
-    "lr": "0.0001",
+    "lr": "0.001",
     "train_clicks": "5",
     "multi_gpu": "false",
     "uncertainty_prompts": "3",

@@ -13,17 +13,25 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
 - step: ``sam_med3d.training.ClickTrainingStep``: the image is encoded once, the first click is a random
   voxel of the target, every further click a random voxel of the error region, the previous low-res mask is
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
-  model-based active-learning score relies on); AdamW;
+  model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
+  on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
 - validation Dice: the same click simulation with a fixed seed, on the crops inference sees
   (``sam_med3d.training.validation_transforms``: the official pipeline's crop around the target, as the
   predictor prepares it), no augmentation; it also runs once before
   the first epoch, so the served weights' Dice is the bar to beat;
 - publishing: whenever validation Dice beats the best so far, the weights are written atomically with
   ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
-  picks up on its next click. Without validation images the weights are published when training ends.
+  picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
+  labelled images), validation runs on the training targets at the inference crop, so a run that makes the
+  served model worse on them publishes nothing; with ``val_split`` 0 the weights are published when training
+  ends;
+- bad files: an unreadable label, or one whose grid size differs from its image's, is skipped with a warning;
+- ``freeze_encoder`` (default true): tune the prompt encoder and mask decoder only (the image encoder's weights
+  are kept and left out of the optimizer): with few labels it forgot less and learned more than tuning all
+  weights (docs/app.md, "How the model learns from your labels").
 
-``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr`` and
-``train_clicks`` can be set per Train request; their defaults come from ``--conf``.
+``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks`` and
+``freeze_encoder`` can be set per Train request; their defaults come from ``--conf``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ logger = logging.getLogger(__name__)
 #: Weight of the IoU-head loss (MSE between predicted and actual IoU): keeps the IoU head, which the
 #: official recipe never trains, meaningful for the uncertainty score used by active learning.
 IOU_LOSS_WEIGHT = 1.0
+#: The official recipe's points-free refinement passes (one random iteration in [2, 8] and the last): off. With
+#: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/app.md), as they did when
+#: the bundled model was trained (its model card).
+MASK_ONLY_ITERATIONS = False
 #: Targets smaller than this (voxels) in a saved label are skipped: too small to crop around and click in.
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
@@ -247,7 +259,7 @@ class SamMed3DTrainer(BasicTrainTask):
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
-                 lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = False,
+                 lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         device = served.device
@@ -342,12 +354,13 @@ class SamMed3DTrainer(BasicTrainTask):
         path = self.served.path()
         sam, arch = load_weights(path, self.served.expected_arch, str(context.device))
         self._sam_img_size = int(sam.img_size)
-        frozen = _as_bool(context.request.get("freeze_encoder", False))
+        frozen = _as_bool(context.request.get("freeze_encoder", True))
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
         logger.info("Fine-tuning SAM-Med3D %s from %s (%s)", arch, path,
                     "image encoder frozen: prompt encoder and mask decoder tuned" if frozen else "all weights tuned")
-        return ClickIterationModel(sam, loss_fn=default_loss(), iou_loss_weight=IOU_LOSS_WEIGHT)
+        return ClickIterationModel(sam, loss_fn=default_loss(), iou_loss_weight=IOU_LOSS_WEIGHT,
+                                   mask_only_iterations=MASK_ONLY_ITERATIONS)
 
     def _img_size(self, context: Context) -> int:
         if self._sam_img_size is None:
@@ -356,7 +369,7 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
         trainable = [p for p in context.network.parameters() if p.requires_grad]  # a frozen encoder is left out
-        return torch.optim.AdamW(trainable, lr=float(context.request.get("lr", 1e-4)), weight_decay=0.1)
+        return torch.optim.AdamW(trainable, lr=float(context.request.get("lr", 1e-3)), weight_decay=0.1)
 
     def loss_function(self, context: Context):
         from sam_med3d.training import default_loss
