@@ -71,6 +71,7 @@ class SamMed3DInfer(InferTask):
         labels: ``{name: value}`` including ``"background": 0``.
         cache_size: maximum number of images with a live session.
         cache_ttl_s: seconds after its last click before a session is dropped.
+        max_voxels: largest scan accepted, judged from the file's header (413 beyond).
     """
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
@@ -83,6 +84,7 @@ class SamMed3DInfer(InferTask):
         self.label_values: Dict[str, int] = dict(labels)
         self.sessions = SessionCache(cache_size, cache_ttl_s)
         self.extension = extension  # sam_med3d.extension.ExtensionConfig (None: the predictor's default)
+        self.max_voxels = int(max_voxels)  # largest scan accepted (--conf max_voxels)
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------------------- MONAI Label API
