@@ -229,8 +229,8 @@ class SamMed3DInfer(InferTask):
         predictor = Sam3DPredictor(model, device=self.served.device,
                                    **({} if self.extension is None else {"extension": self.extension}))
         predictor.set_image(scan)
-        session = ImageSession(scan=scan, predictor=predictor,
-                               label_map=np.zeros(scan.shape, dtype=np.uint8, order="F"))
+        # No initial map: each client's starts as zeros (made Fortran-ordered, for free, by _label_boxes).
+        session = ImageSession(scan=scan, predictor=predictor)
         self.sessions.put(key, session)
         return session, {"load": loaded - start, "set_image": time.perf_counter() - loaded}
 
@@ -259,15 +259,20 @@ class SamMed3DInfer(InferTask):
             old = boxes.get(target.value, (slice(None),) * 3)  # unknown: anywhere
             if old is not None:
                 view = label_map[old]
-                view[view == target.value] = 0
-            region, region_mask = out.region_ijk, np.asarray(out.region_mask)
-            voxels = 0
+                np.putmask(view, view == target.value, 0)
+            region, box = out.region_ijk, None
             if region is not None:
-                view = label_map[region]
-                write = (region_mask > 0) & (view == 0)
-                view[write] = target.value
-                voxels = int(np.count_nonzero(region_mask))
-            boxes[target.value] = region if voxels else None
+                # The mask's own bounding box inside the crop's region: a small structure costs its size.
+                region_mask = np.asarray(out.region_mask)
+                found = [np.flatnonzero(region_mask.any(axis=tuple(a for a in range(3) if a != p)))
+                         for p in range(3)]
+                if all(len(f) for f in found):
+                    local = tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
+                    box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local))
+                    view = label_map[box]
+                    np.putmask(view, (region_mask[local] > 0) & (view == 0), target.value)
+            voxels = 0 if box is None else int(np.count_nonzero(out.region_mask))
+            boxes[target.value] = box
             timings["merge"] += time.perf_counter() - tick
             for name, seconds in dict(out.timings or {}).items():
                 if name != "total":
