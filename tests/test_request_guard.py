@@ -17,10 +17,12 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -218,16 +220,43 @@ def test_bad_image_uploads_are_refused_by_the_server(server, kind, status, messa
     elif kind == "text":
         body = b"not an image at all\n"
     else:
-        header = nib.Nifti1Header()
-        header.set_data_dtype(np.uint8)
-        header.set_data_shape((4096, 4096, 4096))
-        body = gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * (1 << 20))
+        body = _bomb()
+        assert len(body) < 2 << 20  # about 1 MB on the wire
     before = _snapshot(server.studies)
+    memory_before = _server_rss(server)
     response = requests.put(f"{server.url}/datastore/image", params={"image": f"bad_{kind}"},
                             files={"file": (f"bad_{kind}.nii.gz", body)}, timeout=TIMEOUT)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
     assert _snapshot(server.studies) == before
+    if kind == "bomb":  # refused from the header: the 1 GiB of voxels was never decompressed
+        assert _server_rss(server) - memory_before < 256 << 20
+
+
+def _bomb() -> bytes:
+    """A complete, valid .nii.gz of 1024^3 uint8 zeros (1 GiB decompressed), compressed chunk by chunk."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((1024, 1024, 1024))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    parts = [compressor.compress(header.binaryblock + b"\0" * 4)]
+    chunk = b"\0" * (16 << 20)
+    for _ in range(64):
+        parts.append(compressor.compress(chunk))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def _server_rss(server) -> int:
+    """Resident memory of the server's process tree (the launcher and the Python server it starts)."""
+    root = psutil.Process(server.process.pid)
+    total = 0
+    for process in [root] + root.children(recursive=True):
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def test_wrong_shape_and_fractional_labels_are_refused_by_the_server(server):
