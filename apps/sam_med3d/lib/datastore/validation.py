@@ -16,7 +16,6 @@ Every refusal is an :class:`~lib.errors.InvalidRequest` whose message names the 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -254,8 +253,3 @@ def check_label_file(path: str, image_header: Optional[Header], max_voxels: int 
     del image
     return header
 
-
-def inside(path: str, folder: str) -> bool:
-    """Whether ``path`` resolves (symlinks followed) to ``folder`` or somewhere below it."""
-    real, root = os.path.realpath(path), os.path.realpath(folder)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
