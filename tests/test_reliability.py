@@ -341,7 +341,7 @@ def _client_plan(server, index: int, clicks: int):
 
 def test_eight_concurrent_clients_25_clicks_no_errors_no_mixups_info_answers_fast(server, tmp_path):
     clients, clicks = 8, 25
-    errors, mixups, latencies, info_latencies = [], [], [], []
+    errors, mixups, latencies, info_latencies, encoder_runs = [], [], [], [], []
     stop = threading.Event()
 
     def annotator(index: int) -> None:
@@ -358,6 +358,7 @@ def test_eight_concurrent_clients_25_clicks_no_errors_no_mixups_info_answers_fas
                 errors.append(f"client {index} click {n}: {err}")
                 return
             latencies.append(time.perf_counter() - begin)
+            encoder_runs.append(bool(result.get("encoder_ran")))
             label_map = np.asarray(nib.load(result_file).dataobj)
             os.unlink(result_file)
             own = result.get("sam_med3d", {}).get(label, {})
@@ -415,6 +416,7 @@ def test_eight_concurrent_clients_25_clicks_no_errors_no_mixups_info_answers_fas
     nested = sum(1 for a, b in info_spans if any(s < a and b < e for s, e in long_spans))
     print(f"\n{clients} clients x {clicks} clicks + 2 requests of 2 x 64 clicks: {wall:.1f} s wall; click round trip "
           f"median {statistics.median(latencies):.3f} s, p95 {latencies[int(0.95 * (len(latencies) - 1))]:.3f} s; "
+          f"encoder ran on {sum(encoder_runs)} of {len(encoder_runs)} clicks; "
           f"long requests {', '.join(f'{e - s:.2f}' for s, e in long_spans)} s; /info/ answered "
           f"{len(info_latencies)} times, max {max(info_latencies):.3f} s, {nested} of them during a long request")
     assert not errors, errors[:5]

@@ -27,6 +27,7 @@ DEFAULTS: Dict[str, str] = {
     "model_dir": "",
     "cache_size": "16",
     "cache_ttl_s": "1800",
+    "cache_max_gb": "8",
     "preload": "true",
     "use_finetuned": "true",
     "epochs": "20",
@@ -54,6 +55,8 @@ HELP: Dict[str, str] = {
     "cache_size": "how many images keep their session (image embedding, each annotator's clicks and label map) "
                   "between clicks",
     "cache_ttl_s": "seconds after its last click before an image's predictor is dropped",
+    "cache_max_gb": "estimated memory (GiB) all sessions may hold together; least recently used beyond are dropped "
+                    "(0: no bound)",
     "preload": "load the model when the server starts (true) or on the first click (false)",
     "use_finetuned": "serve <model_dir>/finetuned_<base>.pt (written by training) when it exists",
     "epochs": "default max_epochs of a training run (the Train request may override it)",
@@ -240,6 +243,7 @@ class AppOptions:
     extension_time_s: float = 10.0
     cors_origins: tuple = ()
     max_voxels: int = 268435456
+    cache_max_gb: float = 8.0
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -280,5 +284,6 @@ class AppOptions:
             extension_time_s=_float("extension_time_s", values["extension_time_s"], 0.0, 3600.0),
             cors_origins=_origins(values["cors_origins"]),
             max_voxels=_int("max_voxels", values["max_voxels"], 1),
+            cache_max_gb=_float("cache_max_gb", values["cache_max_gb"], 0.0, 4096.0),
             raw=values,
         )

@@ -72,17 +72,19 @@ class SamMed3DInfer(InferTask):
         cache_size: maximum number of images with a live session.
         cache_ttl_s: seconds after its last click before a session is dropped.
         max_voxels: largest scan accepted, judged from the file's header (413 beyond).
+        cache_max_bytes: estimated memory the sessions may hold together (None: no bound).
     """
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
                  description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks",
-                 extension: Optional[Any] = None, max_voxels: int = 2 ** 28):
+                 extension: Optional[Any] = None, max_voxels: int = 2 ** 28,
+                 cache_max_bytes: Optional[int] = None):
         # No per-request config: the viewers echo "config" back in every request, and the cache settings
         # (--conf cache_size / cache_ttl_s) are server-wide.
         super().__init__(type=InferType.DEEPEDIT, labels=dict(labels), dimension=3, description=description)
         self.served = served
         self.label_values: Dict[str, int] = dict(labels)
-        self.sessions = SessionCache(cache_size, cache_ttl_s)
+        self.sessions = SessionCache(cache_size, cache_ttl_s, max_bytes=cache_max_bytes)
         self.extension = extension  # sam_med3d.extension.ExtensionConfig (None: the predictor's default)
         self.max_voxels = int(max_voxels)  # largest scan accepted (--conf max_voxels)
         self._lock = threading.RLock()

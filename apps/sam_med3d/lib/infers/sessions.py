@@ -12,6 +12,11 @@ their state per image (the least recently active is dropped beyond that).
 
 Sessions are keyed by the image file's real path plus its size and modification time, so re-uploading an
 image under the same id starts a fresh session.
+
+Memory: besides the number of sessions, :class:`SessionCache` can bound their estimated memory
+(:meth:`ImageSession.estimated_bytes`, from the voxel count: :data:`SESSION_BYTES_PER_VOXEL` per image plus
+:data:`CLIENT_BYTES_PER_VOXEL` per client, as measured by ``benchmarks/session_memory.py``) and drops the
+least recently used sessions beyond it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ SessionKey = Tuple[str, int, int]
 
 #: Most clients (annotators) whose label map and click states one image session keeps.
 MAX_CLIENTS_PER_IMAGE = 16
+#: Estimated memory of an image session per voxel of its scan (scan, preprocessed copies, embeddings), bytes.
+#: ``benchmarks/session_memory.py`` measured 166-404 MB for the 512x512x32 spleen CT (8.4 M voxels, vit_b_ori).
+SESSION_BYTES_PER_VOXEL = 24
+#: Estimated memory per client of a session per voxel (label map, click states and masks): 77-86 MB measured.
+CLIENT_BYTES_PER_VOXEL = 10
 
 
 def session_key(image_path: str) -> SessionKey:
@@ -117,6 +127,11 @@ class ImageSession:
         return ClientSession(scan=self.scan, predictor=ClientPredictor(self.predictor, client, keys),
                              label_map=label_map, client=client)
 
+    def estimated_bytes(self) -> int:
+        """Estimated memory of this session (see the module docstring)."""
+        voxels = int(np.prod(tuple(self.scan.shape)))
+        return voxels * (SESSION_BYTES_PER_VOXEL + CLIENT_BYTES_PER_VOXEL * max(1, len(self.label_maps)))
+
     def has_client(self, client: str) -> bool:
         """Whether ``client`` has a label map in this session."""
         with self._lock:
@@ -137,16 +152,19 @@ class ImageSession:
 
 
 class SessionCache:
-    """An LRU map of :class:`ImageSession` with at most ``max_items`` entries, each dropped ``ttl_s`` seconds
-    after its last use. Thread-safe; eviction happens on every access (no background thread)."""
+    """An LRU map of :class:`ImageSession` with at most ``max_items`` entries (and, with ``max_bytes``, at most
+    that estimated memory), each dropped ``ttl_s`` seconds after its last use. Thread-safe; eviction happens on
+    every access (no background thread)."""
 
-    def __init__(self, max_items: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_items: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: Optional[int] = None):
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.max_items = int(max_items)
         self.ttl_s = float(ttl_s)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._clock = clock
         self._items: "OrderedDict[SessionKey, ImageSession]" = OrderedDict()
         self._lock = threading.Lock()
@@ -154,6 +172,13 @@ class SessionCache:
     def _evict_expired(self, now: float) -> None:
         for key in [k for k, s in self._items.items() if now - s.last_used > self.ttl_s]:
             del self._items[key]
+
+    def _evict_over_budget(self) -> None:
+        """Drop least recently used sessions while the estimate exceeds ``max_bytes`` (the newest stays)."""
+        if self.max_bytes is None:
+            return
+        while len(self._items) > 1 and sum(s.estimated_bytes() for s in self._items.values()) > self.max_bytes:
+            self._items.popitem(last=False)
 
     def get(self, key: SessionKey) -> Optional[ImageSession]:
         """The live session for ``key`` (marked as used now), or None."""
@@ -164,6 +189,7 @@ class SessionCache:
             if session is not None:
                 session.last_used = now
                 self._items.move_to_end(key)
+                self._evict_over_budget()  # clients added since may have grown it
             return session
 
     def put(self, key: SessionKey, session: ImageSession) -> None:
@@ -176,6 +202,7 @@ class SessionCache:
             self._evict_expired(now)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
+            self._evict_over_budget()
 
     def discard(self, key: SessionKey) -> None:
         """Drop the session of ``key`` if there is one (e.g. an image uploaded with a single request)."""
