@@ -267,6 +267,13 @@ def test_fortran_and_c_ordered_scans_give_the_same_crops():
         a = PreparedScan(fortran).crop_around([[30, 25, 12]], 24)
         b = PreparedScan(c_order).crop_around([[30, 25, 12]], 24)
         assert torch.equal(a.raw, b.raw) and torch.equal(a.image, b.image)
+        # The crop-local paste-back comes in the scan's memory order, with the same values.
+        values = torch.arange(24 ** 3, dtype=torch.float32).reshape(24, 24, 24)
+        (region_f, local_f), (region_c, local_c) = a.prepared.paste_back_region(a, values), \
+            b.prepared.paste_back_region(b, values)
+        assert region_f == region_c and local_f.flags.f_contiguous and local_c.flags.c_contiguous
+        np.testing.assert_array_equal(local_f, local_c)
+        np.testing.assert_array_equal(local_f, a.prepared.paste_back(a, values)[region_f])
 
 
 def test_paste_back_rejects_wrong_inputs():

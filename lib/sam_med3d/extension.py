@@ -270,7 +270,8 @@ def combine_in_region(prepared: PreparedScan, tiles: Sequence[Tile], window: np.
         num[local] += w * p
         den[local] += w
     mean = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    return box, (mean > 0.5).astype(np.uint8), mean if with_probabilities else None
+    order = "F" if prepared.scan.array.flags.f_contiguous and not prepared.scan.array.flags.c_contiguous else "C"
+    return box, (mean > 0.5).astype(np.uint8, order=order), mean if with_probabilities else None
 
 
 def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,

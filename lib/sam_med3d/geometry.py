@@ -446,8 +446,8 @@ class PreparedScan:
 
         ``region`` is ``crop.region_ijk`` (slices of the ORIGINAL grid) and ``values`` the pasted values there,
         of the region's shape, so that ``paste_back(crop, v)[region] == values`` and ``paste_back`` is 0 (or
-        ``out``) elsewhere. Costs O(crop), whatever the scan's size. ``(None, empty array)`` when the crop misses
-        the scan.
+        ``out``) elsewhere. Costs O(crop), whatever the scan's size. ``values`` is contiguous in the scan array's
+        memory order (C or Fortran). ``(None, empty array)`` when the crop misses the scan.
         """
         if crop.prepared is not self:
             raise ValueError("the crop belongs to another scan")
@@ -458,9 +458,15 @@ class PreparedScan:
         if lookup is None:
             return None, np.zeros((0, 0, 0), dtype=values.dtype)
         region, index = lookup
-        # values[index along canonical axes], arranged in original axis order: an outer-product gather.
-        picked = values[np.ix_(*index)].transpose(*[int(a) for a in self.target_axis])
-        return region, np.ascontiguousarray(picked)
+        # values[index along canonical axes], arranged in original axis order: an outer-product gather, laid out
+        # in the scan's memory order (Fortran for files), so that merging it into maps of the scan's layout
+        # runs along memory. For Fortran order the gather fills the transpose (axes k, j, i) in C order.
+        axes = [int(a) for a in self.target_axis]  # canonical axis of each original axis
+        if self.scan.array.flags.f_contiguous and not self.scan.array.flags.c_contiguous:
+            reversed_axes = axes[::-1]
+            picked = values.transpose(*reversed_axes)[np.ix_(*[index[a] for a in reversed_axes])]
+            return region, picked.T
+        return region, np.ascontiguousarray(values[np.ix_(*index)].transpose(*axes))
 
 
 def _padded_box(volume: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
