@@ -261,7 +261,7 @@ class SamMed3DInfer(InferTask):
             old = boxes.get(target.value, (slice(None),) * 3)  # unknown: anywhere
             if old is not None:
                 view = label_map[old]
-                np.putmask(view, view == target.value, 0)
+                np.copyto(view, 0, where=view == target.value)  # (np.putmask is 40x slower on a strided view)
             region, box = out.region_ijk, None
             if region is not None:
                 # The mask's own bounding box inside the crop's region: a small structure costs its size.
@@ -272,7 +272,7 @@ class SamMed3DInfer(InferTask):
                     local = tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
                     box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local))
                     view = label_map[box]
-                    np.putmask(view, (region_mask[local] > 0) & (view == 0), target.value)
+                    np.copyto(view, target.value, where=(region_mask[local] > 0) & (view == 0))
             voxels = 0 if box is None else int(np.count_nonzero(out.region_mask))
             boxes[target.value] = box
             timings["merge"] += time.perf_counter() - tick
