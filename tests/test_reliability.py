@@ -272,9 +272,7 @@ def test_the_corpus_has_at_least_60_distinct_cases():
 
 
 #: Cases that fail today, with the reason (strict: each must start passing once fixed, then leave this list).
-KNOWN_FAILURES = {
-    "params_deep": "lib/request_guard.py parses params with json.loads and lets its RecursionError become a 500",
-}
+KNOWN_FAILURES: dict = {}  # case id -> reason, for a case that must fail until its fix lands (strict xfail)
 
 
 def _case(case):

@@ -121,6 +121,8 @@ def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
         value = json.loads(text)
     except ValueError as err:
         raise InvalidRequest(f"{what} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is not usable JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise InvalidRequest(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -366,6 +368,8 @@ class RequestGuard:
                 body = json.loads(spool.file.read() or b"null")
             except ValueError:
                 body = None  # FastAPI answers 422 for a body that is not JSON
+            except RecursionError:
+                raise InvalidRequest("the request body is not usable JSON: nested too deeply") from None
             _walk_task_body(body, "body", train=top == "train")
 
     async def _read_form(self, scope: dict, receive: Receive, spools: list):
