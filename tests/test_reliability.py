@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,7 +41,13 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from app_helpers import copy_app, start_server, wait_for_training
+from app_helpers import APP_DIR, copy_app, start_server, wait_for_training
+
+sys.path.insert(0, str(APP_DIR))
+try:
+    from lib.shutdown import ARMED_MESSAGE  # noqa: E402
+finally:
+    sys.path.remove(str(APP_DIR))
 
 CASES = {  # image id -> (dataset folder, case) in ../shared/data
     "t2": ("sct_spinalcord_mri", "t2"),                    # 60x55x52, labelled (training)
@@ -58,6 +65,13 @@ SHUTDOWN_LIMIT_S = 20.0
 PUBLISHED = "finetuned_vit_mini.pt"  # <model_dir>/finetuned_<base checkpoint file name>.pt
 
 
+def _start(app: Path, studies: Path, checkpoint: Path, log_path: Path):
+    return start_server(app, studies, {"model": "vit_mini", "checkpoint": str(checkpoint),
+                                       "labels": "spleen=1,liver=2", "device": "cpu", "preload": "true",
+                                       "extension": "off"},
+                        log_path=log_path, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+
+
 @pytest.fixture(scope="module")
 def server(data_dir, mini_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
@@ -70,11 +84,8 @@ def server(data_dir, mini_checkpoint, tmp_path_factory):
     # the file it might be replacing stays whole.
     (app / "model").mkdir(parents=True)
     shutil.copy(mini_checkpoint, app / "model" / PUBLISHED)
-    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint),
-                                      "labels": "spleen=1,liver=2", "device": "cpu", "preload": "true",
-                                      "extension": "off"},
-                       log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-    srv.root, srv.app, srv.studies, srv.data_dir = root, app, studies, data_dir
+    srv = _start(app, studies, mini_checkpoint, root / "server.log")
+    srv.root, srv.app, srv.studies, srv.data_dir, srv.checkpoint = root, app, studies, data_dir, mini_checkpoint
     for image_id in ("t2", "t1w"):
         dataset, case = CASES[image_id]
         with open(data_dir / dataset / "labelsTr" / f"{case}.nii.gz", "rb") as f:
@@ -528,3 +539,64 @@ def test_sigterm_stops_the_server_its_training_and_leaves_no_partial_file(server
     _assert_loadable(model_dir / PUBLISHED)
     for label in (server.studies / "labels" / "final").glob("*.nii.gz"):
         assert nib.load(str(label)).get_fdata().size > 0
+
+
+def test_kill_9_of_the_server_stops_its_training_subprocess(server):
+    """``kill -9`` of the server runs no handler of ours; its training subprocess must not go on and publish
+    weights for a server that is gone. A second server on the same app and studies (the first was stopped
+    by the SIGTERM test)."""
+    second = _start(server.app, server.studies, server.checkpoint, server.root / "server_kill9.log")
+    try:
+        trainer = _start_training(second, {"max_epochs": 1000, "val_split": 0.5, "train_clicks": 1})
+        armed = f"[{trainer.pid}] [MainThread] [INFO] (lib.shutdown"  # its line, in the server's log
+        deadline = time.monotonic() + 120  # until the subprocess has created the app, which arms the signal
+        while not any(armed in line and ARMED_MESSAGE in line
+                      for line in second.log_path.read_text(errors="replace").splitlines()):
+            assert time.monotonic() < deadline and trainer.is_running(), "the training never armed its exit"
+            time.sleep(0.5)
+        begin = time.monotonic()
+        second.process.kill()  # SIGKILL of the server process only
+        second.process.wait(timeout=10)
+        try:
+            trainer.wait(timeout=15)
+        except psutil.TimeoutExpired:
+            raise AssertionError(f"training (pid {trainer.pid}) still runs 15 s after the server was killed")
+        print(f"\nkill -9 of the server: its training subprocess was gone after {time.monotonic() - begin:.1f} s")
+    finally:
+        second.stop()
+        try:
+            os.killpg(second.process.pid, signal.SIGKILL)  # whatever a failed test left in its group
+        except ProcessLookupError:
+            pass
+
+
+def test_a_task_subprocess_dies_with_a_killed_server(tmp_path):
+    """``kill -9`` of the server runs no handler; Linux itself then stops its task subprocesses
+    (``lib.shutdown.exit_with_parent``, called by the app in every training/scoring subprocess)."""
+    if os.uname().sysname != "Linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    child = (f"import pathlib, sys, time; sys.path.insert(0, {str(copy_app(tmp_path / 'app'))!r}); "
+             "from lib.shutdown import exit_with_parent; assert exit_with_parent(); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         f"c = subprocess.Popen([sys.executable, '-c', {child!r}]); print(c.pid, flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        task = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and task.is_running(), "the task never got ready"
+            time.sleep(0.1)
+        parent.kill()  # SIGKILL: no handler of the parent runs
+        parent.wait(timeout=10)
+        task.wait(timeout=10)  # psutil.TimeoutExpired if the task outlived its parent
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -37,7 +37,7 @@ from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
-from lib.shutdown import install_clean_shutdown
+from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess
 from lib.trainers.preflight import install_train_preflight
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class SamMed3DApp(MONAILabelApp):
     """The app: one :class:`~lib.configs.sam_med3d.SamMed3DConfig` providing every task."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        if is_task_subprocess():
+            exit_with_parent()  # a server killed outright (kill -9, crash) takes its training/scoring run along
         self.config = SamMed3DConfig()
         self.config.init(TASK_NAME, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
         super().__init__(

@@ -26,6 +26,7 @@ import glob
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence
@@ -141,3 +142,53 @@ def install_clean_shutdown(model_folders: Sequence[str] = (), grace_s: float = G
         signal.signal(signum, handler)
     logger.info("Clean shutdown installed: SIGTERM stops task subprocesses, requests get %.0f s, exit within %.0f s",
                 grace_s, hard_exit_s)
+
+
+# ------------------------------------------------------------------------------------- server killed outright
+#: The module MONAI Label runs its task subprocesses as (``python -m monailabel.interfaces.utils.app``).
+TASK_MODULE = "monailabel.interfaces.utils.app"
+#: Logged by a task subprocess once it is bound to the server's life (tests wait for it).
+ARMED_MESSAGE = "Exit with parent armed"
+#: Linux ``prctl`` option: the signal a process receives when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def is_task_subprocess() -> bool:
+    """Whether this process is one of MONAI Label's task subprocesses (training, scoring, batch infer)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == TASK_MODULE
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have Linux send ``sig`` to this process when its parent (the server) dies, ``kill -9`` included.
+
+    A SIGTERM handler cannot run when the server is killed with SIGKILL or crashes, so without this its
+    training subprocess would go on and publish weights for a server that no longer exists. The kernel sends
+    the signal when the parent *thread* that started this process ends; MONAI Label starts task subprocesses
+    from a worker thread that waits for them to finish, so that is the server's end. Returns False
+    where the kernel offers no such call (not Linux); the handler above still covers SIGTERM/SIGINT there.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this task outlives a killed server",
+                       ctypes.get_errno())
+        return False
+    if parent == 1 or not _alive(parent):  # the parent died before the call: nobody will signal
+        os.kill(os.getpid(), sig)
+    logger.info("%s: this task stops when the server (pid %d) exits", ARMED_MESSAGE, parent)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
