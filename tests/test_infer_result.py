@@ -18,8 +18,9 @@ from sam_med3d.io import load_scan
 sys.path.insert(0, str(APP_DIR))
 try:
     from lib.errors import InvalidRequest  # noqa: E402
-    from lib.infers.clicks import LabelClicks  # noqa: E402
-    from lib.infers.result_writer import write_result  # noqa: E402
+    from lib.infers import result_writer  # noqa: E402
+    from lib.infers.clicks import LabelClicks, label_names_present  # noqa: E402
+    from lib.infers.result_writer import remove_stale_results, result_folder, write_result  # noqa: E402
     from lib.infers.sam_med3d import SamMed3DInfer  # noqa: E402
 finally:
     sys.path.remove(str(APP_DIR))
@@ -80,6 +81,59 @@ def test_box_local_merge_equals_the_full_size_merge():
         np.testing.assert_array_equal(session.label_map, reference, err_msg=f"step {step}")
         assert session.label_map.flags.f_contiguous and "merge" in timings
         assert per_label[name]["voxels"] == int(region_mask.sum())
+        # The names sent back, looked up in the boxes only, are those of the values present.
+        present = set(np.unique(reference).tolist())
+        expected = {n: v for n, v in LABELS.items() if v == 0 or v in present}
+        assert label_names_present(session.label_map, LABELS, task._label_boxes(session)) == expected
+        assert label_names_present(session.label_map, LABELS) == expected
+
+
+def test_a_new_clients_map_is_fresh_and_nothing_is_searched_outside_the_written_boxes():
+    """A new client's all-zero Fortran map (``fresh``) is not scanned: boxes of unwritten labels are None."""
+    task = _task()
+    session = SimpleNamespace(label_map=np.zeros(SHAPE, np.uint8, order="F"), predictor=None, fresh=True)
+    region = (slice(2, 12), slice(3, 9), slice(0, 5))
+    session.predictor = ScriptedPredictor([(region, np.ones((10, 6, 5), np.uint8))])
+    task._predict(session, [LabelClicks("spleen", 1, np.zeros((1, 3), np.int64), np.ones(1, np.int64))])
+    boxes = task._label_boxes(session)
+    assert boxes[2] is None and boxes[1] == region
+    assert label_names_present(session.label_map, LABELS, boxes) == {"background": 0, "spleen": 1}
+    # A value outside its recorded box is not found there (the boxes are trusted, which is why they must hold).
+    session.label_map[29, 24, 19] = 2
+    assert "liver" not in label_names_present(session.label_map, LABELS, boxes)
+    assert "liver" in label_names_present(session.label_map, LABELS)
+
+
+def test_result_files_go_to_the_ram_folder_only_when_it_has_room(tmp_path, monkeypatch):
+    ram = tmp_path / "shm"
+    ram.mkdir()
+    assert result_folder(1000, str(ram)) == str(ram)  # tmp_path has far more than the reserve free
+    assert result_folder(1 << 60, str(ram)) is None  # no room: the system's temporary folder
+    assert result_folder(1000, str(tmp_path / "missing")) is None
+    monkeypatch.setattr(result_writer, "RAM_FOLDER", str(ram))
+    monkeypatch.setattr(result_writer.tempfile, "tempdir", str(tmp_path))
+    request = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+    path = write_result(request, "x.nii.gz", np.zeros(SHAPE, np.uint8, order="F"), AFFINE)
+    assert path.startswith(str(ram) + "/" + result_writer.RESULT_PREFIX) and path.endswith(".nrrd")
+
+
+def test_stale_result_files_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setattr(result_writer.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    ram = tmp_path / "shm"
+    ram.mkdir()
+    old = time.time() - 7200
+    stale = [ram / f"{result_writer.RESULT_PREFIX}a.nrrd", tmp_path / "tmp" / f"{result_writer.RESULT_PREFIX}b.nii.gz"]
+    keep = [ram / f"{result_writer.RESULT_PREFIX}new.nrrd", ram / "other_program.bin", tmp_path / "tmp" / "x.nrrd"]
+    for path in stale + keep:
+        path.write_bytes(b"x")
+    for path in stale + keep[1:]:
+        os.utime(path, (old, old))
+    assert remove_stale_results(3600, str(ram)) == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
 def test_an_empty_prediction_leaves_no_voxel_of_the_label():

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from .geometry import Crop, PreparedScan
+from .geometry import Crop, PreparedScan, outer_take
 
 STRATEGIES = ("slide", "zoom")
 
@@ -265,7 +265,7 @@ def combine_in_region(prepared: PreparedScan, tiles: Sequence[Tile], window: np.
         weights = [window[index[a]] for a in range(3)]
         w = (weights[order[0]][:, None, None] * weights[order[1]][None, :, None]
              * weights[order[2]][None, None, :]).astype(np.float32)
-        p = tile.probs.numpy()[np.ix_(*index)].transpose(*order)
+        p = outer_take(tile.probs.numpy(), index).transpose(*order)
         local = tuple(slice(r.start - int(a), r.stop - int(a)) for r, a in zip(region, lo))
         num[local] += w * p
         den[local] += w

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -192,15 +192,37 @@ def check_inside(clicks: Sequence[LabelClicks], shape: Sequence[int]) -> None:
                                  f"0 <= j < {shape[1]}, 0 <= k < {shape[2]}")
 
 
-def label_names_present(label_map: np.ndarray, labels: Mapping[str, int]) -> Dict[str, int]:
+def label_names_present(label_map: np.ndarray, labels: Mapping[str, int],
+                        boxes: Optional[Mapping[int, Optional[Tuple[slice, slice, slice]]]] = None) -> Dict[str, int]:
     """``{"background": 0, name: value, ...}`` for the labels whose value occurs in ``label_map``, by value.
 
     Returned to the viewer as ``label_names``: 3D Slicer maps the i-th label value present in the returned map
     to the i-th non-background name it is given, so listing absent labels would shift the names.
+
+    ``boxes`` (optional, ``{value: box of the map that holds every voxel of that value, or None: none}``) limits
+    the search for a value to its box; values not in it are looked for in the whole map. Each value costs one
+    comparison over its box, not a sort of the map (``np.unique`` of a 512x512x300 map took 1.3 s).
     """
-    present = set(int(v) for v in np.unique(label_map))
+    boxes = boxes or {}
     names = {BACKGROUND: 0}
     for name, value in sorted(labels.items(), key=lambda item: item[1]):
-        if name != BACKGROUND and value in present:
-            names[name] = int(value)
+        if name == BACKGROUND:
+            continue
+        value = int(value)
+        box = boxes.get(value, (slice(None),) * 3)
+        if box is not None and _contains(label_map[box], value):
+            names[name] = value
     return names
+
+
+def _contains(array: np.ndarray, value: int) -> bool:
+    """Whether ``value`` occurs in ``array``, one slab at a time (no temporary of the whole array)."""
+    if array.size == 0:
+        return False
+    axis = 2 if array.flags.f_contiguous and not array.flags.c_contiguous else 0  # the outermost in memory
+    step = max(1, (1 << 22) // max(1, array.size // max(1, array.shape[axis])))
+    for start in range(0, array.shape[axis], step):
+        part = array[(slice(None),) * axis + (slice(start, start + step),)]
+        if (part == value).any():
+            return True
+    return False

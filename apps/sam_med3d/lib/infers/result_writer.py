@@ -15,6 +15,12 @@ first. On a 512x512x300 CT (78 M voxels) that cost about a second per click. Her
 - anything else (``.mha``, ``.seg.nrrd``, ...): MONAI Label's ``Writer`` as before.
 
 The values are never changed: ``result_dtype`` only widens the integer type (OHIF may ask for ``uint16``).
+
+The file goes to a RAM-backed folder (``/dev/shm``) when it has room for it, else to the system's temporary
+folder: MONAI Label reads it back once to answer and deletes it, so it never needs a disk, and a 78 MB write
+to a disk-backed ``/tmp`` took 0.02 to 0.21 s here (the kernel throttles writers while it flushes the previous
+results), against a steady 0.02 s in RAM. Files left by a server that was killed before it could delete them
+are removed at the next start (:func:`remove_stale_results`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ FAST_EXTENSIONS = (".nrrd", ".nii", ".nii.gz")
 #: NIfTI when the client does not say (MONAI Label's default for a NIfTI image).
 DEFAULT_EXTENSION = ".nii.gz"
 _LPS = np.diag([-1.0, -1.0, 1.0])
+#: RAM-backed folder for result files (used when it exists, is writable and has room; see the module docstring).
+RAM_FOLDER = "/dev/shm"
+#: Name prefix of result files, so stale ones can be found.
+RESULT_PREFIX = "sam_med3d_result_"
+#: Room left free in :data:`RAM_FOLDER` besides the file (other programs use it too), bytes.
+RAM_FOLDER_RESERVE = 256 << 20
 #: numpy dtype names that are also NRRD type names.
 _NRRD_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 
@@ -119,7 +131,8 @@ def write_result(request: Mapping[str, Any], image_path: str, label_map: np.ndar
         return _write_monai(request, image_path, label_map, affine)
     dtype = result_dtype(request.get("result_dtype"), label_map.dtype)
     data = label_map if label_map.dtype == dtype else label_map.astype(dtype)
-    handle, path = tempfile.mkstemp(suffix=extension.lower())
+    handle, path = tempfile.mkstemp(suffix=extension.lower(), prefix=RESULT_PREFIX,
+                                    dir=result_folder(data.nbytes))
     os.close(handle)
     try:
         if extension.lower() == ".nrrd":
@@ -130,6 +143,43 @@ def write_result(request: Mapping[str, Any], image_path: str, label_map: np.ndar
         os.unlink(path)
         raise
     return path
+
+
+def result_folder(nbytes: int, ram_folder: Optional[str] = None) -> Optional[str]:
+    """``ram_folder`` when a result of ``nbytes`` fits there with :data:`RAM_FOLDER_RESERVE` to spare, else None
+    (the system's temporary folder). Checked on every write: the room in ``/dev/shm`` changes, and a
+    container may give it only 64 MB."""
+    ram_folder = RAM_FOLDER if ram_folder is None else ram_folder
+    try:
+        if not os.path.isdir(ram_folder) or not os.access(ram_folder, os.W_OK | os.X_OK):
+            return None
+        stat = os.statvfs(ram_folder)
+    except OSError:
+        return None
+    return ram_folder if stat.f_bavail * stat.f_frsize >= int(nbytes) + RAM_FOLDER_RESERVE else None
+
+
+def remove_stale_results(max_age_s: float = 3600.0, ram_folder: Optional[str] = None) -> int:
+    """Delete result files older than ``max_age_s`` from ``ram_folder`` and the temporary folder (left by a
+    server killed between writing and sending them). Returns how many were removed."""
+    import time
+
+    removed = 0
+    now = time.time()
+    for folder in {RAM_FOLDER if ram_folder is None else ram_folder, tempfile.gettempdir()}:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if (entry.name.startswith(RESULT_PREFIX) and entry.is_file(follow_symlinks=False)
+                        and now - entry.stat(follow_symlinks=False).st_mtime > max_age_s):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 def _write_monai(request: Mapping[str, Any], image_path: str, label_map: np.ndarray, affine: np.ndarray) -> str:
@@ -150,4 +200,4 @@ def _write_monai(request: Mapping[str, Any], image_path: str, label_map: np.ndar
     return path
 
 
-__all__ = ("write_result", "write_nrrd", "write_nifti", "result_dtype", "FAST_EXTENSIONS", "DEFAULT_EXTENSION")
+__all__ = ("write_result", "result_folder", "remove_stale_results", "write_nrrd", "write_nifti", "result_dtype", "FAST_EXTENSIONS", "DEFAULT_EXTENSION")

@@ -38,7 +38,7 @@ from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
                                client_id)
-from lib.infers.result_writer import write_result
+from lib.infers.result_writer import remove_stale_results, write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,25 @@ def _read_label_file(path: str, shape: Tuple[int, ...]) -> np.ndarray:
         raise InvalidRequest("the label sent with the request must hold integer label values 0..255, got values "
                              f"in [{array.min()}, {array.max()}]")
     return array.astype(np.uint8)
+
+
+def _clear(view: np.ndarray, value: int) -> None:
+    """Set the voxels of ``value`` in ``view`` (a box of a label map) to 0, in place.
+
+    Branch-free arithmetic (``view *= view != value``): ``np.copyto(where=)`` with a scalar slows down on masks
+    with many edges (a noisy mask: 50 ms instead of 20 ms on a 245x245x240 box), and ``np.putmask`` on a strided
+    view was 40x slower still."""
+    np.multiply(view, np.not_equal(view, value), out=view, casting="unsafe")
+
+
+def _paint(view: np.ndarray, mask: np.ndarray, value: int) -> None:
+    """Write ``value`` into ``view`` where ``mask`` (0/1, the shape of ``view``) is set and no label is yet, in
+    place; other labels' voxels are left as they are. Branch-free, like :func:`_clear`."""
+    free = np.equal(view, 0)
+    np.logical_and(free, mask, out=free)
+    add = free.view(np.uint8)
+    add *= np.uint8(value)
+    np.add(view, add, out=view)
 
 
 class SamMed3DInfer(InferTask):
@@ -108,6 +127,9 @@ class SamMed3DInfer(InferTask):
         Python modules load lazily on first use, which added 2.5 s to the first OHIF click."""
         with self._lock:
             self.served.get()
+        removed = remove_stale_results()
+        if removed:
+            logger.info("Removed %d result file(s) left by an earlier server", removed)
         path = self._write({"result_extension": ".nrrd", "result_dtype": "uint8"}, "warm_up",
                            np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
         os.unlink(path)
@@ -153,23 +175,26 @@ class SamMed3DInfer(InferTask):
                     raise InvalidRequest(str(err)) from err
                 if label_file is not None:
                     session.label_map = _read_label_file(label_file, session.scan.shape)
+                    session.fresh = False
                 per_label, timings = self._predict(session, targets)
                 image_session.set_label_map(client, session.label_map)
-                label_map = session.label_map.copy(order="K")  # keeps Fortran order (fast write)
+                label_map = session.label_map
+                start = time.perf_counter()
+                names = label_names_present(label_map, self.label_values, self._label_boxes(session))
+                # Written while the map cannot change (the same client's next click waits): no copy of the map.
+                result_file = self._write(request, image_path, label_map, session.scan.affine)
+                timings["write"] = time.perf_counter() - start
             finally:
                 if uploaded_image:  # a temporary file, deleted after this request: keep no session for it
                     self.sessions.discard(key)
 
-        start = time.perf_counter()
-        result_file = self._write(request, image_path, label_map, session.scan.affine)
-        timings["write"] = time.perf_counter() - start
         timings.update(load_timings)
         timings["total"] = time.perf_counter() - begin
         pre_s = sum(load_timings.values())
 
         encoder_ran = any(v["encoder_ran"] for v in per_label.values())
         result = {
-            "label_names": label_names_present(label_map, self.label_values),
+            "label_names": names,
             "encoder_ran": encoder_ran,
             "labels_updated": list(per_label),
             "sam_med3d": per_label,
@@ -195,15 +220,16 @@ class SamMed3DInfer(InferTask):
         with self._lock:
             session = self.sessions.get(session_key(image_path))
             mine = session.for_client(client) if session is not None and session.has_client(client) else None
-            label_map = mine.label_map.copy(order="K") if mine is not None else None
-        if mine is None:
-            raise InvalidRequest("nothing to save: this image has no clicks from this client in the server's current "
-                                 "session (sessions end when the server restarts, after cache_ttl_s without clicks or "
-                                 "when new weights are published); click the structures again, then save")
-        if not label_map.any():
-            raise InvalidRequest("nothing to save: the image's label map is empty")
-        result_file = self._write(request, image_path, label_map, mine.scan.affine)
-        names = label_names_present(label_map, self.label_values)
+            if mine is None:
+                raise InvalidRequest("nothing to save: this image has no clicks from this client in the server's "
+                                     "current session (sessions end when the server restarts, after cache_ttl_s "
+                                     "without clicks or when new weights are published); click the structures "
+                                     "again, then save")
+            label_map = mine.label_map
+            if not label_map.any():
+                raise InvalidRequest("nothing to save: the image's label map is empty")
+            names = label_names_present(label_map, self.label_values, self._label_boxes(mine))
+            result_file = self._write(request, image_path, label_map, mine.scan.affine)
         logger.info("SAM-Med3D %s (%s): session label map returned for saving (%s)", os.path.basename(image_path),
                     client, ", ".join(n for n in names if n != "background"))
         return result_file, {"label_names": names, "encoder_ran": False, "labels_updated": [], "sam_med3d": {},
@@ -260,8 +286,7 @@ class SamMed3DInfer(InferTask):
             label_map = session.label_map
             old = boxes.get(target.value, (slice(None),) * 3)  # unknown: anywhere
             if old is not None:
-                view = label_map[old]
-                np.copyto(view, 0, where=view == target.value)  # (np.putmask is 40x slower on a strided view)
+                _clear(label_map[old], target.value)
             region, box = out.region_ijk, None
             if region is not None:
                 # The mask's own bounding box inside the crop's region: a small structure costs its size.
@@ -271,8 +296,7 @@ class SamMed3DInfer(InferTask):
                 if all(len(f) for f in found):
                     local = tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
                     box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local))
-                    view = label_map[box]
-                    np.copyto(view, target.value, where=(region_mask[local] > 0) & (view == 0))
+                    _paint(label_map[box], region_mask[local], target.value)
             voxels = 0 if box is None else int(np.count_nonzero(out.region_mask))
             boxes[target.value] = box
             timings["merge"] += time.perf_counter() - tick
@@ -305,7 +329,7 @@ class SamMed3DInfer(InferTask):
                 else np.asfortranarray(label_map, dtype=np.uint8)
             label_map = session.label_map
         else:
-            fresh = False
+            fresh = bool(getattr(session, "fresh", False))  # a new client's all-zero map
         known = self.__dict__.setdefault("_written_boxes", {})  # id(map) -> (weak reference, boxes, complete)
         entry = known.get(id(label_map))
         if entry is None or entry[0]() is not label_map:

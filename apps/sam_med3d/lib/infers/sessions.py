@@ -77,12 +77,14 @@ class ClientSession:
         predictor: a :class:`ClientPredictor`.
         label_map: this client's ``(I, J, K)`` uint8 label map (the same array the image session keeps).
         client: the client id.
+        fresh: whether ``label_map`` was just created all zeros for this client (nothing to search or clear).
     """
 
     scan: Any
     predictor: Any
     label_map: np.ndarray
     client: str
+    fresh: bool = False
 
 
 @dataclass
@@ -112,12 +114,15 @@ class ImageSession:
     def _empty(self) -> np.ndarray:
         if self._initial is not None:
             return self._initial.copy()
-        return np.zeros(tuple(self.scan.shape), dtype=np.uint8)
+        # Fortran order (i fastest), as NRRD and NIfTI store voxels: written without reordering. np.zeros costs
+        # nothing until pages are touched, and only the boxes a click writes are.
+        return np.zeros(tuple(self.scan.shape), dtype=np.uint8, order="F")
 
     def for_client(self, client: str) -> ClientSession:
         """The :class:`ClientSession` of ``client`` (created empty on its first request)."""
         with self._lock:
             label_map = self.label_maps.get(client)
+            fresh = label_map is None and self._initial is None
             if label_map is None:
                 label_map = self.label_maps[client] = self._empty()
                 while len(self.label_maps) > MAX_CLIENTS_PER_IMAGE:
@@ -125,7 +130,7 @@ class ImageSession:
             self.label_maps.move_to_end(client)
             keys = self._client_keys.setdefault(client, set())
         return ClientSession(scan=self.scan, predictor=ClientPredictor(self.predictor, client, keys),
-                             label_map=label_map, client=client)
+                             label_map=label_map, client=client, fresh=fresh)
 
     def estimated_bytes(self) -> int:
         """Estimated memory of this session (see the module docstring)."""
