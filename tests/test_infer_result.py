@@ -195,3 +195,20 @@ def test_a_result_dtype_that_is_not_an_integer_type_is_refused():
     for bad in ("float32", "complex64", "no_such_type"):
         with pytest.raises(InvalidRequest, match="result_dtype"):
             write_result({"result_extension": ".nrrd", "result_dtype": bad}, "scan.nii.gz", _map("F"), AFFINE)
+
+
+def test_result_compress_from_the_server_option_when_the_request_does_not_say(tmp_path):
+    import os
+
+    task = _task()
+    label_map = _map("F")
+    for conf, request, encoding in ((True, {}, "gzip"), (False, {}, "raw"), (True, {"result_compress": False}, "raw")):
+        task.result_compress = conf
+        path = task._write({"result_extension": ".nrrd", "result_dtype": "uint8", **request}, "x.nii.gz", label_map,
+                           AFFINE)
+        try:
+            data, header = nrrd.read(path)
+            assert header["encoding"] == encoding
+            np.testing.assert_array_equal(data, label_map)
+        finally:
+            os.unlink(path)

@@ -16,7 +16,8 @@ handlers that keep MONAI Label's request and response formats and
 - say who the request is from when it carries no ``client_id`` (the OHIF bundled with MONAI Label sends none):
   the authenticated user when MONAI Label's authentication is on, else the caller's address
   (:data:`~lib.infers.fields.CLIENT_FALLBACK`), which keys the annotator's session label map;
-- refuse ``output=dicom_seg`` (it needs dcmqi, which this app does not install) with 422 instead of a 500.
+- refuse ``output=dicom_seg`` (it needs dcmqi, which this app does not install) with 422 instead of a 500;
+- stream the label map of a multipart answer instead of building it in memory (:mod:`lib.result_response`).
 
 ``?run_sync=true`` training is refused by :mod:`lib.trainers.preflight`; ``run_sync`` scoring runs in a
 worker thread like everything else here.
@@ -35,7 +36,7 @@ from typing import Any, Callable, Dict, Optional
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from monailabel.config import settings
 from monailabel.endpoints import activelearning, scoring, train
-from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.utils.others.generic import remove_file
@@ -43,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lib.errors import InvalidRequest
 from lib.infers.fields import CLIENT_FALLBACK, UPLOADED_IMAGE, UPLOADED_LABEL, check_upload_name
+from lib.result_response import send_result
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
         raise InvalidRequest(err.msg) from err
     if result is None:
         raise HTTPException(status_code=500, detail="Failed to execute infer")
-    return send_response(instance.datastore(), result, output, background_tasks)
+    return send_result(instance.datastore(), result, output, background_tasks)
 
 
 def build_router() -> APIRouter:

@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, str] = {
     "extension_time_s": "10",
     "cors_origins": "",
     "max_voxels": "268435456",
+    "result_compress": "false",
 }
 
 HELP: Dict[str, str] = {
@@ -74,6 +75,9 @@ HELP: Dict[str, str] = {
                     "default none (OHIF at /ohif/ is same-origin, Slicer is not a browser)",
     "max_voxels": "largest scan accepted (voxels, read from the file's header before the data is decompressed); "
                   "default 2^28 = 512x512x1024, about 1 GiB as float32",
+    "result_compress": "gzip the NRRD label map sent back when the request does not say (3D Slicer never does); "
+                       "true for viewers on a network: 78 MB -> about 0.5 MB for a 512x512x300 CT, for about "
+                       "0.1 s of server time per click",
 }
 
 def _origins(value: str) -> tuple:
@@ -243,6 +247,7 @@ class AppOptions:
     extension_time_s: float = 10.0
     cors_origins: tuple = ()
     max_voxels: int = 268435456
+    result_compress: bool = False
     cache_max_gb: float = 8.0
     raw: Dict[str, str] = field(default_factory=dict)
 
@@ -284,6 +289,7 @@ class AppOptions:
             extension_time_s=_float("extension_time_s", values["extension_time_s"], 0.0, 3600.0),
             cors_origins=_origins(values["cors_origins"]),
             max_voxels=_int("max_voxels", values["max_voxels"], 1),
+            result_compress=_bool("result_compress", values["result_compress"]),
             cache_max_gb=_float("cache_max_gb", values["cache_max_gb"], 0.0, 4096.0),
             raw=values,
         )

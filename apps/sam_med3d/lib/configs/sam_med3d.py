@@ -52,7 +52,7 @@ class SamMed3DConfig(TaskConfig):
         extension = ExtensionConfig(enabled=o.extension != "off", strategy="zoom" if o.extension == "zoom" else "slide",
                                     max_crops=o.extension_max_crops, time_budget_s=o.extension_time_s)
         return {self.name: SamMed3DInfer(self.served, self.labels, o.cache_size, o.cache_ttl_s, extension=extension,
-                                         max_voxels=o.max_voxels,
+                                         max_voxels=o.max_voxels, result_compress=o.result_compress,
                                          cache_max_bytes=int(o.cache_max_gb * 2 ** 30) if o.cache_max_gb else None)}
 
     def trainer(self) -> Optional[TrainTask]:

@@ -92,12 +92,13 @@ class SamMed3DInfer(InferTask):
         cache_ttl_s: seconds after its last click before a session is dropped.
         max_voxels: largest scan accepted, judged from the file's header (413 beyond).
         cache_max_bytes: estimated memory the sessions may hold together (None: no bound).
+        result_compress: gzip NRRD results for requests without ``result_compress``.
     """
 
     def __init__(self, served: ServedModel, labels: Mapping[str, int], cache_size: int, cache_ttl_s: float,
                  description: str = "SAM-Med3D: promptable 3D segmentation from foreground/background clicks",
                  extension: Optional[Any] = None, max_voxels: int = 2 ** 28,
-                 cache_max_bytes: Optional[int] = None):
+                 cache_max_bytes: Optional[int] = None, result_compress: bool = False):
         # No per-request config: the viewers echo "config" back in every request, and the cache settings
         # (--conf cache_size / cache_ttl_s) are server-wide.
         super().__init__(type=InferType.DEEPEDIT, labels=dict(labels), dimension=3, description=description)
@@ -106,6 +107,7 @@ class SamMed3DInfer(InferTask):
         self.sessions = SessionCache(cache_size, cache_ttl_s, max_bytes=cache_max_bytes)
         self.extension = extension  # sam_med3d.extension.ExtensionConfig (None: the predictor's default)
         self.max_voxels = int(max_voxels)  # largest scan accepted (--conf max_voxels)
+        self.result_compress = bool(result_compress)  # when the request does not say (--conf result_compress)
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------------------- MONAI Label API
@@ -341,8 +343,10 @@ class SamMed3DInfer(InferTask):
                 boxes.setdefault(int(value), None)
         return boxes
 
-    @staticmethod
-    def _write(request: Mapping[str, Any], image_path: str, label_map: np.ndarray, affine: np.ndarray) -> str:
+    def _write(self, request: Mapping[str, Any], image_path: str, label_map: np.ndarray, affine: np.ndarray) -> str:
         """Write ``label_map`` with ``affine`` to a temporary file in the format the client asked for
-        (:func:`lib.infers.result_writer.write_result`: NRRD and NIfTI directly, other formats via MONAI Label)."""
+        (:func:`lib.infers.result_writer.write_result`: NRRD and NIfTI directly, other formats via MONAI Label);
+        ``result_compress`` from ``--conf`` when the request has none."""
+        if "result_compress" not in request:
+            request = {**request, "result_compress": getattr(self, "result_compress", False)}
         return write_result(request, image_path, label_map, affine)
