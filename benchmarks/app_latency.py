@@ -12,6 +12,9 @@ server loads it afresh):
   the new crop: the target ``<= 1.0 s`` counts the whole server time of that click, encoder included);
 - **second label**: a first click on another label somewhere else in the scan (its own crop: one encoder pass).
 
+The first click on a DICOMweb study (series download, conversion, then this pipeline) is measured by
+``benchmarks/dicomweb_first_click.py --scan ct300`` (the same CT as a 300-file DICOM series in Orthanc).
+
 The scan (``--scan``): ``ct300`` (default) is a 512x512x300 CT made from the shared 512x512x32 spleen CT
 (``../shared/data/msd_spleen_ct``) by resampling its 7.5 mm slices linearly to 300 slices of 0.8 mm (the same
 body and extent, as a thin-slice CT; cached under ``outputs/benchmark_scans/``, never committed);

@@ -10,6 +10,9 @@ and each mode, a fresh MONAI Label server in DICOMweb mode with an empty cache:
 - ``prefetch 16`` (the default): the server downloads and converts the series in the background at start;
   the benchmark waits until that is done (as a user opening OHIF after the server started would), then clicks.
 
+``--scan ct300`` uses the 512x512x300 CT of ``benchmarks/app_latency.py`` instead (300 DICOM files), for the
+first click on a thin-slice study.
+
 The click is OHIF's request (``POST /infer/sam_med3d?image=<SeriesInstanceUID>&output=image``, NRRD/uint8,
 no ``label`` key). Printed, seconds, mean (min): the click's round trip, the server's own total for it, and
 for the prefetch mode the time from ``/info/`` answering to the series being ready.
@@ -44,14 +47,18 @@ SPLEEN = Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared")) / "dat
 READY_TIMEOUT_S = 300.0
 
 
-def _ohif_click(url: str, series_uid: str) -> Dict[str, float]:
+#: OHIF's click (i, j, k of the DICOM series, rows along +x, columns along +y in LPS) inside the spleen, per scan.
+CLICKS = {"spleen32": [129, 292, 18], "ct300": [129, 292, 173]}
+
+
+def _ohif_click(url: str, series_uid: str, click=CLICKS["spleen32"]) -> Dict[str, float]:
     """OHIF's Point Prompts request for one spleen click (``output=json`` to get the server's split).
 
     Returns the round trip and the server's timings (``load``: reading the cached volume; ``predict``: the
     model; ``write``: the NRRD; ``total``). Without prefetch, MONAI Label fetches the series before the task
     runs, so that wait is in the round trip but not in the server's total.
     """
-    params = {"background": [], "spleen": [[129, 292, 18]], "result_extension": ".nrrd", "result_dtype": "uint8",
+    params = {"background": [], "spleen": [list(click)], "result_extension": ".nrrd", "result_dtype": "uint8",
               "result_compress": False, "restore_label_idx": False}
     start = time.perf_counter()
     response = requests.post(f"{url}/infer/sam_med3d", params={"image": series_uid, "output": "json"},
@@ -69,7 +76,8 @@ def _series_cached(log: Path) -> Dict[str, float]:
     return {"series download": float(found[-1][0]), "series conversion": float(found[-1][1])} if found else {}
 
 
-def _one_run(root: Path, orthanc_url: str, series_uid: str, checkpoint: str, prefetch: int) -> Dict[str, float]:
+def _one_run(root: Path, orthanc_url: str, series_uid: str, checkpoint: str, prefetch: int,
+             click=CLICKS["spleen32"]) -> Dict[str, float]:
     run = Path(tempfile.mkdtemp(prefix=f"prefetch{prefetch}_", dir=root))
     log = run / "server.log"
     server = start_server(copy_app(run / "app"), orthanc_url,
@@ -85,7 +93,7 @@ def _one_run(root: Path, orthanc_url: str, series_uid: str, checkpoint: str, pre
                     raise RuntimeError(f"the prefetch did not finish within {READY_TIMEOUT_S} s")
                 time.sleep(0.1)
             result["series ready after start"] = time.perf_counter() - start
-        result.update(_ohif_click(server.url, series_uid))
+        result.update(_ohif_click(server.url, series_uid, click))
         result.update(_series_cached(log))
         return result
     finally:
@@ -97,6 +105,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", default="bundled", help="--conf checkpoint for the server (default bundled)")
     parser.add_argument("--repeats", type=int, default=2, help="servers started per mode (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--scan", choices=tuple(CLICKS), default="spleen32",
+                        help="spleen32: the shared 512x512x32 CT (default); ct300: app_latency's 512x512x300 CT")
     args = parser.parse_args()
 
     image = SPLEEN / "imagesTr" / "spleen_8.nii.gz"
@@ -109,6 +119,12 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="dicomweb_first_click_"))
     orthanc = None
     try:
+        if args.scan == "ct300":
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from app_latency import make_scan
+
+            (root / "scan").mkdir()
+            image = make_scan("ct300", root / "scan")
         files = write_ct_series(image, root / "ct")
         orthanc = start_orthanc(root / "orthanc")
         orthanc.upload(files)
@@ -119,7 +135,8 @@ def main() -> int:
         runs: Dict[int, List[Dict[str, float]]] = {0: [], 16: []}
         for _ in range(args.repeats):
             for prefetch in runs:
-                runs[prefetch].append(_one_run(root, orthanc.dicomweb, series_uid, args.checkpoint, prefetch))
+                runs[prefetch].append(_one_run(root, orthanc.dicomweb, series_uid, args.checkpoint, prefetch,
+                                               CLICKS[args.scan]))
                 print(f"prefetch {prefetch:2d}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[prefetch][-1].items()),
                       flush=True)
 
@@ -128,7 +145,8 @@ def main() -> int:
 
         rows = ("series ready after start", "series download", "series conversion", "click round trip",
                 "server load", "server predict", "server write", "server total")
-        print(f"\nFirst OHIF click on a DICOMweb study ({args.checkpoint}, {args.repeats} repeats, load average "
+        print(f"\nFirst OHIF click on a DICOMweb study ({args.scan}, {len(files)} files; {args.checkpoint}, "
+              f"{args.repeats} repeats, load average "
               f"{load_before:.1f} at start), seconds, mean (min):\n")
         print(f"| {'':<25} | {'prefetch 0':>15} | {'prefetch 16':>15} |")
         print(f"|{'-' * 27}|{'-' * 17}|{'-' * 17}|")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -52,6 +53,35 @@ QUERY_CACHE_S = 10.0
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Longest wait for another process downloading the same series.
 SERIES_LOCK_S = 600.0
+
+
+# ------------------------------------------------------------------------------------------------ download
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def download_series(client: Any, series_uid: str, folder: str) -> int:
+    """Download every instance of a series into ``folder`` as ``<SOPInstanceUID>.dcm``; returns how many.
+
+    One WADO-RS request for the whole series, read as a stream (``DICOMwebClient.iter_series``). MONAI Label's
+    ``dicom_web_download_series`` calls ``retrieve_series``, which reads the whole multipart body into one
+    bytes object and splits it part by part, copying the rest of the body each time: quadratic, 7 s of
+    ``bytes.split`` for a 300-slice CT (157 MB) that Orthanc sends in 0.2 s. Streamed, each split copies at
+    most one chunk. The SOP instance UID becomes a file name only if it is a UID (digits and dots).
+    """
+    matches = [found for found in client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+               if found.get("0020000E", {}).get("Value") == [series_uid]]
+    if not matches:
+        raise InvalidRequest(f"series {series_uid} was not found on the DICOMweb server")
+    study_uid = str(Dataset.from_json(matches[0]).StudyInstanceUID)
+    os.makedirs(folder, exist_ok=True)
+    count = 0
+    for instance in client.iter_series(study_uid, series_uid):
+        uid = str(getattr(instance, "SOPInstanceUID", ""))
+        if not _UID.fullmatch(uid) or len(uid) > 64:
+            raise InvalidRequest(f"series {series_uid}: an instance has the SOP instance UID {uid[:80]!r}, not a UID")
+        instance.save_as(os.path.join(folder, f"{uid}.dcm"))
+        count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------- volume <-> SEG
@@ -246,7 +276,10 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
             return
         partial = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
         shutil.rmtree(partial, ignore_errors=True)
-        dicom_web_download_series(None, series_uid, partial, self._client, self._fetch_by_frame)
+        if self._fetch_by_frame:
+            dicom_web_download_series(None, series_uid, partial, self._client, self._fetch_by_frame)
+        else:
+            download_series(self._client, series_uid, partial)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
 
