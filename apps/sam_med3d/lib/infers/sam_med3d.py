@@ -181,8 +181,8 @@ class SamMed3DInfer(InferTask):
                 per_label, timings = self._predict(session, targets)
                 image_session.set_label_map(client, session.label_map)
                 label_map = session.label_map
-                start = time.perf_counter()
                 names = label_names_present(label_map, self.label_values, self._label_boxes(session))
+                start = time.perf_counter()
                 # Written while the map cannot change (the same client's next click waits): no copy of the map.
                 result_file = self._write(request, image_path, label_map, session.scan.affine)
                 timings["write"] = time.perf_counter() - start
