@@ -545,8 +545,11 @@ def test_kill_9_of_the_server_stops_its_training_subprocess(server):
     """``kill -9`` of the server runs no handler of ours; its training subprocess must not go on and publish
     weights for a server that is gone. A second server on the same app and studies (the first was stopped
     by the SIGTERM test)."""
+    leftover = server.app / "model" / f".{PUBLISHED}.12345.tmp"  # as a save killed mid-write leaves it
+    leftover.write_bytes(b"partial")
     second = _start(server.app, server.studies, server.checkpoint, server.root / "server_kill9.log")
     try:
+        assert not leftover.exists(), "the server kept a partial save from before its start"
         trainer = _start_training(second, {"max_epochs": 1000, "val_split": 0.5, "train_clicks": 1})
         armed = f"[{trainer.pid}] [MainThread] [INFO] (lib.shutdown"  # its line, in the server's log
         deadline = time.monotonic() + 120  # until the subprocess has created the app, which arms the signal

@@ -37,7 +37,7 @@ from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
-from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess
+from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess, remove_partial_saves
 from lib.trainers.preflight import install_train_preflight
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class SamMed3DApp(MONAILabelApp):
         install_task_routes()
         # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests (lib/shutdown.py).
         install_clean_shutdown([self.config.options.model_dir])
+        # What a save interrupted by a kill or a crash left beside the weights (no training runs yet).
+        remove_partial_saves([self.config.options.model_dir], when="Start")
         # Only the configured web origins (default: none) may read the API's answers from their pages.
         install_cors_policy(self.config.options.cors_origins)
         # Hostile ids, tags, paths and task fields are refused before MONAI Label's endpoints see them.

@@ -79,8 +79,9 @@ def stop_task_processes(kill_after_s: float = KILL_AFTER_S) -> List[int]:
     return [p.pid for p in targets]
 
 
-def remove_partial_saves(folders: Sequence[str]) -> List[str]:
-    """Delete the ``.<name>.*.tmp`` files an interrupted atomic save left in ``folders`` (not recursive)."""
+def remove_partial_saves(folders: Sequence[str], when: str = "Shutdown") -> List[str]:
+    """Delete the ``.<name>.*.tmp`` files an interrupted atomic save left in ``folders`` (not recursive).
+    ``when`` names the moment in the log line (the server calls this at start and at shutdown)."""
     removed = []
     for folder in folders:
         for path in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
@@ -90,7 +91,7 @@ def remove_partial_saves(folders: Sequence[str]) -> List[str]:
             except OSError:
                 pass
     if removed:
-        logger.warning("Shutdown: removed partial save(s) %s", removed)
+        logger.warning("%s: removed partial save(s) %s", when, removed)
     return removed
 
 
