@@ -35,6 +35,7 @@ from lib.configs.sam_med3d import SamMed3DConfig
 from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
+from lib.infers.result_writer import remove_stale_results
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
 from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess, remove_partial_saves
@@ -127,8 +128,12 @@ class SamMed3DApp(MONAILabelApp):
         install_task_routes()
         # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests (lib/shutdown.py).
         install_clean_shutdown([self.config.options.model_dir])
-        # What a save interrupted by a kill or a crash left beside the weights (no training runs yet).
+        # What a save interrupted by a kill or a crash left beside the weights (no training runs yet), and
+        # result files a killed server could not delete after answering (in RAM when in /dev/shm).
         remove_partial_saves([self.config.options.model_dir], when="Start")
+        removed = remove_stale_results()
+        if removed:
+            logger.info("Start: removed %d result file(s) left by an earlier server", removed)
         # Only the configured web origins (default: none) may read the API's answers from their pages.
         install_cors_policy(self.config.options.cors_origins)
         # Hostile ids, tags, paths and task fields are refused before MONAI Label's endpoints see them.

@@ -20,7 +20,7 @@ The file goes to a RAM-backed folder (``/dev/shm``) when it has room for it, els
 folder: MONAI Label reads it back once to answer and deletes it, so it never needs a disk, and a 78 MB write
 to a disk-backed ``/tmp`` took 0.02 to 0.21 s here (the kernel throttles writers while it flushes the previous
 results), against a steady 0.02 s in RAM. Files left by a server that was killed before it could delete them
-are removed at the next start (:func:`remove_stale_results`).
+are removed at the next start (:func:`remove_stale_results`, called by the app in ``on_init_complete``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
                                client_id)
-from lib.infers.result_writer import remove_stale_results, write_result
+from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,6 @@ class SamMed3DInfer(InferTask):
         Python modules load lazily on first use, which added 2.5 s to the first OHIF click."""
         with self._lock:
             self.served.get()
-        removed = remove_stale_results()
-        if removed:
-            logger.info("Removed %d result file(s) left by an earlier server", removed)
         path = self._write({"result_extension": ".nrrd", "result_dtype": "uint8"}, "warm_up",
                            np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
         os.unlink(path)
