@@ -89,7 +89,9 @@ def test_one_label_is_validated_on_itself_so_a_worse_model_is_not_published(trai
     context.datalist = [small_labels["good"]]  # val_split 0.2 of one image holds nothing back
     train, val = trainer.partition_datalist(context)
     assert train == [dict(small_labels["good"], label_value=1)]
-    assert val == train  # validation exists, so PublishBest publishes only on improvement
+    # Validation exists (so PublishBest publishes only on improvement): the training target, once per
+    # validation copy, each with its own crop centre and clicks.
+    assert val == [dict(train[0], val_sequence=r) for r in range(trainer_module.VAL_SEQUENCES)]
 
 
 def test_val_split_zero_still_means_no_validation(trainer_module, small_labels, tmp_path):

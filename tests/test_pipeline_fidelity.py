@@ -185,7 +185,8 @@ def test_official_paste_back_rule_on_official_crop_mask(entry_id, pipeline_dir):
 
 @pytest.mark.parametrize("entry_id", [i for i in IDS if i.endswith(("int16", "small", "uint16", "femur"))] or IDS)
 def test_trainer_validation_crop_is_the_official_crop(entry_id, pipeline_dir):
-    """The trainers' validation samples (``OfficialCropd``) are the official crop: label and input."""
+    """``validation_transforms``' default samples (``OfficialCropd``, pretrain's validation) are the official
+    crop: label and input. (The app's trainer validates on click-centred crops, ``center="click"``.)"""
     from sam_med3d.training import validation_transforms
 
     entry = _entry(entry_id, pipeline_dir)

@@ -172,3 +172,31 @@ def test_click_training_step_in_a_monai_trainer():
     assert np.isfinite(out["loss"]) and 0 <= out["dice"] <= 1
     assert out["pred"].shape == (1, 1, 64, 64, 64)
     assert not torch.equal(before, model.mask_decoder.output_upscaling[0].weight)
+
+
+def test_click_centred_validation_crops_follow_a_seeded_voxel_of_the_target(tmp_path):
+    """``validation_transforms(center="click")`` (the app trainer's): the crop is the predictor's crop for a
+    first click on one voxel of the target, the same voxel in every run, another voxel for another copy."""
+    from sam_med3d.training import validation_transforms
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (90, 80, 70)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[20:70, 15:60, 10:60] = 2  # a target larger than the 24^3 crop: where the crop sits matters
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    image_path, label_path = _nifti(tmp_path, "img", image, affine), _nifti(tmp_path, "lab", label, affine)
+    transform = validation_transforms(24, center="click")
+
+    def sample(sequence):
+        return transform({"image": str(image_path), "label": str(label_path), "label_value": 2,
+                          "val_sequence": sequence})
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    assert not torch.equal(first["image"], other["image"])
+    official = validation_transforms(24)({"image": str(image_path), "label": str(label_path), "label_value": 2})
+    assert not torch.equal(first["image"], official["image"])
+    for item in (first, other):  # centred on a voxel of the target (the crop's centre voxel is in it)
+        assert item["label"][0, 12, 12, 12] == 1
+    with pytest.raises(ValueError, match="center"):
+        validation_transforms(24, center="middle")

@@ -43,6 +43,7 @@ crop (= RAS array axes i, j, k after :func:`training_transforms`).
 
 from __future__ import annotations
 
+import zlib
 from contextlib import nullcontext
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -256,12 +257,15 @@ class OfficialCropd(MapTransform):
     """
 
     def __init__(self, crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
-                 label_value: Optional[int] = None, value_key: str = "label_value") -> None:
+                 label_value: Optional[int] = None, value_key: str = "label_value", center: str = "label") -> None:
         super().__init__(("image", "label"))
+        if center not in ("label", "click"):
+            raise ValueError(f"center must be 'label' or 'click', got {center!r}")
         self.crop_size = int(crop_size)
         self.spacing_mm = float(spacing_mm)
         self.label_value = label_value
         self.value_key = value_key
+        self.center = center
 
     def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
         from .evaluate import load_label_map
@@ -272,16 +276,25 @@ class OfficialCropd(MapTransform):
         labels = load_label_map(d["label"], prepared.scan.shape, prepared.scan.affine)
         value = d.get(self.value_key, self.label_value)
         target = (labels > 0) if value is None else (labels == int(value))
-        crop = prepared.crop(prepared.crop_box_of_mask(target, self.crop_size), self.crop_size)
+        if self.center == "click" and target.any():
+            # As the app's predictor places the crop for a first click: centred on one voxel of the target,
+            # drawn with a seed of the file and value (the same voxel in every validation run).
+            seed = zlib.crc32(f"{d['label']}|{value}|{d.get('val_sequence', 0)}".encode("utf-8"))
+            voxels = np.flatnonzero(target.reshape(-1))
+            voxel = np.unravel_index(int(voxels[np.random.default_rng(seed).integers(len(voxels))]), target.shape)
+            crop = prepared.crop_around([list(voxel)], self.crop_size)
+        else:
+            crop = prepared.crop(prepared.crop_box_of_mask(target, self.crop_size), self.crop_size)
         d["image"] = crop.image[None].float().contiguous()
         d["label"] = crop.sample(target.astype(np.uint8), "nearest")[None].float().contiguous()
         return d
 
 
 def validation_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
-                          label_value: Optional[int] = None) -> Compose:
-    """Validation samples as inference sees them (:class:`OfficialCropd`); inputs are file paths."""
-    return Compose([OfficialCropd(crop_size, spacing_mm, label_value)])
+                          label_value: Optional[int] = None, center: str = "label") -> Compose:
+    """Validation samples as inference sees them (:class:`OfficialCropd`); inputs are file paths. ``center``:
+    ``label`` (the official evaluation's crop) or ``click`` (the app's: centred on a seeded voxel of the target)."""
+    return Compose([OfficialCropd(crop_size, spacing_mm, label_value, center=center)])
 
 
 # ------------------------------------------------------------------------------------------------ click step

@@ -15,10 +15,11 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
   model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
   on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
-- validation Dice: the same click simulation with a fixed seed, on the crops inference sees
-  (``sam_med3d.training.validation_transforms``: the official pipeline's crop around the target, as the
-  predictor prepares it), no augmentation; it also runs once before
-  the first epoch, so the served weights' Dice is the bar to beat;
+- validation Dice: the same click simulation with a fixed seed, on the crops the app's predictor uses
+  (``sam_med3d.training.validation_transforms(center="click")``: the official preprocessing, the crop centred
+  on a seeded voxel of the target as for a first click there), each target :data:`VAL_SEQUENCES` times with
+  other crop centres and clicks, averaged; no augmentation; it also runs once before the first epoch, so the
+  served weights' Dice is the bar to beat;
 - publishing: whenever validation Dice beats the best so far, the weights are written atomically with
   ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
   picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
@@ -65,6 +66,10 @@ MASK_ONLY_ITERATIONS = False
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
 VAL_SEED = 1234
+#: Times each validation target is validated: each copy is centred on another seeded voxel of the target and
+#: gets other seeded clicks; the Dice metric averages them. With the few labels of an annotation round, one
+#: crop and one click sequence make the score that decides publishing depend on a handful of random draws.
+VAL_SEQUENCES = 5
 
 
 def label_voxel_counts(label_path: str) -> Dict[int, int]:
@@ -325,8 +330,11 @@ class SamMed3DTrainer(BasicTrainTask):
                            "validating on the training labels (publishing only if they improve)",
                            len(train_images))
             val = [dict(sample) for sample in train]
-        logger.info("Training targets: %d from %d image(s); validation targets: %d from %d image(s)",
-                    len(train), len(train_images), len(val), len(val_images))
+        logger.info("Training targets: %d from %d image(s); validation targets: %d from %d image(s), each "
+                    "validated %d times", len(train), len(train_images), len(val), len(val_images), VAL_SEQUENCES)
+        # Each copy is a later item of the validation run (ClickValidationStep seeds other clicks for it) and
+        # has its own crop centre (OfficialCropd's seed includes val_sequence).
+        val = [dict(sample, val_sequence=r) for r in range(VAL_SEQUENCES) for sample in val]
         return train, val
 
     def train_pre_transforms(self, context: Context):
@@ -338,7 +346,7 @@ class SamMed3DTrainer(BasicTrainTask):
         # Validation Dice on the crops inference sees (the official pipeline), not on the training frame.
         from sam_med3d.training import validation_transforms
 
-        return validation_transforms(crop_size=self._img_size(context))
+        return validation_transforms(crop_size=self._img_size(context), center="click")
 
     def train_post_transforms(self, context: Context):
         return [AsDiscreted(keys="pred", threshold=0.0)]  # logits > 0 -> mask, for the Dice metric
