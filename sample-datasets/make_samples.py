@@ -21,6 +21,11 @@ the stored arrays really differ while the anatomy stays consistent with the NIfT
 Hounsfield units: hard-edged tissue classes, a small texture field, Gaussian partial-volume blur, correlated
 noise, and -1024 outside the circular reconstruction field of view. Labels are the hard (unblurred) masks.
 
+``--modality mr`` renders the same anatomy with MR-like tissue signal instead (T1-weighted even cases,
+T2-weighted odd ones, contrast-enhanced T1 for the portal-venous draws, a smooth bias field, Rician noise, no
+table or FOV circle), so training data is not all CT; MR draws use their own random stream, so the CT cases of
+a seed do not change.
+
 Everything derives from ``numpy.random.default_rng([seed, case_index])``: the same seed gives identical
 arrays, and case ``i`` does not depend on how many cases are written.
 """
@@ -307,8 +312,8 @@ def render(ph: Phantom, grid: Grid) -> Tuple[Array, Array]:
     # CT table below the patient (posterior = +y): two thin carbon shells around a foam core
     yt = np.float32(ph.b * 0.92 + 12) + 0.0006 * X ** 2
     t = Y - yt
-    hu[(t > 0) & (t < 14)] = -850
-    hu[((t > 0) & (t < 2)) | ((t > 12) & (t < 14))] = 250
+    hu[(t > 0) & (t < 14)] = H.get("table_foam", -850)
+    hu[((t > 0) & (t < 2)) | ((t > 12) & (t < 14))] = H.get("table_shell", 250)
 
     # body outline: super-ellipse with angular harmonics, flatter posteriorly
     R = np.sqrt(X ** 2 + Y ** 2)
@@ -368,7 +373,7 @@ def render(ph: Phantom, grid: Grid) -> Tuple[Array, Array]:
     lung = inner & (Z > zd + 4) & ~medias
     hu[lung] = H["lung"] + 25 * tex[lung]
     vessel = lung & (ph.fields["vessels"](X, Y, Z) > 1.55)
-    hu[vessel] = -60
+    hu[vessel] = H.get("lung_vessel", -60)
     lab[lung & (X < 8)] = 5
     lab[lung & (X >= 8)] = 6
 
@@ -488,6 +493,54 @@ def acquire(hu: Array, grid: Grid, rng: np.random.Generator) -> Array:
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
 
 
+#: MR-like signal of each tissue (arbitrary units, 0 = no signal), T1- and T2-weighted, for ``--modality mr``:
+#: fat and marrow bright on both, fluid dark on T1 and bright on T2, spleen darker than liver on T1 and
+#: brighter on T2, cortical bone, lung and air dark, flowing blood dark (flow void) unless contrast-enhanced.
+MR_SIGNAL: Dict[str, Dict[str, float]] = {
+    "T1": {"skin": 500, "fat": 900, "muscle": 300, "liver": 460, "spleen": 330, "kidney_cortex": 400,
+           "kidney_medulla": 260, "aorta": 90, "ivc": 110, "heart": 260, "bowel": 300, "lung": 30,
+           "bone_cortical": 25, "bone_cancellous": 650, "rib": 450, "disc": 260, "csf": 120, "fluid": 100,
+           "air": 5, "gas": 5, "table_foam": 5, "table_shell": 5, "lung_vessel": 60},
+    "T2": {"skin": 320, "fat": 620, "muscle": 150, "liver": 210, "spleen": 430, "kidney_cortex": 450,
+           "kidney_medulla": 560, "aorta": 40, "ivc": 60, "heart": 110, "bowel": 350, "lung": 20,
+           "bone_cortical": 15, "bone_cancellous": 420, "rib": 260, "disc": 520, "csf": 1200, "fluid": 1100,
+           "air": 5, "gas": 5, "table_foam": 5, "table_shell": 5, "lung_vessel": 40},
+}
+MODALITIES: Tuple[str, ...] = ("ct", "mr")
+
+
+def mr_signal(rng: np.random.Generator, weighting: str, ct_phase: str) -> Dict[str, float]:
+    """Each tissue's signal for ``weighting`` (``"T1"`` or ``"T2"``), +-15 % per tissue and case.
+
+    A contrast-enhanced (``portal-venous``) phantom gets bright vessels and a brighter spleen/kidney cortex on
+    T1, as after gadolinium.
+    """
+    signal = dict(MR_SIGNAL[weighting])
+    if weighting == "T1" and ct_phase == "portal-venous":
+        signal.update(aorta=750, ivc=650, heart=600, spleen=560, kidney_cortex=700, kidney_medulla=520, liver=560,
+                      lung_vessel=200)
+    scale = float(rng.uniform(0.7, 1.4))  # scanners differ in overall gain
+    return {k: float(v * scale * rng.uniform(0.85, 1.15)) for k, v in signal.items()}
+
+
+def acquire_mr(signal: Array, grid: Grid, rng: np.random.Generator) -> Array:
+    """MR scanner model: partial-volume blur, a smooth multiplicative bias field (coil sensitivity), Rician
+    noise (magnitude of complex Gaussian noise, 1.5-4 % of the mean tissue signal) -> int16 >= 0."""
+    img = ndimage.gaussian_filter(signal, sigma=(0.6, 0.6, 0.45), mode="nearest")
+    n0, n1, n2 = grid.shape
+    axes = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in (n0, n1, n2)), indexing="ij")
+    bias = np.zeros(grid.shape, np.float32)
+    for axis in axes:
+        bias += np.float32(rng.uniform(-0.25, 0.25)) * axis
+    bias += np.float32(rng.uniform(-0.2, 0.2)) * axes[0] * axes[1]
+    img *= np.exp(bias)
+    sigma = np.float32(rng.uniform(0.015, 0.04) * float(img[img > 50].mean() if (img > 50).any() else 100.0))
+    real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    img = np.sqrt(real * real + imag * imag)
+    return np.clip(np.rint(img), 0, 32767).astype(np.int16)
+
+
 @dataclass
 class Case:
     """One synthetic case: ``image`` int16 HU and ``label`` uint8, both (I, J, K) with NIfTI ``affine`` (RAS)."""
@@ -499,28 +552,41 @@ class Case:
     meta: Dict[str, object]
 
 
-def generate_case(seed: int, index: int, in_plane: int = 256, orientation: Optional[str] = None) -> Case:
+def generate_case(seed: int, index: int, in_plane: int = 256, orientation: Optional[str] = None,
+                  modality: str = "ct") -> Case:
     """Generate case ``index`` of the sample set drawn from ``seed`` (deterministic, independent of other cases).
 
     ``orientation`` defaults to ``ORIENTATIONS[index % 4]``; ``in_plane`` is the pixel count per in-plane axis.
+    ``modality`` ``"mr"`` renders the same anatomy with MR-like tissue signal (:func:`mr_signal`; T1-weighted for
+    even, T2-weighted for odd ``index``) and
+    :func:`acquire_mr`; the CT cases of a seed are the same whether or not MR cases are made.
     """
     if index < 0:
         raise ValueError(f"case index must be >= 0, got {index}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     rng = np.random.default_rng([int(seed), int(index)])
     ph = draw_phantom(rng)
     orientation = orientation or ORIENTATIONS[index % len(ORIENTATIONS)]
     grid = make_grid(rng, orientation, in_plane, 2 * ph.a, center_xy=(rng.normal(0, 5), rng.normal(5, 5)),
                      z_top=ph.d0 + rng.uniform(80, 120))
+    weighting = None
+    if modality == "mr":
+        mr_rng = np.random.default_rng([int(seed), int(index), 1])  # its own stream: the anatomy stays the CT's
+        weighting = ("T1", "T2")[index % 2]
+        ph.hu = mr_signal(mr_rng, weighting, ph.phase)
     hu, lab = render(ph, grid)
-    image = acquire(hu, grid, rng)
+    image = acquire(hu, grid, rng) if modality == "ct" else acquire_mr(hu, grid, mr_rng)
     counts = np.bincount(lab.ravel(), minlength=len(LABELS))
-    name = f"synth_ct_{index:03d}"
+    name = f"synth_{modality}_{index:03d}"
     meta = {
         "shape": list(grid.shape), "spacing": [round(float(s), 4) for s in grid.spacing],
         "orientation": orientation, "axcodes": "".join(nib.aff2axcodes(grid.affine_ras)),
         "direction_lps": np.round(grid.direction, 6).tolist(), "contrast_phase": ph.phase,
         "label_voxels": {LABELS[v]: int(c) for v, c in enumerate(counts) if v},
     }
+    if weighting:
+        meta["mr_weighting"] = weighting
     return Case(name=name, image=image, label=lab, affine=grid.affine_ras, meta=meta)
 
 
@@ -534,7 +600,8 @@ def _nifti(array: Array, affine: Array) -> nib.Nifti1Image:
 
 
 def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str = "studies",
-                  in_plane: int = 256, unlabeled: int = 0, verbose: bool = False) -> Dict[str, object]:
+                  in_plane: int = 256, unlabeled: int = 0, verbose: bool = False,
+                  modality: str = "ct") -> Dict[str, object]:
     """Write ``num_cases`` cases and ``dataset.json`` under ``output``; returns the dataset.json dict.
 
     ``unlabeled`` (studies layout only): the last ``unlabeled`` cases get their label written to
@@ -546,6 +613,8 @@ def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str =
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     if not 0 <= unlabeled <= num_cases:
         raise ValueError(f"unlabeled must be between 0 and num_cases={num_cases}, got {unlabeled}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if unlabeled and layout != "studies":
         raise ValueError("unlabeled only applies to the studies layout (training data needs every label)")
     output = Path(output)
@@ -556,7 +625,7 @@ def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str =
     training: List[Dict[str, object]] = []
     for index in range(num_cases):
         t0 = time.perf_counter()
-        case = generate_case(seed, index, in_plane=in_plane)
+        case = generate_case(seed, index, in_plane=in_plane, modality=modality)
         fname = case.name + ".nii.gz"
         case_lab_dir = lab_dir if index < num_cases - unlabeled else output / "ground_truth"
         case_lab_dir.mkdir(parents=True, exist_ok=True)
@@ -566,12 +635,14 @@ def write_dataset(output: Path, num_cases: int = 4, seed: int = 0, layout: str =
                          "label": f"./{(case_lab_dir / fname).relative_to(output).as_posix()}", **case.meta})
         if verbose:
             print(f"{case.name}: {case.meta['shape']} {case.meta['axcodes']} ({case.meta['orientation']}, "
-                  f"{case.meta['contrast_phase']}) in {time.perf_counter() - t0:.1f} s", flush=True)
+                  f"{case.meta.get('mr_weighting', case.meta['contrast_phase'])}) in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+    kind = "CT" if modality == "ct" else "MR"
     info: Dict[str, object] = {
-        "name": "sam_med3d_synthetic_torso_ct",
-        "description": "Synthetic CT-like torso phantoms (lower thorax + abdomen) with organ labels, generated "
+        "name": f"sam_med3d_synthetic_torso_{modality}",
+        "description": f"Synthetic {kind}-like torso phantoms (lower thorax + abdomen) with organ labels, generated "
                        "offline by sample-datasets/make_samples.py. Not real patients; for first runs and tests.",
-        "modality": {"0": "CT"},
+        "modality": {"0": kind},
         "labels": {str(k): v for k, v in LABELS.items()},
         "license": "CC0-1.0 (synthetic data generated by this repository's make_samples.py)",
         "label_origin": "exact: labels are the phantom's own masks",
@@ -598,11 +669,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "ground_truth/), so the server offers them for annotation (default 0)")
     parser.add_argument("--in-plane", type=int, default=256,
                         help="pixels per in-plane axis (default 256, ~1.4 mm; 512 gives ~0.7 mm)")
+    parser.add_argument("--modality", choices=MODALITIES, default="ct",
+                        help="ct: Hounsfield units (default); mr: the same anatomy with MR-like T1 or T2 signal, "
+                             "bias field and Rician noise (cases named synth_mr_*)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         write_dataset(args.output, args.num_cases, args.seed, args.layout, args.in_plane, args.unlabeled,
-                      verbose=True)
+                      verbose=True, modality=args.modality)
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {args.num_cases} cases to {args.output} in {time.perf_counter() - t0:.1f} s")

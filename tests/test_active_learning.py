@@ -101,6 +101,28 @@ def test_val_split_zero_still_means_no_validation(trainer_module, small_labels, 
     assert val == []
 
 
+@pytest.mark.parametrize("targets,per_epoch,draws", [(1, 16, 16), (3, 16, 16), (20, 16, 20), (2, 1, 2)])
+def test_few_targets_are_drawn_again_within_an_epoch(trainer_module, tmp_path, targets, per_epoch, draws):
+    """``samples_per_epoch``: one epoch draws at least that many samples, each target equally often (+-1), and
+    the dataset (the cache) holds each target once."""
+    trainer, context = _trainer(trainer_module, tmp_path, 0.0)
+    context.request["samples_per_epoch"] = per_epoch
+    context.train_datalist = [{"index": i} for i in range(targets)]
+    context.dataset_type, context.dataloader_type, context.train_batch_size = "Dataset", "ThreadDataLoader", 1
+    context.multi_gpu = False
+    trainer.train_pre_transforms = lambda context: []
+    loader = trainer.train_data_loader(context)
+    assert len(loader.dataset) == targets
+    for _ in range(2):  # every epoch
+        drawn = [int(batch["index"][0]) for batch in loader]
+        assert len(drawn) == draws
+        counts = np.bincount(drawn, minlength=targets)
+        assert counts.max() - counts.min() <= 1, counts
+    context.request["samples_per_epoch"] = 0
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        trainer.train_data_loader(context)
+
+
 def test_publish_best_publishes_only_above_the_served_weights_score(trainer_module):
     published = []
     task = SimpleNamespace(publish=lambda context, **extra: published.append(extra))

@@ -135,6 +135,56 @@ def test_written_studies_folder(written):
                                   ms.generate_case(seed=3, index=2, in_plane=IN_PLANE).image)
 
 
+# ------------------------------------------------------------------------------------- MR-like phantoms
+@pytest.fixture(scope="module")
+def mr_cases():
+    return [ms.generate_case(seed=7, index=i, in_plane=IN_PLANE, modality="mr") for i in range(4)]
+
+
+def test_mr_cases_share_the_ct_anatomy_and_leave_the_ct_cases_unchanged(cases, mr_cases):
+    for ct, mr in zip(cases, mr_cases):
+        assert mr.name == ct.name.replace("synth_ct_", "synth_mr_")
+        np.testing.assert_array_equal(mr.label, ct.label)
+        np.testing.assert_array_equal(mr.affine, ct.affine)
+        assert not np.array_equal(mr.image, ct.image)
+    again = ms.generate_case(seed=7, index=1, in_plane=IN_PLANE)  # after MR draws: the CT stream is its own
+    np.testing.assert_array_equal(again.image, cases[1].image)
+    np.testing.assert_array_equal(ms.generate_case(seed=7, index=1, in_plane=IN_PLANE, modality="mr").image,
+                                  mr_cases[1].image)
+
+
+def test_mr_contrast_is_mr_like(mr_cases):
+    """Magnitude images (>= 0), dark lungs and cortical bone, bright fat; T2: fluid-filled canal brighter than
+    muscle, T1 the other way round; both weightings drawn."""
+    weightings = set()
+    for case in mr_cases:
+        img, lab = case.image.astype(np.float32), case.label
+        assert case.image.dtype == np.int16 and img.min() >= 0
+        med = {name: float(np.median(img[lab == v])) for v, name in ms.LABELS.items()}
+        tissue = np.median(img[(lab == 1) | (lab == 2)])
+        assert med["lung_right"] < 0.3 * tissue and med["lung_left"] < 0.3 * tissue, (case.name, med)
+        assert med["background"] < 0.3 * tissue, (case.name, med)
+        weightings.add(case.meta["mr_weighting"])
+        if case.meta["mr_weighting"] == "T1" and case.meta["contrast_phase"] == "non-contrast":
+            assert med["liver"] > med["spleen"], (case.name, med)  # spleen darker than liver on plain T1
+        if case.meta["mr_weighting"] == "T2":
+            assert med["spleen"] > med["liver"], (case.name, med)  # and brighter on T2
+    assert weightings == {"T1", "T2"}, weightings
+
+
+def test_mr_training_layout_and_cli(tmp_path):
+    assert ms.main(["--output", str(tmp_path / "mr"), "--num-cases", "1", "--in-plane", "64", "--layout", "training",
+                    "--modality", "mr"]) == 0
+    info = json.loads((tmp_path / "mr" / "dataset.json").read_text())
+    assert info["modality"] == {"0": "MR"} and info["training"][0]["image"] == "./imagesTr/synth_mr_000.nii.gz"
+    assert info["training"][0]["mr_weighting"] in ("T1", "T2")
+    assert (tmp_path / "mr" / "labelsTr" / "synth_mr_000.nii.gz").is_file()
+    with pytest.raises(ValueError, match="modality"):
+        ms.generate_case(seed=0, index=0, in_plane=64, modality="pet")
+    with pytest.raises(ValueError, match="modality"):
+        ms.write_dataset(tmp_path / "x", num_cases=1, modality="pet")
+
+
 def test_training_layout(tmp_path):
     info = ms.write_dataset(tmp_path, num_cases=1, seed=0, layout="training", in_plane=64)
     assert (tmp_path / "imagesTr" / "synth_ct_000.nii.gz").is_file()

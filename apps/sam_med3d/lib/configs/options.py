@@ -31,6 +31,7 @@ DEFAULTS: Dict[str, str] = {
     "preload": "true",
     "use_finetuned": "true",
     "epochs": "20",
+    "samples_per_epoch": "16",
     "val_split": "0.2",
     "lr": "0.001",
     "train_clicks": "5",
@@ -61,6 +62,8 @@ HELP: Dict[str, str] = {
     "preload": "load the model when the server starts (true) or on the first click (false)",
     "use_finetuned": "serve <model_dir>/finetuned_<base>.pt (written by training) when it exists",
     "epochs": "default max_epochs of a training run (the Train request may override it)",
+    "samples_per_epoch": "training samples drawn per epoch at least: with fewer saved targets each is drawn "
+                         "again (new crop jitter, flips and clicks) so a few labels still give enough steps",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
     "train_clicks": "simulated click iterations per training sample (paper-style click training)",
@@ -249,6 +252,7 @@ class AppOptions:
     max_voxels: int = 268435456
     result_compress: bool = False
     cache_max_gb: float = 8.0
+    samples_per_epoch: int = 16
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -291,5 +295,6 @@ class AppOptions:
             max_voxels=_int("max_voxels", values["max_voxels"], 1),
             result_compress=_bool("result_compress", values["result_compress"]),
             cache_max_gb=_float("cache_max_gb", values["cache_max_gb"], 0.0, 4096.0),
+            samples_per_epoch=_int("samples_per_epoch", values["samples_per_epoch"], 1),
             raw=values,
         )

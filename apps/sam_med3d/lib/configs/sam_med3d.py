@@ -65,6 +65,7 @@ class SamMed3DConfig(TaskConfig):
             lr=self.options.lr,
             train_clicks=self.options.train_clicks,
             multi_gpu=self.options.multi_gpu,
+            samples_per_epoch=self.options.samples_per_epoch,
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

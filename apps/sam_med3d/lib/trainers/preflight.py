@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Most epochs one Train request may ask for.
 MAX_EPOCHS = 1000
+#: Upper bound of the ``samples_per_epoch`` Train option.
+MAX_SAMPLES_PER_EPOCH = 10000
 #: Tasks that ``run_sync`` would run inside the server process (refused).
 NO_RUN_SYNC = ("train", "batch_infer")
 STATUS_REFUSED = 400
@@ -135,6 +137,7 @@ def _short(value: Any, limit: int = 60) -> str:
 _TRAIN_CHECKS = {
     "max_epochs": lambda o: _integer(o, "max_epochs", 1, MAX_EPOCHS),
     "train_clicks": lambda o: _integer(o, "train_clicks", 1, 100),
+    "samples_per_epoch": lambda o: _integer(o, "samples_per_epoch", 1, MAX_SAMPLES_PER_EPOCH),
     "train_batch_size": lambda o: _integer(o, "train_batch_size", 1, 64),
     "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
     "early_stop_patience": lambda o: _integer(o, "early_stop_patience", -1, MAX_EPOCHS),

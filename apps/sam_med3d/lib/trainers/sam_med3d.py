@@ -31,8 +31,12 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   are kept and left out of the optimizer): with few labels it forgot less and learned more than tuning all
   weights (docs/app.md, "How the model learns from your labels").
 
-``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks`` and
-``freeze_encoder`` can be set per Train request; their defaults come from ``--conf``.
+- epochs: at least ``samples_per_epoch`` (default 16) samples each: with fewer saved targets they are drawn
+  again within the epoch (:meth:`SamMed3DTrainer.train_data_loader`), so one or two labels still give the
+  optimizer a few hundred steps, not 20.
+
+``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
+``freeze_encoder`` and ``samples_per_epoch`` can be set per Train request; their defaults come from ``--conf``.
 """
 
 from __future__ import annotations
@@ -260,11 +264,13 @@ class SamMed3DTrainer(BasicTrainTask):
         model_dir: folder for this task's runs (stats, ignite checkpoints, events).
         served: the app's :class:`~lib.configs.weights.ServedModel` (weights to start from and publish to).
         labels: the app's labels (shown in ``/info``; training uses every saved label value).
-        epochs, val_split, lr, train_clicks, multi_gpu: defaults of the request options.
+        epochs, val_split, lr, train_clicks, multi_gpu, freeze_encoder, samples_per_epoch: defaults of the
+            request options.
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
                  lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
+                 samples_per_epoch: int = 16,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         device = served.device
@@ -278,6 +284,7 @@ class SamMed3DTrainer(BasicTrainTask):
                 "train_clicks": int(train_clicks),
                 "multi_gpu": bool(multi_gpu),
                 "freeze_encoder": bool(freeze_encoder),
+                "samples_per_epoch": int(samples_per_epoch),
                 "device": device,
                 "pretrained": True,
                 "train_batch_size": 1,
@@ -336,6 +343,35 @@ class SamMed3DTrainer(BasicTrainTask):
         # has its own crop centre (OfficialCropd's seed includes val_sequence).
         val = [dict(sample, val_sequence=r) for r in range(VAL_SEQUENCES) for sample in val]
         return train, val
+
+    def train_data_loader(self, context: Context, num_workers: int = 0, shuffle: bool = True):
+        """MONAI Label's training loader, drawing at least ``samples_per_epoch`` samples per epoch.
+
+        With fewer training targets than that, the targets are drawn again within the epoch (whole random
+        permutations first, then a partial one, so every target is drawn as often as the others, give or take
+        one); each draw gets its own crop jitter, flips and clicks. The cache (``CacheDataset``) still holds each
+        target once.
+        """
+        from monai.data import DataLoader, ThreadDataLoader
+        from torch.utils.data import RandomSampler
+
+        dataset, datalist = self._dataset(context, context.train_datalist, is_train=True)
+        draws = max(len(dataset), self._samples_per_epoch(context))
+        logger.info("%d - Records for Training: %d; %d drawn per epoch", context.local_rank, len(datalist), draws)
+        sampler = RandomSampler(dataset, replacement=False, num_samples=draws) if shuffle else None
+        loader = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
+        return loader(dataset=dataset, batch_size=context.train_batch_size, sampler=sampler,
+                      shuffle=False if sampler is not None else shuffle, num_workers=num_workers)
+
+    def _samples_per_epoch(self, context: Context) -> int:
+        value = context.request.get("samples_per_epoch", self._config.get("samples_per_epoch", 1))
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"samples_per_epoch must be a whole number, got {value!r}") from None
+        if value < 1:
+            raise ValueError(f"samples_per_epoch must be at least 1, got {value}")
+        return value
 
     def train_pre_transforms(self, context: Context):
         from sam_med3d.training import training_transforms
