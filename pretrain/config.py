@@ -19,6 +19,8 @@ DEFAULTS: Dict[str, Any] = {
     "data": {
         "spacing_mm": 1.5,          # isotropic training voxel size (mm)
         "jitter": 16,               # max random offset (voxels per axis) of the crop centre from the target centre
+        "crop_center": "box",       # crop centre: box = target's bounding-box centre (official), voxel = a random
+                                    # voxel of the target (as the app centres its crop on a first click)
         "min_target_voxels": 1000,  # smaller targets (voxels at spacing_mm) are skipped
         "val_fraction": 0.05,       # whole cases held out for validation (0: validate on training targets)
         "val_max_targets": 64,      # validation targets used at most
@@ -104,6 +106,8 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"data.spacing_mm must be > 0, got {d['spacing_mm']}")
     if int(d["jitter"]) < 0:
         raise ValueError(f"data.jitter must be >= 0, got {d['jitter']}")
+    if d["crop_center"] not in ("box", "voxel"):
+        raise ValueError(f"data.crop_center must be 'box' or 'voxel', got {d['crop_center']!r}")
     if not 0 <= float(d["val_fraction"]) < 1:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {d['val_fraction']}")
     return cfg

@@ -293,13 +293,13 @@ class TargetDataset(Dataset):
     """
 
     def __init__(self, cache: CaseCache, targets: Sequence[Target], crop_size: int, augment: bool = True,
-                 jitter: Optional[int] = None, seed: int = 0, memory_cases: int = 4) -> None:
+                 jitter: Optional[int] = None, seed: int = 0, memory_cases: int = 4, center: str = "box") -> None:
         if not targets:
             raise ValueError("no training targets: every case's labels are empty or smaller than the configured "
                              "min_target_voxels")
         self.cache = cache
         self.targets = list(targets)
-        self.transform = Compose(crop_transforms(crop_size, augment=augment, jitter=jitter))
+        self.transform = Compose(crop_transforms(crop_size, augment=augment, jitter=jitter, center=center))
         self.seed = int(seed)
         self.epoch = 0
         self.memory_cases = int(memory_cases)

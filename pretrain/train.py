@@ -215,7 +215,8 @@ def prepare_data(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistC
         raise ValueError(f"no training targets with >= {min_vox} voxels at {d['spacing_mm']} mm in {args.data} "
                          f"({len(cases)} cases); lower data.min_target_voxels or add data")
     train_ds = pdata.TargetDataset(cache, train_targets, crop_size, augment=True, jitter=int(d["jitter"]),
-                                   seed=int(cfg["seed"]), memory_cases=int(d["memory_cases"]))
+                                   seed=int(cfg["seed"]), memory_cases=int(d["memory_cases"]),
+                                   center=str(d["crop_center"]))
     # Validation on the crops inference sees (the official pipeline), from the original files.
     val_ds = pdata.OfficialValidationDataset(cases, val_targets, crop_size) if val_targets else None
     if ctx.is_main:

@@ -153,6 +153,9 @@ def test_config_rejects_unknown_and_bad_values(tmp_path):
     bad.write_text("model: vit_mini\ntrain:\n  amp: fp8\n")
     with pytest.raises(ValueError, match="train.amp"):
         load_config(bad)
+    bad.write_text("model: vit_mini\ndata:\n  crop_center: click\n")
+    with pytest.raises(ValueError, match="data.crop_center"):
+        load_config(bad)
     for name in ("vit_b_ori", "vit_tiny", "vit_mini"):
         cfg = load_config(REPO / "pretrain" / "configs" / f"{name}.yaml")
         assert cfg["model"] == name

@@ -100,6 +100,33 @@ def test_jitter_moves_the_crop_but_keeps_the_target(tmp_path):
     assert len(centres) > 1
 
 
+def test_voxel_centred_crops_are_centred_on_voxels_of_the_target():
+    """``center="voxel"``: each crop is centred on a random voxel of the target (as the app centres its crop on a
+    first click), so a long target lands at many places in the window, never outside the target's extent; the
+    default ``box`` centres every crop on the bounding box."""
+    from sam_med3d.training import RandTargetCropd
+
+    label = torch.zeros(1, 200, 60, 60)
+    label[0, 20:180, 25:35, 25:35] = 1
+    voxel = RandTargetCropd(("label",), crop_size=64, center="voxel")
+    voxel.set_random_state(0)
+    box = RandTargetCropd(("label",), crop_size=64)
+    centres, box_centres = [], set()
+    for _ in range(300):
+        voxel.randomize()
+        box.randomize()
+        centres.append(voxel.window(label) + 32)
+        box_centres.add(tuple(box.window(label) + 32))
+    centres = np.array(centres)
+    assert (centres >= [20, 25, 25]).all() and (centres <= [179, 34, 34]).all()  # on the target
+    assert np.ptp(centres[:, 0]) > 120  # spread along the whole long axis
+    assert box_centres == {(100, 30, 30)}
+    crop = voxel({"label": label})["label"]
+    assert crop.shape == (1, 64, 64, 64) and crop[0, 32, 32, 32] == 1  # the window's centre voxel is target
+    with pytest.raises(ValueError, match="center"):
+        RandTargetCropd(("label",), crop_size=64, center="click")
+
+
 # ------------------------------------------------------------------------------------------------ click step
 def _batch(s=64, b=2):
     image = torch.randn(b, 1, s, s, s)

@@ -102,39 +102,54 @@ class SelectTargetd(MapTransform):
         return d
 
 
-class RandTargetCropd(Randomizable, MapTransform):
-    """Cubic crop of ``crop_size`` voxels centred on the target's bounding box, with a random jitter.
+#: Where a training crop is centred: ``box`` = the target's bounding-box centre (the official recipe, as the
+#: official inference centres its crop on the label), ``voxel`` = a uniformly random voxel of the target (as the
+#: app's predictor centres its crop on a first click somewhere in the structure).
+CROP_CENTERS = ("box", "voxel")
 
-    The window centre is the centre of the bounding box of ``label > 0`` (the scan centre when the label is
-    empty) plus an integer offset drawn uniformly from ``[-jitter, jitter]`` per axis. Parts of the window
-    outside the scan are zero-padded (image and label), as the official ``CropOrPad``. Works on channel-first
-    ``(C, I, J, K)`` tensors; returns plain tensors (the crop's affine is not needed for training).
+
+class RandTargetCropd(Randomizable, MapTransform):
+    """Cubic crop of ``crop_size`` voxels around the target, with a random jitter.
+
+    The window centre is the centre of the bounding box of ``label > 0`` (``center="box"``) or a uniformly
+    random voxel of it (``center="voxel"``), the scan centre when the label is empty, plus an integer offset
+    drawn uniformly from ``[-jitter, jitter]`` per axis. Parts of the window outside the scan are zero-padded
+    (image and label), as the official ``CropOrPad``. Works on channel-first ``(C, I, J, K)`` tensors; returns
+    plain tensors (the crop's affine is not needed for training). Either way the window stays within
+    ``crop_size // 2 + jitter`` voxels of the target's bounding box.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), label_key: str = "label", crop_size: int = 128,
-                 jitter: int = 0) -> None:
+                 jitter: int = 0, center: str = "box") -> None:
         super().__init__(keys)
         if int(crop_size) <= 0:
             raise ValueError(f"crop_size must be a positive number of voxels, got {crop_size}")
         if int(jitter) < 0:
             raise ValueError(f"jitter must be >= 0 voxels, got {jitter}")
+        if center not in CROP_CENTERS:
+            raise ValueError(f"center must be one of {', '.join(CROP_CENTERS)}, got {center!r}")
         self.label_key = label_key
         self.crop_size = int(crop_size)
         self.jitter = int(jitter)
+        self.center = center
         self._offset = np.zeros(3, dtype=np.int64)
+        self._pick = 0.0
 
     def randomize(self, data: Any = None) -> None:
         self._offset = self.R.randint(-self.jitter, self.jitter + 1, size=3) if self.jitter else np.zeros(3, int)
+        self._pick = self.R.random_sample() if self.center == "voxel" else 0.0
 
     def window(self, label: torch.Tensor) -> np.ndarray:
-        """Start voxel (3,) of the crop window for a ``(C, I, J, K)`` label (uses the current random offset)."""
+        """Start voxel (3,) of the crop window for a ``(C, I, J, K)`` label (uses the current random draws)."""
         shape = np.asarray(label.shape[-3:])
         fg = torch.nonzero(torch.as_tensor(label).reshape(label.shape[-3:]) > 0)
-        if fg.numel():
+        if not fg.numel():
+            centre = shape // 2
+        elif self.center == "voxel":
+            centre = fg[min(int(self._pick * fg.shape[0]), fg.shape[0] - 1)].cpu().numpy()
+        else:
             lo, hi = fg.min(0).values.cpu().numpy(), fg.max(0).values.cpu().numpy() + 1
             centre = (lo + hi) // 2
-        else:
-            centre = shape // 2
         return centre + self._offset - self.crop_size // 2
 
     def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
@@ -206,16 +221,17 @@ def preprocess_transforms(spacing_mm: float = DEFAULT_SPACING_MM, load: bool = T
 
 
 def crop_transforms(crop_size: int, augment: bool = True, jitter: Optional[int] = None,
-                    label_value: Optional[int] = None) -> List[Any]:
+                    label_value: Optional[int] = None, center: str = "box") -> List[Any]:
     """The per-sample part: binarise the target -> crop/pad around it -> z-score -> (flips) -> tensors.
 
     ``jitter`` defaults to ``crop_size // 8`` voxels when ``augment`` (0 otherwise). ``label_value``: the class
-    to segment (``None`` = every label > 0); a ``"label_value"`` entry in the sample overrides it.
+    to segment (``None`` = every label > 0); a ``"label_value"`` entry in the sample overrides it. ``center``:
+    see :class:`RandTargetCropd` (``box`` = the official recipe).
     """
     if jitter is None:
         jitter = crop_size // 8 if augment else 0
     out: List[Any] = [SelectTargetd("label", label_value=label_value),
-                      RandTargetCropd(("image", "label"), crop_size=crop_size, jitter=jitter),
+                      RandTargetCropd(("image", "label"), crop_size=crop_size, jitter=jitter, center=center),
                       ForegroundZNormd("image")]
     if augment:
         # Independent flips along the three axes (the official tio.RandomFlip(axes=(0, 1, 2)), p = 0.5 each).
@@ -226,7 +242,7 @@ def crop_transforms(crop_size: int, augment: bool = True, jitter: Optional[int] 
 
 def training_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM, augment: bool = True,
                         load: bool = True, jitter: Optional[int] = None,
-                        label_value: Optional[int] = None) -> Compose:
+                        label_value: Optional[int] = None, center: str = "box") -> Compose:
     """MONAI dict transforms ``{"image", "label"}`` -> a training crop (see the module docstring).
 
     Args:
@@ -236,13 +252,16 @@ def training_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM, 
         load: the inputs are file paths (``LoadImaged`` first); else channel-first MetaTensors with affines.
         jitter: maximum crop-centre offset in voxels per axis (default ``crop_size // 8`` when augmenting).
         label_value: class to segment in a multi-class label (``None``: every label > 0).
+        center: ``box`` (the official recipe: the crop centred on the target's bounding box) or ``voxel`` (on a
+            random voxel of the target, as the app centres its crop on a first click).
 
     Returns:
         a ``Compose`` producing ``image`` float32 ``(1, S, S, S)`` and ``label`` float32 ``{0, 1}``
         ``(1, S, S, S)``.
     """
     return Compose(preprocess_transforms(spacing_mm, load=load)
-                   + crop_transforms(crop_size, augment=augment, jitter=jitter, label_value=label_value))
+                   + crop_transforms(crop_size, augment=augment, jitter=jitter, label_value=label_value,
+                                     center=center))
 
 
 class OfficialCropd(MapTransform):

@@ -9,7 +9,8 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   with nothing to train on is refused by the server (HTTP 409) before MONAI Label starts the training
   subprocess: :meth:`SamMed3DTrainer.preflight`, called through :mod:`lib.trainers.preflight`;
 - preprocessing: ``sam_med3d.training.training_transforms`` (RAS, 1.5 mm, cubic crop of the model's input
-  size around the target with jitter, foreground z-score, flips); the deterministic part is cached;
+  size centred on a random voxel of the target plus jitter, as the predictor centres its crop on a first click
+  anywhere in the structure; foreground z-score, flips); the deterministic part is cached;
 - step: ``sam_med3d.training.ClickTrainingStep``: the image is encoded once, the first click is a random
   voxel of the target, every further click a random voxel of the error region, the previous low-res mask is
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
@@ -376,7 +377,9 @@ class SamMed3DTrainer(BasicTrainTask):
     def train_pre_transforms(self, context: Context):
         from sam_med3d.training import training_transforms
 
-        return training_transforms(crop_size=self._img_size(context), augment=True)
+        # Crops centred on a random voxel of the target (plus jitter), as the app's predictor centres its crop
+        # on a first click somewhere in the structure: the model is tuned on the views it is used on.
+        return training_transforms(crop_size=self._img_size(context), augment=True, center="voxel")
 
     def val_pre_transforms(self, context: Context):
         # Validation Dice on the crops inference sees (the official pipeline), not on the training frame.
