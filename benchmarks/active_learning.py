@@ -390,7 +390,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                          args.max_clicks))
             rounds.append(record)
             print(f"round {index} done after {time.perf_counter() - began:.0f} s: Dice@5 "
-                  f"{record['dice'].get('5', float('nan')):.3f}, NoC@80 {record['noc80']:.1f}", flush=True)
+                  f"{record['dice'].get('5', float('nan')):.3f}, NoC@80 {record['noc80']:.1f}, other Dice@"
+                  f"{OTHER_CLICKS} {record['other_dice'].get(str(OTHER_CLICKS)) or float('nan'):.3f}", flush=True)
     finally:
         server.stop()
         log = work / "server.log"

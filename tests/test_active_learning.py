@@ -123,6 +123,38 @@ def test_few_targets_are_drawn_again_within_an_epoch(trainer_module, tmp_path, t
         trainer.train_data_loader(context)
 
 
+@pytest.mark.parametrize("retention", [1.0, 0.0])
+def test_the_network_keeps_a_frozen_copy_of_the_served_weights_for_the_retention_term(trainer_module, tmp_path,
+                                                                                     retention):
+    from monailabel.tasks.train.basic_train import Context
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = save_checkpoint(build_sam_med3d("vit_mini"), tmp_path / "served.pt")
+    served = SimpleNamespace(device="cpu", path=lambda: path, expected_arch="auto")
+    trainer = trainer_module.SamMed3DTrainer(str(tmp_path), served, {"spleen": 1}, epochs=1, val_split=0.0,
+                                             lr=1e-4, train_clicks=2, multi_gpu=False, retention=0.5)
+    context = Context()
+    context.request, context.device = {"retention": retention}, "cpu"
+    network = trainer.network(context)
+    assert network.retention_weight == retention
+    if not retention:
+        assert network.teacher is None
+        return
+    teacher = network.teacher
+    assert teacher is not network.sam and not any(p.requires_grad for p in teacher.parameters())
+    for (name, a), b in zip(network.sam.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Tuning the network leaves the teacher as served.
+    with torch.no_grad():
+        next(network.sam.mask_decoder.parameters()).add_(1.0)
+    assert not torch.equal(next(network.sam.mask_decoder.parameters()), next(teacher.mask_decoder.parameters()))
+    # Without the option in the request, the trainer's default (from --conf) applies.
+    context.request = {}
+    assert trainer.network(context).retention_weight == 0.5
+
+
 def test_publish_best_publishes_only_above_the_served_weights_score(trainer_module):
     published = []
     task = SimpleNamespace(publish=lambda context, **extra: published.append(extra))

@@ -9,6 +9,7 @@ import torch
 
 from sam_med3d import build_sam_med3d
 from sam_med3d.training import (ClickIterationModel, ClickTrainingStep, click_iteration_step, crop_or_pad,
+                                disagreement_clicks, off_target_clicks, retention_loss,
                                 training_transforms, zscore_foreground)
 
 
@@ -227,3 +228,108 @@ def test_click_centred_validation_crops_follow_a_seeded_voxel_of_the_target(tmp_
         assert item["label"][0, 12, 12, 12] == 1
     with pytest.raises(ValueError, match="center"):
         validation_transforms(24, center="middle")
+
+
+# ------------------------------------------------------------------------------------------------ retention
+def test_off_target_clicks_avoid_the_target_and_the_padding():
+    image, label = _batch(b=3)
+    image[:, :, 40:] = image.min() - 1  # zero padding / air: the crop's minimum
+    image[2] = image[2].min()  # nothing but padding
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        points, labels = off_target_clicks(image, label, rng)
+        assert points.shape == (3, 1, 3) and labels.tolist() == [[1], [1], [-1]]
+        for b in range(2):
+            d, h, w = points[b, 0].tolist()
+            assert label[b, 0, d, h, w] == 0 and d < 40
+
+
+def test_retention_loss_is_at_its_floor_for_the_teacher_itself_and_pulls_a_changed_decoder_back():
+    import copy
+
+    torch.manual_seed(0)
+    teacher = build_sam_med3d("vit_mini").eval()
+    student = copy.deepcopy(teacher)
+    image, label = _batch(b=1)
+    embedding = student.image_encoder(image).detach()
+    same = retention_loss(student, teacher, embedding, image, label, np.random.default_rng(1), num_clicks=3)
+    assert same["agreement"] == 1.0
+    with torch.no_grad():
+        for p in student.mask_decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    changed = retention_loss(student, teacher, embedding, image, label, np.random.default_rng(1), num_clicks=3)
+    assert changed["loss"] > same["loss"]  # the teacher's entropy is the floor; any change costs more
+    changed["loss"].backward()
+    grad = student.mask_decoder.output_upscaling[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="num_clicks"):
+        retention_loss(student, teacher, embedding, image, label, np.random.default_rng(1), num_clicks=0)
+
+
+def test_click_model_with_a_teacher_adds_the_retention_term_in_training_only():
+    import copy
+
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini")
+    for p in sam.image_encoder.parameters():
+        p.requires_grad_(False)
+    teacher = copy.deepcopy(sam)
+    model = ClickIterationModel(sam, teacher=teacher, retention_weight=1.0, retention_clicks=2)
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in model.state_dict())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    image, label = _batch(b=1)
+    plain = ClickIterationModel(sam)
+    a = plain(image, label, 2, np.random.default_rng(3))
+    b = model.train()(image, label, 2, np.random.default_rng(3))
+    assert torch.equal(a["points"], b["points"])  # the retention session comes after the target's clicks
+    assert b["retention_agreement"] == 1.0 and b["retention_loss"] > 0
+    assert torch.allclose(b["loss"], a["loss"] + b["retention_loss"])
+    assert "embedding" not in b
+    c = model.eval()(image, label, 2, np.random.default_rng(3))
+    assert "retention_loss" not in c and torch.allclose(c["loss"], a["loss"])
+    with pytest.raises(ValueError, match="teacher"):
+        ClickIterationModel(sam, retention_weight=1.0)
+    with pytest.raises(ValueError, match="retention_weight"):
+        ClickIterationModel(sam, teacher=teacher, retention_weight=-1)
+
+
+def test_retention_keeps_the_answers_elsewhere_when_tuning_on_one_target():
+    """Tuning the decoder hard on one target changes its answers to clicks elsewhere; with the retention term
+    they stay closer to the weights before tuning (measured on off-target clicks the training never drew)."""
+    import copy
+
+    def tune(weight):
+        torch.manual_seed(0)
+        sam = build_sam_med3d("vit_mini")
+        for p in sam.image_encoder.parameters():
+            p.requires_grad_(False)
+        teacher = copy.deepcopy(sam)
+        model = ClickIterationModel(sam, teacher=teacher if weight else None, retention_weight=weight,
+                                    mask_only_iterations=False).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        image, label = _batch(b=1)
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            opt.zero_grad()
+            model(image, label, 2, rng)["loss"].backward()
+            opt.step()
+        with torch.no_grad():
+            embedding = sam.image_encoder(image)
+            scores = [retention_loss(sam, teacher, embedding, image, label, np.random.default_rng(100 + i),
+                                     num_clicks=1)["loss"].item() for i in range(4)]
+        return float(np.mean(scores))
+
+    assert tune(1.0) < tune(0.0)
+
+
+def test_disagreement_clicks_fall_where_the_masks_differ_with_the_teachers_answer():
+    student = torch.zeros(3, 1, 8, 8, 8, dtype=torch.bool)
+    teacher = torch.zeros_like(student)
+    teacher[0, 0, 2, 3, 4] = True  # the teacher says foreground here: a positive click
+    student[1, 0, 5, 5, 5] = True  # the student says foreground where the teacher does not: a negative click
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        points, labels = disagreement_clicks(student, teacher, 4, rng)
+        assert labels.tolist() == [[1], [0], [-1]]  # the third item agrees everywhere: no click
+        assert (points[0, 0] // 4).tolist() == [2, 3, 4] and (points[1, 0] // 4).tolist() == [5, 5, 5]

@@ -63,7 +63,8 @@ __all__ = [
     "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
     "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "OfficialCropd", "validation_transforms",
     "zscore_foreground", "default_loss",
-    "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice",
+    "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice", "off_target_clicks",
+    "disagreement_clicks", "retention_loss",
 ]
 
 #: Isotropic voxel size of the training/inference frame (the official preprocessing resamples to 1.5 mm).
@@ -412,7 +413,107 @@ def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tenso
     dice_items = batch_dice(logits.detach(), label)
     return {"loss": total / num_click_iterations, "seg_loss": seg_total / num_click_iterations,
             "low_res_logits": low_res.detach(), "logits": logits.detach(), "dice": float(dice_items.mean()),
-            "dice_per_item": dice_items, "points": torch.cat(coords, 1), "point_labels": torch.cat(labels, 1)}
+            "dice_per_item": dice_items, "points": torch.cat(coords, 1), "point_labels": torch.cat(labels, 1),
+            "embedding": embedding}
+
+
+def off_target_clicks(image: torch.Tensor, label: torch.Tensor,
+                      rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One positive click per batch item on a uniformly random voxel outside the target and inside the scan.
+
+    "Inside the scan" = the crop's voxels above its minimum (zero padding and air are left out). Returns
+    ``(points (B, 1, 3) int64, labels (B, 1) int64)`` on ``image``'s device; an item whose crop has no such voxel
+    gets the padding point ``(0, 0, 0)`` with label ``-1`` ("not a point").
+    """
+    b = image.shape[0]
+    points = torch.zeros((b, 1, 3), dtype=torch.long)
+    labels = torch.full((b, 1), -1, dtype=torch.long)
+    img = image.detach()[:, 0].float().cpu()
+    lab = label.detach()[:, 0].cpu() > 0
+    for i in range(b):
+        candidates = torch.nonzero((img[i] > img[i].min() + 1e-3) & ~lab[i])
+        if candidates.numel():
+            points[i, 0] = candidates[int(rng.integers(candidates.shape[0]))]
+            labels[i, 0] = 1
+    return points.to(image.device), labels.to(image.device)
+
+
+def disagreement_clicks(student: torch.Tensor, teacher: torch.Tensor, scale: int,
+                        rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One click per batch item where two low-res masks disagree, labelled with ``teacher``'s answer there.
+
+    ``student``/``teacher``: ``(B, 1, L, L, L)`` bool masks; ``scale``: crop voxels per low-res voxel. The click
+    is a uniformly random crop voxel inside a uniformly random disagreeing low-res voxel: positive (1) where the
+    teacher says foreground, negative (0) where it says background. Items that agree everywhere get the padding
+    point with label ``-1``. Returns ``(points (B, 1, 3) int64, labels (B, 1) int64)`` on the masks' device.
+    """
+    b = student.shape[0]
+    points = torch.zeros((b, 1, 3), dtype=torch.long)
+    labels = torch.full((b, 1), -1, dtype=torch.long)
+    s, t = student[:, 0].cpu(), teacher[:, 0].cpu()
+    for i in range(b):
+        wrong = torch.nonzero(s[i] != t[i])
+        if wrong.numel():
+            voxel = wrong[int(rng.integers(wrong.shape[0]))]
+            points[i, 0] = voxel * scale + torch.from_numpy(rng.integers(0, scale, size=3))
+            labels[i, 0] = int(t[i][tuple(voxel.tolist())])
+    return points.to(student.device), labels.to(student.device)
+
+
+def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, image: torch.Tensor,
+                   label: torch.Tensor, rng: np.random.Generator, num_clicks: int = 3,
+                   teacher_embedding: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """Learning without forgetting for promptable segmentation: keep ``sam``'s answers to prompts *elsewhere* in
+    the image close to ``teacher``'s (the weights before fine-tuning).
+
+    Fine-tuned on one structure, the decoder learns to segment that structure wherever it is clicked and forgets
+    the others (benchmarks/active_learning.py). Here a simulated session is run on something else in the same
+    crop: the first click is a random voxel outside the target (:func:`off_target_clicks`); the teacher's
+    prediction for the clicks so far is the reference, and each further click is drawn where ``sam`` and the
+    teacher disagree (:func:`disagreement_clicks`: positive where the teacher says foreground), so both models
+    see the same clicks, each its own previous low-res mask as the mask prompt, as in use. The loss at each step
+    is binary cross-entropy of ``sam``'s low-res logits against the teacher's probabilities, averaged over the
+    steps. Everything runs on the low-res masks (``S/4``), so it costs a few decoder passes, no full-size work.
+
+    Args:
+        sam: the model being tuned.
+        teacher: a frozen copy of the weights before tuning (not modified; run without gradients).
+        embedding: ``sam``'s image embedding of ``image`` (with graph when the encoder is tuned).
+        image, label: the training crop ``(B, 1, S, S, S)`` and its target (the first click avoids it).
+        rng: numpy Generator for the clicks.
+        num_clicks: clicks of the retention session.
+        teacher_embedding: the teacher's embedding; default ``embedding`` detached (right when the image encoder
+            is frozen, so both encoders are the same).
+
+    Returns:
+        ``{"loss": scalar tensor with graph, "agreement": float}`` (agreement = Dice between the two models'
+        last low-res masks, 1 when both are empty).
+    """
+    if num_clicks < 1:
+        raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+    b = image.shape[0]
+    img_size = int(sam.img_size)
+    low = img_size // 4
+    t_embedding = embedding.detach() if teacher_embedding is None else teacher_embedding
+    first, first_label = off_target_clicks(image, label, rng)
+    coords, labels = [first.float()], [first_label]
+    mask_s = torch.zeros((b, 1, low, low, low), device=image.device, dtype=embedding.dtype)
+    mask_t = torch.zeros_like(mask_s)
+    total = image.new_zeros((), dtype=torch.float32)
+    agreement = 1.0
+    for step in range(num_clicks):
+        points = (torch.cat(coords, 1), torch.cat(labels, 1))
+        with torch.no_grad():
+            mask_t, _ = teacher.decode(t_embedding, points=points, mask_input=mask_t, multimask_output=False)
+        mask_s, _ = sam.decode(embedding, points=points, mask_input=mask_s, multimask_output=False)
+        total = total + F.binary_cross_entropy_with_logits(mask_s.float(), torch.sigmoid(mask_t.float()))
+        pred_s, pred_t = mask_s.detach() > 0, mask_t > 0
+        agreement = float(batch_dice(pred_s.float() - 0.5, pred_t.float()).mean())
+        if step + 1 < num_clicks:
+            pts, lab = disagreement_clicks(pred_s, pred_t, img_size // low, rng)
+            coords.append(pts.to(image.device, torch.float32))
+            labels.append(lab)
+    return {"loss": total / num_clicks, "agreement": agreement}
 
 
 class ClickIterationModel(nn.Module):
@@ -420,10 +521,18 @@ class ClickIterationModel(nn.Module):
     wrap *this* module, not the bare model, so DDP sees one forward and one backward per step).
 
     ``forward(image, label, num_click_iterations, rng)`` returns the dict of :func:`run_click_iterations`.
+
+    With a ``teacher`` (a frozen copy of the weights before tuning) and ``retention_weight`` > 0, the loss also
+    gets ``retention_weight`` x :func:`retention_loss` (``retention_clicks`` clicks on something else in the
+    crop), and the output carries ``retention_loss`` and ``retention_agreement`` (floats). The teacher is not a
+    registered submodule: it is neither tuned, nor in ``state_dict()``, nor seen by DDP; put it on the device
+    yourself. When ``sam``'s image encoder is tuned, the teacher encodes the crop itself (without gradients).
     """
 
     def __init__(self, sam: nn.Module, loss_fn: Optional[nn.Module] = None, mask_only_iterations: bool = True,
-                 detach_mask_prompt: bool = False, iou_loss_weight: float = 0.0, click_mode: str = "random") -> None:
+                 detach_mask_prompt: bool = False, iou_loss_weight: float = 0.0, click_mode: str = "random",
+                 teacher: Optional[nn.Module] = None, retention_weight: float = 0.0,
+                 retention_clicks: int = 3) -> None:
         super().__init__()
         self.sam = sam
         self.loss_fn = loss_fn if loss_fn is not None else default_loss()
@@ -431,13 +540,38 @@ class ClickIterationModel(nn.Module):
         self.detach_mask_prompt = detach_mask_prompt
         self.iou_loss_weight = float(iou_loss_weight)
         self.click_mode = click_mode
+        if float(retention_weight) < 0:
+            raise ValueError(f"retention_weight must be >= 0, got {retention_weight}")
+        if float(retention_weight) > 0 and teacher is None:
+            raise ValueError("retention_weight > 0 needs a teacher (a frozen copy of the weights before tuning)")
+        if int(retention_clicks) < 1:
+            raise ValueError(f"retention_clicks must be >= 1, got {retention_clicks}")
+        self.retention_weight = float(retention_weight)
+        self.retention_clicks = int(retention_clicks)
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # unregistered
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher[0] if self._teacher else None
 
     def forward(self, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
                 rng: np.random.Generator) -> Dict[str, Any]:
-        return run_click_iterations(self.sam, image, label, num_click_iterations, rng, loss_fn=self.loss_fn,
-                                    mask_only_iterations=self.mask_only_iterations,
-                                    detach_mask_prompt=self.detach_mask_prompt,
-                                    iou_loss_weight=self.iou_loss_weight, click_mode=self.click_mode)
+        out = run_click_iterations(self.sam, image, label, num_click_iterations, rng, loss_fn=self.loss_fn,
+                                   mask_only_iterations=self.mask_only_iterations,
+                                   detach_mask_prompt=self.detach_mask_prompt,
+                                   iou_loss_weight=self.iou_loss_weight, click_mode=self.click_mode)
+        if self.retention_weight > 0 and self.training:
+            teacher_embedding = None
+            if out["embedding"].requires_grad and any(p.requires_grad for p in self.sam.image_encoder.parameters()):
+                with torch.no_grad():
+                    teacher_embedding = self.teacher.image_encoder(image)
+            kept = retention_loss(self.sam, self.teacher, out["embedding"], image, label, rng,
+                                  num_clicks=self.retention_clicks, teacher_embedding=teacher_embedding)
+            out["loss"] = out["loss"] + self.retention_weight * kept["loss"]
+            out["retention_loss"] = float(kept["loss"].detach())
+            out["retention_agreement"] = kept["agreement"]
+        out.pop("embedding")
+        return out
 
 
 def click_iteration_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
@@ -523,8 +657,10 @@ class ClickTrainingStep:
             scaler.update()
         else:
             optimizer.step()
-        return {"image": image, "label": label, "pred": out["logits"], "loss": float(loss.detach()),
-                "dice": out["dice"], "low_res_logits": out["low_res_logits"]}
+        result = {"image": image, "label": label, "pred": out["logits"], "loss": float(loss.detach()),
+                  "dice": out["dice"], "low_res_logits": out["low_res_logits"]}
+        result.update({k: out[k] for k in ("retention_loss", "retention_agreement") if k in out})
+        return result
 
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> Dict[str, Any]:
         if batchdata is None:

@@ -17,6 +17,9 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+#: Largest weight of the retention term (``--conf retention`` and the Train option of the same name).
+MAX_RETENTION = 100.0
+
 #: Every option the app reads, with its default (as the string a user would pass) and one line of help.
 #: docs/app.md renders the same table; keep the two in step.
 DEFAULTS: Dict[str, str] = {
@@ -32,6 +35,7 @@ DEFAULTS: Dict[str, str] = {
     "use_finetuned": "true",
     "epochs": "20",
     "samples_per_epoch": "16",
+    "retention": "1.0",
     "val_split": "0.2",
     "lr": "0.001",
     "train_clicks": "5",
@@ -64,6 +68,8 @@ HELP: Dict[str, str] = {
     "epochs": "default max_epochs of a training run (the Train request may override it)",
     "samples_per_epoch": "training samples drawn per epoch at least: with fewer saved targets each is drawn "
                          "again (new crop jitter, flips and clicks) so a few labels still give enough steps",
+    "retention": "weight of the term that keeps the tuned model's answers to clicks elsewhere in the image "
+                 "close to the served model's (0: off), so tuning on one structure does not forget the others",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
     "train_clicks": "simulated click iterations per training sample (paper-style click training)",
@@ -253,6 +259,7 @@ class AppOptions:
     result_compress: bool = False
     cache_max_gb: float = 8.0
     samples_per_epoch: int = 16
+    retention: float = 1.0
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -296,5 +303,6 @@ class AppOptions:
             result_compress=_bool("result_compress", values["result_compress"]),
             cache_max_gb=_float("cache_max_gb", values["cache_max_gb"], 0.0, 4096.0),
             samples_per_epoch=_int("samples_per_epoch", values["samples_per_epoch"], 1),
+            retention=_float("retention", values["retention"], 0.0, MAX_RETENTION),
             raw=values,
         )

@@ -66,6 +66,7 @@ class SamMed3DConfig(TaskConfig):
             train_clicks=self.options.train_clicks,
             multi_gpu=self.options.multi_gpu,
             samples_per_epoch=self.options.samples_per_epoch,
+            retention=self.options.retention,
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional
 from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
 
+from lib.configs.options import MAX_RETENTION
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ _TRAIN_CHECKS = {
     "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
     "early_stop_patience": lambda o: _integer(o, "early_stop_patience", -1, MAX_EPOCHS),
     "lr": lambda o: _number(o, "lr", 0.0, 1.0, low_open=True, high_open=False),
+    "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
     "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
     "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
     "dataloader": lambda o: _choice(o, "dataloader", ("ThreadDataLoader", "DataLoader")),

@@ -16,6 +16,10 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
   model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
   on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
+- retention (``retention``, default 1.0 from ``--conf``): a frozen copy of the served weights is the teacher of
+  ``sam_med3d.training.retention_loss``: on each crop a short simulated session on something else than the
+  target, whose answers are kept close to the served model's (learning without forgetting), so tuning on one
+  structure does not teach the decoder to segment it wherever the user clicks;
 - validation Dice: the same click simulation with a fixed seed, on the crops the app's predictor uses
   (``sam_med3d.training.validation_transforms(center="click")``: the official preprocessing, the crop centred
   on a seeded voxel of the target as for a first click there), each target :data:`VAL_SEQUENCES` times with
@@ -37,11 +41,12 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   optimizer a few hundred steps, not 20.
 
 ``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
-``freeze_encoder`` and ``samples_per_epoch`` can be set per Train request; their defaults come from ``--conf``.
+``freeze_encoder``, ``samples_per_epoch`` and ``retention`` can be set per Train request; their defaults come from ``--conf``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -67,6 +72,9 @@ IOU_LOSS_WEIGHT = 1.0
 #: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/app.md), as they did when
 #: the bundled model was trained (its model card).
 MASK_ONLY_ITERATIONS = False
+#: Clicks of the simulated session on something else in the crop that the retention term runs per training
+#: sample (:func:`sam_med3d.training.retention_loss`).
+RETENTION_CLICKS = 3
 #: Targets smaller than this (voxels) in a saved label are skipped: too small to crop around and click in.
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
@@ -265,13 +273,13 @@ class SamMed3DTrainer(BasicTrainTask):
         model_dir: folder for this task's runs (stats, ignite checkpoints, events).
         served: the app's :class:`~lib.configs.weights.ServedModel` (weights to start from and publish to).
         labels: the app's labels (shown in ``/info``; training uses every saved label value).
-        epochs, val_split, lr, train_clicks, multi_gpu, freeze_encoder, samples_per_epoch: defaults of the
-            request options.
+        epochs, val_split, lr, train_clicks, multi_gpu, freeze_encoder, samples_per_epoch, retention: defaults
+            of the request options.
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
                  lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
-                 samples_per_epoch: int = 16,
+                 samples_per_epoch: int = 16, retention: float = 1.0,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         device = served.device
@@ -286,6 +294,7 @@ class SamMed3DTrainer(BasicTrainTask):
                 "multi_gpu": bool(multi_gpu),
                 "freeze_encoder": bool(freeze_encoder),
                 "samples_per_epoch": int(samples_per_epoch),
+                "retention": float(retention),
                 "device": device,
                 "pretrained": True,
                 "train_batch_size": 1,
@@ -404,10 +413,17 @@ class SamMed3DTrainer(BasicTrainTask):
         frozen = _as_bool(context.request.get("freeze_encoder", True))
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
-        logger.info("Fine-tuning SAM-Med3D %s from %s (%s)", arch, path,
-                    "image encoder frozen: prompt encoder and mask decoder tuned" if frozen else "all weights tuned")
+        retention = float(context.request.get("retention", self._config.get("retention", 0.0)))
+        teacher = None
+        if retention > 0:
+            # The served weights, frozen: the tuned model's answers to clicks elsewhere are kept close to theirs.
+            teacher = copy.deepcopy(sam).requires_grad_(False).eval()
+        logger.info("Fine-tuning SAM-Med3D %s from %s (%s; retention weight %g)", arch, path,
+                    "image encoder frozen: prompt encoder and mask decoder tuned" if frozen else "all weights tuned",
+                    retention)
         return ClickIterationModel(sam, loss_fn=default_loss(), iou_loss_weight=IOU_LOSS_WEIGHT,
-                                   mask_only_iterations=MASK_ONLY_ITERATIONS)
+                                   mask_only_iterations=MASK_ONLY_ITERATIONS, teacher=teacher,
+                                   retention_weight=retention, retention_clicks=RETENTION_CLICKS)
 
     def _img_size(self, context: Context) -> int:
         if self._sam_img_size is None:
