@@ -244,7 +244,7 @@ def test_off_target_clicks_avoid_the_target_and_the_padding():
             assert label[b, 0, d, h, w] == 0 and d < 40
 
 
-def test_retention_loss_is_at_its_floor_for_the_teacher_itself_and_pulls_a_changed_decoder_back():
+def test_retention_loss_agrees_for_the_teacher_itself_and_pulls_a_changed_decoder_back():
     import copy
 
     torch.manual_seed(0)
@@ -258,7 +258,7 @@ def test_retention_loss_is_at_its_floor_for_the_teacher_itself_and_pulls_a_chang
         for p in student.mask_decoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     changed = retention_loss(student, teacher, embedding, image, label, np.random.default_rng(1), num_clicks=3)
-    assert changed["loss"] > same["loss"]  # the teacher's entropy is the floor; any change costs more
+    assert changed["loss"] > same["loss"] and changed["agreement"] < 1.0  # a changed decoder answers otherwise
     changed["loss"].backward()
     grad = student.mask_decoder.output_upscaling[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0

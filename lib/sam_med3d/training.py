@@ -462,7 +462,8 @@ def disagreement_clicks(student: torch.Tensor, teacher: torch.Tensor, scale: int
 
 def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, image: torch.Tensor,
                    label: torch.Tensor, rng: np.random.Generator, num_clicks: int = 3,
-                   teacher_embedding: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+                   teacher_embedding: Optional[torch.Tensor] = None,
+                   loss_fn: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Learning without forgetting for promptable segmentation: keep ``sam``'s answers to prompts *elsewhere* in
     the image close to ``teacher``'s (the weights before fine-tuning).
 
@@ -472,8 +473,11 @@ def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, 
     prediction for the clicks so far is the reference, and each further click is drawn where ``sam`` and the
     teacher disagree (:func:`disagreement_clicks`: positive where the teacher says foreground), so both models
     see the same clicks, each its own previous low-res mask as the mask prompt, as in use. The loss at each step
-    is binary cross-entropy of ``sam``'s low-res logits against the teacher's probabilities, averaged over the
-    steps. Everything runs on the low-res masks (``S/4``), so it costs a few decoder passes, no full-size work.
+    is ``loss_fn`` (default :func:`default_loss`, the segmentation loss itself) of ``sam``'s low-res logits
+    against the teacher's mask (its logits > 0), averaged over the steps: the Dice part weighs the structure the
+    teacher segments, however small, where a voxel-wise loss against its probabilities is dominated by the
+    background and lets the structure go (benchmarks/active_learning.py, docs/app.md). Everything runs on the
+    low-res masks (``S/4``), so it costs a few decoder passes, no full-size work.
 
     Args:
         sam: the model being tuned.
@@ -484,6 +488,7 @@ def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, 
         num_clicks: clicks of the retention session.
         teacher_embedding: the teacher's embedding; default ``embedding`` detached (right when the image encoder
             is frozen, so both encoders are the same).
+        loss_fn: loss of (logits, target mask); default :func:`default_loss`.
 
     Returns:
         ``{"loss": scalar tensor with graph, "agreement": float}`` (agreement = Dice between the two models'
@@ -491,6 +496,7 @@ def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, 
     """
     if num_clicks < 1:
         raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+    loss_fn = loss_fn if loss_fn is not None else default_loss()
     b = image.shape[0]
     img_size = int(sam.img_size)
     low = img_size // 4
@@ -506,8 +512,8 @@ def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, 
         with torch.no_grad():
             mask_t, _ = teacher.decode(t_embedding, points=points, mask_input=mask_t, multimask_output=False)
         mask_s, _ = sam.decode(embedding, points=points, mask_input=mask_s, multimask_output=False)
-        total = total + F.binary_cross_entropy_with_logits(mask_s.float(), torch.sigmoid(mask_t.float()))
         pred_s, pred_t = mask_s.detach() > 0, mask_t > 0
+        total = total + loss_fn(mask_s.float(), pred_t.float())
         agreement = float(batch_dice(pred_s.float() - 0.5, pred_t.float()).mean())
         if step + 1 < num_clicks:
             pts, lab = disagreement_clicks(pred_s, pred_t, img_size // low, rng)
@@ -566,7 +572,8 @@ class ClickIterationModel(nn.Module):
                 with torch.no_grad():
                     teacher_embedding = self.teacher.image_encoder(image)
             kept = retention_loss(self.sam, self.teacher, out["embedding"], image, label, rng,
-                                  num_clicks=self.retention_clicks, teacher_embedding=teacher_embedding)
+                                  num_clicks=self.retention_clicks, teacher_embedding=teacher_embedding,
+                                  loss_fn=self.loss_fn)
             out["loss"] = out["loss"] + self.retention_weight * kept["loss"]
             out["retention_loss"] = float(kept["loss"].detach())
             out["retention_agreement"] = kept["agreement"]

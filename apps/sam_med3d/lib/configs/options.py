@@ -35,7 +35,7 @@ DEFAULTS: Dict[str, str] = {
     "use_finetuned": "true",
     "epochs": "20",
     "samples_per_epoch": "16",
-    "retention": "1.0",
+    "retention": "4.0",
     "val_split": "0.2",
     "lr": "0.001",
     "train_clicks": "5",
@@ -259,7 +259,7 @@ class AppOptions:
     result_compress: bool = False
     cache_max_gb: float = 8.0
     samples_per_epoch: int = 16
-    retention: float = 1.0
+    retention: float = 4.0
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -16,7 +16,7 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
   model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
   on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
-- retention (``retention``, default 1.0 from ``--conf``): a frozen copy of the served weights is the teacher of
+- retention (``retention``, default 4.0 from ``--conf``): a frozen copy of the served weights is the teacher of
   ``sam_med3d.training.retention_loss``: on each crop a short simulated session on something else than the
   target, whose answers are kept close to the served model's (learning without forgetting), so tuning on one
   structure does not teach the decoder to segment it wherever the user clicks;
@@ -279,7 +279,7 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
                  lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
-                 samples_per_epoch: int = 16, retention: float = 1.0,
+                 samples_per_epoch: int = 16, retention: float = 4.0,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         device = served.device
