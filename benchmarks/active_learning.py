@@ -385,6 +385,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 evaluation = trained["stats"].get("eval", {})
                 record["val_dice"] = evaluation.get("best_metric")
                 record["train_epochs"] = trained["stats"].get("epoch")
+                # The last epoch's agreement with the served model elsewhere (the retention term; None when off).
+                record["retention_agreement"] = (trained["stats"].get("train", {}).get("metrics", {})
+                                                 .get("train_retention_agreement"))
                 record["served_model"] = client.info()["models"][MODEL].get("model_file")
             record.update(evaluate_round(client, studies, campaign, labels, args.seed, index, rows,
                                          args.max_clicks))

@@ -139,6 +139,8 @@ def test_the_network_keeps_a_frozen_copy_of_the_served_weights_for_the_retention
     context.request, context.device = {"retention": retention}, "cpu"
     network = trainer.network(context)
     assert network.retention_weight == retention
+    metrics = trainer.train_additional_metrics(context)  # the agreement goes to the train stats when on
+    assert (metrics is None) if not retention else (list(metrics) == [trainer_module.RETENTION_METRIC])
     if not retention:
         assert network.teacher is None
         return
@@ -231,6 +233,8 @@ def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp
     assert 1 <= trained["annotation"][0]["clicks"] <= 10
     # One label, val_split 0.2: validated on the training label, so the run reports a validation Dice.
     assert trained["val_dice"] is not None and 0.0 <= trained["val_dice"] <= 1.0
+    # The retention term is on by default; its agreement with the served model is in the train stats.
+    assert trained["retention_agreement"] is not None and 0.0 <= trained["retention_agreement"] <= 1.0
     served = Path(trained["served_model"]).name
     assert served in ("sam_med3d_bundled.pt", "finetuned_sam_med3d_bundled.pt")
 
@@ -244,3 +248,11 @@ def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp
         assert float(evaluated[0]["noc80"]) == r["noc80"]
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
     assert "| round | annotated |" in done.stdout
+
+
+def test_retention_agreement_metric_reads_the_step_output_before_and_after_decollation(trainer_module):
+    read = trainer_module.retention_agreement
+    assert read({"retention_agreement": 0.25, "loss": 1.0}) == 0.25
+    assert read([{"retention_agreement": 0.2}, {"retention_agreement": 0.4}]) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="retention_agreement"):
+        read([{"loss": 1.0}])

@@ -75,6 +75,8 @@ MASK_ONLY_ITERATIONS = False
 #: Clicks of the simulated session on something else in the crop that the retention term runs per training
 #: sample (:func:`sam_med3d.training.retention_loss`).
 RETENTION_CLICKS = 3
+#: Train metric (in the train stats) of the retention term: mean agreement with the served model elsewhere.
+RETENTION_METRIC = "train_retention_agreement"
 #: Targets smaller than this (voxels) in a saved label are skipped: too small to crop around and click in.
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
@@ -218,6 +220,17 @@ class WithModelCompleted:
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return engine.state.output
         return output
+
+
+def retention_agreement(output: Any) -> float:
+    """The mean ``retention_agreement`` of a training step's output (a dict, or the per-item dicts MONAI makes of
+    it); ignite ``output_transform`` of :data:`RETENTION_METRIC`."""
+    items = output if isinstance(output, (list, tuple)) else [output]
+    values = [float(item["retention_agreement"]) for item in items
+              if isinstance(item, Mapping) and "retention_agreement" in item]
+    if not values:
+        raise ValueError("the training step's output has no retention_agreement (is the retention term on?)")
+    return float(np.mean(values))
 
 
 class ClickValidationStep:
@@ -413,7 +426,7 @@ class SamMed3DTrainer(BasicTrainTask):
         frozen = _as_bool(context.request.get("freeze_encoder", True))
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
-        retention = float(context.request.get("retention", self._config.get("retention", 0.0)))
+        retention = self._retention(context)
         teacher = None
         if retention > 0:
             # The served weights, frozen: the tuned model's answers to clicks elsewhere are kept close to theirs.
@@ -469,6 +482,19 @@ class SamMed3DTrainer(BasicTrainTask):
     def val_key_metric(self, context: Context):
         return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]),
                                                     include_background=True)}
+
+    def _retention(self, context: Context) -> float:
+        return float(context.request.get("retention", self._config.get("retention", 0.0)))
+
+    def train_additional_metrics(self, context: Context):
+        """With the retention term on, ``train_retention_agreement``: the epoch's mean Dice between the tuned and
+        the served model's answers to the retention sessions (1 = the model still answers clicks elsewhere as the
+        served one did); it is in the train stats (``/info``) next to the Dice."""
+        if self._retention(context) <= 0:
+            return None
+        from ignite.metrics import Average
+
+        return {RETENTION_METRIC: Average(output_transform=retention_agreement)}
 
     def train_handlers(self, context: Context):
         handlers = super().train_handlers(context)
