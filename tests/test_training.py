@@ -294,6 +294,28 @@ def test_click_model_with_a_teacher_adds_the_retention_term_in_training_only():
         ClickIterationModel(sam, teacher=teacher, retention_weight=-1)
 
 
+def test_with_the_image_encoder_tuned_the_teacher_encodes_the_crop_itself_and_stays_as_it_was():
+    import copy
+
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini")
+    teacher = copy.deepcopy(sam)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+    teacher.image_encoder.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    model = ClickIterationModel(sam, teacher=teacher, retention_weight=4.0, retention_clicks=2,
+                                mask_only_iterations=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    image, label = _batch(b=1)
+    out = model(image, label, 2, np.random.default_rng(0))
+    out["loss"].backward()
+    opt.step()
+    assert seen == [False]  # the teacher's own embedding, without gradients
+    assert sam.image_encoder.patch_embed.proj.weight.grad is not None
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert 0.0 <= out["retention_agreement"] <= 1.0
+
+
 def test_retention_keeps_the_answers_elsewhere_when_tuning_on_one_target():
     """Tuning the decoder hard on one target changes its answers to clicks elsewhere; with the retention term
     they stay closer to the weights before tuning (measured on off-target clicks the training never drew)."""
