@@ -124,15 +124,15 @@ def test_few_targets_are_drawn_again_within_an_epoch(trainer_module, tmp_path, t
 
 
 @pytest.mark.parametrize("retention", [1.0, 0.0])
-def test_the_network_keeps_a_frozen_copy_of_the_served_weights_for_the_retention_term(trainer_module, tmp_path,
-                                                                                     retention):
+def test_the_network_keeps_a_frozen_copy_of_the_base_weights_for_the_retention_term(trainer_module, tmp_path,
+                                                                                   retention):
     from monailabel.tasks.train.basic_train import Context
     from sam_med3d import build_sam_med3d
     from sam_med3d.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     path = save_checkpoint(build_sam_med3d("vit_mini"), tmp_path / "served.pt")
-    served = SimpleNamespace(device="cpu", path=lambda: path, expected_arch="auto")
+    served = SimpleNamespace(device="cpu", path=lambda: path, expected_arch="auto", base=SimpleNamespace(path=path))
     trainer = trainer_module.SamMed3DTrainer(str(tmp_path), served, {"spleen": 1}, epochs=1, val_split=0.0,
                                              lr=1e-4, train_clicks=2, multi_gpu=False, retention=0.5)
     context = Context()
@@ -155,6 +155,32 @@ def test_the_network_keeps_a_frozen_copy_of_the_served_weights_for_the_retention
     # Without the option in the request, the trainer's default (from --conf) applies.
     context.request = {}
     assert trainer.network(context).retention_weight == 0.5
+
+
+def test_after_a_first_round_the_teacher_is_still_the_base_model_not_the_fine_tuned_one(trainer_module, tmp_path):
+    """Round 2 fine-tunes the weights round 1 published, but keeps its answers elsewhere close to the base
+    model's: a teacher that followed the served weights would let every round drift further."""
+    from monailabel.tasks.train.basic_train import Context
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    base = build_sam_med3d("vit_mini")
+    base_path = save_checkpoint(base, tmp_path / "base.pt")
+    tuned = build_sam_med3d("vit_mini")  # other random weights: "published by round 1"
+    tuned_path = save_checkpoint(tuned, tmp_path / "finetuned_base.pt")
+    served = SimpleNamespace(device="cpu", path=lambda: tuned_path, expected_arch="auto",
+                             base=SimpleNamespace(path=base_path))
+    trainer = trainer_module.SamMed3DTrainer(str(tmp_path), served, {"spleen": 1}, epochs=1, val_split=0.0,
+                                             lr=1e-4, train_clicks=2, multi_gpu=False, retention=4.0)
+    context = Context()
+    context.request, context.device = {}, "cpu"
+    network = trainer.network(context)
+    for name, value in network.sam.state_dict().items():  # the student starts from the served (tuned) weights
+        assert torch.equal(value, tuned.state_dict()[name]), name
+    teacher = network.teacher.state_dict()
+    assert all(torch.equal(teacher[name], value) for name, value in base.state_dict().items())
+    assert not any(p.requires_grad for p in network.teacher.parameters()) and not network.teacher.training
 
 
 def test_publish_best_publishes_only_above_the_served_weights_score(trainer_module):
