@@ -123,6 +123,49 @@ def test_few_targets_are_drawn_again_within_an_epoch(trainer_module, tmp_path, t
         trainer.train_data_loader(context)
 
 
+def _draws(trainer_module, tmp_path, seed):
+    """One epoch of the trainer's loader (order and the random transform's output) after ``seed`` is applied."""
+    from monai.transforms import RandGaussianNoised
+
+    trainer, context = _trainer(trainer_module, tmp_path, 0.0)
+    context.request.update(seed=seed, samples_per_epoch=6)
+    context.datalist = []
+    used = trainer.seed(context)
+    context.train_datalist = [{"index": i, "x": np.zeros((1, 2, 2, 2), np.float32)} for i in range(3)]
+    context.dataset_type, context.dataloader_type, context.train_batch_size = "Dataset", "ThreadDataLoader", 1
+    context.multi_gpu = False
+    trainer.train_pre_transforms = lambda context: [RandGaussianNoised(keys="x", prob=1.0)]
+    batches = list(trainer.train_data_loader(context))
+    return used, [int(b["index"][0]) for b in batches], np.stack([np.asarray(b["x"]) for b in batches])
+
+
+def test_a_seeded_training_run_draws_the_same_samples_and_augmentations_again(trainer_module, tmp_path):
+    from monai.utils import set_determinism
+
+    try:
+        used, order, noise = _draws(trainer_module, tmp_path, 7)
+        assert used == 7
+        again = _draws(trainer_module, tmp_path, 7)
+        assert again[1] == order and np.array_equal(again[2], noise)
+        other = _draws(trainer_module, tmp_path, 8)
+        assert not np.array_equal(other[2], noise)
+        unseeded = _draws(trainer_module, tmp_path, -1)  # the default: nothing is seeded
+        assert unseeded[0] is None
+    finally:
+        set_determinism(seed=None)
+
+
+def test_seed_is_checked_before_training_starts(trainer_module):
+    preflight = importlib.import_module("lib.trainers.preflight")  # the app's lib, loaded by trainer_module
+    InvalidRequest = importlib.import_module("lib.errors").InvalidRequest
+    check = preflight.check_train_options
+    check({"seed": 0})
+    check({"seed": -1})
+    for bad in (-2, 1.5, "7", True):
+        with pytest.raises(InvalidRequest, match="train option seed must be an integer in -1..2147483647"):
+            check({"seed": bad})
+
+
 @pytest.mark.parametrize("retention", [1.0, 0.0])
 def test_the_network_keeps_a_frozen_copy_of_the_base_weights_for_the_retention_term(trainer_module, tmp_path,
                                                                                    retention):

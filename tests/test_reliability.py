@@ -248,6 +248,7 @@ BAD_INPUTS = [
     ("train_samples_per_epoch_string", _train({"samples_per_epoch": "16"}), 422, "samples_per_epoch"),
     ("train_retention_negative", _train({"retention": -1}), 422, "retention"),
     ("train_retention_huge", _train({"retention": 1e6}), 422, "retention"),
+    ("train_seed_negative", _train({"seed": -2}), 422, "seed"),
     ("train_batch_size_string", _train({"train_batch_size": "8"}), 422, "train_batch_size"),
     ("train_multi_gpu_string", _train({"multi_gpu": "yes"}), 422, "multi_gpu"),
     ("train_dataset_unknown", _train({"dataset": "EvilDataset"}), 422, "dataset"),

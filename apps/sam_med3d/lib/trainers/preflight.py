@@ -142,6 +142,7 @@ _TRAIN_CHECKS = {
     "train_batch_size": lambda o: _integer(o, "train_batch_size", 1, 64),
     "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
     "early_stop_patience": lambda o: _integer(o, "early_stop_patience", -1, MAX_EPOCHS),
+    "seed": lambda o: _integer(o, "seed", -1, 2**31 - 1),
     "lr": lambda o: _number(o, "lr", 0.0, 1.0, low_open=True, high_open=False),
     "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
     "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),

@@ -43,6 +43,7 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
 
 ``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
 ``freeze_encoder``, ``samples_per_epoch`` and ``retention`` can be set per Train request; their defaults come from ``--conf``.
+``seed`` (default -1, not seeded) makes a run repeat: :meth:`SamMed3DTrainer.seed`.
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ class SamMed3DTrainer(BasicTrainTask):
                 "freeze_encoder": bool(freeze_encoder),
                 "samples_per_epoch": int(samples_per_epoch),
                 "retention": float(retention),
+                "seed": -1,  # -1: not seeded; N >= 0: the run repeats (crops, flips, sampling, clicks)
                 "device": device,
                 "pretrained": True,
                 "train_batch_size": 1,
@@ -343,7 +345,26 @@ class SamMed3DTrainer(BasicTrainTask):
                 request[key] = request[key][0] if request[key] else None
         return trainable_datalist(datastore)
 
+    def seed(self, context: Context) -> Optional[int]:
+        """Seed torch, numpy, ``random`` and MONAI (``set_determinism``) when the request asks for ``seed`` >= 0.
+
+        Called at the start of each training process's run, before its data loaders exist: MONAI's loader draws
+        the random state of the transforms (crop jitter, flips) from torch's generator, the sampler draws the
+        order from it, and the click simulation is seeded by rank, so a seeded run repeats (up to the order of
+        floating-point sums on a multi-threaded CPU or GPU). Returns the seed used (offset by the rank), or None.
+        """
+        value = context.request.get("seed", self._config.get("seed", -1))
+        if value is None or int(value) < 0:
+            return None
+        from monai.utils import set_determinism
+
+        seed = int(value) + int(context.local_rank)
+        set_determinism(seed=seed)
+        logger.info("Training seeded: %d", seed)
+        return seed
+
     def partition_datalist(self, context: Context, shuffle: bool = False):
+        self.seed(context)  # MONAI Label calls this first in each training process, before building loaders
         # Split images first, then expand labels, so an image never feeds both training and validation.
         train_images, val_images = super().partition_datalist(context, shuffle=shuffle)
         train, val = expand_targets(train_images), expand_targets(val_images)
