@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -221,6 +223,14 @@ def test_click_centred_validation_crops_follow_a_seeded_voxel_of_the_target(tmp_
 
     first, again, other = sample(0), sample(0), sample(1)
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    # The same files in another folder (a datastore moved, a benchmark's temporary folder): the same crop.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    image_moved = shutil.copy(image_path, moved)
+    label_moved = shutil.copy(label_path, moved)
+    elsewhere = transform({"image": str(image_moved), "label": str(label_moved), "label_value": 2,
+                           "val_sequence": 0})
+    assert torch.equal(first["image"], elsewhere["image"])
     assert not torch.equal(first["image"], other["image"])
     official = validation_transforms(24)({"image": str(image_path), "label": str(label_path), "label_value": 2})
     assert not torch.equal(first["image"], official["image"])

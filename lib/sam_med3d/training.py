@@ -43,6 +43,7 @@ crop (= RAS array axes i, j, k after :func:`training_transforms`).
 
 from __future__ import annotations
 
+import os
 import zlib
 from contextlib import nullcontext
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -298,8 +299,10 @@ class OfficialCropd(MapTransform):
         target = (labels > 0) if value is None else (labels == int(value))
         if self.center == "click" and target.any():
             # As the app's predictor places the crop for a first click: centred on one voxel of the target,
-            # drawn with a seed of the file and value (the same voxel in every validation run).
-            seed = zlib.crc32(f"{d['label']}|{value}|{d.get('val_sequence', 0)}".encode("utf-8"))
+            # drawn with a seed of the file's name (not its folder, which may be a temporary one) and value: the
+            # same voxel in every validation run.
+            name = os.path.basename(str(d["label"]))
+            seed = zlib.crc32(f"{name}|{value}|{d.get('val_sequence', 0)}".encode("utf-8"))
             voxels = np.flatnonzero(target.reshape(-1))
             voxel = np.unravel_index(int(voxels[np.random.default_rng(seed).integers(len(voxels))]), target.shape)
             crop = prepared.crop_around([list(voxel)], self.crop_size)
