@@ -237,6 +237,128 @@ def test_publish_best_publishes_only_above_the_served_weights_score(trainer_modu
     assert published == [{"epoch": 3, "val_dice": 0.7}]
 
 
+def test_publish_best_does_not_publish_weights_that_forgot_the_reference_structures(trainer_module):
+    published = []
+    task = SimpleNamespace(publish=lambda context, **extra: published.append(extra))
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)))
+    handler = trainer_module.PublishBest(task, context, "val_mean_dice", max_forgetting=0.05)
+    base = trainer_module.BASE_REFERENCE_METRIC
+    ref = trainer_module.REFERENCE_METRIC
+    for epoch, dice, reference in [(0, 0.5, 0.60), (1, 0.7, 0.50), (2, 0.6, 0.56), (3, 0.65, 0.40), (4, 0.8, 0.58)]:
+        context.trainer.state.epoch = epoch
+        handler(SimpleNamespace(state=SimpleNamespace(metrics={"val_mean_dice": dice, ref: reference, base: 0.6})))
+    # Epoch 1 is better on the user's structure but 0.10 worse on the reference: refused, and not the new bar.
+    assert published == [
+        {"epoch": 2, "val_dice": 0.6, "reference_dice": 0.56, "base_reference_dice": 0.6},
+        {"epoch": 4, "val_dice": 0.8, "reference_dice": 0.58, "base_reference_dice": 0.6},
+    ]
+
+
+def test_reference_check_scores_the_base_once_and_the_tuned_model_only_at_candidate_epochs(trainer_module,
+                                                                                            monkeypatch):
+    from sam_med3d import build_sam_med3d, rehearsal
+
+    calls = []
+
+    class FakeScore:
+        def __init__(self, records, crop_size, num_clicks, device):
+            calls.append(("init", len(records), crop_size, num_clicks))
+
+        def __len__(self):
+            return 2
+
+        def __call__(self, sam, cache_key=None):
+            calls.append(cache_key)
+            return 0.6 if cache_key == "base" else 0.5
+
+    monkeypatch.setattr(rehearsal, "ReferenceScore", FakeScore)
+    sam = build_sam_med3d("vit_mini")
+    sam.image_encoder.requires_grad_(False)
+    task = SimpleNamespace(reference_records=[{}, {}], base_model=lambda context: "base weights")
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)), network=SimpleNamespace(sam=sam),
+                              request={"train_clicks": 3}, device="cpu")
+    publisher = SimpleNamespace(best=-1.0)
+    check = trainer_module.ReferenceCheck(task, context, publisher, "val_mean_dice")
+    seen = []
+    for epoch, dice, best in [(0, 0.5, -1.0), (1, 0.4, 0.5), (2, 0.7, 0.5), (3, 0.6, 0.7)]:
+        context.trainer.state.epoch, publisher.best = epoch, best
+        metrics = {"val_mean_dice": dice}
+        check(SimpleNamespace(state=SimpleNamespace(metrics=metrics)))
+        seen.append((metrics[trainer_module.REFERENCE_METRIC], metrics[trainer_module.BASE_REFERENCE_METRIC]))
+    # Built once; the base scored once; the tuned model before training and at epoch 2 (the only candidate).
+    assert calls == [("init", 2, int(sam.img_size), 3), "base", "tuned", "tuned"]
+    assert seen == [(0.5, 0.6)] * 4
+
+
+def test_mixed_sampler_draws_the_users_and_the_rehearsal_samples_evenly(trainer_module):
+    sampler = trainer_module.MixedSampler([0, 1], [2, 3, 4], user_draws=16, rehearsal_draws=8)
+    for _ in range(2):
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == 24
+        counts = np.bincount(drawn, minlength=5)
+        assert list(counts[:2]) == [8, 8]
+        assert counts[2:].sum() == 8 and counts[2:].max() - counts[2:].min() <= 1
+        assert drawn[:16] != [0, 1] * 8  # shuffled together, not user samples first
+
+
+def _rehearsing_trainer(trainer_module, tmp_path, val_split: float, rehearsal: float):
+    from test_rehearsal import make_set
+
+    trainer, context = _trainer(trainer_module, tmp_path, val_split)
+    trainer.rehearsal_data = str(make_set(tmp_path / "rehearsal", 4))
+    context.request["rehearsal"] = rehearsal
+    return trainer, context
+
+
+def test_rehearsal_scans_join_the_training_list_and_one_is_held_back_as_reference(trainer_module, small_labels,
+                                                                                   tmp_path):
+    trainer, context = _rehearsing_trainer(trainer_module, tmp_path, 0.2, 0.5)
+    context.datalist = [small_labels["good"]]
+    train, val = trainer.partition_datalist(context)
+    assert train[0] == dict(small_labels["good"], label_value=1)
+    rehearsed = train[1:]
+    assert [Path(r["image"]).name for r in rehearsed] == ["case_0.nii.gz", "case_1.nii.gz", "case_2.nii.gz"]
+    assert all(r["rehearsal"] is True and r["label_value"] == [1, 2] for r in rehearsed)
+    assert not any(r.get("rehearsal") for r in val)  # validation Dice stays the user's structures'
+    assert [(Path(r["image"]).name, r["label_value"]) for r in trainer.reference_records] == [
+        ("case_3.nii.gz", 1), ("case_3.nii.gz", 2)]
+
+    # The loader: 16 draws of the user's target and 8 of the rehearsal scans per epoch.
+    context.train_datalist = [dict(r, index=i) for i, r in enumerate(train)]
+    context.dataset_type, context.dataloader_type, context.train_batch_size = "Dataset", "ThreadDataLoader", 1
+    context.multi_gpu = False
+    trainer.train_pre_transforms = lambda context: []
+    drawn = [int(b["index"][0]) for b in trainer.train_data_loader(context)]
+    assert len(drawn) == 24 and drawn.count(0) == 16
+
+
+@pytest.mark.parametrize("val_split,rehearsal", [(0.2, 0.0), (0.0, 0.5)])
+def test_no_rehearsal_when_off_and_no_reference_check_without_validation(trainer_module, small_labels, tmp_path,
+                                                                         val_split, rehearsal):
+    trainer, context = _rehearsing_trainer(trainer_module, tmp_path, val_split, rehearsal)
+    context.datalist = [small_labels["good"]]
+    train, _ = trainer.partition_datalist(context)
+    assert trainer.reference_records == []
+    assert len(train) == (1 if rehearsal == 0 else 4)
+
+
+def test_auto_rehearsal_data_is_the_bundled_models_phantoms_and_none_for_other_models(trainer_module, tmp_path,
+                                                                                       monkeypatch):
+    from sam_med3d import rehearsal
+    from sam_med3d.checkpoint import BUNDLED_PATH
+
+    written = []
+    monkeypatch.setattr(rehearsal, "bundled_rehearsal_set", lambda folder: written.append(folder) or folder)
+    for base, expected in [(tmp_path / "turbo.pth", None), (Path(BUNDLED_PATH), tmp_path / "rehearsal_bundled")]:
+        served = SimpleNamespace(device="cpu", base=SimpleNamespace(path=base), finetuned=tmp_path / "finetuned.pt")
+        trainer = trainer_module.SamMed3DTrainer(str(tmp_path), served, {"spleen": 1}, epochs=1, val_split=0.2,
+                                                 lr=1e-4, train_clicks=2, multi_gpu=False)
+        assert trainer.rehearsal_folder() == expected
+    assert written == [tmp_path / "rehearsal_bundled"]
+    trainer.rehearsal_data = "none"
+    assert trainer.rehearsal_folder() is None
+
+
 @pytest.mark.parametrize("flag", [True, "true"])
 def test_frozen_encoder_is_left_out_of_the_optimizer_and_keeps_its_weights(trainer_module, tmp_path, flag):
     from sam_med3d import build_sam_med3d
@@ -282,8 +404,8 @@ def test_schedule_and_noc(benchmark_module):
 def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCHMARK), "--structure", "kidney_left", "--cases", "1", "--eval-cases", "1",
-           "--others", "1", "--max-clicks", "10", "--train-options", '{"max_epochs": 1, "train_clicks": 2}',
-           "--train-timeout", "300", "--output", str(out)]
+           "--others", "1", "--other-sequences", "2", "--max-clicks", "10",
+           "--train-options", '{"max_epochs": 1, "train_clicks": 2}', "--train-timeout", "300", "--output", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -304,6 +426,8 @@ def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp
     assert trained["val_dice"] is not None and 0.0 <= trained["val_dice"] <= 1.0
     # The retention term is on by default; its agreement with the served model is in the train stats.
     assert trained["retention_agreement"] is not None and 0.0 <= trained["retention_agreement"] <= 1.0
+    # The bundled model rehearses its phantoms by default and checks forgetting on the held-back ones.
+    assert 0.0 <= trained["reference_dice"] <= 1.0 and 0.0 < trained["base_reference_dice"] <= 1.0
     served = Path(trained["served_model"]).name
     assert served in ("sam_med3d_bundled.pt", "finetuned_sam_med3d_bundled.pt")
 

@@ -57,14 +57,16 @@ def server(data_dir, mini_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("app_server")
     app = copy_app(root / "app")
     studies = _studies(data_dir, root)
+    tmp = root / "tmp"  # the server's temporary folder, where uploads are written while a request runs
+    tmp.mkdir()
     # One crop per click (extension off): these tests check caching and request shapes, and untrained weights
     # would send the extension across the whole scan on every click (spleen_server runs it on).
     srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": LABELS,
                                       "device": "cpu", "preload": "true", "extension": "off"},
                        log_path=root / "server.log",
                        # Scoring runs when a test asks for it, not in the background at start.
-                       env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-    srv.root, srv.app, srv.studies = root, app, studies
+                       env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TMPDIR": str(tmp)})
+    srv.root, srv.app, srv.studies, srv.tmp = root, app, studies, tmp
     yield srv
     srv.stop()
 
@@ -160,6 +162,20 @@ def test_cors_origins_option_accepts_origins_only(app_lib):
     for bad in ("*", "a.example.org", "https://a.example.org/ohif", "ftp://x"):
         with pytest.raises(ValueError, match="cors_origins"):
             options.AppOptions.from_conf({"cors_origins": bad}, "/tmp")
+
+
+def test_rehearsal_data_option_is_auto_none_or_a_training_layout_folder(app_lib, tmp_path):
+    options = app_lib["configs.options"]
+    assert options.AppOptions.from_conf({}, "/tmp").rehearsal_data == "auto"
+    assert options.AppOptions.from_conf({"rehearsal_data": "None"}, "/tmp").rehearsal_data == "none"
+    (tmp_path / "set" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "set" / "labelsTr").mkdir()
+    assert options.AppOptions.from_conf({"rehearsal_data": str(tmp_path / "set")}, "/tmp").rehearsal_data == \
+        str(tmp_path / "set")
+    with pytest.raises(ValueError, match="--conf rehearsal_data .* imagesTr/ and labelsTr/"):
+        options.AppOptions.from_conf({"rehearsal_data": str(tmp_path)}, "/tmp")
+    with pytest.raises(ValueError, match="--conf rehearsal"):
+        options.AppOptions.from_conf({"rehearsal": "-1"}, "/tmp")
 
 
 def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):
@@ -402,6 +418,8 @@ def test_2d_or_unreadable_uploaded_images_get_422(server, client, tmp_path, kind
     assert response.status_code == 422, response.text
     assert expected in response.json()["detail"]
     assert client.info()["name"] == "SAM-Med3D"
+    # The refused upload is not left behind in the server's temporary folder.
+    assert not list(server.tmp.glob("sam_med3d_upload_*")), sorted(server.tmp.iterdir())
 
 
 # -------------------------------------------------------------------------------- datastore, active learning

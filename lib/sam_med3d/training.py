@@ -61,7 +61,8 @@ from .clicks import simulate_clicks_batch
 from .geometry import TARGET_SPACING_MM, normalize_intensity, upsample_logits
 
 __all__ = [
-    "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "SelectTargetd",
+    "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "RandStructured",
+    "SelectTargetd",
     "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "OfficialCropd", "validation_transforms",
     "zscore_foreground", "default_loss",
     "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice", "off_target_clicks",
@@ -101,6 +102,28 @@ class SelectTargetd(MapTransform):
         for key in self.key_iterator(d):
             lab = torch.as_tensor(d[key])
             d[key] = (lab > 0) if value is None else (lab == int(value))
+        return d
+
+
+class RandStructured(Randomizable, MapTransform):
+    """Draw the target of a sample among several structures of its label map: when the sample's ``"label_value"``
+    is a list of values, replace it by one of them, uniformly at random (an int or ``None`` is left as it is).
+
+    So one cached volume serves all its structures (rehearsal data: each draw of the scan trains on another of
+    its organs) without one cached copy per structure. Put it before :class:`SelectTargetd`.
+    """
+
+    def __init__(self, value_key: str = "label_value") -> None:
+        super().__init__(keys=value_key)
+        self.value_key = value_key
+
+    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        values = d.get(self.value_key)
+        if isinstance(values, (list, tuple)):
+            if not values:
+                raise ValueError("label_value is an empty list: no structure to draw")
+            d[self.value_key] = int(values[self.R.randint(len(values))])
         return d
 
 
@@ -227,12 +250,13 @@ def crop_transforms(crop_size: int, augment: bool = True, jitter: Optional[int] 
     """The per-sample part: binarise the target -> crop/pad around it -> z-score -> (flips) -> tensors.
 
     ``jitter`` defaults to ``crop_size // 8`` voxels when ``augment`` (0 otherwise). ``label_value``: the class
-    to segment (``None`` = every label > 0); a ``"label_value"`` entry in the sample overrides it. ``center``:
+    to segment (``None`` = every label > 0); a ``"label_value"`` entry in the sample overrides it (a list of
+    values: one of them, drawn per sample by :class:`RandStructured`). ``center``:
     see :class:`RandTargetCropd` (``box`` = the official recipe).
     """
     if jitter is None:
         jitter = crop_size // 8 if augment else 0
-    out: List[Any] = [SelectTargetd("label", label_value=label_value),
+    out: List[Any] = [RandStructured(), SelectTargetd("label", label_value=label_value),
                       RandTargetCropd(("image", "label"), crop_size=crop_size, jitter=jitter, center=center),
                       ForegroundZNormd("image")]
     if augment:
@@ -354,7 +378,8 @@ def _mask_only_iterations(n: int, rng: np.random.Generator, enabled: bool) -> se
 def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tensor, num_click_iterations: int,
                          rng: np.random.Generator, loss_fn: Optional[nn.Module] = None,
                          mask_only_iterations: bool = True, detach_mask_prompt: bool = False,
-                         iou_loss_weight: float = 0.0, click_mode: str = "random") -> Dict[str, Any]:
+                         iou_loss_weight: float = 0.0, click_mode: str = "random",
+                         embedding: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """The interactive loop on an unwrapped :class:`~sam_med3d.modeling.Sam3D` (see the module docstring).
 
     Args:
@@ -364,6 +389,8 @@ def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tenso
         num_click_iterations: number of decoder passes (= clicks simulated; the official uses 11).
         rng: numpy Generator driving the clicks and the choice of the mask-only iteration.
         loss_fn: segmentation loss on logits (default :func:`default_loss`).
+        embedding: ``sam.image_encoder(image)`` when already computed (kept from an earlier call with the same
+            encoder weights); default: encoded here.
 
     Returns:
         dict with ``loss`` (scalar tensor with graph: mean over iterations), ``seg_loss`` (float),
@@ -383,7 +410,8 @@ def run_click_iterations(sam: nn.Module, image: torch.Tensor, label: torch.Tenso
     low = img_size // 4
     mask_only = _mask_only_iterations(num_click_iterations, rng, mask_only_iterations)
 
-    embedding = sam.image_encoder(image)
+    if embedding is None:
+        embedding = sam.image_encoder(image)
     low_res = torch.zeros((b, 1, low, low, low), device=image.device, dtype=embedding.dtype)
     pred = torch.zeros_like(label, dtype=torch.bool)
     coords: List[torch.Tensor] = []

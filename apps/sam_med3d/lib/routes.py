@@ -87,23 +87,46 @@ def _caller(http: Request, user: Optional[User]) -> str:
     return f"address:{host}"
 
 
-def _save_upload(upload: UploadFile, what: str, background_tasks: BackgroundTasks) -> str:
+def _save_upload(upload: UploadFile, what: str, saved: list) -> str:
+    """Write an uploaded file to a temporary file (its path is appended to ``saved`` at once, so that the caller
+    removes it whether the request succeeds or fails)."""
     extension = check_upload_name(upload.filename, what)
     handle, path = tempfile.mkstemp(prefix="sam_med3d_upload_", suffix=extension)
+    saved.append(path)
     with os.fdopen(handle, "wb") as out:
         while True:
             chunk = upload.file.read(1 << 20)
             if not chunk:
                 break
             out.write(chunk)
-    background_tasks.add_task(remove_file, path)
     return path
 
 
 def run_inference(background_tasks: BackgroundTasks, model: str, image: str, session_id: str, params: str,
                   file: Optional[UploadFile], label: Optional[UploadFile], output: Optional[str],
                   caller: str) -> Any:
-    """MONAI Label's ``run_inference`` with the checks above (runs in a worker thread)."""
+    """MONAI Label's ``run_inference`` with the checks above (runs in a worker thread).
+
+    Uploaded files are written to temporary files that are removed after the response is sent, and at once when
+    the request fails (FastAPI runs background tasks only after a successful response, so a rejected upload
+    would otherwise stay in the temporary folder for good).
+    """
+    saved: list = []
+    try:
+        result = _run_inference(saved, background_tasks, model, image, session_id, params, file, label, output,
+                                caller)
+    except BaseException:
+        for path in saved:
+            remove_file(path)
+        raise
+    for path in saved:
+        background_tasks.add_task(remove_file, path)
+    return result
+
+
+def _run_inference(saved: list, background_tasks: BackgroundTasks, model: str, image: str, session_id: str,
+                   params: str, file: Optional[UploadFile], label: Optional[UploadFile], output: Optional[str],
+                   caller: str) -> Any:
     instance = _app()
     _known("model", model, instance._infers)  # MONAILabelApp keeps them by name; no public accessor in 0.8.5
     if output == "dicom_seg":
@@ -116,9 +139,9 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
     request: Dict[str, Any] = {"model": model, "image": image}
     uploaded_label = None
     if file:
-        request["image"] = _save_upload(file, "image", background_tasks)
+        request["image"] = _save_upload(file, "image", saved)
     if label:
-        uploaded_label = request["label"] = _save_upload(label, "label", background_tasks)
+        uploaded_label = request["label"] = _save_upload(label, "label", saved)
     request.update(instance.info().get("config", {}).get("infer", {}))
     request.update(p)
     if session_id:

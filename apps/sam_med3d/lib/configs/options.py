@@ -20,6 +20,9 @@ import torch
 #: Largest weight of the retention term (``--conf retention`` and the Train option of the same name).
 MAX_RETENTION = 100.0
 
+#: Largest ratio of rehearsal samples to the user's (``--conf rehearsal`` and the Train option).
+MAX_REHEARSAL = 4.0
+
 #: Every option the app reads, with its default (as the string a user would pass) and one line of help.
 #: docs/app.md renders the same table; keep the two in step.
 DEFAULTS: Dict[str, str] = {
@@ -36,6 +39,9 @@ DEFAULTS: Dict[str, str] = {
     "epochs": "20",
     "samples_per_epoch": "16",
     "retention": "4.0",
+    "rehearsal": "0.5",
+    "rehearsal_data": "auto",
+    "max_forgetting": "0.05",
     "val_split": "0.2",
     "lr": "0.001",
     "train_clicks": "5",
@@ -70,6 +76,13 @@ HELP: Dict[str, str] = {
                          "again (new crop jitter, flips and clicks) so a few labels still give enough steps",
     "retention": "weight of the term that keeps the tuned model's answers to clicks elsewhere in the image "
                  "close to the served model's (0: off), so tuning on one structure does not forget the others",
+    "rehearsal": "rehearsal samples per sample of the user's labels in each epoch (0: off): structures of the "
+                 "rehearsal set trained alongside, so the model keeps segmenting them",
+    "rehearsal_data": "labelled scans of other structures to rehearse and to check forgetting on (imagesTr/ + "
+                      "labelsTr/): 'auto' (the bundled model: phantoms like its training data; other models: "
+                      "none), 'none' or a folder",
+    "max_forgetting": "a round publishes only if the Dice on the rehearsal set's held-back scans is at most this "
+                      "far below the base model's",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
     "train_clicks": "simulated click iterations per training sample (paper-style click training)",
@@ -104,6 +117,17 @@ def _extension(value: str) -> str:
     if text in ("slide", "zoom", "off"):
         return text
     raise ValueError(f"--conf extension {value!r} must be 'slide', 'zoom' or 'off'")
+
+
+def _rehearsal_data(value: str) -> str:
+    text = str(value).strip()
+    if text.lower() in ("auto", "none"):
+        return text.lower()
+    folder = os.path.abspath(os.path.expanduser(text))
+    if not (os.path.isdir(os.path.join(folder, "imagesTr")) and os.path.isdir(os.path.join(folder, "labelsTr"))):
+        raise ValueError(f"--conf rehearsal_data {value!r} must be 'auto', 'none' or a folder with imagesTr/ and "
+                         "labelsTr/ (the Medical Segmentation Decathlon layout)")
+    return folder
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -260,6 +284,9 @@ class AppOptions:
     cache_max_gb: float = 8.0
     samples_per_epoch: int = 16
     retention: float = 4.0
+    rehearsal: float = 0.5
+    rehearsal_data: str = "auto"
+    max_forgetting: float = 0.05
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -304,5 +331,8 @@ class AppOptions:
             cache_max_gb=_float("cache_max_gb", values["cache_max_gb"], 0.0, 4096.0),
             samples_per_epoch=_int("samples_per_epoch", values["samples_per_epoch"], 1),
             retention=_float("retention", values["retention"], 0.0, MAX_RETENTION),
+            rehearsal=_float("rehearsal", values["rehearsal"], 0.0, MAX_REHEARSAL),
+            rehearsal_data=_rehearsal_data(values["rehearsal_data"]),
+            max_forgetting=_float("max_forgetting", values["max_forgetting"], 0.0, 1.0),
             raw=values,
         )

@@ -67,6 +67,9 @@ class SamMed3DConfig(TaskConfig):
             multi_gpu=self.options.multi_gpu,
             samples_per_epoch=self.options.samples_per_epoch,
             retention=self.options.retention,
+            rehearsal=self.options.rehearsal,
+            rehearsal_data=self.options.rehearsal_data,
+            max_forgetting=self.options.max_forgetting,
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional
 from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.configs.options import MAX_RETENTION
+from lib.configs.options import MAX_REHEARSAL, MAX_RETENTION
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ _TRAIN_CHECKS = {
     "seed": lambda o: _integer(o, "seed", -1, 2**31 - 1),
     "lr": lambda o: _number(o, "lr", 0.0, 1.0, low_open=True, high_open=False),
     "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
+    "rehearsal": lambda o: _number(o, "rehearsal", 0.0, MAX_REHEARSAL, low_open=False, high_open=False),
+    "max_forgetting": lambda o: _number(o, "max_forgetting", 0.0, 1.0, low_open=False, high_open=False),
     "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
     "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
     "dataloader": lambda o: _choice(o, "dataloader", ("ThreadDataLoader", "DataLoader")),

@@ -21,12 +21,21 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   ``sam_med3d.training.retention_loss``: on each crop a short simulated session on something else than the
   target, whose answers are kept close to the base model's (learning without forgetting), so tuning on one
   structure does not teach the decoder to segment it wherever the user clicks;
+- rehearsal (``rehearsal``, default 0.5 from ``--conf``; data from ``--conf rehearsal_data``, default ``auto``):
+  each epoch also draws that many samples per user sample from a rehearsal set of labelled scans of other
+  structures (``sam_med3d.rehearsal``; for the bundled model, phantoms drawn like its training data), one of
+  their structures per draw, trained with the same click recipe, so the decoder keeps segmenting them;
 - validation Dice: the same click simulation with a fixed seed, on the crops the app's predictor uses
   (``sam_med3d.training.validation_transforms(center="click")``: the official preprocessing, the crop centred
   on a seeded voxel of the target as for a first click there), each target :data:`VAL_SEQUENCES` times with
   other crop centres and clicks, averaged; no augmentation; it also runs once before the first epoch, so the
   served weights' Dice is the bar to beat;
-- publishing: whenever validation Dice beats the best so far, the weights are written atomically with
+- reference check (with a rehearsal set and validation): the tuned model is scored on the rehearsal set's
+  held-back scans (``sam_med3d.rehearsal.ReferenceScore``: every structure, seeded clicks) whenever its
+  validation Dice makes it a candidate for publishing, and the base model once; the scores are in the train
+  stats (``val_reference_dice``, ``val_reference_dice_base``);
+- publishing: whenever validation Dice beats the best so far (and the reference Dice is at most
+  ``max_forgetting``, default 0.05, below the base model's), the weights are written atomically with
   ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
   picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
   labelled images), validation runs on the training targets at the inference crop, so a run that makes the
@@ -42,7 +51,8 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   optimizer a few hundred steps, not 20.
 
 ``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
-``freeze_encoder``, ``samples_per_epoch`` and ``retention`` can be set per Train request; their defaults come from ``--conf``.
+``freeze_encoder``, ``samples_per_epoch``, ``retention``, ``rehearsal`` and ``max_forgetting`` can be set per Train
+request (``rehearsal_data`` only by ``--conf``: a request never names a folder); their defaults come from ``--conf``.
 ``seed`` (default -1, not seeded) makes a run repeat: :meth:`SamMed3DTrainer.seed`.
 """
 
@@ -84,6 +94,13 @@ RETENTION_METRIC = "train_retention_agreement"
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
 VAL_SEED = 1234
+#: Default ratio of rehearsal samples to the user's samples in an epoch (``rehearsal`` Train option).
+REHEARSAL = 0.5
+#: Default largest drop of the reference Dice below the base model's that a round may publish (``max_forgetting``).
+MAX_FORGETTING = 0.05
+#: Metric names of the reference check (evaluator metrics, so they are in the train stats).
+REFERENCE_METRIC = "val_reference_dice"
+BASE_REFERENCE_METRIC = "val_reference_dice_base"
 #: Times each validation target is validated: each copy is centred on another seeded voxel of the target and
 #: gets other seeded clicks; the Dice metric averages them. With the few labels of an annotation round, one
 #: crop and one click sequence make the score that decides publishing depend on a handful of random draws.
@@ -208,6 +225,30 @@ def _sam(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(inner, "sam", inner)
 
 
+class MixedSampler(torch.utils.data.Sampler):
+    """An epoch of ``user_draws`` draws of the user's targets (whole random permutations, then a partial one, so
+    each is drawn as often as the others give or take one) and ``rehearsal_draws`` of the rehearsal scans
+    (likewise), shuffled together. Uses torch's global generator, so a seeded run repeats."""
+
+    def __init__(self, users: List[int], rehearsed: List[int], user_draws: int, rehearsal_draws: int):
+        self.users, self.rehearsed = list(users), list(rehearsed)
+        self.user_draws, self.rehearsal_draws = int(user_draws), int(rehearsal_draws)
+
+    @staticmethod
+    def _draw(indices: List[int], count: int) -> List[int]:
+        out: List[int] = []
+        while len(out) < count and indices:
+            out += [indices[i] for i in torch.randperm(len(indices)).tolist()]
+        return out[:count]
+
+    def __iter__(self):
+        order = self._draw(self.users, self.user_draws) + self._draw(self.rehearsed, self.rehearsal_draws)
+        return iter([order[i] for i in torch.randperm(len(order)).tolist()])
+
+    def __len__(self) -> int:
+        return (self.user_draws if self.users else 0) + (self.rehearsal_draws if self.rehearsed else 0)
+
+
 class WithModelCompleted:
     """Run an ignite iteration function the way MONAI's own ``_iteration`` ends: put its output in
     ``engine.state.output`` and fire ``IterationEvents.MODEL_COMPLETED``, on which MONAI engines decollate the
@@ -258,13 +299,59 @@ class ClickValidationStep:
         return {"image": image, "label": label, "pred": out["logits"]}
 
 
-class PublishBest:
-    """Evaluator handler: save the weights when validation Dice beats the best so far (first run = baseline)."""
+class ReferenceCheck:
+    """Evaluator handler (before MONAI Label's stats handler): the reference Dice of the tuned model, and once, of
+    the base model (:class:`sam_med3d.rehearsal.ReferenceScore` on the rehearsal set's held-back scans), put into
+    the evaluator's metrics as :data:`REFERENCE_METRIC` and :data:`BASE_REFERENCE_METRIC`.
 
-    def __init__(self, trainer_task: "SamMed3DTrainer", context: Context, metric: str):
+    Scored only where it decides something: before training, and at epochs whose validation Dice beats the
+    ``publisher``'s best (a candidate for publishing); other epochs keep the last score in the metrics."""
+
+    def __init__(self, trainer_task: "SamMed3DTrainer", context: Context, publisher: "PublishBest", metric: str):
+        self.task = trainer_task
+        self.context = context
+        self.publisher = publisher
+        self.metric = metric
+        self.score: Any = None
+        self.base = float("nan")
+        self.last = float("nan")
+
+    def __call__(self, evaluator: Any) -> None:
+        from sam_med3d.rehearsal import ReferenceScore
+
+        task, context = self.task, self.context
+        dice = float(evaluator.state.metrics.get(self.metric, float("nan")))
+        epoch = int(context.trainer.state.epoch)
+        if epoch > 0 and not (np.isfinite(dice) and dice > self.publisher.best):
+            evaluator.state.metrics[REFERENCE_METRIC] = self.last
+            evaluator.state.metrics[BASE_REFERENCE_METRIC] = self.base
+            return
+        sam = _sam(context.network)
+        if self.score is None:
+            self.score = ReferenceScore(task.reference_records, crop_size=int(sam.img_size),
+                                        num_clicks=int(context.request.get("train_clicks", 5)),
+                                        device=str(context.device))
+            base = task.base_model(context)
+            self.base = self.score(base, cache_key="base")
+            logger.info("Reference check: %d structure(s) of the rehearsal set held back; the base model's Dice "
+                        "there: %.4f", len(self.score), self.base)
+        frozen = not any(p.requires_grad for p in sam.image_encoder.parameters())
+        self.last = self.score(sam, cache_key="tuned" if frozen else None)
+        logger.info("Epoch %d: reference Dice %.4f (base model %.4f)", epoch, self.last, self.base)
+        evaluator.state.metrics[REFERENCE_METRIC] = self.last
+        evaluator.state.metrics[BASE_REFERENCE_METRIC] = self.base
+
+
+class PublishBest:
+    """Evaluator handler: save the weights when validation Dice beats the best so far (first run = baseline) and,
+    with a reference check, the reference Dice is at most ``max_forgetting`` below the base model's."""
+
+    def __init__(self, trainer_task: "SamMed3DTrainer", context: Context, metric: str,
+                 max_forgetting: Optional[float] = None):
         self.task = trainer_task
         self.context = context
         self.metric = metric
+        self.max_forgetting = max_forgetting
         self.best = -1.0
 
     def __call__(self, evaluator: Any) -> None:
@@ -272,14 +359,25 @@ class PublishBest:
         epoch = int(self.context.trainer.state.epoch)
         if not np.isfinite(dice):
             return
+        reference = float(evaluator.state.metrics.get(REFERENCE_METRIC, float("nan")))
+        base = float(evaluator.state.metrics.get(BASE_REFERENCE_METRIC, float("nan")))
         if epoch == 0:  # validation before training: the served weights' score
             self.best = dice
             logger.info("Validation Dice of the served weights: %.4f (to beat)", dice)
             return
-        if dice > self.best:
-            logger.info("Epoch %d: validation Dice %.4f > %.4f; publishing", epoch, dice, self.best)
-            self.best = dice
-            self.task.publish(self.context, epoch=epoch, val_dice=dice)
+        if dice <= self.best:
+            return
+        extra: Dict[str, Any] = {"epoch": epoch, "val_dice": dice}
+        if self.max_forgetting is not None and np.isfinite(reference) and np.isfinite(base):
+            if reference < base - self.max_forgetting:
+                logger.info("Epoch %d: validation Dice %.4f > %.4f, but the reference Dice %.4f is more than %.3f "
+                            "below the base model's %.4f (it forgot other structures); not published", epoch,
+                            dice, self.best, reference, self.max_forgetting, base)
+                return
+            extra.update(reference_dice=reference, base_reference_dice=base)
+        logger.info("Epoch %d: validation Dice %.4f > %.4f; publishing", epoch, dice, self.best)
+        self.best = dice
+        self.task.publish(self.context, **extra)
 
 
 class SamMed3DTrainer(BasicTrainTask):
@@ -295,9 +393,13 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
                  lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
-                 samples_per_epoch: int = 16, retention: float = 4.0,
+                 samples_per_epoch: int = 16, retention: float = 4.0, rehearsal: float = REHEARSAL,
+                 rehearsal_data: Optional[str] = "auto", max_forgetting: float = MAX_FORGETTING,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
+        self.rehearsal_data = rehearsal_data
+        self.reference_records: List[Dict[str, Any]] = []
+        self._base_sam: Optional[torch.nn.Module] = None
         device = served.device
         super().__init__(
             model_dir=model_dir,
@@ -311,6 +413,8 @@ class SamMed3DTrainer(BasicTrainTask):
                 "freeze_encoder": bool(freeze_encoder),
                 "samples_per_epoch": int(samples_per_epoch),
                 "retention": float(retention),
+                "rehearsal": float(rehearsal),
+                "max_forgetting": float(max_forgetting),
                 "seed": -1,  # -1: not seeded; N >= 0: the run repeats (crops, flips, sampling, clicks)
                 "device": device,
                 "pretrained": True,
@@ -376,6 +480,7 @@ class SamMed3DTrainer(BasicTrainTask):
             train, val = val, []
         if not train:
             raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
+        rehearsal_train, self.reference_records = self.rehearsal_datalist(context)
         if not val_images and float(context.request.get("val_split", 0.0)) > 0.0:
             # Too few labels to hold one back (val_split 0.2 of 1-2 images): validate on the training targets
             # at the inference crop, so a run that makes the served model worse on them publishes nothing.
@@ -388,7 +493,42 @@ class SamMed3DTrainer(BasicTrainTask):
         # Each copy is a later item of the validation run (ClickValidationStep seeds other clicks for it) and
         # has its own crop centre (OfficialCropd's seed includes val_sequence).
         val = [dict(sample, val_sequence=r) for r in range(VAL_SEQUENCES) for sample in val]
-        return train, val
+        if not val:
+            self.reference_records = []  # nothing decides publishing (val_split 0): the run publishes at its end
+        return train + rehearsal_train, val
+
+    def rehearsal_folder(self) -> Optional[Path]:
+        """The rehearsal set (``--conf rehearsal_data``): ``auto`` = the bundled model's phantoms when the base is
+        the bundled model (written into ``<model_dir>/rehearsal_bundled`` on first use), else none; ``none``;
+        or a folder with ``imagesTr``/``labelsTr``."""
+        value = str(self.rehearsal_data or "none").strip()
+        if value.lower() == "none":
+            return None
+        if value.lower() == "auto":
+            from sam_med3d.checkpoint import BUNDLED_PATH
+            from sam_med3d.rehearsal import bundled_rehearsal_set
+
+            base = getattr(getattr(self.served, "base", None), "path", None)
+            if base is None or Path(base).resolve() != Path(BUNDLED_PATH).resolve():
+                return None
+            return bundled_rehearsal_set(Path(self.served.finetuned).parent / "rehearsal_bundled")
+        return Path(value)
+
+    def rehearsal_datalist(self, context: Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+        """(training records, reference targets) of the rehearsal set; empty when ``rehearsal`` is 0 or there is
+        no set. Training records carry ``"rehearsal": True`` (the sampler draws them apart from the user's)."""
+        if self._rehearsal_ratio(context) <= 0:
+            return [], []
+        folder = self.rehearsal_folder()
+        if folder is None:
+            logger.info("Training: no rehearsal data for this base model (--conf rehearsal_data)")
+            return [], []
+        from sam_med3d.rehearsal import rehearsal_datalist
+
+        train, reference = rehearsal_datalist(folder)
+        logger.info("Training: rehearsal set %s: %d scan(s) rehearsed, %d structure(s) held back as reference",
+                    folder, len(train), len(reference))
+        return [dict(r, rehearsal=True) for r in train], reference
 
     def train_data_loader(self, context: Context, num_workers: int = 0, shuffle: bool = True):
         """MONAI Label's training loader, drawing at least ``samples_per_epoch`` samples per epoch.
@@ -402,9 +542,18 @@ class SamMed3DTrainer(BasicTrainTask):
         from torch.utils.data import RandomSampler
 
         dataset, datalist = self._dataset(context, context.train_datalist, is_train=True)
-        draws = max(len(dataset), self._samples_per_epoch(context))
-        logger.info("%d - Records for Training: %d; %d drawn per epoch", context.local_rank, len(datalist), draws)
-        sampler = RandomSampler(dataset, replacement=False, num_samples=draws) if shuffle else None
+        rehearsed = [i for i, record in enumerate(datalist) if record.get("rehearsal")]
+        users = [i for i, record in enumerate(datalist) if not record.get("rehearsal")]
+        draws = max(len(users), self._samples_per_epoch(context))
+        extra = int(round(self._rehearsal_ratio(context) * draws)) if rehearsed else 0
+        logger.info("%d - Records for Training: %d; %d drawn per epoch (+ %d of %d rehearsal scans)",
+                    context.local_rank, len(users), draws, extra, len(rehearsed))
+        if not shuffle:
+            sampler = None
+        elif rehearsed:
+            sampler = MixedSampler(users, rehearsed, draws, extra)
+        else:
+            sampler = RandomSampler(dataset, replacement=False, num_samples=draws)
         loader = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
         return loader(dataset=dataset, batch_size=context.train_batch_size, sampler=sampler,
                       shuffle=False if sampler is not None else shuffle, num_workers=num_workers)
@@ -453,6 +602,7 @@ class SamMed3DTrainer(BasicTrainTask):
         teacher = None
         if retention > 0:
             teacher = self._teacher(sam, path, context)
+        self._base_sam = teacher
         logger.info("Fine-tuning SAM-Med3D %s from %s (%s; retention weight %g)", arch, path,
                     "image encoder frozen: prompt encoder and mask decoder tuned" if frozen else "all weights tuned",
                     retention)
@@ -477,6 +627,15 @@ class SamMed3DTrainer(BasicTrainTask):
             teacher, _ = load_weights(base, self.served.expected_arch, str(context.device))
         logger.info("Retention teacher: the base weights %s", base)
         return teacher.requires_grad_(False).eval()
+
+    def base_model(self, context: Context) -> torch.nn.Module:
+        """The base weights (frozen, eval mode): the retention teacher when there is one, else loaded now."""
+        if self._base_sam is None:
+            from lib.configs.weights import load_weights
+
+            base, _ = load_weights(self.served.base.path, self.served.expected_arch, str(context.device))
+            self._base_sam = base.requires_grad_(False).eval()
+        return self._base_sam
 
     def _img_size(self, context: Context) -> int:
         if self._sam_img_size is None:
@@ -523,6 +682,9 @@ class SamMed3DTrainer(BasicTrainTask):
         return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]),
                                                     include_background=True)}
 
+    def _rehearsal_ratio(self, context: Context) -> float:
+        return float(context.request.get("rehearsal", self._config.get("rehearsal", 0.0)) or 0.0)
+
     def _retention(self, context: Context) -> float:
         return float(context.request.get("retention", self._config.get("retention", 0.0)))
 
@@ -554,12 +716,18 @@ class SamMed3DTrainer(BasicTrainTask):
         logger.info("New SAM-Med3D weights published: %s", path)
 
     def finalize(self, context: Context) -> None:
+        checked = bool(context.local_rank == 0 and context.evaluator and self.reference_records)
+        margin = (float(context.request.get("max_forgetting", self._config.get("max_forgetting", MAX_FORGETTING)))
+                  if checked else None)
+        publisher = PublishBest(self, context, self.VAL_METRIC_MEAN_DICE, margin)
+        if checked:  # before MONAI Label's stats handler, so the stats carry the reference Dice
+            context.evaluator.add_event_handler(
+                Events.EPOCH_COMPLETED, ReferenceCheck(self, context, publisher, self.VAL_METRIC_MEAN_DICE))
         super().finalize(context)  # train stats for /info (Slicer's accuracy bar)
         if context.local_rank != 0:
             return
         if context.evaluator:
-            context.evaluator.add_event_handler(Events.EPOCH_COMPLETED,
-                                                PublishBest(self, context, self.VAL_METRIC_MEAN_DICE))
+            context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, publisher)
         else:
             context.trainer.add_event_handler(
                 Events.COMPLETED, lambda engine: self.publish(context, epoch=int(engine.state.epoch)))

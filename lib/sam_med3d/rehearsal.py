@@ -1,0 +1,199 @@
+"""Rehearsal: keep what a base model could do while it is fine-tuned on a few labels of one structure.
+
+Fine-tuned on a handful of labels of one structure, SAM-Med3D's decoder learns to segment that structure wherever
+it is clicked and forgets the others (``benchmarks/active_learning.py``). Two pieces here answer that, both on a
+**rehearsal set**: labelled scans of other structures, in the Medical Segmentation Decathlon layout
+(``imagesTr/`` + ``labelsTr/``, the layout ``pretrain/`` and the evaluator read), ideally the data the base model
+learned from:
+
+- :func:`rehearsal_datalist` splits it into targets to train on alongside the user's labels (one record per
+  scan, its structures drawn per sample by :class:`sam_med3d.training.RandStructured`) and **reference targets**
+  held back (every :data:`HOLD_BACK_EVERY`-th scan);
+- :class:`ReferenceScore` measures a model on the reference targets: Dice after a seeded simulated click session
+  on the crops inference uses. A trainer compares the tuned model's score with the base model's and refuses
+  to publish weights that forgot more than a set margin.
+
+:func:`bundled_rehearsal_set` writes the rehearsal set of the bundled offline model: phantoms drawn as its
+training data was (:mod:`sam_med3d.phantoms`, the seeds of its model card, CT and MR-like).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Every how many-th scan of a rehearsal set (sorted by name, counting from 1) is held back as reference.
+HOLD_BACK_EVERY = 4
+#: Structures smaller than this (voxels at the stored resolution) are not used.
+MIN_VOXELS = 200
+#: The bundled model's rehearsal set: (modality, seed, cases) as in its model card's training data.
+BUNDLED_SETS: Tuple[Tuple[str, int, int], ...] = (("ct", 100, 4), ("mr", 300, 4))
+#: Seed of the reference click sessions.
+REFERENCE_SEED = 4321
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def structures(label_path: os.PathLike, min_voxels: int = MIN_VOXELS) -> List[int]:
+    """The label values of a label map with at least ``min_voxels`` voxels, ascending."""
+    import nibabel as nib
+
+    arr = np.asarray(nib.load(str(label_path)).dataobj)
+    values, counts = np.unique(arr[arr > 0].astype(np.int64), return_counts=True)
+    return [int(v) for v, c in zip(values, counts) if c >= min_voxels]
+
+
+def rehearsal_datalist(folder: os.PathLike, min_voxels: int = MIN_VOXELS, hold_back_every: int = HOLD_BACK_EVERY
+                       ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Training records and reference targets of a rehearsal set (``folder/imagesTr`` + ``folder/labelsTr``).
+
+    Returns:
+        ``(train, reference)``: ``train`` one record per scan ``{"image", "label", "label_value": [values]}``
+        (a list: :class:`~sam_med3d.training.RandStructured` draws one per sample), ``reference`` one record per
+        structure of the held-back scans ``{"image", "label", "label_value": int}``. A set of one scan is used
+        for training only.
+
+    Raises:
+        FileNotFoundError: the folder has no ``imagesTr``/``labelsTr`` pair.
+    """
+    folder = Path(folder)
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise FileNotFoundError(f"rehearsal data {folder} has no imagesTr/ and labelsTr/ folders (the Medical "
+                                "Segmentation Decathlon layout)")
+    labels = {_stem(p): p for p in labels_dir.iterdir() if p.is_file()}
+    pairs = [(p, labels[_stem(p)]) for p in sorted(images_dir.iterdir())
+             if p.is_file() and not p.name.startswith(".") and _stem(p) in labels]
+    if not pairs:
+        raise FileNotFoundError(f"rehearsal data {folder}: no image in imagesTr/ has a label of the same name in "
+                                "labelsTr/")
+    train: List[Dict[str, Any]] = []
+    reference: List[Dict[str, Any]] = []
+    for index, (image, label) in enumerate(pairs, start=1):
+        values = structures(label, min_voxels)
+        if not values:
+            continue
+        if len(pairs) > 1 and index % max(int(hold_back_every), 2) == 0:
+            reference += [{"image": str(image), "label": str(label), "label_value": v} for v in values]
+        else:
+            train.append({"image": str(image), "label": str(label), "label_value": values})
+    return train, reference
+
+
+def bundled_rehearsal_set(folder: os.PathLike) -> Path:
+    """The bundled model's rehearsal set in ``folder`` (written once, in the background of a first training run).
+
+    Phantoms of :mod:`sam_med3d.phantoms` with the seeds of the bundled model's training data
+    (:data:`BUNDLED_SETS`), in one ``imagesTr``/``labelsTr`` folder. Written to a temporary folder beside it and
+    renamed, so an interrupted run leaves nothing half-written. Returns ``folder``.
+    """
+    from .phantoms import write_dataset
+
+    folder = Path(folder)
+    if (folder / "imagesTr").is_dir() and (folder / "labelsTr").is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for modality, seed, cases in BUNDLED_SETS:
+            write_dataset(work / modality, num_cases=cases, seed=seed, layout="training", modality=modality)
+            for sub in ("imagesTr", "labelsTr"):
+                (work / sub).mkdir(exist_ok=True)
+                for path in (work / modality / sub).iterdir():
+                    path.rename(work / sub / path.name)
+            shutil.rmtree(work / modality)
+        try:
+            work.rename(folder)
+        except OSError:  # another process wrote it meanwhile
+            if not (folder / "imagesTr").is_dir():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    logger.info("Rehearsal set of the bundled model written to %s", folder)
+    return folder
+
+
+class ReferenceScore:
+    """Dice of a model on reference targets after a seeded simulated click session (the crops inference uses).
+
+    The crops (:func:`sam_med3d.training.validation_transforms`, ``center="click"``) are prepared once; each call
+    runs the same clicks (seeded per target) with the given model, so two models are compared on equal terms.
+    Image embeddings can be kept between calls (``cache_key``): right for a model whose image encoder does not
+    change (the base model, or a model fine-tuned with a frozen encoder).
+
+    Args:
+        records: ``{"image", "label", "label_value"}`` targets (:func:`rehearsal_datalist`'s ``reference``).
+        crop_size: the model's input size.
+        num_clicks: clicks per session (the Dice after the last is scored).
+        device: where the crops and the model run.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], crop_size: int, num_clicks: int = 5,
+                 device: str = "cpu", seed: int = REFERENCE_SEED) -> None:
+        from .training import validation_transforms
+
+        if num_clicks < 1:
+            raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+        transform = validation_transforms(crop_size=int(crop_size), center="click")
+        self.num_clicks = int(num_clicks)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.names: List[str] = []
+        self.crops: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for record in records:
+            out = transform(dict(record))
+            if float(out["label"].sum()) <= 0:
+                continue
+            self.names.append(f"{_stem(Path(record['image']))}:{record.get('label_value')}")
+            self.crops.append((out["image"][None].float(), out["label"][None].float()))
+        self._embeddings: Dict[str, List[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @torch.no_grad()
+    def per_target(self, sam: torch.nn.Module, cache_key: Optional[str] = None) -> List[float]:
+        """Dice of ``sam`` after :attr:`num_clicks` clicks on each reference target."""
+        from .training import run_click_iterations
+
+        was_training = sam.training
+        sam.eval()
+        cached = self._embeddings.get(cache_key) if cache_key else None
+        embeddings: List[torch.Tensor] = []
+        scores: List[float] = []
+        try:
+            for index, (image, label) in enumerate(self.crops):
+                image, label = image.to(self.device), label.to(self.device)
+                embedding = cached[index] if cached is not None else sam.image_encoder(image)
+                embeddings.append(embedding)
+                out = run_click_iterations(sam, image, label, self.num_clicks,
+                                           np.random.default_rng([self.seed, index]), mask_only_iterations=False,
+                                           embedding=embedding)
+                scores.append(float(out["dice"]))
+        finally:
+            sam.train(was_training)
+        if cache_key and cached is None:
+            self._embeddings[cache_key] = embeddings
+        return scores
+
+    def __call__(self, sam: torch.nn.Module, cache_key: Optional[str] = None) -> float:
+        """Mean Dice of ``sam`` over the reference targets (NaN when there are none)."""
+        scores = self.per_target(sam, cache_key)
+        return float(np.mean(scores)) if scores else float("nan")
