@@ -426,7 +426,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                    "evaluate": [t.image_id for t in campaign["evaluate"]],
                    "others": [f"{t.image_id}:{t.name}" for t in campaign["others"]],
                    "annotate": [t.image_id for t in campaign["annotate"]],
-                   "other_sequences": args.other_sequences, "report_clicks": list(REPORT_CLICKS), "max_clicks": args.max_clicks, "noc_dice": NOC_DICE,
+                   "other_sequences": args.other_sequences, "report_clicks": list(REPORT_CLICKS),
+                   "max_clicks": args.max_clicks, "noc_dice": NOC_DICE,
                    "threads": os.environ.get("OMP_NUM_THREADS", "2"),
                    "total_seconds": round(time.perf_counter() - began, 1)},
     }

@@ -35,9 +35,9 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   validation Dice makes it a candidate for publishing, and the base model once; the scores are in the train
   stats (``val_reference_dice``, ``val_reference_dice_base``);
 - publishing: whenever validation Dice beats the best so far (and the reference Dice is at most
-  ``max_forgetting``, default 0.05, below the base model's), the weights are written atomically with
-  ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the infer task
-  picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
+  ``max_forgetting``, default 0.05, below the base model's; 1 turns the check off), the weights are written
+  atomically with ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the
+  infer task picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
   labelled images), validation runs on the training targets at the inference crop, so a run that makes the
   served model worse on them publishes nothing; with ``val_split`` 0 the weights are published when training
   ends;
@@ -515,10 +515,9 @@ class SamMed3DTrainer(BasicTrainTask):
         return Path(value)
 
     def rehearsal_datalist(self, context: Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-        """(training records, reference targets) of the rehearsal set; empty when ``rehearsal`` is 0 or there is
-        no set. Training records carry ``"rehearsal": True`` (the sampler draws them apart from the user's)."""
-        if self._rehearsal_ratio(context) <= 0:
-            return [], []
+        """(training records, reference targets) of the rehearsal set; both empty without a set, the training
+        records also when ``rehearsal`` is 0 (the reference check stays: ``max_forgetting`` 1 turns it off).
+        Training records carry ``"rehearsal": True`` (the sampler draws them apart from the user's)."""
         folder = self.rehearsal_folder()
         if folder is None:
             logger.info("Training: no rehearsal data for this base model (--conf rehearsal_data)")
@@ -526,6 +525,8 @@ class SamMed3DTrainer(BasicTrainTask):
         from sam_med3d.rehearsal import rehearsal_datalist
 
         train, reference = rehearsal_datalist(folder)
+        if self._rehearsal_ratio(context) <= 0:
+            train = []
         logger.info("Training: rehearsal set %s: %d scan(s) rehearsed, %d structure(s) held back as reference",
                     folder, len(train), len(reference))
         return [dict(r, rehearsal=True) for r in train], reference
