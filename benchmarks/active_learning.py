@@ -35,7 +35,10 @@ first two evaluation phantoms and two real MRI structures (spinal cord ``t1w``, 
 ``--cases`` is the number of annotated cases after each round, cumulative (``1,3,5``: round 1 annotates one
 case, round 2 two more, round 3 two more; each Train fine-tunes the served model on every label saved so far),
 or a single K with ``--rounds R`` (K cases per round). Writes ``OUTPUT/summary.json``, ``OUTPUT/per_case.csv``,
-``OUTPUT/dice_vs_clicks.png`` and prints a table.
+``OUTPUT/dice_vs_clicks.png`` and prints a table. Each trained round of ``summary.json`` also carries what the
+train stats say: ``val_dice`` (best validation Dice), ``retention_agreement``, and with a rehearsal set
+``reference_dice`` / ``base_reference_dice`` (the reference check: the last candidate epoch's and the base
+model's Dice on the rehearsal set's held-back scans).
 """
 
 from __future__ import annotations
