@@ -38,7 +38,8 @@ or a single K with ``--rounds R`` (K cases per round). Writes ``OUTPUT/summary.j
 ``OUTPUT/dice_vs_clicks.png`` and prints a table. Each trained round of ``summary.json`` also carries what the
 train stats say: ``val_dice`` (best validation Dice), ``retention_agreement``, and with a rehearsal set
 ``reference_dice`` / ``base_reference_dice`` (the reference check: the last candidate epoch's and the base
-model's Dice on the rehearsal set's held-back scans).
+model's Dice on the rehearsal set's held-back scans), and ``published``: what the served checkpoint records
+(run, epoch, validation and reference Dice, ``blend`` when a blend of the tuned and base weights was published).
 """
 
 from __future__ import annotations
@@ -255,6 +256,19 @@ def evaluate_round(client, studies: Path, campaign: Dict[str, List[Target]], lab
 
 
 # ------------------------------------------------------------------------------------- annotate and train
+def published_by(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """What the served fine-tuned checkpoint says about the round that wrote it (``run_id``, ``epoch``,
+    ``val_dice``, reference Dice, ``blend`` when it is a blend of the tuned and base weights); ``None`` when the
+    bundled weights are still served."""
+    import torch
+
+    if not path or not Path(path).is_file() or "finetuned" not in Path(path).name:
+        return None
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    keys = ("run_id", "epoch", "val_dice", "reference_dice", "base_reference_dice", "blend")
+    return {k: meta[k] for k in keys if k in meta}
+
+
 def annotate(client, studies: Path, target: Target, labels: Dict[str, int], seed: int, submit: str,
              work: Path, max_clicks: int = MAX_CLICKS) -> Dict[str, Any]:
     """Click ``target`` until Dice >= 0.9 or 20 clicks, then save the final label (reference or clicked mask)."""
@@ -406,6 +420,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 record["reference_dice"] = metrics.get("val_reference_dice")
                 record["base_reference_dice"] = metrics.get("val_reference_dice_base")
                 record["served_model"] = client.info()["models"][MODEL].get("model_file")
+                record["published"] = published_by(record["served_model"])
             record.update(evaluate_round(client, studies, campaign, labels, args.seed, index, rows,
                                          args.max_clicks, args.other_sequences))
             rounds.append(record)

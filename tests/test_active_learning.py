@@ -254,6 +254,58 @@ def test_publish_best_does_not_publish_weights_that_forgot_the_reference_structu
     ]
 
 
+def test_weights_that_forgot_are_blended_with_the_base_until_a_blend_passes_the_check(trainer_module):
+    """BlendOnForgetting: epoch 1's tuned weights beat validation but forget (reference 0.48 against 0.60);
+    the blend 0.5 still forgets (0.54), the blend 0.25 passes (0.57) and is published as exactly
+    base + 0.25 * (tuned - base); training then goes on from the tuned weights."""
+    from sam_med3d import build_sam_med3d
+
+    torch.manual_seed(0)
+    tuned, base = build_sam_med3d("vit_mini"), build_sam_med3d("vit_mini")
+    probe = "mask_decoder.output_upscaling.0.weight"
+    tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    published = []
+    task = SimpleNamespace(publish=lambda context, **extra: published.append(
+        (extra, {k: v.clone() for k, v in tuned.state_dict().items()})))
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)), network=SimpleNamespace(sam=tuned))
+    publisher = trainer_module.PublishBest(task, context, "val_mean_dice", max_forgetting=0.05)
+    runs = []
+
+    class Evaluator:  # validation + reference check as functions of how far the weights moved from the base
+        state = SimpleNamespace(metrics={})
+
+        def run(self, epoch):
+            now, b, t = tuned.state_dict()[probe], base.state_dict()[probe], tuned_state[probe]
+            share = float(((now - b) / (t - b)).median()) if epoch else 0.0
+            runs.append(round(share, 3))
+            metrics = {"val_mean_dice": 0.5 + 0.2 * min(share * 4, 1), trainer_module.REFERENCE_METRIC:
+                       0.6 - 0.12 * share, trainer_module.BASE_REFERENCE_METRIC: 0.6}
+            self.state.metrics = dict(metrics)
+            publisher(self)
+
+    context.evaluator = Evaluator()
+    blend = trainer_module.BlendOnForgetting(context, publisher, base, 0.5)
+    context.evaluator.run(0)  # before training: the bar
+    context.trainer.state.epoch = 1
+    context.evaluator.run(1)
+    assert publisher.refused_epoch == 1 and not published
+    epoch_metrics = dict(context.evaluator.state.metrics)
+    blend(context.trainer)
+    assert runs == [0.0, 1.0, 0.5, 0.25]
+    assert len(published) == 1
+    extra, weights = published[0]
+    assert extra["blend"] == 0.25 and extra["epoch"] == 1 and extra["reference_dice"] == pytest.approx(0.57)
+    expected = base.state_dict()[probe] + 0.25 * (tuned_state[probe] - base.state_dict()[probe])
+    assert torch.allclose(weights[probe], expected, atol=1e-6)
+    assert all(torch.equal(v, tuned_state[k]) for k, v in tuned.state_dict().items())  # tuned weights back
+    assert publisher.blend == 1.0 and publisher.best == pytest.approx(0.7)
+    assert context.evaluator.state.metrics == epoch_metrics  # the train stats report the tuned weights' epoch
+    # An epoch that was not refused is left alone.
+    context.trainer.state.epoch = 2
+    blend(context.trainer)
+    assert runs == [0.0, 1.0, 0.5, 0.25]
+
+
 def test_reference_check_scores_the_base_once_and_the_tuned_model_only_at_candidate_epochs(trainer_module,
                                                                                             monkeypatch):
     from sam_med3d import build_sam_med3d, rehearsal

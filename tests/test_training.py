@@ -204,6 +204,21 @@ def test_click_training_step_in_a_monai_trainer():
     assert not torch.equal(before, model.mask_decoder.output_upscaling[0].weight)
 
 
+def test_click_iterations_parse_a_count_or_a_range_and_the_step_draws_within_it():
+    """``train_clicks`` N (fixed) or LOW-HIGH (drawn per sample); anything else is refused naming the value."""
+    from sam_med3d.training import click_iterations
+
+    assert click_iterations(5) == (5, 5) and click_iterations("5") == (5, 5)
+    assert click_iterations("1-10") == (1, 10) and click_iterations([2, 4]) == (2, 4)
+    for bad in (0, "0-3", "10-1", "1-101", "a", "1-2-3", True, 2.5, None, [1]):
+        with pytest.raises(ValueError, match="click iterations"):
+            click_iterations(bad)
+    step = ClickTrainingStep(num_click_iterations=click_iterations("1-10"), seed=0)
+    draws = {step.draw_iterations() for _ in range(400)}
+    assert draws == set(range(1, 11))
+    assert {ClickTrainingStep(num_click_iterations=click_iterations(3)).draw_iterations() for _ in range(20)} == {3}
+
+
 def test_click_centred_validation_crops_follow_a_seeded_voxel_of_the_target(tmp_path):
     """``validation_transforms(center="click")`` (the app trainer's): the crop is the predictor's crop for a
     first click on one voxel of the target, the same voxel in every run, another voxel for another copy."""

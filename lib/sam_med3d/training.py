@@ -66,7 +66,7 @@ __all__ = [
     "RandTargetCropd", "ForegroundZNormd", "ToTrainingTensord", "OfficialCropd", "validation_transforms",
     "zscore_foreground", "default_loss",
     "ClickIterationModel", "click_iteration_step", "ClickTrainingStep", "batch_dice", "off_target_clicks",
-    "disagreement_clicks", "retention_loss",
+    "disagreement_clicks", "retention_loss", "click_iterations",
 ]
 
 #: Isotropic voxel size of the training/inference frame (the official preprocessing resamples to 1.5 mm).
@@ -628,6 +628,37 @@ def click_iteration_step(model: nn.Module, image: torch.Tensor, label: torch.Ten
             raise ValueError("loss_fn/options are fixed by the ClickIterationModel wrapper; set them there")
         return model(image, label, num_click_iterations, rng)
     return run_click_iterations(model, image, label, num_click_iterations, rng, loss_fn=loss_fn, **options)
+
+
+def click_iterations(value: Any, maximum: int = 100) -> Tuple[int, int]:
+    """Parse a number of click iterations per training sample into ``(low, high)``.
+
+    ``N`` (an int or its string) is a fixed count (``(N, N)``); ``"LOW-HIGH"`` or ``[LOW, HIGH]`` draws the count
+    per sample uniformly in ``[LOW, HIGH]``, so that a model tuned on few clicks on average still sees as many
+    as an annotator gives. Raises ``ValueError`` naming the value unless ``1 <= LOW <= HIGH <= maximum``.
+    """
+    def fail() -> ValueError:
+        return ValueError(f"click iterations must be N or LOW-HIGH with 1 <= LOW <= HIGH <= {maximum}, "
+                          f"got {value!r}")
+
+    if isinstance(value, bool):
+        raise fail()
+    if isinstance(value, int):
+        bounds = [value, value]
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        bounds = list(value)
+    elif isinstance(value, str):
+        parts = value.strip().split("-")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise fail()
+        bounds = [int(p) for p in parts] * (2 if len(parts) == 1 else 1)
+    else:
+        raise fail()
+    low, high = bounds
+    if not 1 <= low <= high <= maximum:
+        raise fail()
+    return int(low), int(high)
 
 
 class ClickTrainingStep:

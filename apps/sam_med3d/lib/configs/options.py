@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, str] = {
     "rehearsal": "0.5",
     "rehearsal_data": "auto",
     "max_forgetting": "0.05",
+    "blend": "0.5",
     "val_split": "0.2",
     "lr": "0.001",
     "train_clicks": "5",
@@ -83,6 +84,8 @@ HELP: Dict[str, str] = {
                       "none), 'none' or a folder",
     "max_forgetting": "a round publishes only if the Dice on the rehearsal set's held-back scans is at most this "
                       "far below the base model's",
+    "blend": "when a candidate epoch fails max_forgetting, publish instead base + blend * (tuned - base) (then "
+             "half of it) if that passes validation and the check; 0: off",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
     "train_clicks": "simulated click iterations per training sample (paper-style click training)",
@@ -110,6 +113,15 @@ def _origins(value: str) -> tuple:
             raise ValueError(f"--conf cors_origins: {origin!r} is not an origin like https://viewer.example.org "
                              "(scheme and host[:port], no path, no wildcard)")
     return origins
+
+
+def _clicks(value: str) -> tuple:
+    from sam_med3d.training import click_iterations
+
+    try:
+        return click_iterations(str(value))
+    except ValueError as err:
+        raise ValueError(f"--conf train_clicks: {err}") from None
 
 
 def _extension(value: str) -> str:
@@ -271,7 +283,7 @@ class AppOptions:
     epochs: int
     val_split: float
     lr: float
-    train_clicks: int
+    train_clicks: tuple
     multi_gpu: bool
     uncertainty_prompts: int
     prefetch: int
@@ -287,6 +299,7 @@ class AppOptions:
     rehearsal: float = 0.5
     rehearsal_data: str = "auto"
     max_forgetting: float = 0.05
+    blend: float = 0.5
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -318,7 +331,7 @@ class AppOptions:
             epochs=_int("epochs", values["epochs"], 1),
             val_split=_float("val_split", values["val_split"], 0.0, 0.9),
             lr=_float("lr", values["lr"], 0.0, 1.0, low_open=True),
-            train_clicks=_int("train_clicks", values["train_clicks"], 1),
+            train_clicks=_clicks(values["train_clicks"]),
             multi_gpu=_bool("multi_gpu", values["multi_gpu"]),
             uncertainty_prompts=_int("uncertainty_prompts", values["uncertainty_prompts"], 1),
             prefetch=_int("prefetch", values["prefetch"], 0),
@@ -334,5 +347,6 @@ class AppOptions:
             rehearsal=_float("rehearsal", values["rehearsal"], 0.0, MAX_REHEARSAL),
             rehearsal_data=_rehearsal_data(values["rehearsal_data"]),
             max_forgetting=_float("max_forgetting", values["max_forgetting"], 0.0, 1.0),
+            blend=_float("blend", values["blend"], 0.0, 1.0),
             raw=values,
         )

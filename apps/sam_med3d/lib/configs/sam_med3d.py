@@ -70,6 +70,7 @@ class SamMed3DConfig(TaskConfig):
             rehearsal=self.options.rehearsal,
             rehearsal_data=self.options.rehearsal_data,
             max_forgetting=self.options.max_forgetting,
+            blend=self.options.blend,
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

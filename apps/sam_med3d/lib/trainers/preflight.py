@@ -113,6 +113,16 @@ def _integer(options: Mapping[str, Any], key: str, low: int, high: int) -> None:
         raise InvalidRequest(f"train option {key} must be an integer in {low}..{high}, got {_short(value)}")
 
 
+def _clicks(options: Mapping[str, Any], key: str) -> None:
+    from sam_med3d.training import click_iterations
+
+    try:
+        click_iterations(options[key])
+    except ValueError:
+        raise InvalidRequest(f"train option {key} must be an integer in 1..100 or a range LOW-HIGH within it "
+                             f"(drawn per sample), got {_short(options[key])}") from None
+
+
 def _number(options: Mapping[str, Any], key: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
     value = options[key]
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -137,7 +147,7 @@ def _short(value: Any, limit: int = 60) -> str:
 #: ``option: check`` for every Train option this app reads; other keys are passed on unchecked.
 _TRAIN_CHECKS = {
     "max_epochs": lambda o: _integer(o, "max_epochs", 1, MAX_EPOCHS),
-    "train_clicks": lambda o: _integer(o, "train_clicks", 1, 100),
+    "train_clicks": lambda o: _clicks(o, "train_clicks"),
     "samples_per_epoch": lambda o: _integer(o, "samples_per_epoch", 1, MAX_SAMPLES_PER_EPOCH),
     "train_batch_size": lambda o: _integer(o, "train_batch_size", 1, 64),
     "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
@@ -147,6 +157,7 @@ _TRAIN_CHECKS = {
     "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
     "rehearsal": lambda o: _number(o, "rehearsal", 0.0, MAX_REHEARSAL, low_open=False, high_open=False),
     "max_forgetting": lambda o: _number(o, "max_forgetting", 0.0, 1.0, low_open=False, high_open=False),
+    "blend": lambda o: _number(o, "blend", 0.0, 1.0, low_open=False, high_open=False),
     "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
     "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
     "dataloader": lambda o: _choice(o, "dataloader", ("ThreadDataLoader", "DataLoader")),

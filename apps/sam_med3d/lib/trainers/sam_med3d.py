@@ -13,7 +13,8 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   anywhere in the structure; foreground z-score, flips); the deterministic part is cached;
 - step: ``sam_med3d.training.ClickTrainingStep``: the image is encoded once, the first click is a random
   voxel of the target, every further click a random voxel of the error region, the previous low-res mask is
-  the mask prompt, DiceCE loss averaged over the click iterations (plus the IoU-head loss, which the
+  the mask prompt, DiceCE loss averaged over the click iterations (``train_clicks``: N, or ``LOW-HIGH`` drawn
+  per sample; validation and the reference check use ``HIGH``) (plus the IoU-head loss, which the
   model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
   on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
 - retention (``retention``, default 4.0 from ``--conf``): the frozen base weights (the checkpoint the app was
@@ -34,6 +35,10 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   held-back scans (``sam_med3d.rehearsal.ReferenceScore``: every structure, seeded clicks) whenever its
   validation Dice makes it a candidate for publishing, and the base model once; the scores are in the train
   stats (``val_reference_dice``, ``val_reference_dice_base``);
+- blending (``blend``, default 0.5): when an epoch's weights beat validation but fail the reference check, the
+  blend ``base + blend * (tuned - base)`` and then half of it are validated and checked like an epoch
+  (:class:`BlendOnForgetting`); one that passes is published (the checkpoint records its ``blend``), and
+  training goes on from the tuned weights;
 - publishing: whenever validation Dice beats the best so far (and the reference Dice is at most
   ``max_forgetting``, default 0.05, below the base model's; 1 turns the check off), the weights are written
   atomically with ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the
@@ -51,7 +56,7 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   optimizer a few hundred steps, not 20.
 
 ``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
-``freeze_encoder``, ``samples_per_epoch``, ``retention``, ``rehearsal`` and ``max_forgetting`` can be set per Train
+``freeze_encoder``, ``samples_per_epoch``, ``retention``, ``rehearsal``, ``max_forgetting`` and ``blend`` can be set per Train
 request (``rehearsal_data`` only by ``--conf``: a request never names a folder); their defaults come from ``--conf``.
 ``seed`` (default -1, not seeded) makes a run repeat: :meth:`SamMed3DTrainer.seed`.
 """
@@ -98,6 +103,9 @@ VAL_SEED = 1234
 REHEARSAL = 0.5
 #: Default largest drop of the reference Dice below the base model's that a round may publish (``max_forgetting``).
 MAX_FORGETTING = 0.05
+#: Default share of the tuned weights in the blend tried when an epoch forgets (``blend`` Train option; 0: off):
+#: base + blend * (tuned - base), then half of it, each validated and reference-checked like an epoch.
+BLEND = 0.5
 #: Metric names of the reference check (evaluator metrics, so they are in the train stats).
 REFERENCE_METRIC = "val_reference_dice"
 BASE_REFERENCE_METRIC = "val_reference_dice_base"
@@ -219,6 +227,19 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def train_clicks(value: Any) -> Tuple[int, int]:
+    """The ``train_clicks`` option as ``(low, high)``: N (fixed) or ``"LOW-HIGH"`` (drawn per sample)."""
+    from sam_med3d.training import click_iterations
+
+    return click_iterations(value)
+
+
+def clicks_config(value: Any) -> Any:
+    """``train_clicks`` as the trainer's config shows it: an int for a fixed count, ``"LOW-HIGH"`` for a range."""
+    low, high = train_clicks(value)
+    return low if low == high else f"{low}-{high}"
+
+
 def _sam(network: torch.nn.Module) -> torch.nn.Module:
     """The bare ``Sam3D`` inside a (DDP-wrapped) ``ClickIterationModel``."""
     inner = getattr(network, "module", network)
@@ -329,7 +350,7 @@ class ReferenceCheck:
         sam = _sam(context.network)
         if self.score is None:
             self.score = ReferenceScore(task.reference_records, crop_size=int(sam.img_size),
-                                        num_clicks=int(context.request.get("train_clicks", 5)),
+                                        num_clicks=train_clicks(context.request.get("train_clicks", 5))[1],
                                         device=str(context.device))
             base = task.base_model(context)
             self.base = self.score(base, cache_key="base")
@@ -353,6 +374,11 @@ class PublishBest:
         self.metric = metric
         self.max_forgetting = max_forgetting
         self.best = -1.0
+        #: Epoch whose weights beat the validation Dice but failed the reference check (:class:`BlendOnForgetting`).
+        self.refused_epoch = -1
+        #: Share of the tuned weights in the weights being validated (1: the tuned weights themselves).
+        self.blend = 1.0
+        self.published = False
 
     def __call__(self, evaluator: Any) -> None:
         dice = float(evaluator.state.metrics.get(self.metric, float("nan")))
@@ -367,17 +393,59 @@ class PublishBest:
             return
         if dice <= self.best:
             return
+        what = "weights" if self.blend >= 1.0 else f"blend {self.blend:g} of the tuned and base weights"
         extra: Dict[str, Any] = {"epoch": epoch, "val_dice": dice}
+        if self.blend < 1.0:
+            extra["blend"] = self.blend
         if self.max_forgetting is not None and np.isfinite(reference) and np.isfinite(base):
             if reference < base - self.max_forgetting:
-                logger.info("Epoch %d: validation Dice %.4f > %.4f, but the reference Dice %.4f is more than %.3f "
-                            "below the base model's %.4f (it forgot other structures); not published", epoch,
-                            dice, self.best, reference, self.max_forgetting, base)
+                logger.info("Epoch %d (%s): validation Dice %.4f > %.4f, but the reference Dice %.4f is more than "
+                            "%.3f below the base model's %.4f (it forgot other structures); not published", epoch,
+                            what, dice, self.best, reference, self.max_forgetting, base)
+                self.refused_epoch = epoch
                 return
             extra.update(reference_dice=reference, base_reference_dice=base)
-        logger.info("Epoch %d: validation Dice %.4f > %.4f; publishing", epoch, dice, self.best)
+        logger.info("Epoch %d (%s): validation Dice %.4f > %.4f; publishing", epoch, what, dice, self.best)
         self.best = dice
+        self.published = True
         self.task.publish(self.context, **extra)
+
+
+class BlendOnForgetting:
+    """Trainer handler (after validation): when an epoch's weights beat the validation Dice but forgot (the
+    reference check refused them), try the blend ``base + a * (tuned - base)`` for ``a`` = ``blend``, then half
+    of it: each is validated and reference-checked by the evaluator like an epoch, and published under the same
+    rules. Training then goes on from the tuned weights. Weight-space interpolation of the fine-tuned and the
+    base model (WiSE-FT, Wortsman et al., CVPR 2022) keeps much of what tuning learned while moving back to what
+    the base model could do."""
+
+    def __init__(self, context: Context, publisher: PublishBest, base: torch.nn.Module, blend: float):
+        self.context = context
+        self.publisher = publisher
+        self.base = base
+        self.blends = (float(blend), float(blend) / 2)
+
+    def __call__(self, trainer: Any) -> None:
+        publisher, epoch = self.publisher, int(trainer.state.epoch)
+        if publisher.refused_epoch != epoch:
+            return
+        sam = _sam(self.context.network)
+        tuned = {k: v.detach().clone() for k, v in sam.state_dict().items()}
+        base = self.base.state_dict()
+        metrics = dict(self.context.evaluator.state.metrics)  # the train stats report the tuned weights' epoch
+        try:
+            for share in self.blends:
+                mixed = {k: (base[k].to(v.device, v.dtype) + share * (v - base[k].to(v.device, v.dtype))
+                             if v.is_floating_point() and k in base else v) for k, v in tuned.items()}
+                sam.load_state_dict(mixed)
+                publisher.blend, publisher.published = share, False
+                self.context.evaluator.run(epoch)
+                if publisher.published:
+                    break
+        finally:
+            publisher.blend = 1.0
+            sam.load_state_dict(tuned)
+            self.context.evaluator.state.metrics.update(metrics)
 
 
 class SamMed3DTrainer(BasicTrainTask):
@@ -392,9 +460,10 @@ class SamMed3DTrainer(BasicTrainTask):
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
-                 lr: float, train_clicks: int, multi_gpu: bool, freeze_encoder: bool = True,
+                 lr: float, train_clicks: Any, multi_gpu: bool, freeze_encoder: bool = True,
                  samples_per_epoch: int = 16, retention: float = 4.0, rehearsal: float = REHEARSAL,
                  rehearsal_data: Optional[str] = "auto", max_forgetting: float = MAX_FORGETTING,
+                 blend: float = BLEND,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
         self.rehearsal_data = rehearsal_data
@@ -408,13 +477,14 @@ class SamMed3DTrainer(BasicTrainTask):
                 "max_epochs": int(epochs),
                 "val_split": float(val_split),
                 "lr": float(lr),
-                "train_clicks": int(train_clicks),
+                "train_clicks": clicks_config(train_clicks),
                 "multi_gpu": bool(multi_gpu),
                 "freeze_encoder": bool(freeze_encoder),
                 "samples_per_epoch": int(samples_per_epoch),
                 "retention": float(retention),
                 "rehearsal": float(rehearsal),
                 "max_forgetting": float(max_forgetting),
+                "blend": float(blend),
                 "seed": -1,  # -1: not seeded; N >= 0: the run repeats (crops, flips, sampling, clicks)
                 "device": device,
                 "pretrained": True,
@@ -662,12 +732,12 @@ class SamMed3DTrainer(BasicTrainTask):
     def train_iteration_update(self, context: Context):
         from sam_med3d.training import ClickTrainingStep
 
-        clicks = int(context.request.get("train_clicks", 5))
+        clicks = train_clicks(context.request.get("train_clicks", 5))
         return WithModelCompleted(ClickTrainingStep(num_click_iterations=clicks, seed=int(context.local_rank),
                                                     grad_clip=1.0))
 
     def val_iteration_update(self, context: Context):
-        return WithModelCompleted(ClickValidationStep(int(context.request.get("train_clicks", 5))))
+        return WithModelCompleted(ClickValidationStep(train_clicks(context.request.get("train_clicks", 5))[1]))
 
     def train_inferer(self, context: Context):
         return SimpleInferer()
@@ -724,6 +794,10 @@ class SamMed3DTrainer(BasicTrainTask):
         if checked:  # before MONAI Label's stats handler, so the stats carry the reference Dice
             context.evaluator.add_event_handler(
                 Events.EPOCH_COMPLETED, ReferenceCheck(self, context, publisher, self.VAL_METRIC_MEAN_DICE))
+            blend = float(context.request.get("blend", self._config.get("blend", BLEND)) or 0.0)
+            if blend > 0 and not context.multi_gpu:  # after the ValidationHandler: it reads that epoch's verdict
+                context.trainer.add_event_handler(
+                    Events.EPOCH_COMPLETED, BlendOnForgetting(context, publisher, self.base_model(context), blend))
         super().finalize(context)  # train stats for /info (Slicer's accuracy bar)
         if context.local_rank != 0:
             return
