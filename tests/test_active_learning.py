@@ -284,7 +284,7 @@ def test_weights_that_forgot_are_blended_with_the_base_until_a_blend_passes_the_
             publisher(self)
 
     context.evaluator = Evaluator()
-    blend = trainer_module.BlendOnForgetting(context, publisher, base, 0.5)
+    blend = trainer_module.BlendOnForgetting(context, publisher, lambda: base, 0.5)
     context.evaluator.run(0)  # before training: the bar
     context.trainer.state.epoch = 1
     context.evaluator.run(1)

@@ -67,7 +67,7 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -419,10 +419,10 @@ class BlendOnForgetting:
     base model (WiSE-FT, Wortsman et al., CVPR 2022) keeps much of what tuning learned while moving back to what
     the base model could do."""
 
-    def __init__(self, context: Context, publisher: PublishBest, base: torch.nn.Module, blend: float):
+    def __init__(self, context: Context, publisher: PublishBest, base: Callable[[], torch.nn.Module], blend: float):
         self.context = context
         self.publisher = publisher
-        self.base = base
+        self.base = base  # loaded only when an epoch is refused: a run that never blends draws what it did before
         self.blends = (float(blend), float(blend) / 2)
 
     def __call__(self, trainer: Any) -> None:
@@ -431,7 +431,7 @@ class BlendOnForgetting:
             return
         sam = _sam(self.context.network)
         tuned = {k: v.detach().clone() for k, v in sam.state_dict().items()}
-        base = self.base.state_dict()
+        base = self.base().state_dict()
         metrics = dict(self.context.evaluator.state.metrics)  # the train stats report the tuned weights' epoch
         try:
             for share in self.blends:
@@ -442,6 +442,10 @@ class BlendOnForgetting:
                 self.context.evaluator.run(epoch)
                 if publisher.published:
                     break
+                dice = float(self.context.evaluator.state.metrics.get(publisher.metric, float("nan")))
+                if not dice > publisher.best:  # a refused blend is logged by PublishBest
+                    logger.info("Epoch %d (blend %g of the tuned and base weights): validation Dice %.4f, not above "
+                                "%.4f; not published", epoch, share, dice, publisher.best)
         finally:
             publisher.blend = 1.0
             sam.load_state_dict(tuned)
@@ -797,7 +801,7 @@ class SamMed3DTrainer(BasicTrainTask):
             blend = float(context.request.get("blend", self._config.get("blend", BLEND)) or 0.0)
             if blend > 0 and not context.multi_gpu:  # after the ValidationHandler: it reads that epoch's verdict
                 context.trainer.add_event_handler(
-                    Events.EPOCH_COMPLETED, BlendOnForgetting(context, publisher, self.base_model(context), blend))
+                    Events.EPOCH_COMPLETED, BlendOnForgetting(context, publisher, lambda: self.base_model(context), blend))
         super().finalize(context)  # train stats for /info (Slicer's accuracy bar)
         if context.local_rank != 0:
             return
