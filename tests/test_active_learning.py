@@ -12,6 +12,7 @@ import csv
 import importlib
 import json
 import logging
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +283,7 @@ def test_weights_that_forgot_are_blended_with_the_base_until_a_blend_passes_the_
                        0.6 - 0.12 * share, trainer_module.BASE_REFERENCE_METRIC: 0.6}
             self.state.metrics = dict(metrics)
             publisher(self)
+            torch.rand(3), np.random.rand(), random.random()  # an evaluation draws from the global generators
 
     context.evaluator = Evaluator()
     blend = trainer_module.BlendOnForgetting(context, publisher, lambda: base, 0.5)
@@ -290,7 +292,11 @@ def test_weights_that_forgot_are_blended_with_the_base_until_a_blend_passes_the_
     context.evaluator.run(1)
     assert publisher.refused_epoch == 1 and not published
     epoch_metrics = dict(context.evaluator.state.metrics)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     blend(context.trainer)
+    # Training goes on with the random states it had: blending changes what is published, not what is drawn.
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
     assert runs == [0.0, 1.0, 0.5, 0.25]
     assert len(published) == 1
     extra, weights = published[0]

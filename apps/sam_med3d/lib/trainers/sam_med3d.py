@@ -63,9 +63,11 @@ request (``rehearsal_data`` only by ``--conf``: a request never names a folder);
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -411,18 +413,34 @@ class PublishBest:
         self.task.publish(self.context, **extra)
 
 
+@contextlib.contextmanager
+def kept_random_state():
+    """Restore the global random states (``random``, numpy, torch, CUDA) on exit: what runs inside draws nothing
+    that the training after it would otherwise have drawn."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 class BlendOnForgetting:
     """Trainer handler (after validation): when an epoch's weights beat the validation Dice but forgot (the
     reference check refused them), try the blend ``base + a * (tuned - base)`` for ``a`` = ``blend``, then half
     of it: each is validated and reference-checked by the evaluator like an epoch, and published under the same
     rules. Training then goes on from the tuned weights. Weight-space interpolation of the fine-tuned and the
     base model (WiSE-FT, Wortsman et al., CVPR 2022) keeps much of what tuning learned while moving back to what
-    the base model could do."""
+    the base model could do. The trials keep the global random states, so training goes on as without them."""
 
     def __init__(self, context: Context, publisher: PublishBest, base: Callable[[], torch.nn.Module], blend: float):
         self.context = context
         self.publisher = publisher
-        self.base = base  # loaded only when an epoch is refused: a run that never blends draws what it did before
+        self.base = base  # loaded only when an epoch is refused
         self.blends = (float(blend), float(blend) / 2)
 
     def __call__(self, trainer: Any) -> None:
@@ -431,8 +449,13 @@ class BlendOnForgetting:
             return
         sam = _sam(self.context.network)
         tuned = {k: v.detach().clone() for k, v in sam.state_dict().items()}
-        base = self.base().state_dict()
         metrics = dict(self.context.evaluator.state.metrics)  # the train stats report the tuned weights' epoch
+        with kept_random_state():  # training goes on exactly as it would have without blending
+            self._try_blends(sam, tuned, self.base().state_dict(), epoch, metrics)
+
+    def _try_blends(self, sam: torch.nn.Module, tuned: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor],
+                    epoch: int, metrics: Dict[str, Any]) -> None:
+        publisher = self.publisher
         try:
             for share in self.blends:
                 mixed = {k: (base[k].to(v.device, v.dtype) + share * (v - base[k].to(v.device, v.dtype))
