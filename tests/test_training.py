@@ -217,6 +217,10 @@ def test_click_iterations_parse_a_count_or_a_range_and_the_step_draws_within_it(
     draws = {step.draw_iterations() for _ in range(400)}
     assert draws == set(range(1, 11))
     assert {ClickTrainingStep(num_click_iterations=click_iterations(3)).draw_iterations() for _ in range(20)} == {3}
+    # A fixed count, as an int or as (N, N), draws nothing: a seeded run's clicks are what they were before ranges.
+    fixed, plain = ClickTrainingStep(num_click_iterations=(5, 5), seed=0), ClickTrainingStep(5, seed=0)
+    fixed.draw_iterations()
+    assert fixed.rng.random() == plain.rng.random()
 
 
 def test_click_centred_validation_crops_follow_a_seeded_voxel_of_the_target(tmp_path):

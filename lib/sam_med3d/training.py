@@ -695,9 +695,9 @@ class ClickTrainingStep:
 
     def draw_iterations(self) -> int:
         n = self.num_click_iterations
-        if isinstance(n, (tuple, list)):
+        if isinstance(n, (tuple, list)) and int(n[0]) != int(n[1]):
             return int(self.rng.integers(int(n[0]), int(n[1]) + 1))
-        return int(n)
+        return int(n[0] if isinstance(n, (tuple, list)) else n)  # a fixed count draws nothing: seeded runs repeat
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any],
                    device: Optional[torch.device] = None, amp: bool = False,
