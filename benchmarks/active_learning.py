@@ -49,6 +49,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -364,8 +365,6 @@ def parse_schedule(cases: str, rounds: Optional[int]) -> List[int]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from monailabel.client import MONAILabelClient
-
     schedule = parse_schedule(args.cases, args.rounds)
     if args.other_sequences < 1:
         raise ValueError(f"--other-sequences must be at least 1, got {args.other_sequences}")
@@ -375,6 +374,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="active_learning_"))
+    try:
+        return campaign_rounds(args, schedule, out, work)
+    finally:  # also on Ctrl-C / SIGTERM while the phantoms are written or the server starts
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def campaign_rounds(args: argparse.Namespace, schedule: List[int], out: Path, work: Path) -> Dict[str, Any]:
+    """Write the campaign's scans to ``work``, start the server there and run the rounds; the summary."""
+    from monailabel.client import MONAILabelClient
+
     studies = work / "studies"
     studies.mkdir()
     began = time.perf_counter()
@@ -432,8 +442,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         log = work / "server.log"
         if log.exists():
             shutil.copy(log, out / "server.log")
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
     summary = {
         "structure": args.structure,
@@ -493,4 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, a kill) raises SystemExit: the phantom generator is killed, the server stopped and the
+    # temporary folder removed by the ``finally`` blocks, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())

@@ -99,7 +99,11 @@ def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path
     log = open(log_path, "wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = Server(process, f"http://{host}:{port}", log_path)
-    wait_until_answering(server, f"{server.url}/info/", "the MONAI Label server", timeout_s, interval_s=1.0)
+    try:
+        wait_until_answering(server, f"{server.url}/info/", "the MONAI Label server", timeout_s, interval_s=1.0)
+    except BaseException:  # not answering, Ctrl-C, SIGTERM: stop what was started
+        server.stop()
+        raise
     return server
 
 
