@@ -325,9 +325,12 @@ def test_reference_check_scores_the_base_once_and_the_tuned_model_only_at_candid
         def __len__(self):
             return 2
 
-        def __call__(self, sam, cache_key=None):
+        def per_target(self, sam, cache_key=None):
             calls.append(cache_key)
-            return 0.6 if cache_key == "base" else 0.5
+            return [0.7, 0.5] if cache_key == "base" else [0.72, 0.28]
+
+        def per_structure(self, scores):
+            return dict(zip(["liver", "kidney_left"], scores))
 
     monkeypatch.setattr(rehearsal, "ReferenceScore", FakeScore)
     sam = build_sam_med3d("vit_mini")
@@ -342,10 +345,32 @@ def test_reference_check_scores_the_base_once_and_the_tuned_model_only_at_candid
         context.trainer.state.epoch, publisher.best = epoch, best
         metrics = {"val_mean_dice": dice}
         check(SimpleNamespace(state=SimpleNamespace(metrics=metrics)))
-        seen.append((metrics[trainer_module.REFERENCE_METRIC], metrics[trainer_module.BASE_REFERENCE_METRIC]))
+        seen.append((metrics[trainer_module.REFERENCE_METRIC], metrics[trainer_module.BASE_REFERENCE_METRIC],
+                     metrics[trainer_module.WORST_DROP_METRIC]))
     # Built once; the base scored once; the tuned model before training and at epoch 2 (the only candidate).
     assert calls == [("init", 2, int(sam.img_size), 3), "base", "tuned", "tuned"]
-    assert seen == [(0.5, 0.6)] * 4
+    # Mean 0.5 against 0.6; the left kidney lost 0.22 (the liver gained): the worst drop.
+    assert [v for row in seen for v in row] == pytest.approx([0.5, 0.6, 0.22] * 4)
+
+
+def test_publish_best_does_not_publish_weights_that_forgot_one_structure(trainer_module):
+    published = []
+    task = SimpleNamespace(publish=lambda context, **extra: published.append(extra))
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)))
+    handler = trainer_module.PublishBest(task, context, "val_mean_dice", max_forgetting=0.05,
+                                         max_structure_forgetting=0.15)
+    base, ref, worst = (trainer_module.BASE_REFERENCE_METRIC, trainer_module.REFERENCE_METRIC,
+                        trainer_module.WORST_DROP_METRIC)
+    for epoch, dice, drop in [(0, 0.5, 0.0), (1, 0.7, 0.27), (2, 0.6, 0.15), (3, 0.8, float("nan"))]:
+        context.trainer.state.epoch = epoch
+        handler(SimpleNamespace(state=SimpleNamespace(metrics={"val_mean_dice": dice, ref: 0.59, base: 0.6,
+                                                               worst: drop})))
+        if epoch == 1:  # the mean is within 0.05, but one structure lost 0.27: refused, and blending may try
+            assert handler.refused_epoch == 1 and not published
+    assert published == [
+        {"epoch": 2, "val_dice": 0.6, "reference_dice": 0.59, "base_reference_dice": 0.6, "reference_worst_drop": 0.15},
+        {"epoch": 3, "val_dice": 0.8, "reference_dice": 0.59, "base_reference_dice": 0.6},
+    ]
 
 
 def test_mixed_sampler_draws_the_users_and_the_rehearsal_samples_evenly(trainer_module):

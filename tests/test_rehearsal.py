@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -67,6 +68,34 @@ def test_the_bundled_rehearsal_set_is_the_bundled_training_phantoms_written_once
     stamp = (folder / "imagesTr" / images[0]).stat().st_mtime_ns
     assert rehearsal.bundled_rehearsal_set(folder) == folder
     assert (folder / "imagesTr" / images[0]).stat().st_mtime_ns == stamp  # not written again
+    # The structures are named (dataset.json), also in a set written before the names were.
+    (folder / "dataset.json").unlink()
+    rehearsal.bundled_rehearsal_set(folder)
+    assert json.loads((folder / "dataset.json").read_text())["labels"]["4"] == "kidney_left"
+
+
+def test_reference_targets_are_named_by_the_sets_dataset_json_or_by_label_value(tmp_path):
+    folder = make_set(tmp_path / "set", 4)
+    _, reference = rehearsal.rehearsal_datalist(folder)
+    assert [r["structure"] for r in reference] == ["label_1", "label_2"]
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    _, reference = rehearsal.rehearsal_datalist(folder)
+    assert [r["structure"] for r in reference] == ["liver", "spleen"]
+    (folder / "dataset.json").write_text("{not json")  # a broken file costs the names, not the check
+    _, reference = rehearsal.rehearsal_datalist(folder)
+    assert [r["structure"] for r in reference] == ["label_1", "label_2"]
+
+
+def test_per_structure_means_and_the_worst_drop_name_the_structure_that_lost_most():
+    means = rehearsal.per_structure(["liver", "kidney", "liver", "kidney"], [0.8, 0.6, 0.6, 0.4])
+    assert means == pytest.approx({"liver": 0.7, "kidney": 0.5})
+    drop, name = rehearsal.worst_drop({"liver": 0.7, "kidney": 0.5, "aorta": 0.4},
+                                      {"liver": 0.75, "kidney": 0.2, "aorta": 0.3})
+    assert drop == pytest.approx(0.3) and name == "kidney"
+    drop, name = rehearsal.worst_drop({"liver": 0.7}, {"liver": 0.9})
+    assert drop == pytest.approx(-0.2) and name == "liver"  # better everywhere: a negative drop
+    drop, name = rehearsal.worst_drop({"liver": 0.7}, {"spleen": 0.9})
+    assert np.isnan(drop) and name is None
 
 
 def test_rand_structured_draws_each_listed_structure_and_leaves_a_single_value_alone():
@@ -98,3 +127,33 @@ def test_reference_score_is_repeatable_and_its_cache_keeps_the_embeddings(tmp_pa
             p.add_(torch.randn_like(p))
     assert score.per_target(sam, cache_key="base") == first
     assert score(sam) == pytest.approx(float(np.mean(score.per_target(sam))))
+
+
+def test_reference_score_averages_seeded_sequences_per_target_the_first_as_with_one(tmp_path, monkeypatch):
+    from sam_med3d import build_sam_med3d, training
+
+    folder = make_set(tmp_path / "set", 4, size=48)
+    _, reference = rehearsal.rehearsal_datalist(folder)
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini").eval()
+    embeddings = []
+
+    def session(sam, image, label, num_clicks, rng, mask_only_iterations, embedding):
+        embeddings.append(embedding)
+        return {"dice": float(rng.random())}  # a Dice that names the session's generator
+
+    monkeypatch.setattr(training, "run_click_iterations", session)
+    one = rehearsal.ReferenceScore(reference, crop_size=int(sam.img_size), num_clicks=2, sequences=1)
+    two = rehearsal.ReferenceScore(reference, crop_size=int(sam.img_size), num_clicks=2, sequences=2)
+    assert two.structures == ["label_1", "label_2"]
+    seed = rehearsal.REFERENCE_SEED
+    first = [np.random.default_rng([seed, i]).random() for i in range(2)]
+    second = [np.random.default_rng([seed, i, 1]).random() for i in range(2)]
+    assert one.per_target(sam) == pytest.approx(first)
+    embeddings.clear()
+    both = two.per_target(sam)
+    assert both == pytest.approx([(a + b) / 2 for a, b in zip(first, second)])
+    assert len(embeddings) == 4 and embeddings[0] is embeddings[1]  # one encoding per target
+    assert two.per_structure(both) == pytest.approx(dict(zip(["label_1", "label_2"], both)))
+    with pytest.raises(ValueError, match="sequences"):
+        rehearsal.ReferenceScore(reference, crop_size=int(sam.img_size), sequences=0)

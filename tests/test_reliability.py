@@ -255,6 +255,8 @@ BAD_INPUTS = [
     ("train_seed_negative", _train({"seed": -2}), 422, "seed"),
     ("train_rehearsal_negative", _train({"rehearsal": -0.5}), 422, "rehearsal"),
     ("train_max_forgetting_string", _train({"max_forgetting": "0.1"}), 422, "max_forgetting"),
+    ("train_max_structure_forgetting_above_one", _train({"max_structure_forgetting": 2}), 422,
+     "max_structure_forgetting"),
     ("train_batch_size_string", _train({"train_batch_size": "8"}), 422, "train_batch_size"),
     ("train_multi_gpu_string", _train({"multi_gpu": "yes"}), 422, "multi_gpu"),
     ("train_dataset_unknown", _train({"dataset": "EvilDataset"}), 422, "dataset"),

@@ -88,7 +88,7 @@ def _strip_suffix(name: str) -> Optional[str]:
     return None
 
 
-def _label_names(dataset_dir: Path, root: Path) -> Dict[int, str]:
+def label_names(dataset_dir: Path, root: Path) -> Dict[int, str]:
     """value -> name from dataset.json (both nnU-Net v1 value->name and v2 name->value), background dropped.
 
     Without dataset.json (official SAM-Med3D layout) label 1 is named after the category folder
@@ -138,7 +138,7 @@ def discover_cases(roots: Sequence[os.PathLike]) -> List[Case]:
             raise ValueError(f"--data folder {root} holds no dataset (no folder with imagesTr/ and labelsTr/)")
         for ds in dirs:
             dataset = ds.name if ds == root else ds.relative_to(root).as_posix()
-            names = _label_names(ds, root)
+            names = label_names(ds, root)
             images = {}
             for img in (ds / "imagesTr").iterdir():
                 stem = _strip_suffix(img.name)

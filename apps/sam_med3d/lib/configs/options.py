@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, str] = {
     "rehearsal": "0.5",
     "rehearsal_data": "auto",
     "max_forgetting": "0.05",
+    "max_structure_forgetting": "0.15",
     "blend": "0.5",
     "val_split": "0.2",
     "lr": "0.001",
@@ -84,7 +85,9 @@ HELP: Dict[str, str] = {
                       "none), 'none' or a folder",
     "max_forgetting": "a round publishes only if the Dice on the rehearsal set's held-back scans is at most this "
                       "far below the base model's",
-    "blend": "when a candidate epoch fails max_forgetting, publish instead base + blend * (tuned - base) (then "
+    "max_structure_forgetting": "... and no single structure there is more than this far below the base model's "
+                                "(1: off)",
+    "blend": "when a candidate epoch fails max_forgetting or max_structure_forgetting, publish instead base + blend * (tuned - base) (then "
              "half of it) if that passes validation and the check; 0: off",
     "val_split": "default fraction of labelled images held out for validation Dice",
     "lr": "default AdamW learning rate for fine-tuning",
@@ -299,6 +302,7 @@ class AppOptions:
     rehearsal: float = 0.5
     rehearsal_data: str = "auto"
     max_forgetting: float = 0.05
+    max_structure_forgetting: float = 0.15
     blend: float = 0.5
     raw: Dict[str, str] = field(default_factory=dict)
 
@@ -347,6 +351,7 @@ class AppOptions:
             rehearsal=_float("rehearsal", values["rehearsal"], 0.0, MAX_REHEARSAL),
             rehearsal_data=_rehearsal_data(values["rehearsal_data"]),
             max_forgetting=_float("max_forgetting", values["max_forgetting"], 0.0, 1.0),
+            max_structure_forgetting=_float("max_structure_forgetting", values["max_structure_forgetting"], 0.0, 1.0),
             blend=_float("blend", values["blend"], 0.0, 1.0),
             raw=values,
         )

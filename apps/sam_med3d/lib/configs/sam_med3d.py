@@ -70,6 +70,7 @@ class SamMed3DConfig(TaskConfig):
             rehearsal=self.options.rehearsal,
             rehearsal_data=self.options.rehearsal_data,
             max_forgetting=self.options.max_forgetting,
+            max_structure_forgetting=self.options.max_structure_forgetting,
             blend=self.options.blend,
         )
 

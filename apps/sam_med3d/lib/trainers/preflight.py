@@ -157,6 +157,8 @@ _TRAIN_CHECKS = {
     "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
     "rehearsal": lambda o: _number(o, "rehearsal", 0.0, MAX_REHEARSAL, low_open=False, high_open=False),
     "max_forgetting": lambda o: _number(o, "max_forgetting", 0.0, 1.0, low_open=False, high_open=False),
+    "max_structure_forgetting": lambda o: _number(o, "max_structure_forgetting", 0.0, 1.0, low_open=False,
+                                                  high_open=False),
     "blend": lambda o: _number(o, "blend", 0.0, 1.0, low_open=False, high_open=False),
     "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
     "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
