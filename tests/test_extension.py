@@ -144,3 +144,39 @@ def test_blend_window_and_derived_points():
     assert len(derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0)) == 0
     with pytest.raises(ValueError, match="strategy"):
         ExtensionConfig(strategy="magic")
+
+
+def _tile(probs: np.ndarray, points, labels, start=(40, 40, 40)):
+    from types import SimpleNamespace
+
+    import torch
+    from sam_med3d.extension import Tile
+
+    crop = SimpleNamespace(start=start, size=probs.shape[0])
+    return Tile(crop, np.asarray(points, float).reshape(-1, 3), np.asarray(labels), torch.zeros(1),
+                torch.from_numpy(probs.astype(np.float32)))
+
+
+def test_only_the_part_of_the_mask_that_was_clicked_opens_faces():
+    """A blob elsewhere in the crop that reaches a face (a leak onto a neighbouring organ, a false positive)
+    does not send the extension into the next crop; the clicked part reaching a face does."""
+    from types import SimpleNamespace
+
+    from sam_med3d.extension import clicked_parts, open_faces
+
+    probs = np.zeros((32, 32, 32), np.float32)
+    probs[10:20, 10:20, 10:20] = 1.0   # the clicked structure, inside the crop
+    probs[0:6, 14:18, 14:18] = 0.9     # a separate blob touching the low face of axis 0
+    scan = SimpleNamespace(shape=(200, 200, 200))
+    tile = _tile(probs, [[15, 15, 15], [3, 16, 16]], [1, 0])  # the blob only holds a negative click
+    assert clicked_parts(tile).sum() == 1000
+    assert open_faces(tile, [tile], scan, margin=2, clicked_only=True) == []
+    faces = open_faces(tile, [tile], scan, margin=2, clicked_only=False)
+    assert [(axis, side) for axis, side, _ in faces] == [(0, -1)]
+    # Joined to the clicked structure, the blob is part of it, and the face opens.
+    probs[5:11, 15:17, 15:17] = 1.0
+    assert [(a, s) for a, s, _ in open_faces(_tile(probs, [[15, 15, 15]], [1]), [], scan, 2, True)] == [(0, -1)]
+    # A positive click outside the mask (or none at all) leaves nothing to follow.
+    assert not clicked_parts(_tile(probs, [[30, 30, 30]], [1])).any()
+    assert not clicked_parts(_tile(probs, np.zeros((0, 3)), [])).any()
+    assert ExtensionConfig().clicked_only

@@ -7,7 +7,10 @@ never shipped):
 
 1. **Open faces** (:func:`open_faces`): after a crop is decoded, each of its six faces is *open* when the
    crop mask reaches it (voxels within ``face_margin`` of the face) and the scan continues beyond it, and the
-   voxels just beyond the touching part are not already inside another crop.
+   voxels just beyond the touching part are not already inside another crop. Only the parts of the mask
+   connected to a positive prompt point count (``clicked_only``, :func:`clicked_parts`): a false-positive blob
+   that reaches a face elsewhere in the crop is not followed (a fine-tuned model's leaks onto a neighbouring
+   organ were, and grew over up to 6 crops: docs/app.md).
 2. **New crops** (:func:`neighbour_start`): an open face gets a crop shifted by ``img_size - overlap`` along
    that axis and centred, across it, on the part of the mask that touches the face.
 3. **Prompts** (:func:`derived_points`): a new crop knows no clicks of its own beyond the user's clicks that
@@ -54,6 +57,8 @@ class ExtensionConfig:
         face_margin: mask voxels this close to a face (in crop voxels) count as touching it.
         derived_points: positive clicks derived from the known mask for each new crop.
         zoom_spacing_mm: voxel size of the coarse pass of the ``"zoom"`` strategy.
+        clicked_only: open a face only where the part of the mask connected to a positive prompt point (the
+            user's click, or a derived one) reaches it; False: wherever any part of the mask does.
     """
 
     enabled: bool = True
@@ -64,6 +69,7 @@ class ExtensionConfig:
     face_margin: int = 2
     derived_points: int = 2
     zoom_spacing_mm: float = 3.0
+    clicked_only: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -154,16 +160,34 @@ def contains_interior(tile: Tile, canonical: np.ndarray, margin: int) -> np.ndar
     return np.all((rel >= margin) & (rel < tile.crop.size - margin), axis=1)
 
 
+def clicked_parts(tile: Tile) -> np.ndarray:
+    """``tile``'s crop mask restricted to its connected parts (26-connectivity) that hold a positive prompt point
+    (a user's click or a derived one): what the user pointed at, without blobs elsewhere in the crop."""
+    from scipy.ndimage import label as connected
+
+    mask = tile.probs.numpy() > 0.5
+    positives = np.asarray(tile.prompt_points, dtype=np.float64).reshape(-1, 3)[
+        np.asarray(tile.prompt_labels).reshape(-1) == 1]
+    if not mask.any() or not len(positives):
+        return np.zeros_like(mask)
+    parts, _ = connected(mask, structure=np.ones((3, 3, 3), bool))
+    index = np.clip(np.floor(positives).astype(np.int64), 0, np.array(mask.shape) - 1)
+    held = np.unique(parts[index[:, 0], index[:, 1], index[:, 2]])
+    held = held[held > 0]
+    return np.isin(parts, held) if len(held) else np.zeros_like(mask)
+
+
 def open_faces(tile: Tile, others: Sequence[Tile], prepared: PreparedScan, margin: int,
-               ) -> List[Tuple[int, int, np.ndarray]]:
+               clicked_only: bool = False) -> List[Tuple[int, int, np.ndarray]]:
     """The faces of ``tile`` that the extension must cross: ``[(axis, side, centre)]`` with ``side`` -1 / +1
     and ``centre`` the canonical centre (3,) of the mask voxels touching that face.
 
     A face is open when the crop mask has voxels within ``margin`` of it, the canonical grid continues beyond
-    it, and some of the voxels just beyond the touching part are not in the interior of another tile.
+    it, and some of the voxels just beyond the touching part are not in the interior of another tile. With
+    ``clicked_only`` only the mask's parts connected to a positive prompt point count (:func:`clicked_parts`).
     """
     size = tile.crop.size
-    mask = tile.probs.numpy() > 0.5
+    mask = clicked_parts(tile) if clicked_only else tile.probs.numpy() > 0.5
     faces = []
     for axis in range(3):
         for side in (-1, 1):
@@ -289,6 +313,6 @@ def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.nd
     return mask, full, {"crops": len(tiles)}
 
 
-__all__ = ("ExtensionConfig", "Tile", "STRATEGIES", "blend_window", "known_probabilities", "open_faces",
+__all__ = ("ExtensionConfig", "Tile", "STRATEGIES", "blend_window", "clicked_parts", "known_probabilities", "open_faces",
            "neighbour_start", "is_new_place", "derived_points", "combine_in_region", "combine_on_scan",
            "contains_interior")

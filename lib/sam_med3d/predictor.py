@@ -366,7 +366,7 @@ class Sam3DPredictor:
                 tile = self._run_tile(tile.crop, np.zeros((0, 3)), inside, pts, labs, timings, multimask_output,
                                       previous=tile)
             tiles.append(tile)
-        if cfg.strategy == "zoom" and not extra and open_faces(primary, tiles, prepared, cfg.face_margin):
+        if cfg.strategy == "zoom" and not extra and open_faces(primary, tiles, prepared, cfg.face_margin, cfg.clicked_only):
             tiles.extend(self._zoom_tiles(prepared, primary, pts, labs, timings, multimask_output, deadline))
         # Positive clicks farther apart than one crop are all honoured: each gets a crop of its own.
         for i in np.flatnonzero(labs == 1):
@@ -380,7 +380,7 @@ class Sam3DPredictor:
         queue = list(tiles)
         while queue and len(tiles) < cfg.max_crops and time.perf_counter() <= deadline:
             tile = queue.pop(0)
-            for axis, side, centre in open_faces(tile, tiles, prepared, cfg.face_margin):
+            for axis, side, centre in open_faces(tile, tiles, prepared, cfg.face_margin, cfg.clicked_only):
                 if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
                     break
                 start = neighbour_start(tile, axis, side, centre, overlap)
