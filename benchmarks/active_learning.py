@@ -259,14 +259,14 @@ def evaluate_round(client, studies: Path, campaign: Dict[str, List[Target]], lab
 # ------------------------------------------------------------------------------------- annotate and train
 def published_by(path: Optional[str]) -> Optional[Dict[str, Any]]:
     """What the served fine-tuned checkpoint says about the round that wrote it (``run_id``, ``epoch``,
-    ``val_dice``, reference Dice, ``blend`` when it is a blend of the tuned and base weights); ``None`` when the
+    ``val_dice``, reference Dice and largest per-structure drop, ``blend`` when it is a blend of the tuned and base weights); ``None`` when the
     bundled weights are still served."""
     import torch
 
     if not path or not Path(path).is_file() or "finetuned" not in Path(path).name:
         return None
     meta = torch.load(path, map_location="cpu", weights_only=True)
-    keys = ("run_id", "epoch", "val_dice", "reference_dice", "base_reference_dice", "blend")
+    keys = ("run_id", "epoch", "val_dice", "reference_dice", "base_reference_dice", "reference_worst_drop", "blend")
     return {k: meta[k] for k in keys if k in meta}
 
 

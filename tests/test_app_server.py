@@ -189,6 +189,15 @@ def test_rehearsal_data_option_is_auto_none_or_a_training_layout_folder(app_lib,
         options.AppOptions.from_conf({"rehearsal": "-1"}, "/tmp")
 
 
+def test_max_structure_forgetting_option_reaches_the_trainer_and_is_checked(app_lib):
+    options = app_lib["configs.options"]
+    assert options.AppOptions.from_conf({}, "/tmp").max_structure_forgetting == 0.1
+    assert options.AppOptions.from_conf({"max_structure_forgetting": "0.2"}, "/tmp").max_structure_forgetting == 0.2
+    for bad in ("-0.1", "1.5", "x"):
+        with pytest.raises(ValueError, match="max_structure_forgetting"):
+            options.AppOptions.from_conf({"max_structure_forgetting": bad}, "/tmp")
+
+
 def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):
     import sam_med3d.checkpoint as checkpoint
 

@@ -42,7 +42,7 @@ DEFAULTS: Dict[str, str] = {
     "rehearsal": "0.5",
     "rehearsal_data": "auto",
     "max_forgetting": "0.05",
-    "max_structure_forgetting": "0.15",
+    "max_structure_forgetting": "0.1",
     "blend": "0.5",
     "val_split": "0.2",
     "lr": "0.001",
@@ -302,7 +302,7 @@ class AppOptions:
     rehearsal: float = 0.5
     rehearsal_data: str = "auto"
     max_forgetting: float = 0.05
-    max_structure_forgetting: float = 0.15
+    max_structure_forgetting: float = 0.1
     blend: float = 0.5
     raw: Dict[str, str] = field(default_factory=dict)
 
