@@ -12,8 +12,7 @@ learned from:
 - :class:`ReferenceScore` measures a model on the reference targets: Dice after seeded simulated click sessions
   on the crops inference uses, per target and per structure. A trainer compares the tuned model's scores with
   the base model's and refuses to publish weights that forgot more than a set margin, on average or on any one
-  structure (:func:`worst_drop`): tuned on the spleen, a decoder may forget only the left kidney next to it,
-  which moves the mean over all structures little.
+  structure (:func:`worst_drop`): the mean over all held-back structures moves little when one organ is lost.
 
 :func:`bundled_rehearsal_set` writes the rehearsal set of the bundled offline model: phantoms drawn as its
 training data was (:mod:`sam_med3d.phantoms`, the seeds of its model card, CT and MR-like).
