@@ -185,13 +185,15 @@ def click_session(client, studies: Path, target: Target, label_values: Dict[str,
     positives: List[List[int]] = []
     negatives: List[List[int]] = []
     dices: List[float] = []
+    weights = None
     for _ in range(max_clicks):
         click = next_click(pred, gt, rng, mode="random")
         if click is None:  # nothing left to correct
             break
         (positives if click[1] == 1 else negatives).append([int(c) for c in click[0]])
         params = {target.name: positives, "background": negatives, "label": target.name}
-        path, _ = client.infer(MODEL, target.image_id, params)
+        path, response = client.infer(MODEL, target.image_id, params)
+        weights = _answered_by(response, target.name) or weights
         try:
             labels = np.asarray(nib.load(path).dataobj)
         finally:
@@ -203,7 +205,19 @@ def click_session(client, studies: Path, target: Target, label_values: Dict[str,
         dices.append(_dice(pred, gt))
         if len(dices) >= min_clicks and dices[-1] >= stop_dice:
             break
-    return {"dice": dices, "mask": pred}
+    return {"dice": dices, "mask": pred, "weights": weights}
+
+
+def _answered_by(response: Any, name: str) -> Optional[str]:
+    """Which weights answered ``name`` ("fine-tuned" / "base", see ``--conf finetuned_for``), from the infer
+    response (a dict or its JSON text), or None when it does not say."""
+    if isinstance(response, (str, bytes)):
+        try:
+            response = json.loads(response)
+        except ValueError:
+            return None
+    entry = (response or {}).get("sam_med3d", {}).get(name) if isinstance(response, dict) else None
+    return entry.get("weights") if isinstance(entry, dict) else None
 
 
 def dice_at(dices: Sequence[float], k: int) -> float:
@@ -233,20 +247,22 @@ def evaluate_round(client, studies: Path, campaign: Dict[str, List[Target]], lab
         per_target.append({"curve": curve, "noc80": noc(out["dice"], max_clicks=max_clicks)})
         rows.append({"round": round_index, "group": "evaluate", "image": target.image_id, "structure": target.name,
                      **{f"dice@{k}": round(curve[k - 1], 4) for k in REPORT_CLICKS},
-                     "noc80": per_target[-1]["noc80"]})
+                     "noc80": per_target[-1]["noc80"], "weights": out["weights"]})
     other = []
     for target in campaign["others"]:
         # Several seeded click sequences per target (a fresh session each), averaged: one sequence of random
         # error clicks swings a target's Dice by 0.3-0.5 (a collapse between two clicks), which a handful of
         # targets cannot average out. The first sequence is the one earlier runs used.
-        dices = []
+        dices, weights = [], set()
         for sequence in range(other_sequences):
             keys = ("other", target.image_id, target.name) + ((sequence,) if sequence else ())
             out = click_session(client, studies, target, labels, _rng(seed, *keys), OTHER_CLICKS, 2.0)
             dices.append(dice_at(out["dice"], OTHER_CLICKS))
+            weights.add(out["weights"])
         other.append(float(np.mean(dices)))
         rows.append({"round": round_index, "group": "other", "image": target.image_id, "structure": target.name,
-                     f"dice@{OTHER_CLICKS}": round(other[-1], 4)})
+                     f"dice@{OTHER_CLICKS}": round(other[-1], 4),
+                     "weights": "/".join(sorted(str(w) for w in weights))})
     curves = np.array([t["curve"] for t in per_target]) if per_target else np.zeros((0, max(REPORT_CLICKS)))
     return {
         "dice": {str(k): float(curves[:, k - 1].mean()) for k in REPORT_CLICKS} if per_target else {},

@@ -533,3 +533,39 @@ def test_retention_agreement_metric_reads_the_step_output_before_and_after_decol
     assert read([{"retention_agreement": 0.2}, {"retention_agreement": 0.4}]) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="retention_agreement"):
         read([{"loss": 1.0}])
+
+
+def test_published_weights_record_the_label_names_they_were_trained_on(trainer_module, tmp_path, caplog):
+    """The checkpoint's ``structures`` (the labels the fine-tuned weights answer with ``--conf finetuned_for
+    trained``): the names of this run's saved label values, plus those the starting weights were trained on."""
+    from monailabel.tasks.train.basic_train import Context
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import load_model, save_checkpoint
+
+    def recorded():
+        return load_model(str(finetuned)).checkpoint_info["extra"]["structures"]
+
+    torch.manual_seed(0)
+    base_path = save_checkpoint(build_sam_med3d("vit_mini"), tmp_path / "base.pt")
+    finetuned = tmp_path / "finetuned_base.pt"
+    served = SimpleNamespace(device="cpu", path=lambda: finetuned if finetuned.is_file() else base_path,
+                             expected_arch="auto", base=SimpleNamespace(path=base_path), finetuned=finetuned)
+    labels = {"background": 0, "spleen": 1, "liver": 2, "kidney_left": 3}
+    trainer = trainer_module.SamMed3DTrainer(str(tmp_path), served, labels, epochs=1, val_split=0.0, lr=1e-4,
+                                             train_clicks=2, multi_gpu=False, retention=0.0)
+    with caplog.at_level(logging.WARNING):
+        names = trainer.structure_names([{"label_value": 2}, {"label_value": 1}, {"label_value": 2},
+                                         {"label_value": 9}])
+    assert names == ["liver", "spleen"] and "label value(s) [9]" in caplog.text
+
+    context = Context()
+    context.request, context.device, context.run_id = {}, "cpu", "round1"
+    context.network = trainer.network(context)  # from the base weights: nothing recorded yet
+    trainer.trained_structures = ["spleen"]
+    trainer.publish(context, epoch=1)
+    assert recorded() == ["spleen"]
+    # The next round starts from those weights and trains on liver labels only: both are answered.
+    context.network = trainer.network(context)
+    trainer.trained_structures = ["liver"]
+    trainer.publish(context, epoch=1)
+    assert recorded() == ["liver", "spleen"]

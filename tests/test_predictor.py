@@ -390,3 +390,47 @@ def test_vit_mini_end_to_end(data_dir):
         assert result.region_mask.dtype == np.uint8 and result.region_mask.size == int(box.sum())
         np.testing.assert_array_equal(result.region_mask, result.mask[result.region_ijk])
         assert not result.mask[~box].any() and result.region_mask.any()
+
+
+def test_a_sibling_shares_the_scan_and_the_embeddings_of_a_shared_encoder(spleen):
+    predictor, model = spleen
+    other = SphereSam3D(img_size=model.img_size, radius=2 * RADIUS)  # other weights: twice the ball
+    other.image_encoder = model.image_encoder  # one encoder module, as after share_image_encoder
+    sibling = predictor.sibling(other)
+    assert sibling.prepared is predictor.prepared
+    first = predictor.predict([[100, 300, 20]], [1], label_key="spleen")
+    runs = predictor.encoder_runs
+    second = sibling.predict([[100, 300, 20]], [1], label_key="spleen")
+    assert not second.encoder_ran and sibling.encoder_runs == 0 and predictor.encoder_runs == runs
+    assert second.mask.sum() > 4 * first.mask.sum()  # answered by the sibling's weights (radius 2x: ~8x volume)
+    # Label states are each predictor's own: the sibling's click does not continue the original's session.
+    assert predictor.predict([[100, 300, 20], [101, 300, 20]], [1, 1], label_key="spleen").decode_steps == 1
+    assert len(other.calls) == 1
+
+
+def test_a_sibling_with_its_own_encoder_runs_it(spleen):
+    predictor, model = spleen
+    other = SphereSam3D(img_size=model.img_size)
+    predictor.predict([[100, 300, 20]], [1])
+    sibling = predictor.sibling(other)
+    assert sibling.predict([[100, 300, 20]], [1]).encoder_ran and len(other.image_encoder.images) == 1
+    with pytest.raises(ValueError, match="same input size"):
+        predictor.sibling(SphereSam3D(img_size=2 * model.img_size))
+
+
+def test_share_image_encoder_only_when_the_weights_are_equal():
+    from sam_med3d.build import build_sam_med3d as build_sam3d
+    from sam_med3d.predictor import share_image_encoder
+
+    torch.manual_seed(0)
+    base = build_sam3d("vit_mini")
+    tuned = build_sam3d("vit_mini")
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        next(tuned.mask_decoder.parameters()).add_(1.0)  # decoder tuned, encoder frozen
+    assert share_image_encoder(tuned, base) and tuned.image_encoder is base.image_encoder
+    changed = build_sam3d("vit_mini")
+    changed.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        next(changed.image_encoder.parameters()).add_(1e-3)
+    assert not share_image_encoder(changed, base) and changed.image_encoder is not base.image_encoder

@@ -223,6 +223,29 @@ class Sam3DPredictor:
             self._embeddings.clear()
             self._states.clear()
 
+    def sibling(self, model: nn.Module) -> "Sam3DPredictor":
+        """Another predictor on this predictor's scan that answers with ``model`` (e.g. weights fine-tuned for
+        some structures, next to the base weights for the others).
+
+        The prepared scan is shared (no second load or resampling) and so is the lock. When ``model``'s image
+        encoder is the same module as this predictor's (fine-tuning with the encoder frozen, see
+        :func:`share_image_encoder`), the crop embeddings are shared too: the encoder runs once per crop for
+        both. Label states (clicks, previous masks) are the sibling's own. Call :meth:`set_image` on neither
+        afterwards: a sibling belongs to the scan it was made on.
+        """
+        with self._lock:
+            other = Sam3DPredictor(model, device=self.device, spacing_mm=self.spacing_mm,
+                                   cache_size=self.cache_size, extension=self.extension)
+            if other.img_size != self.img_size:
+                raise ValueError(f"a sibling predictor's model must have the same input size, got "
+                                 f"{other.img_size} for {self.img_size}")
+            other._lock = self._lock
+            other._prepared = self._prepared
+            other._image_key = self._image_key
+            if model.image_encoder is self.model.image_encoder:
+                other._embeddings = self._embeddings
+            return other
+
     @staticmethod
     def _file_key(path_or_array: ScanInput) -> Optional[Hashable]:
         if not isinstance(path_or_array, (str, os.PathLike)):
@@ -536,4 +559,19 @@ class Sam3DPredictor:
         return replace(result, timings=timings, encoder_ran=False, decode_steps=0)
 
 
-__all__ = ("Sam3DPredictor", "PredictionResult")
+def share_image_encoder(model: nn.Module, other: nn.Module) -> bool:
+    """Make ``model`` use ``other``'s image encoder module when their encoder weights are equal (e.g. a model
+    fine-tuned with the encoder frozen, and its base), so sibling predictors share crop embeddings and the
+    encoder's memory. Returns whether it did; ``model`` is unchanged when the weights differ."""
+    mine, theirs = model.image_encoder.state_dict(), other.image_encoder.state_dict()
+    if mine.keys() != theirs.keys():
+        return False
+    for key, value in mine.items():
+        peer = theirs[key]
+        if value.shape != peer.shape or value.dtype != peer.dtype or not torch.equal(value, peer.to(value.device)):
+            return False
+    model.image_encoder = other.image_encoder
+    return True
+
+
+__all__ = ("Sam3DPredictor", "PredictionResult", "share_image_encoder")

@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, str] = {
     "cache_max_gb": "8",
     "preload": "true",
     "use_finetuned": "true",
+    "finetuned_for": "trained",
     "epochs": "20",
     "samples_per_epoch": "16",
     "retention": "4.0",
@@ -73,6 +74,9 @@ HELP: Dict[str, str] = {
                     "(0: no bound)",
     "preload": "load the model when the server starts (true) or on the first click (false)",
     "use_finetuned": "serve <model_dir>/finetuned_<base>.pt (written by training) when it exists",
+    "finetuned_for": "which labels the fine-tuned weights answer: 'trained' (the labels they were trained on; "
+                     "every other label is answered by the base weights, so tuning on one structure never "
+                     "changes the others) or 'all'",
     "epochs": "default max_epochs of a training run (the Train request may override it)",
     "samples_per_epoch": "training samples drawn per epoch at least: with fewer saved targets each is drawn "
                          "again (new crop jitter, flips and clicks) so a few labels still give enough steps",
@@ -107,6 +111,15 @@ HELP: Dict[str, str] = {
                        "true for viewers on a network: 78 MB -> about 0.5 MB for a 512x512x300 CT, for about "
                        "0.1 s of server time per click",
 }
+
+def _finetuned_for(value: str) -> str:
+    from lib.configs.weights import FINETUNED_FOR
+
+    choice = str(value).strip().lower()
+    if choice not in FINETUNED_FOR:
+        raise ValueError(f"--conf finetuned_for must be one of {', '.join(FINETUNED_FOR)}, got {value!r}")
+    return choice
+
 
 def _origins(value: str) -> tuple:
     origins = tuple(o.strip().rstrip("/") for o in str(value).split(",") if o.strip())
@@ -304,6 +317,7 @@ class AppOptions:
     max_forgetting: float = 0.05
     max_structure_forgetting: float = 0.1
     blend: float = 0.5
+    finetuned_for: str = "trained"
     raw: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -353,5 +367,6 @@ class AppOptions:
             max_forgetting=_float("max_forgetting", values["max_forgetting"], 0.0, 1.0),
             max_structure_forgetting=_float("max_structure_forgetting", values["max_structure_forgetting"], 0.0, 1.0),
             blend=_float("blend", values["blend"], 0.0, 1.0),
+            finetuned_for=_finetuned_for(values["finetuned_for"]),
             raw=values,
         )

@@ -38,7 +38,8 @@ class SamMed3DConfig(TaskConfig):
         base = resolve_base_weights(self.options.checkpoint, self.options.model_dir)
         export_for_subprocesses(base)
         self.served = ServedModel(base, self.options.model, self.options.device,
-                                  finetuned_path(self.options.model_dir, base.path), self.options.use_finetuned)
+                                  finetuned_path(self.options.model_dir, base.path), self.options.use_finetuned,
+                                  self.options.finetuned_for)
         self.labels = dict(self.options.labels)
         self.path = [str(base.path), str(self.served.finetuned)]  # MONAI Label's convention: latest last
         # The one line an operator needs: which model answers the clicks, and why that one.

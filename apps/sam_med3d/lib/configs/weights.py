@@ -26,11 +26,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import FrozenSet, Optional, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+#: Values of ``--conf finetuned_for``: which labels the fine-tuned weights answer (see :meth:`ServedModel.structures`).
+FINETUNED_FOR = ("trained", "all")
 
 #: Environment variable through which the server hands its resolved base weights to its subprocesses.
 ENV_RESOLVED = "SAM_MED3D_APP_WEIGHTS"
@@ -175,13 +178,18 @@ class ServedModel:
     its mtime changed, which is how weights published by a training subprocess reach the clicks.
     """
 
-    def __init__(self, base: BaseWeights, expected_arch: str, device: str, finetuned: Path, use_finetuned: bool):
+    def __init__(self, base: BaseWeights, expected_arch: str, device: str, finetuned: Path, use_finetuned: bool,
+                 finetuned_for: str = "trained"):
+        if finetuned_for not in FINETUNED_FOR:
+            raise ValueError(f"finetuned_for must be one of {', '.join(FINETUNED_FOR)}, got {finetuned_for!r}")
         self.base = base
         self.expected_arch = expected_arch
         self.device = device
         self.finetuned = Path(finetuned)
         self.use_finetuned = use_finetuned
+        self.finetuned_for = finetuned_for
         self._model: "torch.nn.Module | None" = None
+        self._base_model: "torch.nn.Module | None" = None
         self._loaded_key: "Tuple[str, int, int] | None" = None
         self.arch = expected_arch
 
@@ -208,8 +216,37 @@ class ServedModel:
         first = self._model is None
         model, arch = load_weights(path, self.expected_arch, self.device)
         self._model, self._loaded_key, self.arch = model, key, arch
+        self._base_model = None  # loaded again on demand, sharing the new model's encoder when it can
         if first:  # the app already logged which model it serves and why, at start
             logger.debug("Loaded SAM-Med3D %s from %s on %s", arch, path, self.device)
         else:
             logger.info("Now serving new SAM-Med3D %s weights: %s", arch, self.describe())
         return model, True
+
+    def structures(self) -> Optional[FrozenSet[str]]:
+        """The label names the model last returned by :meth:`get` answers, or None for every label.
+
+        Base weights answer every label. Fine-tuned weights answer only the labels they were trained on (the
+        ``structures`` their checkpoint records) with ``finetuned_for`` ``trained``; every label with ``all``
+        or when the checkpoint records none (written by an older trainer)."""
+        if self._model is None or self.finetuned_for == "all" or self._loaded_key is None \
+                or self._loaded_key[0] != str(self.finetuned):
+            return None
+        info = getattr(self._model, "checkpoint_info", None) or {}
+        structures = (info.get("extra") or {}).get("structures")
+        if not isinstance(structures, (list, tuple)):
+            return None
+        return frozenset(str(name) for name in structures)
+
+    def base_model(self) -> torch.nn.Module:
+        """The base weights, for the labels the served fine-tuned weights do not answer (loaded once per served
+        file). Its image encoder is the served model's own module when their weights are equal (fine-tuning
+        with the encoder frozen), so both share crop embeddings (``Sam3DPredictor.sibling``) and memory."""
+        if self._base_model is None:
+            from sam_med3d.predictor import share_image_encoder
+
+            model, _ = load_weights(self.base.path, self.expected_arch, self.device)
+            if self._model is not None:
+                share_image_encoder(model, self._model)
+            self._base_model = model
+        return self._base_model

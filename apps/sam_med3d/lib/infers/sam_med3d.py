@@ -176,6 +176,11 @@ class SamMed3DInfer(InferTask):
                     session.label_map = _read_label_file(label_file, session.scan.shape)
                     session.fresh = False
                 per_label, timings = self._predict(session, targets)
+                tuned = self.served.path() != self.served.base.path
+                for name, entry in per_label.items():
+                    # Which weights answered: fine-tuned ones answer the labels they were trained on (--conf
+                    # finetuned_for), the base weights the others.
+                    entry["weights"] = "fine-tuned" if tuned and session.predictor.answers(name) else "base"
                 image_session.set_label_map(client, session.label_map)
                 label_map = session.label_map
                 names = label_names_present(label_map, self.label_values, self._label_boxes(session))
@@ -257,7 +262,9 @@ class SamMed3DInfer(InferTask):
                                    **({} if self.extension is None else {"extension": self.extension}))
         predictor.set_image(scan)
         # No initial map: each client's starts as zeros (made Fortran-ordered, for free, by _label_boxes).
-        session = ImageSession(scan=scan, predictor=predictor)
+        answers = self.served.structures()  # fine-tuned weights answer only the labels they were trained on
+        session = ImageSession(scan=scan, predictor=predictor, answers=answers,
+                               base_model=None if answers is None else self.served.base_model())
         self.sessions.put(key, session)
         return session, {"load": loaded - start, "set_image": time.perf_counter() - loaded}
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import InitVar, dataclass, field
-from typing import Any, Callable, Dict, Hashable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Hashable, Optional, Set, Tuple
 
 import numpy as np
 
@@ -54,15 +54,22 @@ class ClientPredictor:
     Embeddings stay shared (they depend on the crop only); clicks and previous masks are the client's own.
     """
 
-    def __init__(self, predictor: Any, client: str, used_keys: Set[Hashable]):
+    def __init__(self, predictor: Any, client: str, used_keys: Set[Hashable],
+                 route: Optional[Callable[[Hashable], Any]] = None):
         self._predictor = predictor
         self._client = client
         self._used_keys = used_keys
+        self._route = route  # label name -> the predictor whose weights answer it (None: always ``predictor``)
 
     def predict(self, points: Any, labels: Any, label_key: Hashable = "default", **kwargs: Any) -> Any:
         key = (self._client, label_key)
         self._used_keys.add(key)
-        return self._predictor.predict(points, labels, label_key=key, **kwargs)
+        predictor = self._predictor if self._route is None else self._route(label_key)
+        return predictor.predict(points, labels, label_key=key, **kwargs)
+
+    def answers(self, label_key: Hashable) -> bool:
+        """Whether ``label_key`` is answered by the session's main weights (False: by the base weights)."""
+        return self._route is None or self._route(label_key) is self._predictor
 
     def __getattr__(self, name: str) -> Any:  # anything else (timings, image, ...) is the shared predictor's
         return getattr(self._predictor, name)
@@ -98,6 +105,10 @@ class ImageSession:
         label_maps: ``{client id: (I, J, K) uint8 label map}`` (values from the app's labels, 0 = background),
             least recently used client first.
         last_used: ``time.monotonic()`` of the last request that used this session.
+        answers: the label names ``predictor``'s weights answer (None: every label); the others are answered by
+            ``base_model`` through a sibling of ``predictor`` (same scan, shared embeddings when the image
+            encoders are one module), made on the first click of such a label.
+        base_model: the weights for labels outside ``answers``.
     """
 
     scan: Any
@@ -105,11 +116,25 @@ class ImageSession:
     label_map: InitVar[Optional[np.ndarray]] = None
     label_maps: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
     last_used: float = 0.0
+    answers: Optional[FrozenSet[str]] = None
+    base_model: Any = None
 
     def __post_init__(self, label_map: Optional[np.ndarray]) -> None:
+        if self.answers is not None and self.base_model is None:
+            raise ValueError("an image session whose predictor answers only some labels needs the base model")
         self._initial = None if label_map is None else np.array(label_map, dtype=np.uint8, copy=True)
         self._client_keys: Dict[str, Set[Hashable]] = {}
         self._lock = threading.Lock()
+        self._base_predictor: Any = None
+
+    def predictor_for(self, label: Hashable) -> Any:
+        """The predictor whose weights answer clicks on ``label`` (a label name)."""
+        if self.answers is None or label in self.answers:
+            return self.predictor
+        with self._lock:
+            if self._base_predictor is None:
+                self._base_predictor = self.predictor.sibling(self.base_model)
+            return self._base_predictor
 
     def _empty(self) -> np.ndarray:
         if self._initial is not None:
@@ -129,7 +154,8 @@ class ImageSession:
                     self._drop_client(next(iter(self.label_maps)))
             self.label_maps.move_to_end(client)
             keys = self._client_keys.setdefault(client, set())
-        return ClientSession(scan=self.scan, predictor=ClientPredictor(self.predictor, client, keys),
+        route = None if self.answers is None else self.predictor_for
+        return ClientSession(scan=self.scan, predictor=ClientPredictor(self.predictor, client, keys, route),
                              label_map=label_map, client=client, fresh=fresh)
 
     def estimated_bytes(self) -> int:
@@ -150,10 +176,12 @@ class ImageSession:
 
     def _drop_client(self, client: str) -> None:
         self.label_maps.pop(client, None)
-        reset = getattr(self.predictor, "reset", None)
+        predictors = [p for p in (self.predictor, self._base_predictor) if p is not None]
         for key in self._client_keys.pop(client, set()):
-            if reset is not None:
-                reset(key)
+            for predictor in predictors:
+                reset = getattr(predictor, "reset", None)
+                if reset is not None:
+                    reset(key)
 
 
 class SessionCache:

@@ -527,8 +527,14 @@ class SamMed3DTrainer(BasicTrainTask):
                  max_structure_forgetting: float = MAX_STRUCTURE_FORGETTING, blend: float = BLEND,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
         self.served = served
+        self.label_values = {str(name): int(value) for name, value in labels.items()}
         self.rehearsal_data = rehearsal_data
         self.reference_records: List[Dict[str, Any]] = []
+        #: Label names of the user's structures this run trains on (set by :meth:`partition_datalist`), plus
+        #: those the starting weights were trained on (set by :meth:`network`): published as ``structures``,
+        #: the labels the fine-tuned weights answer (``--conf finetuned_for``).
+        self.trained_structures: List[str] = []
+        self._start_structures: List[str] = []
         self._base_sam: Optional[torch.nn.Module] = None
         device = served.device
         super().__init__(
@@ -612,6 +618,7 @@ class SamMed3DTrainer(BasicTrainTask):
             train, val = val, []
         if not train:
             raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
+        self.trained_structures = self.structure_names(train + val)
         rehearsal_train, self.reference_records = self.rehearsal_datalist(context)
         if not val_images and float(context.request.get("val_split", 0.0)) > 0.0:
             # Too few labels to hold one back (val_split 0.2 of 1-2 images): validate on the training targets
@@ -628,6 +635,21 @@ class SamMed3DTrainer(BasicTrainTask):
         if not val:
             self.reference_records = []  # nothing decides publishing (val_split 0): the run publishes at its end
         return train + rehearsal_train, val
+
+    def structure_names(self, targets: List[Mapping[str, Any]]) -> List[str]:
+        """The app's label names of ``targets``' label values (sorted); a value the app has no name for is left
+        out with a warning (no click can name it, so no weights need to answer it)."""
+        names = {name: value for name, value in self.label_values.items() if name != "background"}
+        by_value = {value: name for name, value in names.items()}
+        found, unnamed = set(), set()
+        for target in targets:
+            value = int(target["label_value"])
+            (found.add(by_value[value]) if value in by_value else unnamed.add(value))
+        if unnamed:
+            logger.warning("Training: label value(s) %s of the saved labels have no name in the app's labels "
+                           "(--conf labels); they are trained on, but no click can ask for them",
+                           sorted(unnamed))
+        return sorted(found)
 
     def rehearsal_folder(self) -> Optional[Path]:
         """The rehearsal set (``--conf rehearsal_data``): ``auto`` = the bundled model's phantoms when the base is
@@ -728,6 +750,8 @@ class SamMed3DTrainer(BasicTrainTask):
         path = self.served.path()
         sam, arch = load_weights(path, self.served.expected_arch, str(context.device))
         self._sam_img_size = int(sam.img_size)
+        recorded = ((getattr(sam, "checkpoint_info", None) or {}).get("extra") or {}).get("structures")
+        self._start_structures = [str(n) for n in recorded] if isinstance(recorded, (list, tuple)) else []
         frozen = _as_bool(context.request.get("freeze_encoder", True))
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
@@ -844,9 +868,11 @@ class SamMed3DTrainer(BasicTrainTask):
         """Write the current weights to the served fine-tuned path (atomic; the infer task reloads them)."""
         from sam_med3d.checkpoint import save_checkpoint
 
+        structures = sorted(set(self.trained_structures) | set(self._start_structures))
         path = save_checkpoint(_sam(context.network), self.served.finetuned,
-                               base_checkpoint=str(self.served.base.path), run_id=str(context.run_id), **extra)
-        logger.info("New SAM-Med3D weights published: %s", path)
+                               base_checkpoint=str(self.served.base.path), run_id=str(context.run_id),
+                               structures=structures, **extra)
+        logger.info("New SAM-Med3D weights published: %s (trained on: %s)", path, ", ".join(structures) or "-")
 
     def finalize(self, context: Context) -> None:
         checked = bool(context.local_rank == 0 and context.evaluator and self.reference_records)
