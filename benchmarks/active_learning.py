@@ -268,6 +268,12 @@ def evaluate_round(client, studies: Path, campaign: Dict[str, List[Target]], lab
         "dice": {str(k): float(curves[:, k - 1].mean()) for k in REPORT_CLICKS} if per_target else {},
         "noc80": float(np.mean([t["noc80"] for t in per_target])) if per_target else None,
         "other_dice": {str(OTHER_CLICKS): float(np.mean(other)) if other else None},
+        # Which weights answered (--conf finetuned_for): "base" for every other structure means the fine-tuned
+        # weights answered only the structure they were trained on.
+        "answered_by": {"evaluate": sorted({str(r.get("weights")) for r in rows
+                                            if r["round"] == round_index and r["group"] == "evaluate"}),
+                        "other": sorted({w for r in rows if r["round"] == round_index and r["group"] == "other"
+                                         for w in str(r.get("weights")).split("/")})},
         "curve": [float(v) for v in curves.mean(0)] if per_target else [],
     }
 

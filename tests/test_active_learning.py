@@ -426,6 +426,21 @@ def test_no_rehearsal_when_off_and_no_reference_check_without_validation(trainer
     assert len(trainer.reference_records) == (0 if val_split == 0 else 2)
 
 
+def test_no_rehearsal_set_at_all_when_rehearsal_and_both_margins_are_off(trainer_module, small_labels, tmp_path):
+    """The defaults with ``--conf finetuned_for trained``: nothing to rehearse and nothing a check could refuse,
+    so the rehearsal set is not even read (nor, for the bundled model, written)."""
+    trainer, context = _rehearsing_trainer(trainer_module, tmp_path, 0.2, 0.0)
+    context.request.update(max_forgetting=1.0, max_structure_forgetting=1.0)
+    trainer.rehearsal_folder = lambda: pytest.fail("the rehearsal set was looked up")
+    context.datalist = [small_labels["good"]]
+    train, _ = trainer.partition_datalist(context)
+    assert len(train) == 1 and trainer.reference_records == []
+    context.request["max_structure_forgetting"] = 0.5  # one margin on: the set is read for the check
+    trainer.rehearsal_folder = lambda: Path(trainer.rehearsal_data)
+    trainer.partition_datalist(context)
+    assert len(trainer.reference_records) == 2
+
+
 def test_auto_rehearsal_data_is_the_bundled_models_phantoms_and_none_for_other_models(trainer_module, tmp_path,
                                                                                        monkeypatch):
     from sam_med3d import rehearsal
@@ -485,11 +500,16 @@ def test_schedule_and_noc(benchmark_module):
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp_path):
+@pytest.mark.parametrize("finetuned_for", ["trained", "all"])
+def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp_path, finetuned_for):
+    """The default (fine-tuned weights answer only their structure; no forgetting guards) and ``all`` (the guards
+    on: retention, rehearsal and the reference check), each through the real server."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCHMARK), "--structure", "kidney_left", "--cases", "1", "--eval-cases", "1",
            "--others", "1", "--other-sequences", "2", "--max-clicks", "10",
            "--train-options", '{"max_epochs": 1, "train_clicks": 2}', "--train-timeout", "300", "--output", str(out)]
+    if finetuned_for != "trained":
+        cmd += ["--conf", "finetuned_for", finetuned_for]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -508,12 +528,20 @@ def test_tiny_campaign_through_the_real_server_writes_a_schema_valid_summary(tmp
     assert 1 <= trained["annotation"][0]["clicks"] <= 10
     # One label, val_split 0.2: validated on the training label, so the run reports a validation Dice.
     assert trained["val_dice"] is not None and 0.0 <= trained["val_dice"] <= 1.0
-    # The retention term is on by default; its agreement with the served model is in the train stats.
-    assert trained["retention_agreement"] is not None and 0.0 <= trained["retention_agreement"] <= 1.0
-    # The bundled model rehearses its phantoms by default and checks forgetting on the held-back ones.
-    assert 0.0 <= trained["reference_dice"] <= 1.0 and 0.0 < trained["base_reference_dice"] <= 1.0
     served = Path(trained["served_model"]).name
     assert served in ("sam_med3d_bundled.pt", "finetuned_sam_med3d_bundled.pt")
+    tuned = "fine-tuned" if served.startswith("finetuned_") else "base"
+    assert summary["rounds"][0]["answered_by"] == {"evaluate": ["base"], "other": ["base"]}
+    if finetuned_for == "trained":
+        # Fine-tuned weights answer only the structure they were trained on, so no forgetting guard runs.
+        assert trained["answered_by"] == {"evaluate": [tuned], "other": ["base"]}
+        assert trained["retention_agreement"] is None and trained["reference_dice"] is None
+    else:
+        assert trained["answered_by"] == {"evaluate": [tuned], "other": [tuned]}
+        # The retention term's agreement with the served model is in the train stats.
+        assert trained["retention_agreement"] is not None and 0.0 <= trained["retention_agreement"] <= 1.0
+        # The bundled model rehearses its phantoms and checks forgetting on the held-back ones.
+        assert 0.0 <= trained["reference_dice"] <= 1.0 and 0.0 < trained["base_reference_dice"] <= 1.0
 
     # The summary's means are the means of the per-case rows.
     with open(out / "per_case.csv") as fh:

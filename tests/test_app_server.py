@@ -191,11 +191,29 @@ def test_rehearsal_data_option_is_auto_none_or_a_training_layout_folder(app_lib,
 
 def test_max_structure_forgetting_option_reaches_the_trainer_and_is_checked(app_lib):
     options = app_lib["configs.options"]
-    assert options.AppOptions.from_conf({}, "/tmp").max_structure_forgetting == 0.1
+    assert options.AppOptions.from_conf({}, "/tmp").max_structure_forgetting == 1.0  # auto, finetuned_for trained
+    assert options.AppOptions.from_conf({"finetuned_for": "all"}, "/tmp").max_structure_forgetting == 0.1
     assert options.AppOptions.from_conf({"max_structure_forgetting": "0.2"}, "/tmp").max_structure_forgetting == 0.2
     for bad in ("-0.1", "1.5", "x"):
         with pytest.raises(ValueError, match="max_structure_forgetting"):
             options.AppOptions.from_conf({"max_structure_forgetting": bad}, "/tmp")
+
+
+def test_auto_training_defaults_follow_finetuned_for_and_explicit_values_win(app_lib):
+    options = app_lib["configs.options"]
+    names = ("lr", "freeze_encoder", "retention", "rehearsal", "max_forgetting", "max_structure_forgetting")
+
+    def chosen(conf):
+        o = options.AppOptions.from_conf(conf, "/tmp")
+        return tuple(getattr(o, n) for n in names)
+
+    # Weights that answer only their labels tune everything, unguarded; weights that answer all keep the guards.
+    assert chosen({}) == (0.0005, False, 0.0, 0.0, 1.0, 1.0)
+    assert chosen({"finetuned_for": "all"}) == (0.001, True, 4.0, 0.5, 0.05, 0.1)
+    assert chosen({"finetuned_for": "all", "retention": "1", "freeze_encoder": "false", "lr": "auto"}) == \
+        (0.001, False, 1.0, 0.5, 0.05, 0.1)
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        options.AppOptions.from_conf({"freeze_encoder": "maybe"}, "/tmp")
 
 
 def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):

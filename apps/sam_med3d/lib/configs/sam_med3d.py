@@ -73,6 +73,7 @@ class SamMed3DConfig(TaskConfig):
             max_forgetting=self.options.max_forgetting,
             max_structure_forgetting=self.options.max_structure_forgetting,
             blend=self.options.blend,
+            freeze_encoder=self.options.freeze_encoder,
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

@@ -2,7 +2,19 @@
 
 A MONAI Label ``BasicTrainTask`` (ignite ``SupervisedTrainer`` / ``SupervisedEvaluator``); MONAI Label runs it
 in a subprocess, so the server keeps answering clicks while it trains. The recipe is the paper's
-click-iteration training from :mod:`sam_med3d.training` (not re-implemented here):
+click-iteration training from :mod:`sam_med3d.training` (not re-implemented here).
+
+Two sets of defaults (``--conf`` options set to ``auto``, :data:`lib.configs.options.AUTO_TRAINING`), by what
+the published weights will answer (``--conf finetuned_for``):
+
+- ``trained`` (the app's default): the fine-tuned weights answer only the labels they were trained on (the
+  checkpoint records their names as ``structures``, :meth:`SamMed3DTrainer.publish`), the base weights every
+  other label. So nothing elsewhere needs keeping: every weight is tuned (``freeze_encoder`` false, lr 5e-4),
+  without retention, rehearsal or reference check; validation on held-back labels still decides publishing;
+- ``all``: the fine-tuned weights answer every label, so the guards below are on (encoder frozen, lr 1e-3,
+  retention 4.0, rehearsal 0.5, ``max_forgetting`` 0.05, ``max_structure_forgetting`` 0.10).
+
+The recipe:
 
 - data: every (image, final label) pair of the datastore, split by image into train/validation
   (``val_split``); each label value present in a saved label map becomes one binary target. A Train request
@@ -16,13 +28,13 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   the mask prompt, DiceCE loss averaged over the click iterations (``train_clicks``: N, or ``LOW-HIGH`` drawn
   per sample; validation and the reference check use ``HIGH``) (plus the IoU-head loss, which the
   model-based active-learning score relies on), no mask-only iterations (:data:`MASK_ONLY_ITERATIONS`); AdamW
-  on the prompt encoder and mask decoder (``freeze_encoder``, default on; lr default 1e-3 from ``--conf``);
-- retention (``retention``, default 4.0 from ``--conf``): the frozen base weights (the checkpoint the app was
+  on every weight, or on the prompt encoder and mask decoder only (``freeze_encoder``);
+- retention (``retention``): the frozen base weights (the checkpoint the app was
   started with, not the fine-tuned ones served now, so rounds do not drift step by step) are the teacher of
   ``sam_med3d.training.retention_loss``: on each crop a short simulated session on something else than the
   target, whose answers are kept close to the base model's (learning without forgetting), so tuning on one
   structure does not teach the decoder to segment it wherever the user clicks;
-- rehearsal (``rehearsal``, default 0.5 from ``--conf``; data from ``--conf rehearsal_data``, default ``auto``):
+- rehearsal (``rehearsal``; data from ``--conf rehearsal_data``, default ``auto``):
   each epoch also draws that many samples per user sample from a rehearsal set of labelled scans of other
   structures (``sam_med3d.rehearsal``; for the bundled model, phantoms drawn like its training data), one of
   their structures per draw, trained with the same click recipe, so the decoder keeps segmenting them;
@@ -31,7 +43,7 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   on a seeded voxel of the target as for a first click there), each target :data:`VAL_SEQUENCES` times with
   other crop centres and clicks, averaged; no augmentation; it also runs once before the first epoch, so the
   served weights' Dice is the bar to beat;
-- reference check (with a rehearsal set and validation): the tuned model is scored on the rehearsal set's
+- reference check (with a rehearsal set and validation, unless both margins are 1): the tuned model is scored on the rehearsal set's
   held-back scans (``sam_med3d.rehearsal.ReferenceScore``: every structure, seeded clicks) whenever its
   validation Dice makes it a candidate for publishing, and the base model once; the scores are in the train
   stats (``val_reference_dice``, ``val_reference_dice_base``, and ``val_reference_worst_drop``: the largest
@@ -41,17 +53,18 @@ click-iteration training from :mod:`sam_med3d.training` (not re-implemented here
   (:class:`BlendOnForgetting`); one that passes is published (the checkpoint records its ``blend``), and
   training goes on from the tuned weights;
 - publishing: whenever validation Dice beats the best so far (and the reference Dice is at most
-  ``max_forgetting``, default 0.05, below the base model's, and no reference structure's Dice is more than
-  ``max_structure_forgetting``, default 0.10, below the base model's there; 1 turns each off), the weights are written
+  ``max_forgetting`` below the base model's, and no reference structure's Dice is more than
+  ``max_structure_forgetting`` below the base model's there; 1 turns each off), the weights are written
   atomically with ``sam_med3d.checkpoint.save_checkpoint`` to ``<model_dir>/finetuned_<base>.pt``, which the
   infer task picks up on its next click. When the split holds no image back although ``val_split`` > 0 (one or two
   labelled images), validation runs on the training targets at the inference crop, so a run that makes the
   served model worse on them publishes nothing; with ``val_split`` 0 the weights are published when training
   ends;
 - bad files: an unreadable label, or one whose grid size differs from its image's, is skipped with a warning;
-- ``freeze_encoder`` (default true): tune the prompt encoder and mask decoder only (the image encoder's weights
-  are kept and left out of the optimizer): with few labels it forgot less and learned more than tuning all
-  weights (docs/app.md, "How the model learns from your labels").
+- ``freeze_encoder``: tune the prompt encoder and mask decoder only (the image encoder's weights are kept and
+  left out of the optimizer): with few labels and weights that answer every label it forgot less and learned
+  more than tuning all weights; for weights that answer only their labels, tuning all weights learned more
+  (docs/app.md, "How the model learns from your labels").
 
 - epochs: at least ``samples_per_epoch`` (default 16) samples each: with fewer saved targets they are drawn
   again within the epoch (:meth:`SamMed3DTrainer.train_data_loader`), so one or two labels still give the
@@ -672,6 +685,10 @@ class SamMed3DTrainer(BasicTrainTask):
         """(training records, reference targets) of the rehearsal set; both empty without a set, the training
         records also when ``rehearsal`` is 0 (the reference check stays: ``max_forgetting`` 1 turns it off).
         Training records carry ``"rehearsal": True`` (the sampler draws them apart from the user's)."""
+        if self._rehearsal_ratio(context) <= 0 and not self._checks_forgetting(context):
+            logger.info("Training: no rehearsal and no reference check (rehearsal 0, max_forgetting and "
+                        "max_structure_forgetting 1)")
+            return [], []
         folder = self.rehearsal_folder()
         if folder is None:
             logger.info("Training: no rehearsal data for this base model (--conf rehearsal_data)")
@@ -752,7 +769,7 @@ class SamMed3DTrainer(BasicTrainTask):
         self._sam_img_size = int(sam.img_size)
         recorded = ((getattr(sam, "checkpoint_info", None) or {}).get("extra") or {}).get("structures")
         self._start_structures = [str(n) for n in recorded] if isinstance(recorded, (list, tuple)) else []
-        frozen = _as_bool(context.request.get("freeze_encoder", True))
+        frozen = _as_bool(context.request.get("freeze_encoder", self._config.get("freeze_encoder", True)))
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
         retention = self._retention(context)
@@ -841,6 +858,15 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def _rehearsal_ratio(self, context: Context) -> float:
         return float(context.request.get("rehearsal", self._config.get("rehearsal", 0.0)) or 0.0)
+
+    def _margin(self, context: Context, name: str, default: float) -> float:
+        return float(context.request.get(name, self._config.get(name, default)))
+
+    def _checks_forgetting(self, context: Context) -> bool:
+        """Whether the reference check can refuse anything (``max_forgetting`` or ``max_structure_forgetting``
+        below 1: a Dice cannot fall by more than 1)."""
+        return (self._margin(context, "max_forgetting", MAX_FORGETTING) < 1.0
+                or self._margin(context, "max_structure_forgetting", MAX_STRUCTURE_FORGETTING) < 1.0)
 
     def _retention(self, context: Context) -> float:
         return float(context.request.get("retention", self._config.get("retention", 0.0)))
