@@ -221,6 +221,10 @@ class ServedModel:
             logger.debug("Loaded SAM-Med3D %s from %s on %s", arch, path, self.device)
         else:
             logger.info("Now serving new SAM-Med3D %s weights: %s", arch, self.describe())
+        structures = self.structures()
+        if structures is not None:
+            logger.info("The fine-tuned weights answer %s; the base weights every other label (--conf "
+                        "finetuned_for trained)", ", ".join(sorted(structures)) or "no label")
         return model, True
 
     def structures(self) -> Optional[FrozenSet[str]]:
