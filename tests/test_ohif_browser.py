@@ -262,6 +262,8 @@ def test_ohif_click_save_train_click(stack):
     assert request2["status"] == 200
     new_log = server.log_path.read_text(errors="replace")[log_before:]
     assert "Now serving new SAM-Med3D" in new_log and finetuned.name in new_log, new_log[-3000:]
+    # They answer the label they were trained on; any other label is still answered by the base weights.
+    assert f"The fine-tuned weights answer {SPLEEN}; the base weights every other label" in new_log, new_log[-3000:]
     mask2 = sitk.GetArrayFromImage(read_nrrd(browser.response_body(request2["id"]))) == SPLEEN_VALUE
     dice2 = float(2 * (mask2 & truth).sum() / (mask2.sum() + truth.sum()))
     print(f"after Update Model: click served by {finetuned.name}, {int(mask2.sum())} voxels, Dice {dice2:.3f}")
