@@ -1,9 +1,10 @@
-"""Training data for ``pretrain/train.py``: finding cases, caching their preprocessing, one sample per target.
+"""Training data for ``pretrain/train.py``: finding cases, their prepared cache, one sample per target.
 
 Layouts understood (any mix, found by walking each root for folders that hold ``imagesTr/`` and ``labelsTr/``):
 
 - **Official SAM-Med3D**: ``<root>/<category>/<modality_dataset>/imagesTr|labelsTr/<case>.nii.gz`` with binary
-  masks (no ``dataset.json``): one target per case, ``label > 0``.
+  masks (no ``dataset.json``): one target per case, ``label > 0``, named by its category (the class folder).
+  The same image usually appears in every class folder it has a mask in; the cache stores it once.
 - **Multi-class with dataset.json** (``/work/shared/data``, nnU-Net raw, MSD): ``<dataset>/dataset.json`` names
   the labels (``{"0": "background", "1": "liver"}`` or nnU-Net v2 ``{"background": 0, "liver": 1}``); every
   class present in a case becomes its own binary target.
@@ -11,21 +12,19 @@ Layouts understood (any mix, found by walking each root for folders that hold ``
 Images are matched to labels by case name: ``imagesTr/<case>.nii.gz`` or nnU-Net's ``imagesTr/<case>_0000.nii.gz``
 (first channel).
 
-Caching: the expensive deterministic part (decode NIfTI -> RAS -> 1.5 mm -> crop to the labelled region plus the
-largest window any target can need) runs once per case through MONAI's :class:`~monai.data.PersistentDataset`
-into ``<cache>/<variant>/`` (``variant`` names spacing and margin, so changed settings never read stale files);
-per-class voxel counts go to ``<cache>/<variant>/counts.json``. Each epoch then only loads the cached tensors
-and applies the random part (target crop with jitter, z-score, flips), seeded from ``(seed, epoch, index)``
-so that a resumed run sees exactly the samples an uninterrupted run would.
+The deterministic preprocessing (decode -> RAS -> 1.5 mm, each image once) is done beforehand by
+``pretrain/prepare.py`` into the cache of :mod:`pretrain.cache`; training refuses a cache that is not prepared.
+Each sample reads the target's mask and only the image blocks its crop touches, then applies the random part
+(target crop with jitter, z-score, flips), seeded from ``(seed, epoch, index)`` so that a resumed run sees
+exactly the samples an uninterrupted run would. Datasets hold no open files nor lambdas: DataLoader workers
+may use any start method (fork, spawn, forkserver).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,26 +32,29 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from monai.data import PersistentDataset
-from monai.transforms import Compose, CropForegroundd, MapTransform
+from monai.transforms import Compose
 from torch.utils.data import Dataset, DistributedSampler
 
-from sam_med3d.training import crop_transforms, preprocess_transforms, validation_transforms
+from pretrain import cache as pcache
+from sam_med3d.training import RandTargetCropd, crop_or_pad, crop_transforms, validation_transforms
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
-CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ discovery
 @dataclass(frozen=True)
 class Case:
-    """One image/label pair. ``classes``: ``{value: name}`` from dataset.json, or None (binary: label > 0)."""
+    """One image/label pair. ``classes``: ``{value: name}`` from dataset.json, or None (binary: label > 0).
+    ``root``: the data folder it was found under; ``category``: the class folder of the official layout (the
+    dataset folder's parent), None for dataset.json folders."""
 
     dataset: str
     case_id: str
     image: str
     label: str
     classes: Optional[Dict[int, str]]
+    root: str = ""
+    category: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -94,28 +96,36 @@ def parse_label_names(meta: Mapping[str, Any], where: str) -> Dict[int, str]:
 
 def find_dataset_dirs(roots: Sequence[os.PathLike]) -> List[Path]:
     """Every folder under ``roots`` (or a root itself) that holds both ``imagesTr/`` and ``labelsTr/``."""
-    found: List[Path] = []
+    return sorted({folder for folder, _ in _dataset_dirs_with_roots(roots)})
+
+
+def _dataset_dirs_with_roots(roots: Sequence[os.PathLike]) -> List[Tuple[Path, Path]]:
+    found: Dict[Path, Path] = {}
     for root in roots:
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"data folder {root} does not exist or is not a folder")
+        root = Path(os.path.abspath(root))
         for dirpath, dirnames, _ in os.walk(root, followlinks=True):
             if "imagesTr" in dirnames and "labelsTr" in dirnames:
-                found.append(Path(dirpath))
+                found.setdefault(Path(dirpath), root)
                 dirnames[:] = []  # a dataset folder does not nest further datasets
             else:
                 dirnames.sort()
-    return sorted(set(found))
+    return sorted(found.items())
 
 
 def discover_cases(roots: Sequence[os.PathLike]) -> List[Case]:
     """All image/label pairs under ``roots`` (see the module docstring), sorted, with their class names."""
     cases: List[Case] = []
-    for folder in find_dataset_dirs(roots):
+    for folder, root in _dataset_dirs_with_roots(roots):
         meta_path = folder / "dataset.json"
         classes = None
+        category = None
         if meta_path.is_file():
             classes = parse_label_names(json.loads(meta_path.read_text()), str(meta_path))
+        else:
+            category = folder.parent.name
         for label in sorted((folder / "labelsTr").iterdir()):
             case_id = _strip_suffix(label.name)
             if case_id is None or label.name.startswith("."):
@@ -133,126 +143,57 @@ def discover_cases(roots: Sequence[os.PathLike]) -> List[Case]:
                 raise ValueError(f"label {label} has no image: expected {folder / 'imagesTr' / (case_id + '.nii.gz')}"
                                  f" (or {case_id}_0000.nii.gz)")
             cases.append(Case(dataset=str(folder), case_id=case_id, image=str(image), label=str(label),
-                              classes=classes))
+                              classes=classes, root=str(root), category=category))
     if not cases:
         raise ValueError(f"no training cases found under {[str(r) for r in roots]}: expected folders with "
                          "imagesTr/ and labelsTr/ holding .nii.gz files")
     return cases
 
 
-# ------------------------------------------------------------------------------------------------ caching
-class ToCacheRecordd(MapTransform):
-    """Plain tensors for the cache: image float32 ``(1, I, J, K)``, label uint8/int16 ``(1, I, J, K)``."""
+# ------------------------------------------------------------------------------------------------ the prepared cache
+class PreparedData:
+    """The cases of ``roots`` and their prepared cache (``pretrain/prepare.py`` fills it; see ``pretrain/cache.py``).
 
-    def __init__(self) -> None:
-        super().__init__(("image", "label"))
-
-    def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
-        image, label = data["image"], data["label"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-        label = torch.round(label.float())
-        dtype = torch.uint8 if label.min() >= 0 and label.max() <= 255 else torch.int16
-        return {"image": image.float().contiguous(), "label": label.to(dtype).contiguous()}
-
-
-def _file_stamp(path: str) -> str:
-    st = os.stat(path)
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-class CaseCache:
-    """Deterministic preprocessing of every case, computed once and stored with ``PersistentDataset``.
-
-    ``cache[i]`` -> ``{"image": float32 (1, I, J, K), "label": (1, I, J, K) integer}`` in RAS at ``spacing_mm``,
-    cropped to the labelled region plus ``margin`` voxels (the largest window a target crop can reach).
+    ``keys[i]`` names case ``i``'s mask in the cache and ``counts[keys[i]]`` its per-value voxel counts at the
+    training spacing (what :func:`make_targets` needs). Raises :class:`pretrain.cache.CacheNotPrepared` (a
+    ValueError) naming what is missing when the cache lacks any case. Nothing is decoded here: opening a
+    prepared cache reads only its progress files.
     """
 
-    def __init__(self, cases: Sequence[Case], cache_dir: os.PathLike, spacing_mm: float, margin: int) -> None:
+    def __init__(self, cases: Sequence[Case], cache_dir: os.PathLike, spacing_mm: float, margin: int,
+                 hint: str = "") -> None:
         self.cases = list(cases)
-        self.variant = f"v{CACHE_VERSION}_sp{spacing_mm:g}_m{int(margin)}"
-        self.dir = Path(cache_dir) / self.variant
-        self.dir.mkdir(parents=True, exist_ok=True)
-        transform = Compose(preprocess_transforms(spacing_mm, load=True) + [
-            # Everything a crop can reach lies within `margin` of the labelled voxels; the rest is never read.
-            CropForegroundd(("image", "label"), source_key="label", select_fn=lambda x: x > 0, margin=int(margin),
-                            allow_smaller=True),
-            ToCacheRecordd()])
-        # The file stamps are part of each item's hash: an edited NIfTI gets a fresh cache entry.
-        items = [{"image": c.image, "label": c.label, "stamp": [_file_stamp(c.image), _file_stamp(c.label)]}
-                 for c in self.cases]
-        self.keys = [hashlib.md5(json.dumps(item, sort_keys=True).encode()).hexdigest() for item in items]
-        self.dataset = PersistentDataset(items, transform=transform, cache_dir=self.dir)
-        self.counts_path = self.dir / "counts.json"
+        self.layout = pcache.CacheLayout(cache_dir, spacing_mm, margin)
+        self.entries = pcache.plan_entries(self.cases)
+        records = pcache.prepared_records(self.layout, self.entries, hint)
+        self.keys: List[str] = [""] * len(self.cases)
+        self.counts: Dict[str, Dict[str, int]] = {}
+        #: case index -> (entry key, image slot, label index in the entry, label bbox start in the entry frame)
+        self.where: List[Tuple[str, int, int, Tuple[int, int, int]]] = [("", 0, 0, (0, 0, 0))] * len(self.cases)
+        for case_index, key, label_index, meta in pcache.iter_labels(self.entries, records):
+            name = f"{key}:{label_index}"
+            self.keys[case_index] = name
+            self.counts[name] = {str(k): int(v) for k, v in meta["counts"].items()}
+            self.where[case_index] = (key, int(meta["image"]), label_index, tuple(int(v) for v in meta["lo"]))
+        self.images = sum(len(r["images"]) for r in records.values())
+        self.nbytes = sum(int(r["bytes"]) for r in records.values())
 
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        try:
-            return self.dataset[index]
-        except Exception as err:  # name the case: MONAI's transform errors are long and anonymous
-            case = self.cases[index]
-            raise RuntimeError(f"preprocessing {case.image} / {case.label} failed: {err}") from err
-
-    def read_counts(self) -> Dict[str, Dict[str, int]]:
-        if self.counts_path.is_file():
-            try:
-                return json.loads(self.counts_path.read_text())
-            except json.JSONDecodeError:
-                return {}
-        return {}
-
-    def write_counts(self, counts: Mapping[str, Mapping[str, int]]) -> None:
-        """Atomically replace ``counts.json`` (key -> {label value: voxels at the training spacing})."""
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".counts.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(counts), f)
-        os.replace(tmp, self.counts_path)
-
-    def compute_counts(self, indices: Sequence[int], progress: bool = False,
-                       num_workers: int = 0) -> Dict[str, Dict[str, int]]:
-        """Fill the cache for ``indices`` (skipping cases already counted) and return their voxel counts."""
-        known = self.read_counts()
-        todo = [i for i in indices if self.keys[i] not in known]
-        out = {self.keys[i]: known[self.keys[i]] for i in indices if self.keys[i] in known}
-        if todo:
-            loader = torch.utils.data.DataLoader(_CountSubset(self, todo), batch_size=None, num_workers=num_workers)
-            if progress:
-                from tqdm import tqdm
-                loader = tqdm(loader, total=len(todo), desc="caching cases", unit="case")
-            for key, counts in loader:
-                out[key] = counts
-        return out
-
-
-class _CountSubset(Dataset):
-    """Loads (hence caches) cases and returns their per-value voxel counts; used by the warm-up pass."""
-
-    def __init__(self, cache: CaseCache, indices: Sequence[int]) -> None:
-        self.cache, self.indices = cache, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Tuple[str, Dict[str, int]]:
-        index = self.indices[i]
-        label = self.cache[index]["label"].long().flatten()
-        values, counts = torch.unique(label, return_counts=True)
-        return self.cache.keys[index], {str(int(v)): int(c) for v, c in zip(values, counts)}
+    def reader(self, max_open: int = 16) -> pcache.EntryReader:
+        return pcache.EntryReader(self.layout, max_open=max_open)
 
 
 def make_targets(cases: Sequence[Case], keys: Sequence[str], counts: Mapping[str, Mapping[str, int]],
                  min_voxels: int) -> List[Target]:
     """One target per (case, class) with at least ``min_voxels`` voxels at the training spacing (binary cases:
-    label > 0). The official trainer skips targets of <= 1000 voxels."""
+    label > 0). The official trainer skips targets of <= 1000 voxels. A binary (official layout) target is named
+    by its category, a dataset.json target by its class name."""
     targets: List[Target] = []
     for index, case in enumerate(cases):
         case_counts = {int(k): int(v) for k, v in counts[keys[index]].items()}
         if case.classes is None:
             total = sum(v for k, v in case_counts.items() if k > 0)
             if total >= min_voxels:
-                targets.append(Target(index, None, Path(case.dataset).name, total))
+                targets.append(Target(index, None, case.category or Path(case.dataset).name, total))
             continue
         for value, voxels in sorted(case_counts.items()):
             if value > 0 and voxels >= min_voxels:
@@ -282,28 +223,39 @@ def sample_seed(*parts: int) -> int:
 
 class TargetDataset(Dataset):
     """``dataset[i]`` -> ``{"image": float32 (1, S, S, S), "label": float32 {0, 1} (1, S, S, S)}`` for
-    ``targets[i]``.
+    ``targets[i]``, read from the prepared cache.
 
     The random crop transforms are reseeded from ``(seed, epoch, i)`` for every sample, so the sample does
     not depend on which DataLoader worker makes it nor on where a run was resumed. Call :meth:`set_epoch`
-    before iterating (workers are forked at iteration start and copy the epoch).
+    before iterating (workers are started at iteration start and copy the epoch).
 
-    ``memory_cases``: how many decoded cases each worker keeps in memory (LRU), saving repeated loads of the
-    cache files when one case holds several targets.
+    A sample is what :func:`sam_med3d.training.crop_transforms` makes of the whole resampled scan, but the crop
+    window is chosen on the target's mask first and only the image blocks inside it are read. ``memory_cases``:
+    how many masks (and open cache files) each worker keeps (LRU).
     """
 
-    def __init__(self, cache: CaseCache, targets: Sequence[Target], crop_size: int, augment: bool = True,
+    def __init__(self, data: PreparedData, targets: Sequence[Target], crop_size: int, augment: bool = True,
                  jitter: Optional[int] = None, seed: int = 0, memory_cases: int = 4, center: str = "box") -> None:
         if not targets:
             raise ValueError("no training targets: every case's labels are empty or smaller than the configured "
                              "min_target_voxels")
-        self.cache = cache
         self.targets = list(targets)
-        self.transform = Compose(crop_transforms(crop_size, augment=augment, jitter=jitter, center=center))
+        # Only what a sample needs, so that workers started by spawn receive a small pickle.
+        self._where = [data.where[t.case_index] for t in self.targets]
+        self.reader = data.reader(max_open=max(1, int(memory_cases)))
+        self.crop_size = int(crop_size)
+        self.transforms = crop_transforms(crop_size, augment=augment, jitter=jitter, center=center)
+        self._crop_at = next(i for i, t in enumerate(self.transforms) if isinstance(t, RandTargetCropd))
+        self.transform = Compose(self.transforms)
         self.seed = int(seed)
         self.epoch = 0
         self.memory_cases = int(memory_cases)
-        self._memory: "OrderedDict[int, Dict[str, torch.Tensor]]" = OrderedDict()
+        self._labels: "OrderedDict[Tuple[str, int], np.ndarray]" = OrderedDict()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_labels"] = OrderedDict()
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -311,24 +263,37 @@ class TargetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def _case(self, index: int) -> Dict[str, torch.Tensor]:
-        if index in self._memory:
-            self._memory.move_to_end(index)
-            return self._memory[index]
-        record = self.cache[index]
+    def _label(self, key: str, index: int) -> np.ndarray:
+        name = (key, index)
+        if name in self._labels:
+            self._labels.move_to_end(name)
+            return self._labels[name]
+        label = self.reader.label(key, index)
         if self.memory_cases > 0:
-            self._memory[index] = record
-            while len(self._memory) > self.memory_cases:
-                self._memory.popitem(last=False)
-        return record
+            self._labels[name] = label
+            while len(self._labels) > self.memory_cases:
+                self._labels.popitem(last=False)
+        return label
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         target = self.targets[i]
-        record = self._case(target.case_index)
+        key, slot, label_index, lo = self._where[i]
         self.transform.set_random_state(seed=sample_seed(self.seed, self.epoch, i))
-        out = self.transform({"image": record["image"], "label": record["label"],
-                              "label_value": target.label_value})
-        return {"image": out["image"], "label": out["label"], "index": i}
+        label = torch.from_numpy(self._label(key, label_index).astype(np.int64))[None]
+        d: Dict[str, Any] = {"label": label, "label_value": target.label_value}
+        for t in self.transforms[:self._crop_at]:  # target selection: binary mask of this target
+            d = t(d)
+        crop = self.transforms[self._crop_at]
+        crop.randomize()
+        # The mask holds the target's whole bounding box, so the window is the one the crop would choose on
+        # the whole scan; shift it into the stored frame and read only that part of the image.
+        start = crop.window(d["label"])
+        frame_start = [int(a) + int(b) for a, b in zip(start, lo)]
+        d["label"] = crop_or_pad(torch.as_tensor(d["label"]), start, self.crop_size)
+        d["image"] = torch.from_numpy(self.reader.image_window(key, slot, frame_start, self.crop_size))[None]
+        for t in self.transforms[self._crop_at + 1:]:
+            d = t(d)
+        return {"image": d["image"], "label": d["label"], "index": i}
 
 
 class OfficialValidationDataset(Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, List, Mapping, Optional
 
 import torch
@@ -44,8 +45,13 @@ def launched_by_torchrun(environ: Optional[Mapping[str, str]] = None) -> bool:
     return all(key in environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def setup(device: str = "auto") -> DistContext:
-    """Initialise from torchrun's environment (``env://``); ``device``: ``auto`` | ``cpu`` | ``cuda``."""
+#: Default timeout of every collective. torch's own default (10 minutes for NCCL) is implicit; a run states its own.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Initialise from torchrun's environment (``env://``); ``device``: ``auto`` | ``cpu`` | ``cuda``.
+    ``timeout_s``: how long any collective may wait for the other processes before it fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +73,7 @@ def setup(device: str = "auto") -> DistContext:
     if world > 1 or launched_by_torchrun():
         ctx.backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend=ctx.backend, **kwargs)
+        dist.init_process_group(backend=ctx.backend, timeout=timedelta(seconds=float(timeout_s)), **kwargs)
     return ctx
 
 

@@ -10,8 +10,11 @@ Multi-node: the same command on every node with torchrun's rendezvous options, e
 
 Outputs in OUT: ``last.pt`` / ``best.pt`` (models, ``sam_med3d.load_model(path)``), ``last_state.pt`` (resume
 state), ``metrics.jsonl`` (one JSON object per logged step / validation), ``tb/`` (TensorBoard),
-``config.yaml`` (the merged config), ``targets.json`` (the training/validation targets), ``cache/``
-(preprocessed cases, unless ``--cache-dir``). See docs/pretrain.md.
+``config.yaml`` (the merged config), ``targets.json`` (the training/validation targets).
+
+The data must be prepared first (``python -m pretrain.prepare``, same ``--config``, ``--data`` and
+``--cache-dir``); an unprepared cache is refused, naming what is missing, unless ``--prepare`` (small data:
+each process prepares its share at start-up). See docs/pretrain.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import yaml  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from pretrain import cache as pcache  # noqa: E402
 from pretrain import data as pdata  # noqa: E402
 from pretrain import distributed as pdist  # noqa: E402
 from pretrain import state as pstate  # noqa: E402
@@ -56,7 +60,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--init", default=None, help="initial weights: checkpoint path or URL (any format "
                                                 "sam_med3d.load_checkpoint reads; e.g. the turbo URL)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the prompt encoder and mask decoder")
-    p.add_argument("--cache-dir", default=None, help="preprocessing cache (default OUT/cache)")
+    p.add_argument("--cache-dir", default=None, help="prepared cache (pretrain/prepare.py; default OUT/cache)")
+    p.add_argument("--prepare", action="store_true",
+                   help="prepare what the cache lacks before training (each process its share, then it waits for "
+                        "the others' files); without it an unprepared cache is refused")
+    p.add_argument("--prepare-wait-s", type=float, default=3600.0,
+                   help="with --prepare: how long a process waits for the other processes' shards")
+    p.add_argument("--collective-timeout-s", type=float, default=1800.0,
+                   help="timeout of every collective (gradient sync, barriers, checkpoint gathers): a process "
+                        "that waits longer for another fails instead of hanging")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process "
                                                             "(default: CPU count / processes on the node)")
@@ -183,24 +195,46 @@ def validate(sam: torch.nn.Module, dataset: Optional[pdata.TargetDataset], cfg: 
     return total / max(count, 1.0)
 
 
+def open_prepared(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext,
+                  out_dir: Path) -> pdata.PreparedData:
+    """The cases and their prepared cache. Refuses (CacheNotPrepared, naming what is missing) an unprepared
+    cache, unless ``--prepare``: then each process prepares its share (shard rank/world, no collective) and
+    waits for the cache files of the others, up to ``--prepare-wait-s``."""
+    from pretrain import prepare as pprep
+
+    spacing, margin = pprep.cache_settings(cfg)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "cache"
+    cases = pdata.discover_cases(args.data)
+    hint = pprep.command_hint(args.config, args.data, str(cache_dir)) + " (or pass --prepare)"
+    if not args.prepare:
+        return pdata.PreparedData(cases, cache_dir, spacing, margin, hint=hint)
+    layout = pcache.CacheLayout(cache_dir, spacing, margin)
+    entries = pcache.plan_entries(cases)
+    pprep.prepare(cases, entries, layout, ctx.rank, ctx.world_size, workers=int(cfg["data"]["num_workers"]),
+                  progress=ctx.is_main and not args.no_progress)
+    deadline = time.monotonic() + float(args.prepare_wait_s)
+    while True:
+        try:
+            return pdata.PreparedData(cases, cache_dir, spacing, margin, hint=hint)
+        except pcache.CacheNotPrepared:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def prepare_data(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext, out_dir: Path,
                  crop_size: int):
-    """Discover cases, fill the cache (sharded over ranks), build train/val target datasets."""
+    """Open the prepared cache (see :func:`open_prepared`), build train/val target datasets."""
     d = cfg["data"]
-    cases = pdata.discover_cases(args.data)
-    cache = pdata.CaseCache(cases, Path(args.cache_dir) if args.cache_dir else out_dir / "cache",
-                            spacing_mm=float(d["spacing_mm"]),
-                            margin=pdata.max_window_margin(crop_size, int(d["jitter"])))
-    mine = list(range(ctx.rank, len(cases), ctx.world_size))
-    counts: Dict[str, Dict[str, int]] = {}
-    for part in pdist.all_gather_object(ctx, cache.compute_counts(
-            mine, progress=ctx.is_main and not args.no_progress, num_workers=int(d["num_workers"]))):
-        counts.update(part)
+    t0 = time.perf_counter()
+    prepared = open_prepared(args, cfg, ctx, out_dir)
+    cases, counts = prepared.cases, prepared.counts
     if ctx.is_main:
-        cache.write_counts({**cache.read_counts(), **counts})
+        print(f"cache {prepared.layout.dir}: {len(cases)} masks of {prepared.images} images, "
+              f"{prepared.nbytes / 2 ** 20:.1f} MiB, opened in {time.perf_counter() - t0:.1f} s", flush=True)
     train_cases, val_cases = pdata.split_cases(len(cases), float(d["val_fraction"]), int(cfg["seed"]))
     min_vox = int(d["min_target_voxels"])
-    all_targets = pdata.make_targets(cases, cache.keys, counts, min_vox)
+    all_targets = pdata.make_targets(cases, prepared.keys, counts, min_vox)
     train_set, val_set = set(train_cases), set(val_cases)
     train_targets = [t for t in all_targets if t.case_index in train_set]
     if val_cases:
@@ -214,7 +248,7 @@ def prepare_data(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistC
     if not train_targets:
         raise ValueError(f"no training targets with >= {min_vox} voxels at {d['spacing_mm']} mm in {args.data} "
                          f"({len(cases)} cases); lower data.min_target_voxels or add data")
-    train_ds = pdata.TargetDataset(cache, train_targets, crop_size, augment=True, jitter=int(d["jitter"]),
+    train_ds = pdata.TargetDataset(prepared, train_targets, crop_size, augment=True, jitter=int(d["jitter"]),
                                    seed=int(cfg["seed"]), memory_cases=int(d["memory_cases"]),
                                    center=str(d["crop_center"]))
     # Validation on the crops inference sees (the official pipeline), from the original files.
@@ -245,7 +279,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = load_config(args.config, merge_overrides(args.overrides))
     if args.freeze_encoder:
         cfg["train"]["freeze_encoder"] = True
-    ctx = pdist.setup(args.device)
+    ctx = pdist.setup(args.device, timeout_s=args.collective_timeout_s)
     try:
         return _train(args, cfg, ctx)
     finally:

@@ -26,15 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pretrain import convert_nnunet, data as pdata  # noqa: E402
+from pretrain import cache as pcache, convert_nnunet, data as pdata, prepare as pprep  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 
 PY = sys.executable
 TRAIN = str(REPO / "pretrain" / "train.py")
 MINI = str(REPO / "pretrain" / "configs" / "vit_mini.yaml")
 # Few clicks and one validation click keep every run to seconds per step on a loaded CPU.
+# --prepare: the first run fills the shared cache (each process its shard), later runs find it prepared.
 FAST = ["--set", "clicks.num_click_iterations=2", "--set", "val.clicks=1", "--set", "data.val_max_targets=2",
-        "--no-progress", "--threads", "1"]
+        "--no-progress", "--threads", "1", "--prepare"]
 
 
 def _link_case(src_dataset: Path, case: str, dst_dataset: Path, with_json: bool = True) -> None:
@@ -56,7 +57,7 @@ def small_data(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
-    """One preprocessing cache for all runs of this module (the runs only read it after the first)."""
+    """One prepared cache for all runs of this module (the runs only read it after the first)."""
     return tmp_path_factory.mktemp("cache")
 
 
@@ -90,23 +91,27 @@ def test_discovery_layouts_and_targets(data_dir, tmp_path):
 
 def test_cache_counts_and_samples(small_data, tmp_path):
     cases = pdata.discover_cases([small_data])
-    cache = pdata.CaseCache(cases, tmp_path / "cache", spacing_mm=1.5, margin=pdata.max_window_margin(64, 4))
-    counts = cache.compute_counts(range(len(cases)))
-    assert set(counts) == set(cache.keys) and (cache.dir / next(iter(os.listdir(cache.dir)))).exists()
-    cache.write_counts(counts)
+    margin = pdata.max_window_margin(64, 4)
+    layout = pcache.CacheLayout(tmp_path / "cache", 1.5, margin)
+    with pytest.raises(pcache.CacheNotPrepared, match="not prepared for 2 of 2 images"):
+        pdata.PreparedData(cases, tmp_path / "cache", spacing_mm=1.5, margin=margin)
+    result = pprep.prepare(cases, pcache.plan_entries(cases), layout)
+    assert result["prepared"] == 2
+    data = pdata.PreparedData(cases, tmp_path / "cache", spacing_mm=1.5, margin=margin)
+    counts = data.counts
+    assert set(counts) == set(data.keys) and all(layout.entry_path(e.key).is_file() for e in data.entries)
     # Counts are at 1.5 mm: the 1 mm spinal-cord masks shrink by about 1.5^3.
     raw = int((np.asarray(nib.load(cases[0].label).dataobj) > 0).sum())
-    assert 0.5 * raw / 3.375 < counts[cache.keys[0]]["1"] < 1.5 * raw / 3.375
-    targets = pdata.make_targets(cases, cache.keys, counts, min_voxels=10)
-    ds = pdata.TargetDataset(cache, targets, crop_size=64, augment=True, jitter=4, seed=3)
+    assert 0.5 * raw / 3.375 < counts[data.keys[0]]["1"] < 1.5 * raw / 3.375
+    targets = pdata.make_targets(cases, data.keys, counts, min_voxels=10)
+    ds = pdata.TargetDataset(data, targets, crop_size=64, augment=True, jitter=4, seed=3)
     a, b = ds[0], ds[0]
     assert a["image"].shape == (1, 64, 64, 64) and a["label"].sum() > 0
     assert torch.equal(a["image"], b["image"])  # seeded per (seed, epoch, index)
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["label"], a["label"]) or not torch.equal(ds[0]["image"], a["image"])
-    # A second cache object reads the stored counts instead of recomputing.
-    again = pdata.CaseCache(cases, tmp_path / "cache", spacing_mm=1.5, margin=pdata.max_window_margin(64, 4))
-    assert again.read_counts() == counts
+    # A second run prepares nothing: the progress files already list every image.
+    assert pprep.prepare(cases, pcache.plan_entries(cases), layout)["prepared"] == 0
 
 
 def test_resumable_sampler_skips_consumed_indices():
