@@ -241,7 +241,7 @@ def worker_pretrain(device: str, arch: str) -> Dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(REPO / "pretrain" / "train.py"), "--config", str(REPO / "pretrain" / "configs" / f"{arch}.yaml"),
            "--data", str(data), "--output", str(out), "--max-steps", str(steps), "--device", device,
-           "--no-progress", "--set", "train.amp=bf16", "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
+           "--no-progress", "--prepare", "--set", "train.amp=bf16", "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
            "--set", "log.every_steps=1", "--set", "val.every_steps=0", "--set", "log.checkpoint_every_steps=0",
            "--set", "data.val_max_targets=1", "--set", "val.clicks=1", "--set", "data.min_target_voxels=50",
            "--set", "data.num_workers=2"]

@@ -54,28 +54,35 @@ def make_official(root: Path, images: int, shape: int, seed: int = 0, spacing=(1
 
     rng = np.random.default_rng(seed)
     dims = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in dims], indexing="ij"), -1)
+    axes = np.ogrid[tuple(slice(0, n) for n in dims)]
     affine = np.diag([*spacing, 1.0])
+
+    def inside(centre, radii) -> np.ndarray:
+        return sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii)) < 1
+
     masks = 0
     for i in range(images):
         dataset = f"ct_synth{i % 7}"
-        body = np.linalg.norm((grid - np.asarray(dims) / 2) / (np.asarray(dims) * 0.45), axis=-1) < 1
+        body = inside(np.asarray(dims) / 2, np.asarray(dims) * 0.45)
         image = np.where(body, 40 + rng.normal(0, 12, dims), -1000).astype(np.int16)
         k = int(np.clip(rng.poisson(masks_per_image - 1) + 1, 1, len(CATEGORIES)))
         first: Optional[Path] = None
+        labels = []
         for category in rng.choice(CATEGORIES, size=k, replace=False):
             centre = rng.uniform(0.3, 0.7, 3) * np.asarray(dims)
             radius = rng.uniform(0.06, 0.15) * min(dims)
-            label = (np.linalg.norm(grid - centre, axis=-1) < radius).astype(np.uint8)
-            folder = root / str(category) / dataset
+            labels.append((str(category), inside(centre, [radius] * 3).astype(np.uint8)))
+        for _, label in labels:
+            image[label > 0] += 60
+        for category, label in labels:
+            folder = root / category / dataset
             (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
             (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
             target = folder / "imagesTr" / f"case{i}.nii.gz"
             if first is None:
-                image[label > 0] += 60
                 nib.save(nib.Nifti1Image(image, affine), str(target))
                 first = target
-            else:
+            else:  # the official layout repeats the image file in every class folder
                 shutil.copy(first, target)
             nib.save(nib.Nifti1Image(label, affine), str(folder / "labelsTr" / f"case{i}.nii.gz"))
             masks += 1
@@ -247,7 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"| {code} | {m['prep_s']:.1f} | {m['cache_bytes'] / mb:.1f} | "
                       f"{m['cache_bytes'] / real['source_bytes']:.2f} | {m['read_bytes_per_sample'] / mb:.2f} |")
     big = rows[-1]
-    print(f"\nlinear extrapolation to {REAL_IMAGES:,} images / {REAL_MASKS:,} masks: index time from N={big['images']}; "
+    print(f"\nlinear extrapolation to {REAL_IMAGES:,} images / {REAL_MASKS:,} masks: index time from "
+          f"N={big['images']}; "
           "preparation and cache from the real-size CT when measured, else from the synthetic volumes\n")
     print("| code | index (s) | prepare (core-hours) | cache (GiB) | cache files |")
     print("|---|---|---|---|---|")

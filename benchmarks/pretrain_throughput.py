@@ -56,7 +56,7 @@ def run_cell(config: str, procs: int, steps: int, data: List[str], out: Path, ca
              overrides: List[str], threads: Optional[int]) -> Dict[str, object]:
     train = [str(REPO / "pretrain" / "train.py"), "--config", str(REPO / "pretrain" / "configs" / f"{config}.yaml"),
              "--data", *data, "--output", str(out), "--cache-dir", str(cache), "--max-steps", str(steps),
-             "--device", device, "--no-progress",
+             "--device", device, "--no-progress", "--prepare",
              "--set", "log.every_steps=1", "--set", "val.every_steps=0", "--set", "log.checkpoint_every_steps=0",
              "--set", "data.val_max_targets=1", "--set", "val.clicks=1", "--set", "data.min_target_voxels=50"]
     for item in overrides:

@@ -245,7 +245,8 @@ def record_of(header: Mapping[str, Any], nbytes: int) -> Dict[str, Any]:
     """The progress line of an entry: what training needs to build targets, without the block tables."""
     return {"key": header["key"], "bytes": int(nbytes),
             "images": [{k: m[k] for k in ("shape", "dtype", "files")} for m in header["images"]],
-            "labels": [{k: m[k] for k in ("position", "case", "image", "lo", "shape", "counts")} for m in header["labels"]]}
+            "labels": [{k: m[k] for k in ("position", "case", "image", "lo", "shape", "counts")}
+                       for m in header["labels"]]}
 
 
 class EntryReader:
@@ -373,7 +374,17 @@ def decode_label(path: str, spacing_mm: float, image) -> np.ndarray:
                                                                      np.asarray(image.affine), atol=1e-4):
         label = ResampleToMatch(mode="nearest")(label, img_dst=image)
     arr = np.rint(np.asarray(label[0].detach().cpu().numpy() if hasattr(label, "detach") else label[0]))
-    return arr.astype(np.int64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    return arr.astype(np.uint8 if lo >= 0 and hi <= 255 else np.int16 if -32768 <= lo and hi <= 32767 else np.int32)
+
+
+def value_counts(label: np.ndarray) -> Dict[str, int]:
+    """``{value: voxels}`` of an integer label array (values present only)."""
+    if label.size and label.min() >= 0:
+        counts = np.bincount(label.reshape(-1).astype(np.int64, copy=False))
+        return {str(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(label, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
 def _bbox(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -404,14 +415,19 @@ def prepare_entry(entry: Entry, cases: Sequence[Any], layout: CacheLayout) -> Di
         except Exception as err:
             raise RuntimeError(f"decoding image {first.image} failed: {err}") from err
         volume = np.asarray(image[0].detach().cpu().numpy())
-        decoded = []
+        # One full-size label at a time: keep only its bounding-box crop, counts and box.
+        kept = []
         for pos in positions:
             case = cases[entry.cases[pos]]
             try:
-                decoded.append((case, decode_label(case.label, layout.spacing_mm, image)))
+                lab = decode_label(case.label, layout.spacing_mm, image)
             except Exception as err:
                 raise RuntimeError(f"decoding label {case.label} (image {case.image}) failed: {err}") from err
-        boxes = [b for b in (_bbox(lab > 0) for _, lab in decoded) if b is not None]
+            box = _bbox(lab > 0)
+            crop = lab[box[0][0]:box[1][0], box[0][1]:box[1][1], box[0][2]:box[1][2]] if box else lab[:0, :0, :0]
+            kept.append((pos, case, box, value_counts(lab), np.ascontiguousarray(crop)))
+            del lab
+        boxes = [k[2] for k in kept if k[2] is not None]
         if boxes:
             lo = np.maximum(np.min([b[0] for b in boxes], 0) - layout.margin, 0)
             hi = np.minimum(np.max([b[1] for b in boxes], 0) + layout.margin, volume.shape)
@@ -424,21 +440,13 @@ def prepare_entry(entry: Entry, cases: Sequence[Any], layout: CacheLayout) -> Di
                                                   for p in positions}),
                                  "sha1": digest, "volume_shape": list(volume.shape), "frame_lo": lo.tolist(),
                                  "shape": list(frame.shape), "dtype": dtype.name})
-        for pos, (case, lab) in zip(positions, decoded):
-            values, counts = np.unique(lab, return_counts=True)
-            box = _bbox(lab > 0)
-            if box is None:
-                crop = np.zeros((0, 0, 0), np.uint8)
-                rel_lo = [0, 0, 0]
-            else:
-                crop = lab[box[0][0]:box[1][0], box[0][1]:box[1][1], box[0][2]:box[1][2]]
-                rel_lo = (box[0] - lo).tolist()
-            ldtype = np.uint8 if crop.size == 0 or (crop.min() >= 0 and crop.max() <= 255) else np.int16
-            labels.append(crop.astype(ldtype))
+        del volume, frame, image
+        for pos, case, box, counts, crop in kept:
+            rel_lo = (box[0] - lo).tolist() if box is not None else [0, 0, 0]
+            labels.append(crop)
             header["labels"].append({"position": pos, "case": file_ident(case.label, case.root), "image": slot,
                                      "lo": [int(v) for v in rel_lo], "shape": list(crop.shape),
-                                     "dtype": np.dtype(ldtype).name,
-                                     "counts": {str(int(v)): int(c) for v, c in zip(values, counts)}})
+                                     "dtype": crop.dtype.name, "counts": counts})
     nbytes = write_entry(layout.entry_path(entry.key), header, images, labels)
     return record_of(header, nbytes)
 

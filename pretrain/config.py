@@ -25,7 +25,7 @@ DEFAULTS: Dict[str, Any] = {
         "val_fraction": 0.05,       # whole cases held out for validation (0: validate on training targets)
         "val_max_targets": 64,      # validation targets used at most
         "num_workers": 4,           # DataLoader workers per process
-        "memory_cases": 4,          # decoded cases kept in memory per worker (LRU)
+        "memory_cases": 4,          # masks and open cache files kept per worker (LRU)
     },
     "train": {
         "batch_size": 2,            # per process

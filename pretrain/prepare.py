@@ -124,7 +124,8 @@ def command_hint(config: str, data: Sequence[str], cache_dir: str) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.prepare", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the YAML config training will use (pretrain/configs/*.yaml): "
                                                     "spacing, model crop size and jitter decide the cache variant")
     p.add_argument("--data", required=True, nargs="+", help="data folder(s), as given to train.py")

@@ -44,7 +44,7 @@ from pretrain import data as pdata  # noqa: E402
 from pretrain import distributed as pdist  # noqa: E402
 from pretrain import state as pstate  # noqa: E402
 from pretrain.config import load_config, merge_overrides  # noqa: E402
-from sam_med3d.build import build_sam_med3d  # noqa: E402
+from sam_med3d.build import build_sam_med3d, resolve_config  # noqa: E402
 from sam_med3d.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from sam_med3d.training import ClickIterationModel, default_loss, run_click_iterations  # noqa: E402
 
@@ -291,7 +291,6 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(ctx.local_world_size, 1))
     torch.set_num_threads(threads)
     seed = int(cfg["seed"])
-    torch.manual_seed(seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     np.random.seed(seed + ctx.rank)
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -306,6 +305,12 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
     pdist.barrier(ctx)
     resume_state = pstate.load_training_state(out_dir) if args.resume else None
 
+    # The data first: an unprepared cache is refused before anything else is built.
+    crop_size = int(resolve_config(cfg["model"])["image_encoder"]["img_size"])
+    train_ds, val_ds = prepare_data(args, cfg, ctx, out_dir, crop_size)
+    # Seeded after the data (whose loaders draw from torch's RNG): the same initial weights whether or not this
+    # run prepared anything, and on every rank (DDP also broadcasts rank 0's).
+    torch.manual_seed(seed)
     sam = build_sam_med3d(cfg["model"])
     if resume_state is not None:
         load_checkpoint(sam, out_dir / pstate.LAST_NAME)
@@ -326,7 +331,6 @@ def _train(args: argparse.Namespace, cfg: Dict[str, Any], ctx: pdist.DistContext
         net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                   find_unused_parameters=True)
 
-    train_ds, val_ds = prepare_data(args, cfg, ctx, out_dir, sam.img_size)
     bs, accum = int(t["batch_size"]), int(t["grad_accum"])
     sampler = pdata.ResumableDistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
                                                 shuffle=True, seed=seed)

@@ -149,9 +149,8 @@ def test_compact_dtypes_keep_the_foreground(tmp_path):
     assert dtypes == ["float16", "int16"]
 
 
-def _reference_sample(case, label_value, seed):
-    """The sample the whole-scan pipeline (preprocess the full scan, then crop_transforms) makes."""
-    whole = Compose(preprocess_transforms(1.5, load=True))({"image": case.image, "label": case.label})
+def _reference_sample(whole, label_value, seed):
+    """The sample the whole-scan pipeline (``whole``: the preprocessed full scan, then crop_transforms) makes."""
     crop = Compose(crop_transforms(CROP, augment=True, jitter=JITTER, center="box"))
     crop.set_random_state(seed=seed)
     return crop({"image": whole["image"], "label": whole["label"], "label_value": label_value})
@@ -172,11 +171,13 @@ def test_samples_equal_the_whole_scan_pipeline(data_dir, tmp_path):
     data = pdata.PreparedData(cases, tmp_path / "cache", 1.5, MARGIN)
     targets = pdata.make_targets(cases, data.keys, data.counts, min_voxels=10)
     ds = pdata.TargetDataset(data, targets, CROP, augment=True, jitter=JITTER, seed=5)
+    wholes = {i: Compose(preprocess_transforms(1.5, load=True))({"image": c.image, "label": c.label})
+              for i, c in enumerate(cases)}
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         for i, target in enumerate(targets):
             ours = ds[i]
-            ref = _reference_sample(cases[target.case_index], target.label_value, pdata.sample_seed(5, epoch, i))
+            ref = _reference_sample(wholes[target.case_index], target.label_value, pdata.sample_seed(5, epoch, i))
             assert torch.equal(ours["label"], ref["label"]), (epoch, i)
             assert ours["label"].sum() > 0
             assert float((ours["image"] - ref["image"]).abs().max()) < 0.02, (epoch, i)
