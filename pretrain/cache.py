@@ -2,7 +2,7 @@
 
 Preparation (``pretrain/prepare.py``) fills it; training (``pretrain/train.py``) only reads it.
 
-**Entries.** Cases whose image is the same file (same resolved path) or a copy of it (same dataset folder name,
+**Entries.** Cases whose image is the same file (same inode: symbolic or hard links) or a copy of it (same dataset folder name,
 file name and size: the official SA-Med3D layout repeats each image in every class folder it has a mask in)
 form one *entry*. Preparing an entry hashes its image files (copies that turn out to differ get their own
 image slot), decodes each distinct image once (RAS, ``spacing_mm`` isotropic, bilinear), resamples every mask
@@ -81,27 +81,25 @@ def _stamp(path: str) -> Tuple[int, int]:
 
 
 def plan_entries(cases: Sequence[Any]) -> List[Entry]:
-    """Group ``cases`` (``pretrain.data.Case``) by image: same resolved path, or same dataset folder name, file name
-    and size (a copy in another class folder). Deterministic: every process that plans the same data gets the
-    same entries and keys, with no communication."""
-    group_of_real: Dict[str, Tuple] = {}
+    """Group ``cases`` (``pretrain.data.Case``) by image: the same file (same device and inode: links of any kind),
+    or the same dataset folder name, file name and size (a copy in another class folder). Deterministic: every
+    process that plans the same data gets the same entries and keys, with no communication. One ``stat`` per
+    file: no image is opened."""
+    group_of_file: Dict[Tuple[int, int], Tuple] = {}
     members: "OrderedDict[Tuple, List[int]]" = OrderedDict()
-    stamps: Dict[str, Tuple[int, int]] = {}
-    for index, case in enumerate(cases):
-        real = os.path.realpath(case.image)
-        if real not in stamps:
-            stamps[real] = _stamp(real)
-        group = group_of_real.get(real)
-        if group is None:
-            group = (Path(case.dataset).name, Path(case.image).name, stamps[real][0])
-            group_of_real[real] = group
-        members.setdefault(group, []).append(index)
+    image_stamps: List[Tuple[int, int]] = []
+    for case in cases:
+        st = os.stat(case.image)
+        image_stamps.append((int(st.st_size), int(st.st_mtime_ns)))
+        group = group_of_file.setdefault((st.st_dev, st.st_ino),
+                                         (Path(case.dataset).name, Path(case.image).name, int(st.st_size)))
+        members.setdefault(group, []).append(len(image_stamps) - 1)
     entries = []
     for indices in members.values():
         described = []
         for i in indices:
             case = cases[i]
-            described.append([file_ident(case.image, case.root), *stamps[os.path.realpath(case.image)],
+            described.append([file_ident(case.image, case.root), *image_stamps[i],
                               file_ident(case.label, case.root), *_stamp(case.label),
                               sorted((case.classes or {}).items())])
         key = hashlib.sha1(json.dumps(described).encode()).hexdigest()
@@ -153,8 +151,13 @@ class CacheLayout:
     def append_progress(self, shard: int, num_shards: int, record: Mapping[str, Any]) -> None:
         path = self.progress_path(shard, num_shards)
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as f:  # a process killed mid-line: start on a fresh line
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with path.open("a") as f:
-            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.write(("\n" if torn else "") + json.dumps(record, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -258,6 +261,7 @@ class EntryReader:
         self.layout = layout
         self.max_open = max(1, int(max_open))
         self._open: "OrderedDict[str, Tuple[Any, Dict[str, Any], int]]" = OrderedDict()
+        self._pid = os.getpid()
         self.bytes_read = 0
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -271,6 +275,8 @@ class EntryReader:
         self._open.clear()
 
     def _entry(self, key: str) -> Tuple[Any, Dict[str, Any], int]:
+        if self._pid != os.getpid():  # a forked worker: files opened by the parent share its read offsets
+            self._open, self._pid = OrderedDict(), os.getpid()
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]

@@ -226,10 +226,11 @@ def test_interrupted_preparation_resumes_without_rereading(tmp_path, monkeypatch
     # A process stopped between writing an entry and recording it: the entry is recovered from its file.
     progress = layout.progress_path(0, 2)
     lines = progress.read_text().splitlines()
-    progress.write_text("\n".join(lines[:-1]) + "\n")
+    progress.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed while writing its last line
     decodes.clear()
     result = pprep.prepare(cases, entries, layout, shard=0, num_shards=2)
     assert result["recovered"] == 1 and result["prepared"] == 0 and not decodes
+    assert len(layout.read_progress()) == 5
     data = pdata.PreparedData(cases, tmp_path / "cache", 1.5, MARGIN)
     assert data.images == 5
 
