@@ -11,8 +11,11 @@ with torchio 0.19.9, the version the released models were trained and evaluated 
    whose first voxel's *corner* coincides with the corner of stored voxel 0 (voxel ``j`` has its centre at
    stored index ``(j + 0.5) * 1.5 / s - 0.5``). Values are interpolated from the scan's voxels, clamped to
    the edge voxel up to half a voxel outside the scan, and 0 further out (ITK's default value). **Integer
-   scans stay integer**: the interpolant is truncated toward zero (ITK casts to the scan's pixel type), so
-   it is computed in float64 and truncated; float scans are interpolated in float.
+   scans stay integer**: the interpolant is truncated toward zero (ITK casts to the scan's pixel type). Where
+   it is an integer in exact arithmetic (sample points on stored voxel centres), ITK's last-bit rounding
+   decides the truncation, so integer scans are sampled at the positions ITK computes
+   (:func:`itk_continuous_index`) with ITK's interpolation order and formula, in float64; float scans are
+   interpolated in float32.
 2. **Then reorient** to the closest RAS axes (torchio ``ToCanonical`` = ``nibabel.as_closest_canonical``):
    the resampled array's axes are permuted and reversed, with no further resampling; oblique scans stay
    oblique. Because this comes after step 1, the grid stays anchored at stored voxel 0, which is the far
@@ -28,12 +31,14 @@ with torchio 0.19.9, the version the released models were trained and evaluated 
 5. **Paste back by nearest neighbour** (the official ``data_postprocess``): the crop mask (thresholded in
    the crop) is mapped onto the scan's grid: scan voxel ``(i, j, k)`` takes crop voxel ``floor(c + 0.5)``
    with ``c`` its position in crop voxels, when every component of ``c`` is in ``[-0.5, size - 0.5)``, else
-   0. Exact rounding ties (every voxel of a 3 mm scan) go up.
+   0. At exact rounding ties (every voxel of a 3 mm scan, every third of a 1 mm scan) ITK's floating-point
+   rounding decides, so ``c`` is computed as ITK computes it from the geometry torchio hands it.
 
-Resampling is **never done for the whole scan**: a crop is sampled straight from the original voxels on
-its 1.5 mm grid (the grid is axis-aligned with the scan, so linear interpolation is separable and costs
-O(crop)), which gives the same values as resampling everything first; the paste-back is a separable
-index lookup over the part of the scan the crop covers.
+Resampling is **not done for the whole scan** (except oblique integer scans, see
+:attr:`PreparedScan.uses_itk_resampling`): a crop is sampled straight from the original voxels on its 1.5 mm
+grid (the grid is axis-aligned with the scan, so linear interpolation is separable and costs O(crop)), which
+gives the same values as resampling everything first; the paste-back is an index lookup over the part of the
+scan the crop covers (separable except on oblique scans).
 
 Coordinate systems (all voxel indices address voxel centres):
 
@@ -234,9 +239,7 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
         ratio = shape[p] / max(block[p].stop - block[p].start, 1)
         return (ratio > 1.0, ratio if ratio > 1.0 else float(-p))
 
-    # Integer scans: ITK's order (axis i, then j, then k) and its formula a + (b - a) * w, so that values that
-    # are integers in exact arithmetic round as ITK's do before the truncation.
-    order = [0, 1, 2] if truncate else sorted(range(3), key=pass_order)
+    order = sorted(range(3), key=pass_order)
     for p in order:
         lo, hi, w, valid = taps[p]
         d = dim_of[p]
@@ -249,11 +252,11 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
             view = [1, 1, 1]
             view[d] = -1
             weight = torch.from_numpy(w).to(work_dtype).view(view)
-            low = picked.to(work_dtype)
-            high = sub.index_select(d, hi_t).to(work_dtype)
-            picked = low + (high - low) * weight if truncate else torch.lerp(low, high, weight)
+            picked = torch.lerp(picked.to(work_dtype), sub.index_select(d, hi_t).to(work_dtype), weight)
         sub = picked
     sub = sub.permute(*dim_of)  # back to the original axis order
+    if mode == "linear" and truncate:
+        _itk_where_integer(sub, vol, taps)
     if mode == "linear":
         sub = (torch.trunc(sub) if truncate else sub).to(torch.float32)
     inside = (torch.from_numpy(taps[0][3])[:, None, None] & torch.from_numpy(taps[1][3])[None, :, None]
@@ -261,6 +264,42 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
     if bool(inside.all()):
         return sub.contiguous()
     return torch.where(inside, sub, torch.zeros((), dtype=sub.dtype)).contiguous()
+
+
+def _itk_where_integer(values: torch.Tensor, volume: torch.Tensor, taps: Sequence[tuple]) -> None:
+    """Recompute, in place, the float64 interpolants that are integers up to rounding, as ITK's linear
+    interpolator computes them: nested ``a + (b - a) * w`` along axis i, then j, then k. Only there can the
+    order of the operations move a value across the integer it truncates to; everywhere else the faster pass
+    order of :func:`sample_separable` gives the same truncated value. Voxels whose eight neighbours are equal
+    (flat regions, e.g. air) are exact in any order and are skipped after one gather each."""
+    near = (values - torch.round(values)).abs() < 1e-6
+    if not bool(near.any()):
+        return
+    at = near.nonzero().numpy()
+    array = volume.numpy()
+    if array.flags.f_contiguous:
+        flat, strides = array.ravel(order="F"), (1, array.shape[0], array.shape[0] * array.shape[1])
+    else:
+        array = np.ascontiguousarray(array)
+        flat, strides = array.ravel(), (array.shape[1] * array.shape[2], array.shape[2], 1)
+    offset = [(taps[p][0][at[:, p]] * strides[p], taps[p][1][at[:, p]] * strides[p]) for p in range(3)]
+    corners = {}
+    for x in (0, 1):
+        for y in (0, 1):
+            for z in (0, 1):
+                corners[x, y, z] = np.take(flat, offset[0][x] + offset[1][y] + offset[2][z])
+    first = corners[0, 0, 0]
+    varied = np.zeros(len(at), bool)
+    for value in corners.values():
+        varied |= value != first
+    if not varied.any():
+        return
+    w = [np.asarray(taps[p][2], dtype=np.float64)[at[varied, p]] for p in range(3)]
+    c = {key: value[varied].astype(np.float64) for key, value in corners.items()}
+    along_i = {(y, z): c[0, y, z] + (c[1, y, z] - c[0, y, z]) * w[0] for y in (0, 1) for z in (0, 1)}
+    along_j = {z: along_i[0, z] + (along_i[1, z] - along_i[0, z]) * w[1] for z in (0, 1)}
+    exact = along_j[0] + (along_j[1] - along_j[0]) * w[2]
+    values[tuple(torch.from_numpy(at[varied]).T)] = torch.from_numpy(exact)
 
 
 class PreparedScan:
@@ -481,15 +520,14 @@ class PreparedScan:
 
     @cached_property
     def uses_itk_resampling(self) -> bool:
-        """Whether crops of the scan come from one SimpleITK resampling of the whole grid (see below).
+        """Whether crops of the scan come from one SimpleITK resampling of the whole grid, cached.
 
-        On an **oblique integer** scan the official resampling (ITK, in the scan's rotated frame) lands on
-        voxel centres only up to ~1e-14 of floating-point noise, and the truncation to integers turns that
-        noise into one-unit differences on many voxels (0.7 % of the prostate fixture's crop), which our
-        exact separable sampling cannot reproduce. For those scans the whole grid is resampled once with
-        SimpleITK exactly as torchio 0.19.9 does (same geometry, same pixel type) and cached; axis-aligned
-        and float scans use the separable sampler, which matches ITK there (bit-exact away from knife edges),
-        at a fraction of the cost. Grids above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
+        Only for **oblique integer** scans: there ITK's positions are not separable per axis, and the
+        truncation to integers turns their floating-point noise into one-unit differences on many voxels. The
+        grid is resampled once with SimpleITK exactly as torchio 0.19.9 does (:class:`_OfficialGrids`, same
+        pixel type). Axis-aligned scans use the separable sampler at ITK's own positions
+        (:meth:`itk_sample_coords`), which equals SimpleITK voxel for voxel at a fraction of the cost. Grids
+        above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
         """
         direction = self.scan.affine[:3, :3] / self.scan.spacing_mm[None, :]
         aligned = np.allclose(np.abs(direction), np.round(np.abs(direction)), atol=1e-9)
