@@ -11,8 +11,11 @@ with torchio 0.19.9, the version the released models were trained and evaluated 
    whose first voxel's *corner* coincides with the corner of stored voxel 0 (voxel ``j`` has its centre at
    stored index ``(j + 0.5) * 1.5 / s - 0.5``). Values are interpolated from the scan's voxels, clamped to
    the edge voxel up to half a voxel outside the scan, and 0 further out (ITK's default value). **Integer
-   scans stay integer**: the interpolant is truncated toward zero (ITK casts to the scan's pixel type), so
-   it is computed in float64 and truncated; float scans are interpolated in float.
+   scans stay integer**: the interpolant is truncated toward zero (ITK casts to the scan's pixel type). Where
+   it is an integer in exact arithmetic (sample points on stored voxel centres), ITK's last-bit rounding
+   decides the truncation, so integer scans are sampled at the positions ITK computes
+   (:func:`itk_continuous_index`) with ITK's interpolation order and formula, in float64; float scans are
+   interpolated in float32.
 2. **Then reorient** to the closest RAS axes (torchio ``ToCanonical`` = ``nibabel.as_closest_canonical``):
    the resampled array's axes are permuted and reversed, with no further resampling; oblique scans stay
    oblique. Because this comes after step 1, the grid stays anchored at stored voxel 0, which is the far
@@ -28,12 +31,14 @@ with torchio 0.19.9, the version the released models were trained and evaluated 
 5. **Paste back by nearest neighbour** (the official ``data_postprocess``): the crop mask (thresholded in
    the crop) is mapped onto the scan's grid: scan voxel ``(i, j, k)`` takes crop voxel ``floor(c + 0.5)``
    with ``c`` its position in crop voxels, when every component of ``c`` is in ``[-0.5, size - 0.5)``, else
-   0. Exact rounding ties (every voxel of a 3 mm scan) go up.
+   0. At exact rounding ties (every voxel of a 3 mm scan, every third of a 1 mm scan) ITK's floating-point
+   rounding decides, so ``c`` is computed as ITK computes it from the geometry torchio hands it.
 
-Resampling is **never done for the whole scan**: a crop is sampled straight from the original voxels on
-its 1.5 mm grid (the grid is axis-aligned with the scan, so linear interpolation is separable and costs
-O(crop)), which gives the same values as resampling everything first; the paste-back is a separable
-index lookup over the part of the scan the crop covers.
+Resampling is **not done for the whole scan** (except oblique integer scans, see
+:attr:`PreparedScan.uses_itk_resampling`): a crop is sampled straight from the original voxels on its 1.5 mm
+grid (the grid is axis-aligned with the scan, so linear interpolation is separable and costs O(crop)), which
+gives the same values as resampling everything first; the paste-back is an index lookup over the part of the
+scan the crop covers (separable except on oblique scans).
 
 Coordinate systems (all voxel indices address voxel centres):
 
@@ -58,9 +63,6 @@ from .io import Scan, ScanInput, load_scan
 
 #: Voxel size (mm) of the grid the official SAM-Med3D models were trained on.
 TARGET_SPACING_MM = 1.5
-#: Paste-back rounding: exact ties (a scan voxel halfway between two crop voxels, e.g. every voxel of a 3 mm
-#: scan) go to the upper crop voxel, as ITK did in the official runs on 3 mm scans.
-_TIE_UP = 1e-6
 #: Largest canonical grid (voxels) that :attr:`PreparedScan.uses_itk_resampling` resamples as a whole.
 ITK_RESAMPLE_MAX_VOXELS = 64 * 1024 ** 2
 
@@ -92,13 +94,98 @@ def normalize_intensity(raw: torch.Tensor) -> Tuple[torch.Tensor, float, float]:
     return (raw - mean) / std, mean, std
 
 
+class _ItkGrid:
+    """One image's geometry as SimpleITK holds it when torchio 0.19.9 hands it an array and a RAS affine
+    (``nib_to_sitk``): LPS origin, spacing = lengths of the affine's columns, direction = columns / spacing,
+    computed with torchio's own numpy expressions so that every float is the official one."""
+
+    def __init__(self, origin: Sequence[float], spacing: Sequence[float], direction: np.ndarray) -> None:
+        self.origin = np.asarray(origin, dtype=np.float64)
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+        # ITK's index -> physical matrix, direction @ diag(spacing): one product per entry (the rest adds 0).
+        self.index_to_physical = self.direction * self.spacing[None, :]
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray) -> "_ItkGrid":
+        rotation_zoom = affine[:3, :3]
+        spacing = np.sqrt(np.sum(rotation_zoom * rotation_zoom, axis=0))
+        return cls(np.dot(_FLIP_XY, affine[:3, 3]), spacing, np.dot(_FLIP_XY, rotation_zoom / spacing))
+
+    def ras_affine(self) -> np.ndarray:
+        """torchio's ``get_ras_affine_from_sitk`` of an image with this geometry."""
+        affine = np.eye(4)
+        affine[:3, :3] = np.dot(_FLIP_XY, self.direction) * self.spacing
+        affine[:3, 3] = np.dot(_FLIP_XY, self.origin)
+        return affine
+
+    def _probe(self, origin: Sequence[float]):
+        import SimpleITK as sitk
+
+        image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        image.SetOrigin([float(v) for v in origin])
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetDirection([float(v) for v in self.direction.ravel()])
+        return image
+
+    @cached_property
+    def physical_to_index(self) -> np.ndarray:
+        """ITK's physical -> index matrix (its own numerical inverse, read back exactly: with the origin at 0,
+        the continuous index of the unit vector e_k is column k of the matrix)."""
+        image = self._probe((0.0, 0.0, 0.0))
+        return np.array([image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in np.eye(3)[k]))
+                         for k in range(3)], dtype=np.float64).T
+
+    def index_to_point(self, index: Sequence[float]) -> np.ndarray:
+        """ITK's ``TransformContinuousIndexToPhysicalPoint`` (torchio places the 1.5 mm grid with it)."""
+        return np.asarray(self._probe(self.origin).TransformContinuousIndexToPhysicalPoint(
+            [float(v) for v in index]), dtype=np.float64)
+
+    def axis_map(self) -> Optional[np.ndarray]:
+        """``(3,)`` the one index axis each physical axis comes from, when the direction is a signed permutation
+        with exact zeros (then ITK's index arithmetic is separable per axis); None for oblique grids."""
+        nonzero = self.index_to_physical != 0
+        if not (nonzero.sum(axis=1) == 1).all() or not (nonzero.sum(axis=0) == 1).all():
+            return None
+        return np.argmax(nonzero, axis=1)
+
+
+_FLIP_XY = np.diag([-1.0, -1.0, 1.0])
+
+
+def itk_continuous_index(out_grid: _ItkGrid, in_grid: _ItkGrid, scanline: int, i, j, k) -> list:
+    """Continuous indices of the input image at output voxels ``(i, j, k)`` (broadcastable float64 arrays),
+    with the floating-point operations of ITK 5.4's ``ResampleImageFilter`` (identity transform, the linear
+    path SimpleITK takes): index -> point as ``((origin + m0 * i) + m1 * j) + m2 * k``, point -> index as
+    ``((0 + p0 * d0) + p1 * d1) + p2 * d2`` with ``d = point - input origin``, and along each output scan line
+    (axis 0, ``scanline`` voxels) the interpolation ``start + (i / scanline) * (end - start)`` between its
+    first voxel and one past its last. At exact rounding ties (a 1 mm voxel halfway between two 1.5 mm
+    voxels) and at integer positions (1.5 mm sampled from 1.5 mm) only these roundings say which way ITK
+    goes. Returns the three components (input axes 0, 1, 2)."""
+    m, p = out_grid.index_to_physical, in_grid.physical_to_index
+
+    def transform(i_value):
+        point = [((out_grid.origin[q] + m[q, 0] * i_value) + m[q, 1] * j) + m[q, 2] * k for q in range(3)]
+        delta = [point[q] - in_grid.origin[q] for q in range(3)]
+        return [((0.0 + p[r, 0] * delta[0]) + p[r, 1] * delta[1]) + p[r, 2] * delta[2] for r in range(3)]
+
+    start, end = transform(0.0), transform(float(scanline))
+    alpha = np.asarray(i, dtype=np.float64) / float(scanline)
+    return [start[r] + alpha * (end[r] - start[r]) for r in range(3)]
+
+
+def itk_nearest(index: np.ndarray) -> np.ndarray:
+    """ITK's ``RoundHalfIntegerUp`` as compiled for x86-64: ``rint(2 x + 0.5) >> 1`` (int64)."""
+    return np.rint(2.0 * index + 0.5).astype(np.int64) >> 1
+
+
 def _axis_taps(coords: np.ndarray, n: int, mode: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Interpolation taps along one axis of length ``n`` for continuous indices ``coords`` (L,).
 
     Returns ``lo, hi`` (L,) int64, ``w`` (L,) float64 with value = ``(1 - w) * x[lo] + w * x[hi]``, and
     ``valid`` (L,) bool: False beyond half a voxel outside the axis (those samples are 0).
     """
-    valid = (coords >= -0.5) & (coords <= n - 0.5)
+    valid = (coords >= -0.5) & (coords < n - 0.5)  # ITK's IsInsideBuffer
     clamped = np.clip(coords, 0.0, n - 1.0)
     if mode == "nearest":
         # floor(x + 0.5): ties go up, like ITK's nearest-neighbour interpolator.
@@ -168,6 +255,8 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
             picked = torch.lerp(picked.to(work_dtype), sub.index_select(d, hi_t).to(work_dtype), weight)
         sub = picked
     sub = sub.permute(*dim_of)  # back to the original axis order
+    if mode == "linear" and truncate:
+        _itk_where_integer(sub, vol, taps)
     if mode == "linear":
         sub = (torch.trunc(sub) if truncate else sub).to(torch.float32)
     inside = (torch.from_numpy(taps[0][3])[:, None, None] & torch.from_numpy(taps[1][3])[None, :, None]
@@ -175,6 +264,42 @@ def sample_separable(volume: Union[np.ndarray, torch.Tensor], coords: Sequence[n
     if bool(inside.all()):
         return sub.contiguous()
     return torch.where(inside, sub, torch.zeros((), dtype=sub.dtype)).contiguous()
+
+
+def _itk_where_integer(values: torch.Tensor, volume: torch.Tensor, taps: Sequence[tuple]) -> None:
+    """Recompute, in place, the float64 interpolants that are integers up to rounding, as ITK's linear
+    interpolator computes them: nested ``a + (b - a) * w`` along axis i, then j, then k. Only there can the
+    order of the operations move a value across the integer it truncates to; everywhere else the faster pass
+    order of :func:`sample_separable` gives the same truncated value. Voxels whose eight neighbours are equal
+    (flat regions, e.g. air) are exact in any order and are skipped after one gather each."""
+    near = (values - torch.round(values)).abs() < 1e-6
+    if not bool(near.any()):
+        return
+    at = near.nonzero().numpy()
+    array = volume.numpy()
+    if array.flags.f_contiguous:
+        flat, strides = array.ravel(order="F"), (1, array.shape[0], array.shape[0] * array.shape[1])
+    else:
+        array = np.ascontiguousarray(array)
+        flat, strides = array.ravel(), (array.shape[1] * array.shape[2], array.shape[2], 1)
+    offset = [(taps[p][0][at[:, p]] * strides[p], taps[p][1][at[:, p]] * strides[p]) for p in range(3)]
+    corners = {}
+    for x in (0, 1):
+        for y in (0, 1):
+            for z in (0, 1):
+                corners[x, y, z] = np.take(flat, offset[0][x] + offset[1][y] + offset[2][z])
+    first = corners[0, 0, 0]
+    varied = np.zeros(len(at), bool)
+    for value in corners.values():
+        varied |= value != first
+    if not varied.any():
+        return
+    w = [np.asarray(taps[p][2], dtype=np.float64)[at[varied, p]] for p in range(3)]
+    c = {key: value[varied].astype(np.float64) for key, value in corners.items()}
+    along_i = {(y, z): c[0, y, z] + (c[1, y, z] - c[0, y, z]) * w[0] for y in (0, 1) for z in (0, 1)}
+    along_j = {z: along_i[0, z] + (along_i[1, z] - along_i[0, z]) * w[1] for z in (0, 1)}
+    exact = along_j[0] + (along_j[1] - along_j[0]) * w[2]
+    values[tuple(torch.from_numpy(at[varied]).T)] = torch.from_numpy(exact)
 
 
 class PreparedScan:
@@ -255,6 +380,25 @@ class PreparedScan:
         """Canonical voxel indices ``(N, 3)`` -> continuous original voxel indices ``(N, 3)``."""
         pts = _points(points_canonical)
         return (self.offset + self.step * pts)[:, self.target_axis]
+
+    @cached_property
+    def itk(self) -> "_OfficialGrids":
+        """The official pipeline's geometry, float for float: the scan and its 1.5 mm grid as SimpleITK holds
+        them, and the canonical affine torchio derives (see :class:`_OfficialGrids`)."""
+        return _OfficialGrids(self)
+
+    def itk_sample_coords(self, axis: int, start: int, count: int) -> Optional[np.ndarray]:
+        """:meth:`original_coords` as ITK computes them when it resamples the scan to the 1.5 mm grid (exact
+        integers come out with ~1e-16 of noise, which the truncation of integer scans turns into one raw unit),
+        or None when that arithmetic is not separable per axis (oblique scans)."""
+        grids = self.itk
+        if not grids.resample_separable:
+            return None
+        p = int(self.source_axis[axis])
+        canonical = np.arange(start, start + count, dtype=np.float64)
+        resampled = canonical if self.step[axis] > 0 else (grids.size[p] - 1) - canonical
+        index = [resampled if q == p else 0.0 for q in range(3)]
+        return itk_continuous_index(grids.resampled, grids.scan, int(grids.size[0]), *index)[p]
 
     def original_coords(self, axis: int, start: int, count: int) -> np.ndarray:
         """Continuous original indices (along ``source_axis[axis]``) of canonical voxels ``start .. start + count
@@ -366,23 +510,24 @@ class PreparedScan:
         scan_itself = mode == "linear" and volume is self.scan.array
         if scan_itself and self.uses_itk_resampling:
             return _padded_box(self._itk_canonical, start, shape)
+        truncate = scan_itself and self.scan.integer
         coords = [None, None, None]
         for a in range(3):
-            coords[self.source_axis[a]] = self.original_coords(a, start[a], shape[a])
-        out = sample_separable(volume, coords, mode, scan_itself and self.scan.integer)  # original axis order
+            exact = self.itk_sample_coords(a, start[a], shape[a]) if truncate else None
+            coords[self.source_axis[a]] = exact if exact is not None else self.original_coords(a, start[a], shape[a])
+        out = sample_separable(volume, coords, mode, truncate)  # original axis order
         return out.permute(*[int(p) for p in self.source_axis])
 
     @cached_property
     def uses_itk_resampling(self) -> bool:
-        """Whether crops of the scan come from one SimpleITK resampling of the whole grid (see below).
+        """Whether crops of the scan come from one SimpleITK resampling of the whole grid, cached.
 
-        On an **oblique integer** scan the official resampling (ITK, in the scan's rotated frame) lands on
-        voxel centres only up to ~1e-14 of floating-point noise, and the truncation to integers turns that
-        noise into one-unit differences on many voxels (0.7 % of the prostate fixture's crop), which our
-        exact separable sampling cannot reproduce. For those scans the whole grid is resampled once with
-        SimpleITK exactly as torchio 0.19.9 does (same geometry, same pixel type) and cached; axis-aligned
-        and float scans use the separable sampler, which matches ITK there (bit-exact away from knife edges),
-        at a fraction of the cost. Grids above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
+        Only for **oblique integer** scans: there ITK's positions are not separable per axis, and the
+        truncation to integers turns their floating-point noise into one-unit differences on many voxels. The
+        grid is resampled once with SimpleITK exactly as torchio 0.19.9 does (:class:`_OfficialGrids`, same
+        pixel type). Axis-aligned scans use the separable sampler at ITK's own positions
+        (:meth:`itk_sample_coords`), which equals SimpleITK voxel for voxel at a fraction of the cost. Grids
+        above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
         """
         direction = self.scan.affine[:3, :3] / self.scan.spacing_mm[None, :]
         aligned = np.allclose(np.abs(direction), np.round(np.abs(direction)), atol=1e-9)
@@ -394,18 +539,15 @@ class PreparedScan:
         ``ToCanonical`` (float32 holding the truncated integers)."""
         import SimpleITK as sitk
 
-        flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
-        spacing = self.scan.spacing_mm
+        grids = self.itk
         image = sitk.GetImageFromArray(np.ascontiguousarray(self.scan.array.transpose(2, 1, 0)).astype(np.int32))
-        image.SetSpacing([float(v) for v in spacing])
-        image.SetDirection([float(v) for v in (flip @ (self.scan.affine[:3, :3] / spacing[None, :])).ravel()])
-        image.SetOrigin([float(v) for v in flip @ self.scan.affine[:3, 3]])
-        sizes = [int(self.shape[int(self.target_axis[p])]) for p in range(3)]
-        reference = sitk.Image(sizes, sitk.sitkInt32)
-        reference.SetSpacing([self.spacing_mm] * 3)
-        reference.SetDirection(image.GetDirection())
-        reference.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(
-            [float(v) for v in 0.5 * (self.spacing_mm / spacing - 1.0)]))
+        image.SetSpacing([float(v) for v in grids.scan.spacing])
+        image.SetDirection([float(v) for v in grids.scan.direction.ravel()])
+        image.SetOrigin([float(v) for v in grids.scan.origin])
+        reference = sitk.Image([int(v) for v in grids.size], sitk.sitkInt32)
+        reference.SetSpacing([float(v) for v in grids.resampled.spacing])
+        reference.SetDirection([float(v) for v in grids.resampled.direction.ravel()])
+        reference.SetOrigin([float(v) for v in grids.resampled.origin])
         resampled = sitk.Resample(image, reference, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
                                   sitk.sitkInt32)
         stored = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)  # resampled grid, stored axis order
@@ -463,6 +605,12 @@ class PreparedScan:
         values = crop_values.detach().cpu().numpy() if isinstance(crop_values, torch.Tensor) else np.asarray(crop_values)
         if tuple(values.shape) != (crop.size,) * 3:
             raise ValueError(f"crop_values must have shape {(crop.size,) * 3}, got {tuple(values.shape)}")
+        exact = crop.paste_exact
+        if exact is not None:  # oblique scan: ITK's rounding is not separable per axis
+            region, flat = exact
+            fortran = self.scan.array.flags.f_contiguous and not self.scan.array.flags.c_contiguous
+            picked = np.where(flat >= 0, values.reshape(-1)[np.maximum(flat, 0)], np.zeros((), values.dtype))
+            return region, np.asfortranarray(picked) if fortran else picked
         lookup = crop.paste_lookup
         if lookup is None:
             return None, np.zeros((0, 0, 0), dtype=values.dtype)
@@ -475,6 +623,36 @@ class PreparedScan:
             reversed_axes = axes[::-1]
             return region, outer_take(values.transpose(*reversed_axes), [index[a] for a in reversed_axes]).T
         return region, outer_take(values.transpose(*axes), [index[a] for a in axes])
+
+
+class _OfficialGrids:
+    """A scan's geometry through the official pipeline's torchio 0.19.9 / SimpleITK calls, float for float.
+
+    ``scan``: the scan as ``Resample`` hands it to SimpleITK (from ``PreparedScan.scan.affine``, which for a
+    NIfTI file is ITK's reading of the header, as torchio's). ``resampled``: the 1.5 mm reference grid of
+    ``Resample`` (``size``, the origin placed by ITK at continuous index ``0.5 * (1.5 / s - 1)``, the scan's
+    direction). ``canonical_affine``: ``ToCanonical``'s affine (nibabel's ``as_closest_canonical``).
+    Crops derive their affine from it as ``CropOrPad`` does (:attr:`Crop.itk_affine`). The geometry is
+    computed exactly; which way ITK rounds at an exact tie then follows (:func:`itk_continuous_index`).
+    """
+
+    def __init__(self, prepared: "PreparedScan") -> None:
+        scan = _ItkGrid.from_affine(prepared.scan.affine)
+        new_spacing = np.array((prepared.spacing_mm,) * 3)
+        old_size = np.array(prepared.scan.shape)
+        size = np.ceil(old_size * scan.spacing / new_spacing).astype(np.uint16)
+        size[old_size == 1] = 1
+        self.scan = scan
+        self.size = size.astype(np.int64)
+        self.resampled = _ItkGrid(scan.index_to_point(0.5 * (new_spacing / scan.spacing - 1)), new_spacing.tolist(),
+                                  scan.direction)
+        affine = self.resampled.ras_affine()
+        if nib.aff2axcodes(affine) != tuple("RAS"):
+            affine = affine.dot(nib.orientations.inv_ornt_aff(nib.io_orientation(affine), tuple(self.size)))
+        self.canonical_affine = affine
+        self.resample_separable = (scan.axis_map() is not None
+                                   and bool(np.all(np.abs(np.sign(scan.physical_to_index)) == np.abs(np.sign(
+                                       scan.index_to_physical.T)))))
 
 
 def outer_take(values: np.ndarray, index: Sequence[np.ndarray]) -> np.ndarray:
@@ -580,28 +758,109 @@ class Crop:
         return self.prepared.sample(volume, self.start, (self.size,) * 3, mode)
 
     @cached_property
+    def itk_affine(self) -> np.ndarray:
+        """4x4 crop voxel -> RAS mm as the official ``CropOrPad`` computes it from ``ToCanonical``'s affine
+        (``nibabel.affines.apply_affine`` for the padding, then for the cropping): equal to :attr:`affine` up
+        to rounding, and float for float what the official paste-back hands to SimpleITK."""
+        canonical = self.prepared.itk.canonical_affine
+        start = np.asarray(self.start, dtype=np.int64)
+        shape = np.asarray(self.prepared.shape, dtype=np.int64)
+        low, high = np.maximum(0, -start), np.maximum(0, start + self.size - shape)
+        first, last = np.maximum(0, start), np.maximum(0, shape - start - self.size)
+        affine = canonical
+        if (low > 0).any() or (high > 0).any():
+            affine = canonical.copy()
+            affine[:3, 3] = nib.affines.apply_affine(canonical, -np.array(low.tolist()))
+        if (first > 0).any() or (last > 0).any():
+            padded = affine
+            affine = padded.copy()
+            affine[:3, 3] = nib.affines.apply_affine(padded, np.array(first.tolist()))
+        return affine
+
+    def _itk_paste_positions(self, i, j, k) -> list:
+        """Continuous crop indices of scan voxels ``(i, j, k)`` as the official SimpleITK paste-back computes
+        them (crop image from :attr:`itk_affine`, reference = the scan): crop axes 0, 1, 2."""
+        grids = self.prepared.itk
+        return itk_continuous_index(grids.scan, _ItkGrid.from_affine(self.itk_affine), self.prepared.scan.shape[0],
+                                    i, j, k)
+
+    @cached_property
+    def _paste_axes(self) -> Optional[np.ndarray]:
+        """``(3,)`` crop axis fed by each scan axis when the paste-back arithmetic is separable, else None."""
+        crop_grid = _ItkGrid.from_affine(self.itk_affine)
+        scan_axis = self.prepared.itk.scan.axis_map()  # physical axis -> scan axis
+        crop_phys = crop_grid.physical_to_index != 0  # crop axis x physical axis
+        if scan_axis is None or not (crop_phys.sum(axis=1) == 1).all() or not (crop_phys.sum(axis=0) == 1).all():
+            return None
+        physical_of_crop = np.argmax(crop_phys, axis=1)
+        axes = np.zeros(3, np.int64)
+        for r in range(3):
+            axes[scan_axis[physical_of_crop[r]]] = r
+        return axes if sorted(axes.tolist()) == [0, 1, 2] else None
+
+    @cached_property
     def paste_lookup(self) -> Optional[Tuple[Tuple[slice, slice, slice], Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         """The nearest-neighbour paste-back map: ``(region, index)`` with ``region`` the slices of the ORIGINAL
         grid whose voxels fall in the crop and ``index[a]`` the crop voxel (along canonical axis ``a``) that
-        each of them takes, or None when the crop misses the scan. See :meth:`PreparedScan.paste_back`."""
+        each of them takes, or None when the crop misses the scan. See :meth:`PreparedScan.paste_back`.
+
+        On axis-aligned scans this is ITK's rounding exactly (:func:`itk_continuous_index`, separable there);
+        on oblique scans ITK's rounding at ties depends on all three indices, so this separable map is the
+        rule ``floor(c + 0.5)`` (used to blend several crops) and :attr:`paste_exact` holds ITK's own."""
         prep = self.prepared
+        axes = self._paste_axes
         region: list = [None, None, None]
         index: list = [None, None, None]
         for p in range(3):
             a = int(prep.target_axis[p])
-            idx = np.arange(prep.scan.shape[p], dtype=np.float64)
-            position = (idx - prep.offset[a]) / prep.step[a] - self.start[a]  # continuous crop index
-            nearest = np.floor(position + 0.5 + _TIE_UP).astype(np.int64)
-            hit = np.flatnonzero((nearest >= 0) & (nearest < self.size))
+            if axes is not None:
+                a = int(axes[p])
+                line = [np.arange(prep.scan.shape[p], dtype=np.float64) if q == p else 0.0 for q in range(3)]
+                position = self._itk_paste_positions(*line)[a]
+                nearest = itk_nearest(position)
+                hit = np.flatnonzero((position >= -0.5) & (position < self.size - 0.5))
+            else:
+                idx = np.arange(prep.scan.shape[p], dtype=np.float64)
+                position = (idx - prep.offset[a]) / prep.step[a] - self.start[a]  # continuous crop index
+                nearest = np.floor(position + 0.5).astype(np.int64)
+                hit = np.flatnonzero((nearest >= 0) & (nearest < self.size))
             if len(hit) == 0:
                 return None
             region[p] = slice(int(hit[0]), int(hit[-1]) + 1)
-            index[a] = nearest[hit[0]:hit[-1] + 1]
+            index[a] = np.clip(nearest[hit[0]:hit[-1] + 1], 0, self.size - 1)
         return tuple(region), tuple(index)
+
+    @cached_property
+    def paste_exact(self) -> Optional[Tuple[Tuple[slice, slice, slice], np.ndarray]]:
+        """Oblique scans only (else None): ``(region, flat)`` with ``flat`` int64 of the region's shape, the
+        C-order index into the crop of the crop voxel each scan voxel takes in the official (ITK) paste-back,
+        -1 outside the crop. Computed per voxel over the region (widened by a voxel), once per crop."""
+        if self._paste_axes is not None or self.paste_lookup is None:
+            return None
+        shape = self.prepared.scan.shape
+        box = tuple(slice(max(r.start - 1, 0), min(r.stop + 1, n)) for r, n in zip(self.paste_lookup[0], shape))
+        i, j, k = (np.arange(b.start, b.stop, dtype=np.float64) for b in box)
+        position = self._itk_paste_positions(i[:, None, None], j[None, :, None], k[None, None, :])
+        inside = np.ones(tuple(b.stop - b.start for b in box), bool)
+        flat = np.zeros(inside.shape, np.int64)
+        for a in range(3):
+            inside &= (position[a] >= -0.5) & (position[a] < self.size - 0.5)
+            flat = flat * self.size + np.clip(itk_nearest(position[a]), 0, self.size - 1)
+        if not inside.any():
+            return None
+        tight = []
+        for p in range(3):
+            hit = np.flatnonzero(inside.any(axis=tuple(q for q in range(3) if q != p)))
+            tight.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        region = tuple(slice(b.start + t.start, b.start + t.stop) for b, t in zip(box, tight))
+        return region, np.where(inside, flat, -1)[tuple(tight)]
 
     @property
     def region_ijk(self) -> Optional[Tuple[slice, slice, slice]]:
         """Slices of the ORIGINAL grid whose voxels fall in the crop (nearest crop voxel inside it), or None."""
+        exact = self.paste_exact
+        if exact is not None:
+            return exact[0]
         lookup = self.paste_lookup
         return None if lookup is None else lookup[0]
 
