@@ -166,10 +166,11 @@ def test_cors_origins_option_accepts_origins_only(app_lib):
 
 def test_train_clicks_option_is_a_count_or_a_range(app_lib):
     options = app_lib["configs.options"]
-    trainer = app_lib["trainers.sam_med3d"]
     assert options.AppOptions.from_conf({"train_clicks": "7"}, "/tmp").train_clicks == (7, 7)
     parsed = options.AppOptions.from_conf({"train_clicks": "2-9"}, "/tmp").train_clicks
-    assert parsed == (2, 9) and trainer.clicks_config(parsed) == "2-9" and trainer.clicks_config((4, 4)) == 4
+    shown = options.train_config  # the training task's config, as a viewer shows the option
+    assert parsed == (2, 9) and shown({"train_clicks": parsed})["train_clicks"] == "2-9"
+    assert shown({"train_clicks": (4, 4)})["train_clicks"] == 4
     for bad in ("0", "9-2", "x"):
         with pytest.raises(ValueError, match="--conf train_clicks"):
             options.AppOptions.from_conf({"train_clicks": bad}, "/tmp")

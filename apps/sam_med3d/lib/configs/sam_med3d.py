@@ -57,24 +57,9 @@ class SamMed3DConfig(TaskConfig):
                                          cache_max_bytes=int(o.cache_max_gb * 2 ** 30) if o.cache_max_gb else None)}
 
     def trainer(self) -> Optional[TrainTask]:
-        return SamMed3DTrainer(
-            model_dir=os.path.join(self.options.model_dir, f"train_{self.name}"),
-            served=self.served,
-            labels=self.labels,
-            epochs=self.options.epochs,
-            val_split=self.options.val_split,
-            lr=self.options.lr,
-            train_clicks=self.options.train_clicks,
-            multi_gpu=self.options.multi_gpu,
-            samples_per_epoch=self.options.samples_per_epoch,
-            retention=self.options.retention,
-            rehearsal=self.options.rehearsal,
-            rehearsal_data=self.options.rehearsal_data,
-            max_forgetting=self.options.max_forgetting,
-            max_structure_forgetting=self.options.max_structure_forgetting,
-            blend=self.options.blend,
-            freeze_encoder=self.options.freeze_encoder,
-        )
+        return SamMed3DTrainer(model_dir=os.path.join(self.options.model_dir, f"train_{self.name}"),
+                               served=self.served, labels=self.labels, rehearsal_data=self.options.rehearsal_data,
+                               **self.options.train_defaults())
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:
         return {f"{self.name}_uncertainty": UncertaintyStrategy(key=UncertaintyScoring.KEY)}
