@@ -1,4 +1,4 @@
-"""The app's option schema (``apps/sam_med3d/lib/configs/options.py``) is the one home of every option: the docs
+"""The app's option schema (``apps/sam_med3d/lib/options.py``) is the one home of every option: the docs
 table, the checks at start and before a training run, and the training task's defaults all come from it."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def lib():
     """The app's ``lib`` modules, imported as MONAI Label imports them (app folder first on sys.path)."""
     sys.path.insert(0, str(APP_DIR))
     try:
-        return SimpleNamespace(options=importlib.import_module("lib.configs.options"),
+        return SimpleNamespace(options=importlib.import_module("lib.options"),
                                preflight=importlib.import_module("lib.trainers.preflight"),
                                trainer=importlib.import_module("lib.trainers.sam_med3d"),
                                errors=importlib.import_module("lib.errors"))
@@ -32,7 +32,7 @@ def test_the_docs_options_table_is_the_schemas(lib):
     assert found, "docs/app.md has no generated options table (between '<!-- options table' and its end marker)"
     assert found.group(1) == lib.options.options_table(), (
         "docs/app.md's options table differs from the schema; regenerate it with "
-        "`cd apps/sam_med3d && python -m lib.configs.options`")
+        "`cd apps/sam_med3d && python -m lib.options`")
 
 
 def test_ranges_at_start_and_before_training_are_the_same(lib):

@@ -1,6 +1,6 @@
 """The one ``TaskConfig`` of the app: SAM-Med3D's infer task, trainer, active-learning strategy and scoring.
 
-Everything is configured by ``--conf`` (see :mod:`lib.configs.options` for names and defaults); nothing is
+Everything is configured by ``--conf`` (see :mod:`lib.options` for names and defaults); nothing is
 downloaded at import time. ``init`` resolves which weights to serve (downloading SAM-Med3D-turbo into
 ``model_dir`` on the first start when asked) and logs one line saying which model is served and why.
 """
@@ -18,9 +18,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning.uncertainty import UncertaintyScoring, UncertaintyStrategy
-from lib.configs.options import AppOptions
-from lib.configs.weights import ServedModel, export_for_subprocesses, finetuned_path, resolve_base_weights
 from lib.infers.sam_med3d import SamMed3DInfer
+from lib.options import AppOptions
+from lib.served_model import ServedModel, export_for_subprocesses, finetuned_path, resolve_base_weights
 from lib.trainers.sam_med3d import SamMed3DTrainer
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ shows its own "Failed to RUN training" notification and keeps its "Update Model"
 cannot list its labels (a DICOMweb server that does not answer) gets 503 with the reason instead of a bare 500.
 
 The same wrapper checks every Train request's options before anything starts (:func:`check_train_options`):
-known options must have the type and range the option schema gives them (:mod:`lib.configs.options`:
+known options must have the type and range the option schema gives them (:mod:`lib.options`:
 ``max_epochs`` an integer in 1..1000, ``lr`` a number in (0, 1], ``val_split`` in [0, 1), ...), so ``{"max_epochs": -3}`` or ``{"lr": "fast"}`` is a 422
 naming the option instead of a task that fails minutes later in its log. ``bundle_path`` is refused for every
 task (MONAI Label puts it on the subprocess's Python path). ``run_sync`` training and batch inference are
@@ -33,8 +33,8 @@ from typing import Any, Mapping, Optional
 from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.configs.options import check_train_request
 from lib.errors import InvalidRequest
+from lib.options import check_train_request
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def check_request(method: str, request: Optional[Mapping[str, Any]], params: Opt
 
 def check_train_options(options: Mapping[str, Any]) -> None:
     """Raise :class:`InvalidRequest` (422) naming the first Train option with a wrong type or range
-    (:data:`lib.configs.options.OPTIONS` says which options a Train request may set, and their ranges)."""
+    (:data:`lib.options.OPTIONS` says which options a Train request may set, and their ranges)."""
     try:
         check_train_request(options)
     except ValueError as err:

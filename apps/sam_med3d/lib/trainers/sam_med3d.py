@@ -4,7 +4,7 @@ A MONAI Label ``BasicTrainTask`` (ignite ``SupervisedTrainer`` / ``SupervisedEva
 in a subprocess, so the server keeps answering clicks while it trains. The recipe is the paper's
 click-iteration training from :mod:`sam_med3d.training` (not re-implemented here).
 
-Two sets of defaults (``--conf`` options set to ``auto``, :data:`lib.configs.options.OPTIONS`), by what
+Two sets of defaults (``--conf`` options set to ``auto``, :data:`lib.options.OPTIONS`), by what
 the published weights will answer (``--conf finetuned_for``):
 
 - ``trained`` (the app's default): the fine-tuned weights answer only the labels they were trained on (the
@@ -70,7 +70,7 @@ The recipe:
   again within the epoch (:meth:`SamMed3DTrainer.train_data_loader`), so one or two labels still give the
   optimizer a few hundred steps, not 20.
 
-Which options a Train request may set, their ranges and defaults: :data:`lib.configs.options.OPTIONS` (the
+Which options a Train request may set, their ranges and defaults: :data:`lib.options.OPTIONS` (the
 defaults come from ``--conf``; ``rehearsal_data`` only from ``--conf``: a request never names a folder); read
 them with :meth:`SamMed3DTrainer.option`. ``seed`` (default -1, not seeded) makes a run repeat:
 :meth:`SamMed3DTrainer.seed`.
@@ -96,8 +96,8 @@ from monai.transforms import AsDiscreted
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.configs.options import train_config, train_value
 from lib.errors import InvalidRequest
+from lib.options import train_config, train_value
 
 logger = logging.getLogger(__name__)
 
@@ -496,12 +496,12 @@ class SamMed3DTrainer(BasicTrainTask):
 
     Args:
         model_dir: folder for this task's runs (stats, ignite checkpoints, events).
-        served: the app's :class:`~lib.configs.weights.ServedModel` (weights to start from and publish to).
+        served: the app's :class:`~lib.served_model.ServedModel` (weights to start from and publish to).
         labels: the app's labels (shown in ``/info``; training uses every saved label value).
         rehearsal_data: ``--conf rehearsal_data`` (a request never names a folder).
         defaults: the defaults of the Train request options, by ``--conf`` name (``epochs``, ``val_split``,
-            ``lr``, ...: :meth:`lib.configs.options.AppOptions.train_defaults`); one not given takes the schema's
-            default for ``finetuned_for all`` (:func:`lib.configs.options.train_config`).
+            ``lr``, ...: :meth:`lib.options.AppOptions.train_defaults`); one not given takes the schema's
+            default for ``finetuned_for all`` (:func:`lib.options.train_config`).
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], rehearsal_data: Optional[str] = "auto",
@@ -699,7 +699,7 @@ class SamMed3DTrainer(BasicTrainTask):
 
     # ---------------------------------------------------------------------------------------- model
     def network(self, context: Context) -> torch.nn.Module:
-        from lib.configs.weights import load_weights
+        from lib.served_model import load_weights
         from sam_med3d.training import ClickIterationModel, default_loss
 
         path = self.served.path()
@@ -730,7 +730,7 @@ class SamMed3DTrainer(BasicTrainTask):
         (measured: other structures -0.03 after one round, -0.09 after three with the served weights as the
         teacher). The base model is the one whose answers on everything else the annotator relies on.
         """
-        from lib.configs.weights import load_weights
+        from lib.served_model import load_weights
 
         base = self.served.base.path
         if Path(path) == Path(base):
@@ -743,7 +743,7 @@ class SamMed3DTrainer(BasicTrainTask):
     def base_model(self, context: Context) -> torch.nn.Module:
         """The base weights (frozen, eval mode): the retention teacher when there is one, else loaded now."""
         if self._base_sam is None:
-            from lib.configs.weights import load_weights
+            from lib.served_model import load_weights
 
             base, _ = load_weights(self.served.base.path, self.served.expected_arch, str(context.device))
             self._base_sam = base.requires_grad_(False).eval()
@@ -795,7 +795,7 @@ class SamMed3DTrainer(BasicTrainTask):
                                                     include_background=True)}
 
     def option(self, context: Context, key: str) -> Any:
-        """Train option ``key``, typed (:func:`lib.configs.options.train_value`): the request's value, which
+        """Train option ``key``, typed (:func:`lib.options.train_value`): the request's value, which
         MONAI Label's ``BasicTrainTask`` fills from this task's config; the config's when the context was built
         without it."""
         return train_value(key, context.request[key] if key in context.request else self._config.get(key))

@@ -30,7 +30,7 @@ from typing import FrozenSet, Optional, Tuple
 
 import torch
 
-from lib.configs.options import FINETUNED_FOR  # which labels the fine-tuned weights answer
+from lib.options import FINETUNED_FOR  # which labels the fine-tuned weights answer
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ the name a Train request uses for it). Everything else is read from it:
 - :func:`check_train_request` checks a Train request's options (type and range) in the server, before a
   training subprocess starts (:mod:`lib.trainers.preflight`);
 - :func:`options_table` renders the options table of ``docs/app.md`` (a test fails when the two differ;
-  regenerate with ``cd apps/sam_med3d && python -m lib.configs.options``).
+  regenerate with ``cd apps/sam_med3d && python -m lib.options``).
 
 MONAI Label's ``monailabel`` launcher re-splits its arguments on spaces, so every ``--conf`` value has a form
 without spaces: labels are written ``spleen=1,liver=2`` (or ``spleen,liver``, or JSON without spaces such as
