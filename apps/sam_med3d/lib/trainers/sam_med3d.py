@@ -64,7 +64,7 @@ The recipe:
 - ``freeze_encoder``: tune the prompt encoder and mask decoder only (the image encoder's weights are kept and
   left out of the optimizer): with few labels and weights that answer every label it forgot less and learned
   more than tuning all weights; for weights that answer only their labels, tuning all weights learned more
-  (docs/app.md, "How the model learns from your labels").
+  (docs/experiments.md).
 
 - epochs: at least ``samples_per_epoch`` (default 16) samples each: with fewer saved targets they are drawn
   again within the epoch (:meth:`SamMed3DTrainer.train_data_loader`), so one or two labels still give the
@@ -105,7 +105,7 @@ logger = logging.getLogger(__name__)
 #: official recipe never trains, meaningful for the uncertainty score used by active learning.
 IOU_LOSS_WEIGHT = 1.0
 #: The official recipe's points-free refinement passes (one random iteration in [2, 8] and the last): off. With
-#: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/app.md), as they did when
+#: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/experiments.md), as they did when
 #: the bundled model was trained (its model card).
 MASK_ONLY_ITERATIONS = False
 #: Clicks of the simulated session on something else in the crop that the retention term runs per training
