@@ -89,8 +89,8 @@ class Integer(Kind):
 
     def check(self, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not self._ok(value):
-            high = self.high if self.high is not None else "..."
-            raise ValueError(f"must be an integer in {self.low}..{high}, got {_short(value)}")
+            what = f"in {self.low}..{self.high}" if self.high is not None else f">= {self.low}"
+            raise ValueError(f"must be an integer {what}, got {_short(value)}")
 
     def value(self, value: Any) -> int:
         return int(value)
