@@ -468,7 +468,7 @@ def test_frozen_encoder_is_left_out_of_the_optimizer_and_keeps_its_weights(train
     sam = build_sam_med3d("vit_mini")
     context.request["freeze_encoder"] = flag
     # network() loads the served weights; here the same freezing is applied to a mini model.
-    frozen = trainer_module._as_bool(context.request["freeze_encoder"])
+    frozen = trainer.option(context, "freeze_encoder")
     for p in sam.image_encoder.parameters():
         p.requires_grad_(not frozen)
     context.network = ClickIterationModel(sam)

@@ -99,7 +99,7 @@ def app_lib():
     sys.path.insert(0, str(APP_DIR))
     try:
         return {name: importlib.import_module(f"lib.{name}")
-                for name in ("configs.options", "configs.weights", "infers.clicks", "trainers.sam_med3d")}
+                for name in ("options", "served_model", "infers.clicks", "trainers.sam_med3d")}
     finally:
         sys.path.remove(str(APP_DIR))
 
@@ -111,7 +111,7 @@ def app_lib():
     ('["a","b"]', {"background": 0, "a": 1, "b": 2}),
 ])
 def test_labels_option_forms_without_spaces(app_lib, text, expected):
-    assert app_lib["configs.options"].parse_labels(text) == expected
+    assert app_lib["options"].parse_labels(text) == expected
 
 
 @pytest.mark.parametrize("text, message", [
@@ -123,7 +123,7 @@ def test_labels_option_forms_without_spaces(app_lib, text, expected):
 ])
 def test_bad_labels_option_is_refused_by_name(app_lib, text, message):
     with pytest.raises(ValueError, match="--conf labels") as err:
-        app_lib["configs.options"].parse_labels(text)
+        app_lib["options"].parse_labels(text)
     assert message in str(err.value)
 
 
@@ -131,7 +131,7 @@ def test_every_conf_option_is_documented(app_lib):
     from app_helpers import REPO
 
     doc = (REPO / "docs" / "app.md").read_text()
-    missing = [name for name in app_lib["configs.options"].DEFAULTS if f"| `{name}` |" not in doc]
+    missing = [name for name in app_lib["options"].DEFAULTS if f"| `{name}` |" not in doc]
     assert not missing, f"docs/app.md lacks a row for --conf {missing}"
 
 
@@ -155,7 +155,7 @@ def test_absurd_coordinates_and_click_floods_are_refused_by_name(app_lib, params
 
 
 def test_cors_origins_option_accepts_origins_only(app_lib):
-    options = app_lib["configs.options"]
+    options = app_lib["options"]
     parsed = options.AppOptions.from_conf({"cors_origins": "https://a.example.org,http://b.local:3000/"}, "/tmp")
     assert parsed.cors_origins == ("https://a.example.org", "http://b.local:3000")
     assert options.AppOptions.from_conf({}, "/tmp").cors_origins == ()
@@ -165,18 +165,19 @@ def test_cors_origins_option_accepts_origins_only(app_lib):
 
 
 def test_train_clicks_option_is_a_count_or_a_range(app_lib):
-    options = app_lib["configs.options"]
-    trainer = app_lib["trainers.sam_med3d"]
+    options = app_lib["options"]
     assert options.AppOptions.from_conf({"train_clicks": "7"}, "/tmp").train_clicks == (7, 7)
     parsed = options.AppOptions.from_conf({"train_clicks": "2-9"}, "/tmp").train_clicks
-    assert parsed == (2, 9) and trainer.clicks_config(parsed) == "2-9" and trainer.clicks_config((4, 4)) == 4
+    shown = options.train_config  # the training task's config, as a viewer shows the option
+    assert parsed == (2, 9) and shown({"train_clicks": parsed})["train_clicks"] == "2-9"
+    assert shown({"train_clicks": (4, 4)})["train_clicks"] == 4
     for bad in ("0", "9-2", "x"):
         with pytest.raises(ValueError, match="--conf train_clicks"):
             options.AppOptions.from_conf({"train_clicks": bad}, "/tmp")
 
 
 def test_rehearsal_data_option_is_auto_none_or_a_training_layout_folder(app_lib, tmp_path):
-    options = app_lib["configs.options"]
+    options = app_lib["options"]
     assert options.AppOptions.from_conf({}, "/tmp").rehearsal_data == "auto"
     assert options.AppOptions.from_conf({"rehearsal_data": "None"}, "/tmp").rehearsal_data == "none"
     (tmp_path / "set" / "imagesTr").mkdir(parents=True)
@@ -190,7 +191,7 @@ def test_rehearsal_data_option_is_auto_none_or_a_training_layout_folder(app_lib,
 
 
 def test_max_structure_forgetting_option_reaches_the_trainer_and_is_checked(app_lib):
-    options = app_lib["configs.options"]
+    options = app_lib["options"]
     assert options.AppOptions.from_conf({}, "/tmp").max_structure_forgetting == 1.0  # auto, finetuned_for trained
     assert options.AppOptions.from_conf({"finetuned_for": "all"}, "/tmp").max_structure_forgetting == 0.1
     assert options.AppOptions.from_conf({"max_structure_forgetting": "0.2"}, "/tmp").max_structure_forgetting == 0.2
@@ -200,7 +201,7 @@ def test_max_structure_forgetting_option_reaches_the_trainer_and_is_checked(app_
 
 
 def test_auto_training_defaults_follow_finetuned_for_and_explicit_values_win(app_lib):
-    options = app_lib["configs.options"]
+    options = app_lib["options"]
     names = ("lr", "freeze_encoder", "retention", "rehearsal", "max_forgetting", "max_structure_forgetting")
 
     def chosen(conf):
@@ -219,7 +220,7 @@ def test_auto_training_defaults_follow_finetuned_for_and_explicit_values_win(app
 def test_default_checkpoint_offline_falls_back_to_bundled_or_says_what_to_do(app_lib, tmp_path, monkeypatch):
     import sam_med3d.checkpoint as checkpoint
 
-    weights = app_lib["configs.weights"]
+    weights = app_lib["served_model"]
     monkeypatch.delenv(weights.ENV_RESOLVED, raising=False)
     # An address nothing listens on: the download fails at once, as on an offline machine.
     monkeypatch.setattr(checkpoint, "TURBO_URL", "http://127.0.0.1:9/sam_med3d_turbo.pth")

@@ -28,7 +28,7 @@ APP_DIR = REPO / "apps" / "sam_med3d"
 def app_options(monkeypatch):
     monkeypatch.syspath_prepend(str(APP_DIR))
     sys.modules.pop("lib", None)
-    from lib.configs import options
+    from lib import options
 
     yield options
     for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:

@@ -24,8 +24,8 @@ from sam_med3d.predictor import Sam3DPredictor
 
 sys.path.insert(0, str(APP_DIR))
 try:
-    from lib.configs.options import AppOptions  # noqa: E402
-    from lib.configs.weights import BaseWeights, ServedModel  # noqa: E402
+    from lib.options import AppOptions  # noqa: E402
+    from lib.served_model import BaseWeights, ServedModel  # noqa: E402
     from lib.infers.sam_med3d import SamMed3DInfer  # noqa: E402
 finally:
     sys.path.remove(str(APP_DIR))

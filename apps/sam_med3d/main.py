@@ -12,7 +12,7 @@ Tasks (names as the viewers show them):
 - strategies ``random``, ``first`` (MONAI Label's) and ``sam_med3d_uncertainty`` (model-based);
 - scoring ``sam_med3d_uncertainty``: writes each unlabelled image's score into the datastore.
 
-All ``--conf`` options and their defaults: ``lib/configs/options.py`` and ``docs/app.md``.
+All ``--conf`` options and their defaults: ``lib/options.py`` and ``docs/app.md``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ never shipped):
    voxels just beyond the touching part are not already inside another crop. Only the parts of the mask
    connected to a positive prompt point count (``clicked_only``, :func:`clicked_parts`): a false-positive blob
    that reaches a face elsewhere in the crop is not followed (a fine-tuned model's leaks onto a neighbouring
-   organ were, and grew over up to 6 crops: docs/app.md).
+   organ were, and grew over up to 6 crops: docs/experiments.md).
 2. **New crops** (:func:`neighbour_start`): an open face gets a crop shifted by ``img_size - overlap`` along
    that axis and centred, across it, on the part of the mask that touches the face.
 3. **Prompts** (:func:`derived_points`): a new crop knows no clicks of its own beyond the user's clicks that

@@ -507,7 +507,7 @@ def retention_loss(sam: nn.Module, teacher: nn.Module, embedding: torch.Tensor, 
     is ``loss_fn`` (default :func:`default_loss`, the segmentation loss itself) of ``sam``'s low-res logits
     against the teacher's mask (its logits > 0), averaged over the steps: the Dice part weighs the structure the
     teacher segments, however small, where a voxel-wise loss against its probabilities is dominated by the
-    background and lets the structure go (benchmarks/active_learning.py, docs/app.md). Everything runs on the
+    background and lets the structure go (benchmarks/active_learning.py, docs/experiments.md). Everything runs on the
     low-res masks (``S/4``), so it costs a few decoder passes, no full-size work.
 
     Args:

@@ -59,7 +59,7 @@ class UncertaintyScoring(ScoringMethod):
     """Writes ``sam_med3d_uncertainty`` (0..1, higher = more informative) for each unlabelled image.
 
     Args:
-        served: the app's :class:`~lib.configs.weights.ServedModel`.
+        served: the app's :class:`~lib.served_model.ServedModel`.
         prompts: automatic prompts per image.
     """
 

@@ -1,6 +1,6 @@
 """The one ``TaskConfig`` of the app: SAM-Med3D's infer task, trainer, active-learning strategy and scoring.
 
-Everything is configured by ``--conf`` (see :mod:`lib.configs.options` for names and defaults); nothing is
+Everything is configured by ``--conf`` (see :mod:`lib.options` for names and defaults); nothing is
 downloaded at import time. ``init`` resolves which weights to serve (downloading SAM-Med3D-turbo into
 ``model_dir`` on the first start when asked) and logs one line saying which model is served and why.
 """
@@ -18,9 +18,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning.uncertainty import UncertaintyScoring, UncertaintyStrategy
-from lib.configs.options import AppOptions
-from lib.configs.weights import ServedModel, export_for_subprocesses, finetuned_path, resolve_base_weights
 from lib.infers.sam_med3d import SamMed3DInfer
+from lib.options import AppOptions
+from lib.served_model import ServedModel, export_for_subprocesses, finetuned_path, resolve_base_weights
 from lib.trainers.sam_med3d import SamMed3DTrainer
 
 logger = logging.getLogger(__name__)
@@ -57,24 +57,9 @@ class SamMed3DConfig(TaskConfig):
                                          cache_max_bytes=int(o.cache_max_gb * 2 ** 30) if o.cache_max_gb else None)}
 
     def trainer(self) -> Optional[TrainTask]:
-        return SamMed3DTrainer(
-            model_dir=os.path.join(self.options.model_dir, f"train_{self.name}"),
-            served=self.served,
-            labels=self.labels,
-            epochs=self.options.epochs,
-            val_split=self.options.val_split,
-            lr=self.options.lr,
-            train_clicks=self.options.train_clicks,
-            multi_gpu=self.options.multi_gpu,
-            samples_per_epoch=self.options.samples_per_epoch,
-            retention=self.options.retention,
-            rehearsal=self.options.rehearsal,
-            rehearsal_data=self.options.rehearsal_data,
-            max_forgetting=self.options.max_forgetting,
-            max_structure_forgetting=self.options.max_structure_forgetting,
-            blend=self.options.blend,
-            freeze_encoder=self.options.freeze_encoder,
-        )
+        return SamMed3DTrainer(model_dir=os.path.join(self.options.model_dir, f"train_{self.name}"),
+                               served=self.served, labels=self.labels, rehearsal_data=self.options.rehearsal_data,
+                               **self.options.train_defaults())
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:
         return {f"{self.name}_uncertainty": UncertaintyStrategy(key=UncertaintyScoring.KEY)}

@@ -17,7 +17,7 @@ Per request:
 4. write the label map with the scan's shape and affine (NIfTI by default; the viewer's ``result_extension``
    / ``result_dtype`` are honoured, e.g. OHIF's NRRD) and return timings and ``encoder_ran`` in the JSON.
 
-The served weights are checked on every request (:class:`lib.configs.weights.ServedModel`); when training
+The served weights are checked on every request (:class:`lib.served_model.ServedModel`); when training
 publishes new weights the model is reloaded and the session cache cleared (their embeddings are stale).
 """
 
@@ -33,13 +33,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.configs.weights import ServedModel
 from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
                                client_id)
 from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
+from lib.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
 

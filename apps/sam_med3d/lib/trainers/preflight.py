@@ -15,8 +15,8 @@ shows its own "Failed to RUN training" notification and keeps its "Update Model"
 cannot list its labels (a DICOMweb server that does not answer) gets 503 with the reason instead of a bare 500.
 
 The same wrapper checks every Train request's options before anything starts (:func:`check_train_options`):
-known options must have their type and range (``max_epochs`` an integer in 1..:data:`MAX_EPOCHS`, ``lr`` a
-number in (0, 1], ``val_split`` in [0, 1), ...), so ``{"max_epochs": -3}`` or ``{"lr": "fast"}`` is a 422
+known options must have the type and range the option schema gives them (:mod:`lib.options`:
+``max_epochs`` an integer in 1..1000, ``lr`` a number in (0, 1], ``val_split`` in [0, 1), ...), so ``{"max_epochs": -3}`` or ``{"lr": "fast"}`` is a 422
 naming the option instead of a task that fails minutes later in its log. ``bundle_path`` is refused for every
 task (MONAI Label puts it on the subprocess's Python path). ``run_sync`` training and batch inference are
 refused (400): they would run inside the server process and hold it for minutes; start the task without
@@ -28,22 +28,16 @@ Install it once, in the server process only (``MONAILabelApp.on_init_complete``)
 from __future__ import annotations
 
 import logging
-import math
-import re
 from typing import Any, Mapping, Optional
 
 from fastapi import HTTPException
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.configs.options import MAX_REHEARSAL, MAX_RETENTION
 from lib.errors import InvalidRequest
+from lib.options import check_train_request
 
 logger = logging.getLogger(__name__)
 
-#: Most epochs one Train request may ask for.
-MAX_EPOCHS = 1000
-#: Upper bound of the ``samples_per_epoch`` Train option.
-MAX_SAMPLES_PER_EPOCH = 10000
 #: Tasks that ``run_sync`` would run inside the server process (refused).
 NO_RUN_SYNC = ("train", "batch_infer")
 STATUS_REFUSED = 400
@@ -107,86 +101,10 @@ def check_request(method: str, request: Optional[Mapping[str, Any]], params: Opt
                 check_train_options(value)
 
 
-def _integer(options: Mapping[str, Any], key: str, low: int, high: int) -> None:
-    value = options[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest(f"train option {key} must be an integer in {low}..{high}, got {_short(value)}")
-
-
-def _clicks(options: Mapping[str, Any], key: str) -> None:
-    from sam_med3d.training import click_iterations
-
-    try:
-        click_iterations(options[key])
-    except ValueError:
-        raise InvalidRequest(f"train option {key} must be an integer in 1..100 or a range LOW-HIGH within it "
-                             f"(drawn per sample), got {_short(options[key])}") from None
-
-
-def _number(options: Mapping[str, Any], key: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    value = options[key]
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not ok:
-        raise InvalidRequest(f"train option {key} must be a number in {interval}, got {_short(value)}")
-
-
-def _choice(options: Mapping[str, Any], key: str, choices: tuple) -> None:
-    value = options[key]
-    values = value if isinstance(value, list) and value else [value]  # a drop-down's whole list = its default
-    if not all(isinstance(v, str) and v in choices for v in values):
-        raise InvalidRequest(f"train option {key} must be one of {', '.join(choices)}, got {_short(value)}")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-#: ``option: check`` for every Train option this app reads; other keys are passed on unchecked.
-_TRAIN_CHECKS = {
-    "max_epochs": lambda o: _integer(o, "max_epochs", 1, MAX_EPOCHS),
-    "train_clicks": lambda o: _clicks(o, "train_clicks"),
-    "samples_per_epoch": lambda o: _integer(o, "samples_per_epoch", 1, MAX_SAMPLES_PER_EPOCH),
-    "train_batch_size": lambda o: _integer(o, "train_batch_size", 1, 64),
-    "val_batch_size": lambda o: _integer(o, "val_batch_size", 1, 64),
-    "early_stop_patience": lambda o: _integer(o, "early_stop_patience", -1, MAX_EPOCHS),
-    "seed": lambda o: _integer(o, "seed", -1, 2**31 - 1),
-    "lr": lambda o: _number(o, "lr", 0.0, 1.0, low_open=True, high_open=False),
-    "retention": lambda o: _number(o, "retention", 0.0, MAX_RETENTION, low_open=False, high_open=False),
-    "rehearsal": lambda o: _number(o, "rehearsal", 0.0, MAX_REHEARSAL, low_open=False, high_open=False),
-    "max_forgetting": lambda o: _number(o, "max_forgetting", 0.0, 1.0, low_open=False, high_open=False),
-    "max_structure_forgetting": lambda o: _number(o, "max_structure_forgetting", 0.0, 1.0, low_open=False,
-                                                  high_open=False),
-    "blend": lambda o: _number(o, "blend", 0.0, 1.0, low_open=False, high_open=False),
-    "val_split": lambda o: _number(o, "val_split", 0.0, 1.0, low_open=False, high_open=True),
-    "dataset": lambda o: _choice(o, "dataset", ("CacheDataset", "Dataset")),
-    "dataloader": lambda o: _choice(o, "dataloader", ("ThreadDataLoader", "DataLoader")),
-    "tracking": lambda o: _choice(o, "tracking", ("None", "mlflow")),
-}
-_BOOLEANS = ("multi_gpu", "pretrained")
-_STRINGS = ("name", "tracking_uri", "tracking_experiment_name", "client_id")
-
-
 def check_train_options(options: Mapping[str, Any]) -> None:
-    """Raise :class:`InvalidRequest` (422) naming the first Train option with a wrong type or range."""
-    for key, check in _TRAIN_CHECKS.items():
-        if key in options:
-            check(options)
-    for key in _BOOLEANS:
-        if key in options and not isinstance(options[key], bool):
-            raise InvalidRequest(f"train option {key} must be true or false, got {_short(options[key])}")
-    for key in _STRINGS:
-        if options.get(key) is not None and (not isinstance(options[key], str) or len(options[key]) > 256):
-            raise InvalidRequest(f"train option {key} must be a string of at most 256 characters, got "
-                                 f"{_short(options[key])}")
-    if "device" in options:
-        devices = options["device"] if isinstance(options["device"], list) else [options["device"]]
-        if not devices or not all(isinstance(d, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", d) for d in devices):
-            raise InvalidRequest(f"train option device must be 'cpu', 'cuda' or 'cuda:N', got "
-                                 f"{_short(options['device'])}")
-    if "gpus" in options and not (isinstance(options["gpus"], str)
-                                  and re.fullmatch(r"all|\d{1,2}(,\d{1,2})*", options["gpus"])):
-        raise InvalidRequest(f"train option gpus must be 'all' or GPU indices such as '0,1', got "
-                             f"{_short(options['gpus'])}")
+    """Raise :class:`InvalidRequest` (422) naming the first Train option with a wrong type or range
+    (:data:`lib.options.OPTIONS` says which options a Train request may set, and their ranges)."""
+    try:
+        check_train_request(options)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None

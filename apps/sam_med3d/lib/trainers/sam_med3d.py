@@ -4,7 +4,7 @@ A MONAI Label ``BasicTrainTask`` (ignite ``SupervisedTrainer`` / ``SupervisedEva
 in a subprocess, so the server keeps answering clicks while it trains. The recipe is the paper's
 click-iteration training from :mod:`sam_med3d.training` (not re-implemented here).
 
-Two sets of defaults (``--conf`` options set to ``auto``, :data:`lib.configs.options.AUTO_TRAINING`), by what
+Two sets of defaults (``--conf`` options set to ``auto``, :data:`lib.options.OPTIONS`), by what
 the published weights will answer (``--conf finetuned_for``):
 
 - ``trained`` (the app's default): the fine-tuned weights answer only the labels they were trained on (the
@@ -64,17 +64,16 @@ The recipe:
 - ``freeze_encoder``: tune the prompt encoder and mask decoder only (the image encoder's weights are kept and
   left out of the optimizer): with few labels and weights that answer every label it forgot less and learned
   more than tuning all weights; for weights that answer only their labels, tuning all weights learned more
-  (docs/app.md, "How the model learns from your labels").
+  (docs/experiments.md).
 
 - epochs: at least ``samples_per_epoch`` (default 16) samples each: with fewer saved targets they are drawn
   again within the epoch (:meth:`SamMed3DTrainer.train_data_loader`), so one or two labels still give the
   optimizer a few hundred steps, not 20.
 
-``max_epochs``, ``val_split``, ``multi_gpu`` (torch.distributed via MONAI Label), ``lr``, ``train_clicks``,
-``freeze_encoder``, ``samples_per_epoch``, ``retention``, ``rehearsal``, ``max_forgetting``,
-``max_structure_forgetting`` and ``blend`` can be set per Train
-request (``rehearsal_data`` only by ``--conf``: a request never names a folder); their defaults come from ``--conf``.
-``seed`` (default -1, not seeded) makes a run repeat: :meth:`SamMed3DTrainer.seed`.
+Which options a Train request may set, their ranges and defaults: :data:`lib.options.OPTIONS` (the
+defaults come from ``--conf``; ``rehearsal_data`` only from ``--conf``: a request never names a folder); read
+them with :meth:`SamMed3DTrainer.option`. ``seed`` (default -1, not seeded) makes a run repeat:
+:meth:`SamMed3DTrainer.seed`.
 """
 
 from __future__ import annotations
@@ -98,6 +97,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.errors import InvalidRequest
+from lib.options import train_config, train_value
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ logger = logging.getLogger(__name__)
 #: official recipe never trains, meaningful for the uncertainty score used by active learning.
 IOU_LOSS_WEIGHT = 1.0
 #: The official recipe's points-free refinement passes (one random iteration in [2, 8] and the last): off. With
-#: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/app.md), as they did when
+#: a few labels and ~100 steps they cost Dice (benchmarks/active_learning.py, docs/experiments.md), as they did when
 #: the bundled model was trained (its model card).
 MASK_ONLY_ITERATIONS = False
 #: Clicks of the simulated session on something else in the crop that the retention term runs per training
@@ -117,21 +117,10 @@ RETENTION_METRIC = "train_retention_agreement"
 MIN_TARGET_VOXELS = 8
 #: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
 VAL_SEED = 1234
-#: Default ratio of rehearsal samples to the user's samples in an epoch (``rehearsal`` Train option).
-REHEARSAL = 0.5
-#: Default largest drop of the reference Dice below the base model's that a round may publish (``max_forgetting``).
-MAX_FORGETTING = 0.05
-#: Default share of the tuned weights in the blend tried when an epoch forgets (``blend`` Train option; 0: off):
-#: base + blend * (tuned - base), then half of it, each validated and reference-checked like an epoch.
-BLEND = 0.5
 #: Metric names of the reference check (evaluator metrics, so they are in the train stats).
 REFERENCE_METRIC = "val_reference_dice"
 BASE_REFERENCE_METRIC = "val_reference_dice_base"
 WORST_DROP_METRIC = "val_reference_worst_drop"
-#: Default largest drop of any one reference structure's Dice below the base model's that a round may publish
-#: (``max_structure_forgetting``; 1 turns it off): the mean over 16 targets moves little when one organ is lost.
-#: 0.10 against 0.15 on the spleen headline (docs/app.md): other structures -0.032 against -0.071 after 5 cases.
-MAX_STRUCTURE_FORGETTING = 0.10
 #: Times each validation target is validated: each copy is centred on another seeded voxel of the target and
 #: gets other seeded clicks; the Dice metric averages them. With the few labels of an annotation round, one
 #: crop and one click sequence make the score that decides publishing depend on a handful of random draws.
@@ -241,26 +230,6 @@ def trainable_datalist(datastore: Datastore) -> List[Dict[str, Any]]:
                              f"no structure of {MIN_TARGET_VOXELS}+ voxels (empty, tiny or unreadable); "
                              f"save a label with the structure drawn, then train again")
     return datalist
-
-
-def _as_bool(value: Any) -> bool:
-    """A request flag as a bool: viewers send ``true``/``false`` as JSON booleans or as strings."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def train_clicks(value: Any) -> Tuple[int, int]:
-    """The ``train_clicks`` option as ``(low, high)``: N (fixed) or ``"LOW-HIGH"`` (drawn per sample)."""
-    from sam_med3d.training import click_iterations
-
-    return click_iterations(value)
-
-
-def clicks_config(value: Any) -> Any:
-    """``train_clicks`` as the trainer's config shows it: an int for a fixed count, ``"LOW-HIGH"`` for a range."""
-    low, high = train_clicks(value)
-    return low if low == high else f"{low}-{high}"
 
 
 def _sam(network: torch.nn.Module) -> torch.nn.Module:
@@ -380,7 +349,7 @@ class ReferenceCheck:
         sam = _sam(context.network)
         if self.score is None:
             self.score = ReferenceScore(task.reference_records, crop_size=int(sam.img_size),
-                                        num_clicks=train_clicks(context.request.get("train_clicks", 5))[1],
+                                        num_clicks=train_value("train_clicks", context.request["train_clicks"])[1],
                                         device=str(context.device))
             base = task.base_model(context)
             scores = self.score.per_target(base, cache_key="base")
@@ -527,18 +496,16 @@ class SamMed3DTrainer(BasicTrainTask):
 
     Args:
         model_dir: folder for this task's runs (stats, ignite checkpoints, events).
-        served: the app's :class:`~lib.configs.weights.ServedModel` (weights to start from and publish to).
+        served: the app's :class:`~lib.served_model.ServedModel` (weights to start from and publish to).
         labels: the app's labels (shown in ``/info``; training uses every saved label value).
-        epochs, val_split, lr, train_clicks, multi_gpu, freeze_encoder, samples_per_epoch, retention: defaults
-            of the request options.
+        rehearsal_data: ``--conf rehearsal_data`` (a request never names a folder).
+        defaults: the defaults of the Train request options, by ``--conf`` name (``epochs``, ``val_split``,
+            ``lr``, ...: :meth:`lib.options.AppOptions.train_defaults`); one not given takes the schema's
+            default for ``finetuned_for all`` (:func:`lib.options.train_config`).
     """
 
-    def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], epochs: int, val_split: float,
-                 lr: float, train_clicks: Any, multi_gpu: bool, freeze_encoder: bool = True,
-                 samples_per_epoch: int = 16, retention: float = 4.0, rehearsal: float = REHEARSAL,
-                 rehearsal_data: Optional[str] = "auto", max_forgetting: float = MAX_FORGETTING,
-                 max_structure_forgetting: float = MAX_STRUCTURE_FORGETTING, blend: float = BLEND,
-                 description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks"):
+    def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], rehearsal_data: Optional[str] = "auto",
+                 description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks", **defaults: Any):
         self.served = served
         self.label_values = {str(name): int(value) for name, value in labels.items()}
         self.rehearsal_data = rehearsal_data
@@ -553,29 +520,7 @@ class SamMed3DTrainer(BasicTrainTask):
         super().__init__(
             model_dir=model_dir,
             description=description,
-            config={
-                "max_epochs": int(epochs),
-                "val_split": float(val_split),
-                "lr": float(lr),
-                "train_clicks": clicks_config(train_clicks),
-                "multi_gpu": bool(multi_gpu),
-                "freeze_encoder": bool(freeze_encoder),
-                "samples_per_epoch": int(samples_per_epoch),
-                "retention": float(retention),
-                "rehearsal": float(rehearsal),
-                "max_forgetting": float(max_forgetting),
-                "max_structure_forgetting": float(max_structure_forgetting),
-                "blend": float(blend),
-                "seed": -1,  # -1: not seeded; N >= 0: the run repeats (crops, flips, sampling, clicks)
-                "device": device,
-                "pretrained": True,
-                "train_batch_size": 1,
-                "val_batch_size": 1,
-                "dataset": ["CacheDataset", "Dataset"],
-                "dataloader": ["ThreadDataLoader", "DataLoader"],
-                # MLflow logging is opt-in per request (MONAI Label's Train options), not on by default.
-                "tracking": ["None", "mlflow"],
-            },
+            config=dict(train_config(defaults), device=device),
             amp=device.startswith("cuda"),
             publish_path=None,  # published by PublishBest through sam_med3d.checkpoint, not by file copy
             n_saved=1,
@@ -596,8 +541,8 @@ class SamMed3DTrainer(BasicTrainTask):
         # Choice options are lists in the config (viewers show them as drop-downs and send one value); a
         # request that sends none would hand BasicTrainTask the whole list, so take the first (the default).
         for key in ("dataset", "dataloader", "tracking"):
-            if isinstance(request.get(key), (list, tuple)):
-                request[key] = request[key][0] if request[key] else None
+            if key in request:
+                request[key] = train_value(key, request[key])
         return trainable_datalist(datastore)
 
     def seed(self, context: Context) -> Optional[int]:
@@ -608,8 +553,8 @@ class SamMed3DTrainer(BasicTrainTask):
         order from it, and the click simulation is seeded by rank, so a seeded run repeats (up to the order of
         floating-point sums on a multi-threaded CPU or GPU). Returns the seed used (offset by the rank), or None.
         """
-        value = context.request.get("seed", self._config.get("seed", -1))
-        if value is None or int(value) < 0:
+        value = self.option(context, "seed")
+        if value < 0:
             return None
         from monai.utils import set_determinism
 
@@ -633,7 +578,7 @@ class SamMed3DTrainer(BasicTrainTask):
             raise ValueError("the saved labels hold no structure to train on (all empty or tiny)")
         self.trained_structures = self.structure_names(train + val)
         rehearsal_train, self.reference_records = self.rehearsal_datalist(context)
-        if not val_images and float(context.request.get("val_split", 0.0)) > 0.0:
+        if not val_images and self.option(context, "val_split") > 0.0:
             # Too few labels to hold one back (val_split 0.2 of 1-2 images): validate on the training targets
             # at the inference crop, so a run that makes the served model worse on them publishes nothing.
             logger.warning("Training: %d labelled image(s) are too few to hold one back for validation; "
@@ -731,14 +676,7 @@ class SamMed3DTrainer(BasicTrainTask):
                       shuffle=False if sampler is not None else shuffle, num_workers=num_workers)
 
     def _samples_per_epoch(self, context: Context) -> int:
-        value = context.request.get("samples_per_epoch", self._config.get("samples_per_epoch", 1))
-        try:
-            value = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"samples_per_epoch must be a whole number, got {value!r}") from None
-        if value < 1:
-            raise ValueError(f"samples_per_epoch must be at least 1, got {value}")
-        return value
+        return self.option(context, "samples_per_epoch")
 
     def train_pre_transforms(self, context: Context):
         from sam_med3d.training import training_transforms
@@ -761,7 +699,7 @@ class SamMed3DTrainer(BasicTrainTask):
 
     # ---------------------------------------------------------------------------------------- model
     def network(self, context: Context) -> torch.nn.Module:
-        from lib.configs.weights import load_weights
+        from lib.served_model import load_weights
         from sam_med3d.training import ClickIterationModel, default_loss
 
         path = self.served.path()
@@ -769,7 +707,7 @@ class SamMed3DTrainer(BasicTrainTask):
         self._sam_img_size = int(sam.img_size)
         recorded = ((getattr(sam, "checkpoint_info", None) or {}).get("extra") or {}).get("structures")
         self._start_structures = [str(n) for n in recorded] if isinstance(recorded, (list, tuple)) else []
-        frozen = _as_bool(context.request.get("freeze_encoder", self._config.get("freeze_encoder", True)))
+        frozen = self.option(context, "freeze_encoder")
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad_(not frozen)
         retention = self._retention(context)
@@ -792,7 +730,7 @@ class SamMed3DTrainer(BasicTrainTask):
         (measured: other structures -0.03 after one round, -0.09 after three with the served weights as the
         teacher). The base model is the one whose answers on everything else the annotator relies on.
         """
-        from lib.configs.weights import load_weights
+        from lib.served_model import load_weights
 
         base = self.served.base.path
         if Path(path) == Path(base):
@@ -805,7 +743,7 @@ class SamMed3DTrainer(BasicTrainTask):
     def base_model(self, context: Context) -> torch.nn.Module:
         """The base weights (frozen, eval mode): the retention teacher when there is one, else loaded now."""
         if self._base_sam is None:
-            from lib.configs.weights import load_weights
+            from lib.served_model import load_weights
 
             base, _ = load_weights(self.served.base.path, self.served.expected_arch, str(context.device))
             self._base_sam = base.requires_grad_(False).eval()
@@ -818,7 +756,7 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
         trainable = [p for p in context.network.parameters() if p.requires_grad]  # a frozen encoder is left out
-        return torch.optim.AdamW(trainable, lr=float(context.request.get("lr", 1e-3)), weight_decay=0.1)
+        return torch.optim.AdamW(trainable, lr=self.option(context, "lr"), weight_decay=0.1)
 
     def loss_function(self, context: Context):
         from sam_med3d.training import default_loss
@@ -835,12 +773,12 @@ class SamMed3DTrainer(BasicTrainTask):
     def train_iteration_update(self, context: Context):
         from sam_med3d.training import ClickTrainingStep
 
-        clicks = train_clicks(context.request.get("train_clicks", 5))
+        clicks = self.option(context, "train_clicks")
         return WithModelCompleted(ClickTrainingStep(num_click_iterations=clicks, seed=int(context.local_rank),
                                                     grad_clip=1.0))
 
     def val_iteration_update(self, context: Context):
-        return WithModelCompleted(ClickValidationStep(train_clicks(context.request.get("train_clicks", 5))[1]))
+        return WithModelCompleted(ClickValidationStep(self.option(context, "train_clicks")[1]))
 
     def train_inferer(self, context: Context):
         return SimpleInferer()
@@ -856,20 +794,22 @@ class SamMed3DTrainer(BasicTrainTask):
         return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]),
                                                     include_background=True)}
 
-    def _rehearsal_ratio(self, context: Context) -> float:
-        return float(context.request.get("rehearsal", self._config.get("rehearsal", 0.0)) or 0.0)
+    def option(self, context: Context, key: str) -> Any:
+        """Train option ``key``, typed (:func:`lib.options.train_value`): the request's value, which
+        MONAI Label's ``BasicTrainTask`` fills from this task's config; the config's when the context was built
+        without it."""
+        return train_value(key, context.request[key] if key in context.request else self._config.get(key))
 
-    def _margin(self, context: Context, name: str, default: float) -> float:
-        return float(context.request.get(name, self._config.get(name, default)))
+    def _rehearsal_ratio(self, context: Context) -> float:
+        return self.option(context, "rehearsal")
 
     def _checks_forgetting(self, context: Context) -> bool:
         """Whether the reference check can refuse anything (``max_forgetting`` or ``max_structure_forgetting``
         below 1: a Dice cannot fall by more than 1)."""
-        return (self._margin(context, "max_forgetting", MAX_FORGETTING) < 1.0
-                or self._margin(context, "max_structure_forgetting", MAX_STRUCTURE_FORGETTING) < 1.0)
+        return self.option(context, "max_forgetting") < 1.0 or self.option(context, "max_structure_forgetting") < 1.0
 
     def _retention(self, context: Context) -> float:
-        return float(context.request.get("retention", self._config.get("retention", 0.0)))
+        return self.option(context, "retention")
 
     def train_additional_metrics(self, context: Context):
         """With the retention term on, ``train_retention_agreement``: the epoch's mean Dice between the tuned and
@@ -902,15 +842,13 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def finalize(self, context: Context) -> None:
         checked = bool(context.local_rank == 0 and context.evaluator and self.reference_records)
-        margin = (float(context.request.get("max_forgetting", self._config.get("max_forgetting", MAX_FORGETTING)))
-                  if checked else None)
-        structure_margin = (float(context.request.get("max_structure_forgetting", self._config.get(
-            "max_structure_forgetting", MAX_STRUCTURE_FORGETTING))) if checked else None)
+        margin = self.option(context, "max_forgetting") if checked else None
+        structure_margin = self.option(context, "max_structure_forgetting") if checked else None
         publisher = PublishBest(self, context, self.VAL_METRIC_MEAN_DICE, margin, structure_margin)
         if checked:  # before MONAI Label's stats handler, so the stats carry the reference Dice
             context.evaluator.add_event_handler(
                 Events.EPOCH_COMPLETED, ReferenceCheck(self, context, publisher, self.VAL_METRIC_MEAN_DICE))
-            blend = float(context.request.get("blend", self._config.get("blend", BLEND)) or 0.0)
+            blend = self.option(context, "blend")
             if blend > 0 and not context.multi_gpu:  # after the ValidationHandler: it reads that epoch's verdict
                 context.trainer.add_event_handler(
                     Events.EPOCH_COMPLETED, BlendOnForgetting(context, publisher, lambda: self.base_model(context), blend))

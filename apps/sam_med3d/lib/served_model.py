@@ -30,10 +30,9 @@ from typing import FrozenSet, Optional, Tuple
 
 import torch
 
-logger = logging.getLogger(__name__)
+from lib.options import FINETUNED_FOR  # which labels the fine-tuned weights answer
 
-#: Values of ``--conf finetuned_for``: which labels the fine-tuned weights answer (see :meth:`ServedModel.structures`).
-FINETUNED_FOR = ("trained", "all")
+logger = logging.getLogger(__name__)
 
 #: Environment variable through which the server hands its resolved base weights to its subprocesses.
 ENV_RESOLVED = "SAM_MED3D_APP_WEIGHTS"
