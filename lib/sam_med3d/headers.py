@@ -122,7 +122,7 @@ def _nifti(name: str, suffix: str) -> FileHeader:
             with open(name, "rb") as handle:
                 head = handle.read(540)
     except (OSError, EOFError) as err:
-        raise ValueError(f"{name} is not a readable NIfTI file ({err})") from None
+        raise ValueError(f"{name} could not be read as a NIfTI file ({err})") from None
     if len(head) < 348:
         raise ValueError(f"{name} is not a NIfTI file: {len(head)} bytes, shorter than a NIfTI header")
     for endian in "<>":
@@ -152,7 +152,7 @@ def _text_header(name: str, what: str) -> list:
         with open(name, "rb") as handle:
             head = handle.read(MAX_HEADER_BYTES)
     except OSError as err:
-        raise ValueError(f"{name} is not a readable {what} file ({err})") from None
+        raise ValueError(f"{name} could not be read as a {what} file ({err})") from None
     return head.split(b"\n")
 
 
