@@ -228,6 +228,18 @@ def test_a_dicom_series_uploaded_as_a_session_is_held_to_max_voxels(server):
             assert "262144 voxels" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("attack", ["nrrd_data_file", "mha_server_environment"])
+def test_a_session_upload_never_reads_another_file(server, attack):
+    name, data = _attacks(server)[attack]
+    created = requests.put(f"{server.url}/session/", files=[("files", (name, data))], timeout=60)
+    assert created.status_code == 200, created.text
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"session_id": created.json()["session_id"],
+                                                                    "output": "all"},
+                             data={"params": json.dumps(CLICK)}, timeout=120)
+    _no_leak(response)
+    assert "another file" in response.json()["detail"], response.text
+
+
 def test_a_link_leading_outside_the_studies_folder_is_never_read_or_written(server, unchanged):
     listed = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert "leak" not in json.dumps(listed) and "breast1" in json.dumps(listed)

@@ -366,8 +366,12 @@ def _load_path(path: Path, max_voxels: Optional[int] = None, detached_ok: bool =
     if path.is_dir():
         array, aff, integer, name = _read_dicom_series(path, max_voxels)
         return _validated(array, aff, name, integer)
-    if detached_ok and single_file_suffix(name) is None:
-        return _load_trusted(path)
+    if single_file_suffix(name) is None:
+        if detached_ok:
+            return _load_trusted(path)
+        raise ValueError(f"{name} is not a single-file scan (.nii.gz, .nii, .nrrd, .mha); formats such as .mhd, "
+                         ".nhdr and .hdr/.img keep their voxels in another file that the header names; for your "
+                         "own files, load_scan(path, detached_ok=True) reads them")
     read_header(name, max_voxels)  # refuses headers that name other files, and oversized scans, undecoded
     try:
         if single_file_suffix(name) in (".nii", ".nii.gz"):
