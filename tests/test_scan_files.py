@@ -202,3 +202,13 @@ def test_nifti2_single_file_is_read(tmp_path):
     nib.save(nib.Nifti2Image(volume, np.eye(4)), str(path))
     assert struct.unpack("<i", path.read_bytes()[:4])[0] == 540
     np.testing.assert_array_equal(load_scan(path).array, volume)
+
+
+def test_metaimage_header_end_spelled_otherwise_is_refused(tmp_path, secret):
+    """A lower-case ``elementdatafile = LOCAL`` first, the real field naming the secret after it: whichever
+    line the reader takes as the end, the file is refused."""
+    path = tmp_path / "twice.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 5 6\nElementType = MET_UCHAR\n"
+                    f"elementdatafile = LOCAL\nElementDataFile = {secret}\n")
+    with pytest.raises(ValueError, match="names another file"):
+        read_header(path)

@@ -192,7 +192,8 @@ def _nrrd(name: str) -> FileHeader:
                          f"{MAX_HEADER_BYTES} bytes); detached headers (.nhdr) are not read")
     encoding = fields.get("encoding", "").lower()
     if encoding not in _NRRD_ENCODINGS:
-        raise ValueError(f"{name} has NRRD encoding {encoding[:40]!r}; expected one of {', '.join(sorted(_NRRD_ENCODINGS))}")
+        raise ValueError(f"{name} has NRRD encoding {encoding[:40]!r}; expected one of "
+                         f"{', '.join(sorted(_NRRD_ENCODINGS))}")
     try:
         dims = tuple(int(n) for n in fields["sizes"].split())
         ndim = int(fields["dimension"])
@@ -216,7 +217,9 @@ def _metaimage(name: str) -> FileHeader:
         key, value = key.strip(), value.strip()
         lowered = key.lower()
         if lowered == "elementdatafile":
-            if value.lower() != "local":
+            # MetaIO ends the header at this exact key and reads the voxels in place only for these spellings;
+            # any other spelling of either could let MetaIO read on, or open a file of that name.
+            if key != "ElementDataFile" or value not in ("LOCAL", "Local", "local"):
                 raise ValueError(f"{name} is a MetaImage header that names another file for its voxels "
                                  f"('ElementDataFile = {value[:80]}'); only .mha files with ElementDataFile = LOCAL "
                                  "are read")
