@@ -130,13 +130,6 @@ def read_header(path: str, what: str, max_voxels: Optional[int] = None) -> Heade
         raise _refusal(err, what, path) from None
 
 
-def check_voxel_count(header: Header, what: str, max_voxels: int) -> None:
-    """Refuse (413) a scan whose header claims more than ``max_voxels`` voxels."""
-    if header.voxels > max_voxels:
-        raise InvalidRequest(f"{what} has {header.voxels} voxels ({header.shape_str()}), more than this server "
-                             f"accepts ({max_voxels}, --conf max_voxels)", status_code=STATUS_TOO_LARGE)
-
-
 def check_image_file(path: str, max_voxels: int = DEFAULT_MAX_VOXELS, what: str = "the uploaded image") -> Header:
     """Validate an uploaded scan (see the module docstring); return its header."""
     try:
