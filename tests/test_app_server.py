@@ -291,20 +291,21 @@ def test_label_values_of_full_size_labels_are_the_true_values_and_counts(app_lib
         assert trainer.label_values(str(paths[kind])) == [1, 3]  # value 7 has 5 voxels: too small to train on
 
 
-def _image(paths, name: str) -> str:
+def _record_image(paths, name: str) -> str:
+    """The image of a test datalist record (the spleen CT under ``name``)."""
     return str(paths["multi"].parent / "images" / f"{name}.nii.gz")
 
 
 def test_trainer_datalist_expansion_on_full_size_labels(app_lib, full_size_labels):
     trainer = app_lib["trainers.sam_med3d"]
     paths, _ = full_size_labels
-    datalist = [{"image": _image(paths, name), "label": str(paths[name])}
+    datalist = [{"image": _record_image(paths, name), "label": str(paths[name])}
                 for name in ("spleen", "empty", "multi", "unreadable")]
     # Empty and unreadable labels are skipped with a warning; every other value becomes one binary target.
     assert trainer.expand_targets(datalist) == [
-        {"image": _image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1},
-        {"image": _image(paths, "multi"), "label": str(paths["multi"]), "label_value": 1},
-        {"image": _image(paths, "multi"), "label": str(paths["multi"]), "label_value": 3},
+        {"image": _record_image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1},
+        {"image": _record_image(paths, "multi"), "label": str(paths["multi"]), "label_value": 1},
+        {"image": _record_image(paths, "multi"), "label": str(paths["multi"]), "label_value": 3},
     ]
     assert trainer.trainable_datalist(_Datastore(datalist)) == datalist
 
@@ -321,10 +322,10 @@ def test_a_split_that_leaves_training_empty_trains_on_the_validation_targets(app
     context = Context()
     context.request, context.local_rank = {"val_split": 0.5}, 0
     # MONAI Label's split (not shuffled) puts the first image into training: here the empty one.
-    context.datalist = [{"image": _image(paths, "empty"), "label": str(paths["empty"])},
-                        {"image": _image(paths, "spleen"), "label": str(paths["spleen"])}]
+    context.datalist = [{"image": _record_image(paths, "empty"), "label": str(paths["empty"])},
+                        {"image": _record_image(paths, "spleen"), "label": str(paths["spleen"])}]
     train, val = trainer.partition_datalist(context)
-    assert train == [{"image": _image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1}]
+    assert train == [{"image": _record_image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1}]
     assert val == []
 
 
