@@ -12,6 +12,7 @@ Each test uses its own image where click history matters, so test order does not
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -269,6 +270,10 @@ def full_size_labels(data_dir, tmp_path_factory):
     # 3D Slicer saves labels as NRRD too (ITK index order: the array transposed).
     sitk.WriteImage(sitk.GetImageFromArray(multi.transpose(2, 1, 0)), str(paths["nrrd"]))
     paths["unreadable"].write_bytes(b"not a label map" * 100)
+    # Their image (the trainer reads every record's image header too): the spleen CT under each name.
+    (root / "images").mkdir()
+    for name in ("spleen", "multi", "empty", "unreadable"):
+        os.symlink(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz", root / "images" / f"{name}.nii.gz")
     arrays = {"spleen": spleen_array, "multi": multi, "nrrd": multi}
     return paths, arrays
 
@@ -287,16 +292,21 @@ def test_label_values_of_full_size_labels_are_the_true_values_and_counts(app_lib
         assert trainer.label_values(str(paths[kind])) == [1, 3]  # value 7 has 5 voxels: too small to train on
 
 
+def _record_image(paths, name: str) -> str:
+    """The image of a test datalist record (the spleen CT under ``name``)."""
+    return str(paths["multi"].parent / "images" / f"{name}.nii.gz")
+
+
 def test_trainer_datalist_expansion_on_full_size_labels(app_lib, full_size_labels):
     trainer = app_lib["trainers.sam_med3d"]
     paths, _ = full_size_labels
-    datalist = [{"image": f"{name}.nii.gz", "label": str(paths[name])}
+    datalist = [{"image": _record_image(paths, name), "label": str(paths[name])}
                 for name in ("spleen", "empty", "multi", "unreadable")]
     # Empty and unreadable labels are skipped with a warning; every other value becomes one binary target.
     assert trainer.expand_targets(datalist) == [
-        {"image": "spleen.nii.gz", "label": str(paths["spleen"]), "label_value": 1},
-        {"image": "multi.nii.gz", "label": str(paths["multi"]), "label_value": 1},
-        {"image": "multi.nii.gz", "label": str(paths["multi"]), "label_value": 3},
+        {"image": _record_image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1},
+        {"image": _record_image(paths, "multi"), "label": str(paths["multi"]), "label_value": 1},
+        {"image": _record_image(paths, "multi"), "label": str(paths["multi"]), "label_value": 3},
     ]
     assert trainer.trainable_datalist(_Datastore(datalist)) == datalist
 
@@ -313,10 +323,10 @@ def test_a_split_that_leaves_training_empty_trains_on_the_validation_targets(app
     context = Context()
     context.request, context.local_rank = {"val_split": 0.5}, 0
     # MONAI Label's split (not shuffled) puts the first image into training: here the empty one.
-    context.datalist = [{"image": "empty.nii.gz", "label": str(paths["empty"])},
-                        {"image": "spleen.nii.gz", "label": str(paths["spleen"])}]
+    context.datalist = [{"image": _record_image(paths, "empty"), "label": str(paths["empty"])},
+                        {"image": _record_image(paths, "spleen"), "label": str(paths["spleen"])}]
     train, val = trainer.partition_datalist(context)
-    assert train == [{"image": "spleen.nii.gz", "label": str(paths["spleen"]), "label_value": 1}]
+    assert train == [{"image": _record_image(paths, "spleen"), "label": str(paths["spleen"]), "label_value": 1}]
     assert val == []
 
 

@@ -149,14 +149,14 @@ def _write_sitk(path: Path, array: np.ndarray, vector: bool = False) -> Path:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("2d", "3D volume"),
-    ("4d", "3D volume"),
+    ("2d", "2D image"),
+    ("4d", "4D or multi-channel"),
     ("nan", "NaN or infinite"),
     ("inf", "NaN or infinite"),
-    ("text", "not a readable scan"),
-    ("empty_file", "not a readable scan"),
-    ("vector", "one value per voxel"),
-    ("bomb", "more than this server accepts"),
+    ("text", "NIfTI file"),
+    ("empty_file", "not a NIfTI file"),
+    ("vector", "multi-channel"),
+    ("bomb", "more than"),
 ])
 def test_bad_image_uploads_never_land_in_the_datastore(place, kind, message):
     ds, studies, _, uploads = place
@@ -218,7 +218,7 @@ def test_good_upload_is_stored_atomically_and_existing_ids_are_not_overwritten(p
     ("negative", "0..255"),
     ("big_value", "0..255"),
     ("nan", "NaN"),
-    ("2d", "3D volume"),
+    ("2d", "2D image"),
 ])
 def test_bad_labels_are_refused(place, kind, message):
     ds, studies, _, uploads = place
@@ -339,3 +339,78 @@ def test_unsafe_entries_from_an_older_datastore_file_are_dropped(place):
     assert "../../x" not in reopened.get_labels_by_image_id("a")
     _refused(reopened.remove_image, "../outside/keep")
     assert (outside / "keep.txt").exists()
+
+
+# ------------------------------------------------------------------------------------- links and spellings
+def test_links_leading_outside_the_studies_folder_are_never_read_or_written(tmp_path):
+    """A scan linked in from outside is not listed or read; a label-tag folder or ``.history`` linked outside is
+    never written to (each was followed by MONAI Label's datastore)."""
+    studies, outside, uploads = tmp_path / "studies", tmp_path / "outside", tmp_path / "uploads"
+    for folder in (studies, outside, uploads):
+        folder.mkdir()
+    _scan(studies / "a.nii.gz", 1)
+    _scan(outside / "private.nii.gz", 5)
+    os.symlink(outside / "private.nii.gz", studies / "leak.nii.gz")
+    (studies / "labels").mkdir()
+    os.symlink(outside, studies / "labels" / "evil")
+    _scan(studies / "inside_target.nii.gz", 6)
+    os.symlink(studies / "inside_target.nii.gz", studies / "alias.nii.gz")  # a link inside is fine
+    before = _snapshot(outside)
+    ds = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    assert "leak" not in ds.list_images() and "alias" in ds.list_images()
+    assert all("outside" not in str(p) for r in ds.datalist() for p in r.values())
+    # Writing a label under the tag whose folder leads outside.
+    err = _refused(ds.save_label, "a", str(_label(uploads / "l.nii.gz")), "evil", {}, status=403)
+    assert "outside the studies folder" in err.detail
+    # An image whose file became a link to outside after it was listed: not read.
+    os.remove(studies / "inside_target.nii.gz")
+    os.symlink(outside / "private.nii.gz", studies / "inside_target.nii.gz")
+    _refused(ds.get_image_uri, "inside_target", status=403)
+    # The history folder linked outside: a second save (which archives the first) is refused, nothing moves out.
+    ds.save_label("a", str(_label(uploads / "l1.nii.gz", 1)), "final", {})
+    os.symlink(outside, studies / HISTORY_DIR)
+    _refused(ds.save_label, "a", str(_label(uploads / "l2.nii.gz", 2)), "final", {}, status=403)
+    assert (studies / "labels" / "final" / "a.nii.gz").exists()
+    assert _snapshot(outside) == before
+
+
+def test_upper_case_extensions_keep_one_current_file(place):
+    """``.NII.GZ`` is stored as ``.nii.gz``; a label saved by hand as ``<id>.NII.GZ`` is archived by the next save
+    and by a delete like any other (before: two current files, and a delete left one behind)."""
+    ds, studies, _, uploads = place
+    upper = _label(uploads / "UP.NII.GZ")
+    ds.save_label("a", str(upper), "final", {})
+    assert [p.name for p in (studies / "labels" / "final").iterdir()] == ["a.nii.gz"]
+    assert ds.add_image("", str(_scan(uploads / "Shouting.NII.GZ", 7)), {}) == "Shouting"
+    assert (studies / "Shouting.nii.gz").exists()
+    # A file put there by hand with an upper-case extension.
+    os.replace(studies / "labels" / "final" / "a.nii.gz", studies / "labels" / "final" / "a.NII.GZ")
+    ds.save_label("a", str(_label(uploads / "again.nii.gz", 2)), "final", {})
+    assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == ["a.nii.gz"]
+    assert [e["name"] for e in ds.label_history("a", "final")] == ["a.NII.GZ"]
+    os.replace(studies / "labels" / "final" / "a.nii.gz", studies / "labels" / "final" / "a.NII.GZ")
+    ds.remove_label("a", "final")
+    assert list((studies / "labels" / "final").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["nrrd_data_file", "mha_element_data_file", "nifti_pair_header"])
+def test_uploads_whose_header_names_another_file_are_refused(place, kind):
+    ds, studies, outside, uploads = place
+    secret = outside / "keep.txt"
+    before = _snapshot(studies)
+    if kind == "nrrd_data_file":
+        path = uploads / "evil.nrrd"
+        path.write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 12 10 8\nencoding: raw\ndata file: {secret}\n\n")
+    elif kind == "mha_element_data_file":
+        path = uploads / "evil.mha"
+        path.write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 12 10 8\nElementType = MET_UCHAR\n"
+                        f"ElementDataFile = {secret}\n")
+    else:
+        nib.save(nib.Nifti1Pair(np.ones(SHAPE, np.uint8), AFFINE), str(uploads / "pair.hdr"))
+        path = uploads / "pair.nii"
+        os.replace(uploads / "pair.hdr", path)
+    ds_mha = SafeLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii", "*.nrrd", "*.mha"])
+    for store in (ds_mha,) if path.suffix == ".mha" else (ds, ds_mha):
+        _refused(store.add_image, "evil", str(path), {}, match="another file")
+        _refused(store.save_label, "a", str(path), "final", {}, match="another file")
+    assert _snapshot(studies) == before

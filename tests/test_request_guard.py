@@ -205,9 +205,9 @@ def test_every_traversal_read_write_delete_attempt_fails_and_touches_nothing(ser
 
 
 @pytest.mark.parametrize("kind, status, message", [
-    ("4d", 422, "3D volume"),
+    ("4d", 422, "4D or multi-channel"),
     ("nan", 422, "NaN"),
-    ("text", 422, "not a readable scan"),
+    ("text", 422, "could not be read"),
     ("bomb", 413, "max_voxels"),
 ])
 def test_bad_image_uploads_are_refused_by_the_server(server, kind, status, message):

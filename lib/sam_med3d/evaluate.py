@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     bar = tqdm(total=len(cases), desc="cases", unit="case", disable=args.quiet)
     for case in cases:
         bar.set_postfix_str(f"{case.dataset}/{case.case}")
-        scan = load_scan(case.image)
+        scan = load_scan(case.image, detached_ok=True)  # the user's own dataset: .mhd/.nhdr are fine here
         spacing = [float(s) for s in scan.spacing_mm]
         label_map = load_label_map(case.label, scan.shape, scan.affine)
         todo, skip = _select_labels(case, np.unique(label_map), args.labels, args.max_labels_per_case)

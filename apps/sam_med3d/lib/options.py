@@ -532,8 +532,8 @@ OPTIONS: Tuple[Option, ...] = (
            "default none: OHIF at `/ohif/` is same-origin and Slicer is not a browser", shown_default="(none)"),
     Option("max_voxels", "268435456", Integer(1),
            "largest scan accepted, in voxels (2^28 = 512x512x1024, about 1 GiB as float32), checked from the file's "
-           "header before its data is decompressed; a larger scan (click or `PUT /datastore/*` upload) is refused "
-           "with 413"),
+           "header before its data is decompressed; a larger scan, label or DICOM series (datastore image, click "
+           "upload, label sent with a click, `/session/` upload, `PUT /datastore/*` upload) is refused with 413"),
     Option("result_compress", "false", Flag(),
            "gzip the NRRD label map sent back when the request does not say (3D Slicer never does; OHIF asks for "
            "raw). Raw is fastest on the server's own machine; for viewers on a network, `true` turns the 78 MB map "

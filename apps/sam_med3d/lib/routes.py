@@ -9,7 +9,7 @@ handlers that keep MONAI Label's request and response formats and
 - run the work in a worker thread (``starlette.concurrency.run_in_threadpool``), so the loop keeps answering;
 - answer an unknown model, scoring method or strategy with 404 naming the known ones (MONAI Label: 500);
 - parse ``params`` strictly: invalid JSON or a non-object is a 422 (MONAI Label: 500);
-- accept uploads (``file``, ``label``) only with an image extension (:data:`lib.infers.fields.IMAGE_EXTENSIONS`)
+- accept uploads (``file``, ``label``) only with an image extension (:data:`lib.datastore.validation.IMAGE_EXTENSIONS`)
   and store them under a name the server chooses; tell the task which files came with the request
   (:data:`~lib.infers.fields.UPLOADED_IMAGE`, :data:`~lib.infers.fields.UPLOADED_LABEL`, set after the client's
   ``params`` are merged, so a client cannot name a server path as its label file);
@@ -18,6 +18,9 @@ handlers that keep MONAI Label's request and response formats and
   (:data:`~lib.infers.fields.CLIENT_FALLBACK`), which keys the annotator's session label map;
 - refuse ``output=dicom_seg`` (it needs dcmqi, which this app does not install) with 422 instead of a 500;
 - stream the label map of a multipart answer instead of building it in memory (:mod:`lib.result_response`).
+
+The datastore's upload and dataset routes are replaced the same way, by :mod:`lib.datastore.routes` (their
+temporary files never outlive the request).
 
 ``?run_sync=true`` training is refused by :mod:`lib.trainers.preflight`; ``run_sync`` scoring runs in a
 worker thread like everything else here.
@@ -43,14 +46,16 @@ from monailabel.utils.others.generic import remove_file
 from starlette.concurrency import run_in_threadpool
 
 from lib.errors import InvalidRequest
-from lib.infers.fields import CLIENT_FALLBACK, UPLOADED_IMAGE, UPLOADED_LABEL, check_upload_name
+from lib.datastore import routes as datastore_routes
+from lib.datastore.validation import upload_extension
+from lib.infers.fields import CLIENT_FALLBACK, UPLOADED_IMAGE, UPLOADED_LABEL
 from lib.result_response import send_result
 
 logger = logging.getLogger(__name__)
 
 #: ``(method, path)`` of every MONAI Label route this module replaces (paths without the API prefix).
 REPLACED = (("POST", "/infer/{model}"), ("POST", "/train/"), ("POST", "/train/{model}"), ("POST", "/scoring/"),
-            ("POST", "/scoring/{method}"), ("POST", "/activelearning/{strategy}"))
+            ("POST", "/scoring/{method}"), ("POST", "/activelearning/{strategy}")) + datastore_routes.REPLACED
 
 
 def _app():
@@ -90,7 +95,7 @@ def _caller(http: Request, user: Optional[User]) -> str:
 def _save_upload(upload: UploadFile, what: str, saved: list) -> str:
     """Write an uploaded file to a temporary file (its path is appended to ``saved`` at once, so that the caller
     removes it whether the request succeeds or fails)."""
-    extension = check_upload_name(upload.filename, what)
+    extension = upload_extension(upload.filename, f"the file name of the uploaded {what}")
     handle, path = tempfile.mkstemp(prefix="sam_med3d_upload_", suffix=extension)
     saved.append(path)
     with os.fdopen(handle, "wb") as out:
@@ -248,6 +253,7 @@ def install_task_routes(fastapi_app: Optional[Any] = None) -> int:
     removed = _remove_routes(fastapi_app.router, replaced, "")
     before = len(fastapi_app.router.routes)
     fastapi_app.include_router(build_router(), prefix=prefix)
+    fastapi_app.include_router(datastore_routes.build_router(), prefix=prefix)
     added = fastapi_app.router.routes[before:]
     fastapi_app.router.routes[:] = added + fastapi_app.router.routes[:before]
     if hasattr(fastapi_app.router, "_mark_routes_changed"):

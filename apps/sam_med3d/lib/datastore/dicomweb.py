@@ -41,6 +41,7 @@ from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
+from sam_med3d.io import load_label
 
 from lib.datastore.validation import check_label_file, check_name
 from lib.errors import InvalidRequest
@@ -418,8 +419,6 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
         """Save a label; a final one is also written as DICOM SEG and stored on the DICOMweb server."""
-        import SimpleITK as sitk
-
         # Names become paths in the local cache folder; the label must hold integer values 0..255 (#12).
         check_name(image_id, "image id")
         check_name(label_tag, "label tag", max_length=64)
@@ -432,14 +431,14 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
             if label_tag == DefaultLabelTag.FINAL:
                 with self._lock(image_id):
                     image, files, _ = read_series(self._series_dir(image_id))
-                try:
-                    label_image = sitk.ReadImage(label_filename)
-                except RuntimeError as err:
-                    raise InvalidRequest(f"the label file could not be read: {err}") from err
-                if label_image.GetSize() != image.GetSize():
-                    raise InvalidRequest(f"the label is {'x'.join(map(str, label_image.GetSize()))} but the image "
+                try:  # the app's one reader (its header was checked above); (i, j, k) -> ITK's (k, j, i)
+                    label = np.ascontiguousarray(load_label(label_filename, what="the label").transpose(2, 1, 0))
+                except ValueError as err:
+                    raise InvalidRequest(str(err)) from err
+                size = tuple(reversed(label.shape))
+                if size != tuple(image.GetSize()):
+                    raise InvalidRequest(f"the label is {'x'.join(map(str, size))} but the image "
                                          f"{image_id} is {'x'.join(map(str, image.GetSize()))}")
-                label = sitk.GetArrayFromImage(label_image)
                 try:
                     seg = write_seg(files, label, self.names_by_value)
                 except ValueError as err:

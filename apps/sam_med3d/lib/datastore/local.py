@@ -17,7 +17,13 @@ also accepts any file as an image or label, overwrites a saved label without a c
   its extension) to ``<studies>/.history/labels/<tag>/<image id>/<UTC time>_<file name>``; so exactly one
   current file exists per image and tag, and nothing superseded can come back. Deleting an image moves it
   and its labels into ``.history`` too. :meth:`label_history` lists the kept versions (newest first);
-- drops entries with unsafe ids or tags that an older server may have written into ``datastore_v2.json``.
+- drops entries with unsafe ids or tags that an older server may have written into ``datastore_v2.json``;
+- never reads or writes through a link that leaves the studies folder: such files are not listed (nor put into
+  the training datalist), an id whose file became such a link is answered 403, and a label, history or image
+  folder that resolves outside the folder is not written to (403);
+- matches extensions in one place (:func:`~lib.datastore.validation.split_extension`): uploads are stored with
+  the lower-case extension, and a file saved by hand as ``<id>.NII.GZ`` is still the one current file that a
+  new save or a delete moves into the history.
 
 The constructor takes MONAI Label's arguments (auto reload, extensions, read-only) plus ``max_voxels``; only
 extensions the app reads (:data:`~lib.datastore.validation.IMAGE_EXTENSIONS`) are listed or accepted.
@@ -89,13 +95,47 @@ class SafeLocalDatastore(LocalDatastore):
     def _extension(self, file_name: str, what: str) -> str:
         return split_extension(os.path.basename(file_name), what, self._allowed_extensions)[1]
 
+    # ------------------------------------------------------------------------------------------ links
+    def _is_inside(self, path: str) -> bool:
+        """Whether ``path``, links resolved, is inside the studies folder."""
+        root = os.path.realpath(self._datastore_path)
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+    def _inside(self, path: str, what: str) -> str:
+        """``path`` if it stays inside the studies folder once links are resolved; 403 naming ``what`` otherwise."""
+        if not self._is_inside(path):
+            raise InvalidRequest(f"{what} is a link that leads outside the studies folder; the server reads and "
+                                 "writes only inside it (replace the link with the file itself)", status_code=403)
+        return path
+
+    def _list_files(self, path: str, patterns: Any) -> Dict[str, str]:
+        """MONAI Label's listing without files that are links leading outside the studies folder."""
+        files = super()._list_files(path, patterns)
+        kept = {}
+        for key, name in files.items():
+            if self._is_inside(os.path.join(path, name)):
+                kept[key] = name
+            else:
+                logger.warning("Datastore: not listing %s: a link that leads outside the studies folder",
+                               os.path.join(path, name))
+        return kept
+
+    def datalist(self, full_path: bool = True) -> List[Dict[str, Any]]:
+        """MONAI Label's (image, final label) records, without any whose file leads outside the studies folder."""
+        records = super().datalist(full_path=True)
+        kept = [r for r in records if all(self._is_inside(p) for p in r.values())]
+        if not full_path:
+            kept = [{k: os.path.relpath(v, self._datastore_path) for k, v in r.items()} for r in kept]
+        return kept
+
     # ------------------------------------------------------------------------------------------ paths
     def _history_path(self, *parts: str) -> str:
         return os.path.join(self._datastore_path, HISTORY_DIR, *parts)
 
     def _archive(self, path: str, *history_parts: str) -> str:
         """Move ``path`` into ``.history/<history_parts>/<UTC time>_<name>``; return the new path."""
-        folder = self._history_path(*history_parts)
+        folder = self._inside(self._history_path(*history_parts), "the history folder")
         os.makedirs(folder, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         target = os.path.join(folder, f"{stamp}_{os.path.basename(path)}")
@@ -106,16 +146,24 @@ class SafeLocalDatastore(LocalDatastore):
         return target
 
     def _current_files(self, folder: str, stem: str) -> List[str]:
-        """Files ``<stem><ext>`` in ``folder`` for every extension the app reads (regular files only)."""
+        """Files ``<stem><ext>`` in ``folder`` for every extension the app reads, in any letter case (``.NII.GZ``
+        too), links included (a link is moved, never followed); folders are not."""
+        if not os.path.isdir(folder):
+            return []
         files = []
-        for ext in IMAGE_EXTENSIONS:
-            path = os.path.join(folder, stem + ext)
-            if os.path.lexists(path) and not os.path.isdir(path):
+        for name in sorted(os.listdir(folder)):
+            try:
+                found, _ = split_extension(name, "file", IMAGE_EXTENSIONS)
+            except InvalidRequest:
+                continue
+            path = os.path.join(folder, name)
+            if found == stem and (os.path.islink(path) or not os.path.isdir(path)):
                 files.append(path)
         return files
 
     def _place(self, source: str, dest: str) -> None:
         """Copy ``source`` next to ``dest`` under a hidden partial name, then move it into place atomically."""
+        self._inside(os.path.dirname(dest), "the destination folder")
         partial = os.path.join(os.path.dirname(dest), f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         try:
             shutil.copyfile(source, partial)
@@ -161,7 +209,10 @@ class SafeLocalDatastore(LocalDatastore):
 
     def get_image_uri(self, image_id: str) -> str:
         self._check_id(image_id)
-        return super().get_image_uri(image_id)
+        uri = super().get_image_uri(image_id)
+        if uri:  # MONAI Label resolves links: check where it leads
+            self._inside(uri, f"the file of image {image_id!r}")
+        return uri
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         self._check_id(image_id)
@@ -183,7 +234,7 @@ class SafeLocalDatastore(LocalDatastore):
         ext = self._extension(label_filename, "the uploaded label file")
         image_header = read_header(self.get_image_uri(image_id), f"the stored image {image_id!r}")
         check_label_file(label_filename, image_header, self._max_voxels, what="the uploaded label")
-        folder = self._datastore.label_path(tag)
+        folder = self._inside(self._datastore.label_path(tag), f"the folder of label tag {tag!r}")
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
             os.makedirs(folder, exist_ok=True)
@@ -213,7 +264,10 @@ class SafeLocalDatastore(LocalDatastore):
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
         self._check_id(label_id)
         self._check_tag(label_tag)
-        return super().get_label_uri(label_id, label_tag)
+        uri = super().get_label_uri(label_id, label_tag)
+        if uri:
+            self._inside(uri, f"the label {label_tag!r} of image {label_id!r}")
+        return uri
 
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
         self._check_id(label_id)
@@ -248,6 +302,8 @@ class SafeLocalDatastore(LocalDatastore):
             try:
                 check_name(image_id, "image id")
                 split_extension("x" + obj.image.ext, "image", self._allowed_extensions)
+                self._inside(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)),
+                             f"the file of image {image_id!r}")
             except InvalidRequest as err:
                 logger.warning("Datastore: ignoring entry %r from the datastore file (%s)", image_id, err.detail)
                 del self._datastore.objects[image_id]
@@ -257,6 +313,8 @@ class SafeLocalDatastore(LocalDatastore):
                 try:
                     check_name(tag, "label tag", max_length=64)
                     split_extension("x" + obj.labels[tag].ext, "label", self._allowed_extensions)
+                    self._inside(os.path.join(self._datastore.label_path(tag), self._filename(image_id,
+                                 obj.labels[tag].ext)), f"the label {tag!r} of {image_id!r}")
                 except InvalidRequest as err:
                     logger.warning("Datastore: ignoring label %r of %r (%s)", tag, image_id, err.detail)
                     del obj.labels[tag]

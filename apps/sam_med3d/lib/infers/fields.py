@@ -8,9 +8,10 @@ Every field is checked before any work is done, and a bad one is an :class:`~lib
 - ``result_dtype``: one of :data:`RESULT_DTYPES` (integer types that hold every label value 0..255);
 - ``result_compress``: a JSON boolean;
 - ``client_id``: a short printable string (3D Slicer sends ``user-xyz`` unless set otherwise); it only keys
-  the annotator's session (:mod:`lib.infers.sessions`), never a file;
-- the scan's size: at most ``max_voxels`` voxels, read from the file's header (:func:`scan_voxels`), so a
-  small compressed file that would inflate to gigabytes is refused before it is decompressed.
+  the annotator's session (:mod:`lib.infers.sessions`), never a file.
+
+Files (the scan, a label uploaded with the request, a session's DICOM series) are read only through
+:mod:`sam_med3d.io`, which checks their headers and the voxel cap first (see :mod:`lib.infers.sam_med3d`).
 
 The server's infer route (:mod:`lib.routes`) tells the task which files came with the request under the
 keys :data:`UPLOADED_IMAGE` and :data:`UPLOADED_LABEL`, which it sets after merging the client's JSON
@@ -19,8 +20,7 @@ keys :data:`UPLOADED_IMAGE` and :data:`UPLOADED_LABEL`, which it sets after merg
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from lib.errors import InvalidRequest
 
@@ -35,14 +35,10 @@ CLIENT_FALLBACK = "sam_med3d_client"
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Result voxel types: integer types that hold every label value (0..255).
 RESULT_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "int64")
-#: Image formats accepted as an upload with an ``/infer`` request (a DICOM series must be in the datastore).
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Longest accepted ``client_id``.
 MAX_CLIENT_ID = 128
 #: Client id of requests that name no client and come through no route that knows the caller.
 DEFAULT_CLIENT = "default"
-
-STATUS_TOO_LARGE = 413
 
 
 def check_result_format(request: Mapping[str, Any]) -> None:
@@ -79,53 +75,6 @@ def client_id(request: Mapping[str, Any]) -> str:
         raise InvalidRequest(f"client_id must be a printable string of at most {MAX_CLIENT_ID} characters, got "
                              f"{_short(raw)}")
     return "client:" + raw
-
-
-def scan_voxels(path: str) -> Optional[int]:
-    """The number of voxels of the image file at ``path``, from its header only (None for a DICOM folder).
-
-    NIfTI headers are read by nibabel (the data stays on disk, compressed); other formats by ITK's
-    ``ReadImageInformation``. An unreadable header returns None: the full read reports the problem.
-    """
-    if os.path.isdir(path):
-        return None
-    try:
-        if path.lower().endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            shape = nib.load(path).header.get_data_shape()
-        else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(path)
-            reader.ReadImageInformation()
-            shape = tuple(reader.GetSize()) + (reader.GetNumberOfComponents(),)
-    except Exception:  # nibabel/ITK raise many types for corrupt headers; load_scan names the problem
-        return None
-    count = 1
-    for n in shape:
-        count *= max(int(n), 1)
-    return count
-
-
-def check_scan_size(path: str, max_voxels: int) -> None:
-    """Refuse (413) an image with more than ``max_voxels`` voxels, judged from its header."""
-    voxels = scan_voxels(path)
-    if voxels is not None and voxels > max_voxels:
-        raise InvalidRequest(f"the image has {voxels} voxels, more than this server accepts ({max_voxels}, "
-                             "--conf max_voxels); crop or downsample it", status_code=STATUS_TOO_LARGE)
-
-
-def check_upload_name(filename: Optional[str], what: str) -> str:
-    """The extension of an uploaded ``filename``; refuse a name without a known image extension."""
-    name = os.path.basename(str(filename or ""))
-    lower = name.lower()
-    for extension in IMAGE_EXTENSIONS:
-        if lower.endswith(extension) and len(lower) > len(extension):
-            return extension
-    raise InvalidRequest(f"the {what} uploaded with the request is named {_short(name)}; it must be a "
-                         f"{', '.join(IMAGE_EXTENSIONS)} file")
 
 
 def _short(value: Any, limit: int = 60) -> str:

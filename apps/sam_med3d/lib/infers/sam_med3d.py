@@ -35,8 +35,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import InvalidRequest
 from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
-from lib.infers.fields import (UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, check_scan_size,
-                               client_id)
+from lib.infers.fields import UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, client_id
 from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 from lib.served_model import ServedModel
@@ -44,23 +43,25 @@ from lib.served_model import ServedModel
 logger = logging.getLogger(__name__)
 
 
-def _read_label_file(path: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A previous label map sent by the client, as uint8 ``(I, J, K)`` in the image's voxel order."""
-    import SimpleITK as sitk
+def _read_label_file(path: str, shape: Tuple[int, ...], max_voxels: int) -> np.ndarray:
+    """A previous label map sent by the client, as uint8 ``(I, J, K)`` in the image's voxel order, read through
+    :func:`sam_med3d.io.load_label` (header checked, voxel cap, integer values 0..255 on the image's size)."""
+    from sam_med3d.io import load_label
 
     try:
-        # ITK index order (x fastest) transposed = the (i, j, k) order of the scan array (see sam_med3d.io).
-        array = sitk.GetArrayFromImage(sitk.ReadImage(path)).transpose(2, 1, 0)
-    except Exception as err:  # ITK raises RuntimeError subclasses for unreadable files
-        raise InvalidRequest(f"the label file sent with the request could not be read: {err}") from err
-    array = np.squeeze(array)
-    if array.shape != tuple(shape):
-        raise InvalidRequest(f"the label sent with the request has shape {'x'.join(map(str, array.shape))} but "
-                             f"the image is {'x'.join(map(str, shape))}")
-    if array.size and (array.min() < 0 or array.max() > 255 or not np.all(np.mod(array, 1) == 0)):
-        raise InvalidRequest("the label sent with the request must hold integer label values 0..255, got values "
-                             f"in [{array.min()}, {array.max()}]")
-    return array.astype(np.uint8)
+        return load_label(path, shape, max_voxels, what="the label sent with the request")
+    except ValueError as err:
+        raise _refusal(err) from None
+
+
+def _refusal(err: ValueError) -> InvalidRequest:
+    """A file the core refused: 413 for the voxel cap, 422 otherwise."""
+    from sam_med3d.io import ScanTooLarge
+
+    if isinstance(err, ScanTooLarge):
+        return InvalidRequest(f"{err}; this server accepts at most --conf max_voxels voxels: crop or downsample it",
+                              status_code=413)
+    return InvalidRequest(f"cannot segment this image: {err}")
 
 
 def _clear(view: np.ndarray, value: int) -> None:
@@ -90,7 +91,7 @@ class SamMed3DInfer(InferTask):
         labels: ``{name: value}`` including ``"background": 0``.
         cache_size: maximum number of images with a live session.
         cache_ttl_s: seconds after its last click before a session is dropped.
-        max_voxels: largest scan accepted, judged from the file's header (413 beyond).
+        max_voxels: largest scan or label accepted, judged from the file's header (413 beyond); DICOM series too.
         cache_max_bytes: estimated memory the sessions may hold together (None: no bound).
         result_compress: gzip NRRD results for requests without ``result_compress``.
     """
@@ -158,8 +159,6 @@ class SamMed3DInfer(InferTask):
         except ValueError as err:
             raise InvalidRequest(str(err)) from err
         key = session_key(image_path)
-        if self.sessions.get(key) is None:
-            check_scan_size(image_path, self.max_voxels)  # from the header, before the scan is decompressed
 
         with self._lock:
             try:
@@ -173,7 +172,7 @@ class SamMed3DInfer(InferTask):
                 except ValueError as err:
                     raise InvalidRequest(str(err)) from err
                 if label_file is not None:
-                    session.label_map = _read_label_file(label_file, session.scan.shape)
+                    session.label_map = _read_label_file(label_file, session.scan.shape, self.max_voxels)
                     session.fresh = False
                 per_label, timings = self._predict(session, targets)
                 tuned = self.served.path() != self.served.base.path
@@ -252,9 +251,10 @@ class SamMed3DInfer(InferTask):
 
         start = time.perf_counter()
         try:
-            scan = load_scan(image_path)
+            # Headers naming other files and scans over the cap (from the header, nothing decoded) are refused.
+            scan = load_scan(image_path, max_voxels=self.max_voxels)
         except ValueError as err:  # unreadable, 2D, 4D, constant... (load_scan names the file and the problem)
-            raise InvalidRequest(f"cannot segment this image: {err}") from err
+            raise _refusal(err) from err
         loaded = time.perf_counter()
         from sam_med3d.predictor import Sam3DPredictor
 

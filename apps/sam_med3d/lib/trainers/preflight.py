@@ -17,7 +17,9 @@ cannot list its labels (a DICOMweb server that does not answer) gets 503 with th
 The same wrapper checks every Train request's options before anything starts (:func:`check_train_options`):
 known options must have the type and range the option schema gives them (:mod:`lib.options`:
 ``max_epochs`` an integer in 1..1000, ``lr`` a number in (0, 1], ``val_split`` in [0, 1), ...), so ``{"max_epochs": -3}`` or ``{"lr": "fast"}`` is a 422
-naming the option instead of a task that fails minutes later in its log. ``bundle_path`` is refused for every
+naming the option instead of a task that fails minutes later in its log. ``train_ds`` and ``val_ds`` are
+refused (422): MONAI Label reads them as datalists, or JSON files holding one, that name any file on the server
+for training; the app trains only on the datastore's saved labels. ``bundle_path`` is refused for every
 task (MONAI Label puts it on the subprocess's Python path). ``run_sync`` training and batch inference are
 refused (400): they would run inside the server process and hold it for minutes; start the task without
 ``run_sync`` and poll ``GET /train/``. (``run_sync`` scoring runs in a worker thread, see :mod:`lib.routes`.)
@@ -95,10 +97,26 @@ def check_request(method: str, request: Optional[Mapping[str, Any]], params: Opt
     if "bundle_path" in sent or any(isinstance(v, Mapping) and "bundle_path" in v for v in sent.values()):
         raise InvalidRequest("bundle_path is not accepted in a request (it would be put on the task's Python path)")
     if method == "train":
+        check_no_external_datalist(sent)
         check_train_options(sent)
         for value in sent.values():  # POST /train/ nests each trainer's options under its name
             if isinstance(value, Mapping):
                 check_train_options(value)
+
+
+#: Train request fields with which MONAI Label's ``BasicTrainTask`` reads a datalist of any server files.
+EXTERNAL_DATALIST_FIELDS = ("train_ds", "val_ds")
+
+
+def check_no_external_datalist(options: Mapping[str, Any]) -> None:
+    """Refuse (422) ``train_ds`` / ``val_ds`` at the top of a Train request or under a trainer's name."""
+    nested = [v for v in options.values() if isinstance(v, Mapping)]
+    for where in [options] + nested:
+        for key in EXTERNAL_DATALIST_FIELDS:
+            if where.get(key) not in (None, "", [], {}):
+                raise InvalidRequest(f"train option {key} is not accepted: training reads only the images and "
+                                     "final labels of the datastore (save labels there), never a datalist or file "
+                                     "named by the request")
 
 
 def check_train_options(options: Mapping[str, Any]) -> None:

@@ -60,7 +60,9 @@ The recipe:
   labelled images), validation runs on the training targets at the inference crop, so a run that makes the
   served model worse on them publishes nothing; with ``val_split`` 0 the weights are published when training
   ends;
-- bad files: an unreadable label, or one whose grid size differs from its image's, is skipped with a warning;
+- bad files: an unreadable label, or one whose grid size differs from its image's, or an image or label that
+  :mod:`sam_med3d.io` refuses (a header naming another file), is skipped with a warning; ``train_ds`` and
+  ``val_ds`` (MONAI Label's datalists naming any server file) are refused by the server and never read;
 - ``freeze_encoder``: tune the prompt encoder and mask decoder only (the image encoder's weights are kept and
   left out of the optimizer): with few labels and weights that answer every label it forgot less and learned
   more than tuning all weights; for weights that answer only their labels, tuning all weights learned more
@@ -128,27 +130,16 @@ VAL_SEQUENCES = 5
 
 
 def label_voxel_counts(label_path: str) -> Dict[int, int]:
-    """Voxel count of every nonzero value of a saved label map (any format SimpleITK reads: NIfTI, NRRD, ...).
+    """Voxel count of every nonzero value of a saved label map, read through :func:`sam_med3d.io.load_label`
+    (a single-file format whose header names no other file; integer values 0..255).
 
     Raises:
-        ValueError: the file cannot be read as an image (the message names it).
+        ValueError: the file cannot be read as a label map (the message names it).
     """
-    import SimpleITK as sitk
+    from sam_med3d.io import load_label
 
-    try:
-        image = sitk.ReadImage(str(label_path))
-    except RuntimeError as err:
-        raise ValueError(f"label map {label_path} could not be read: {str(err).strip().splitlines()[-1]}") from err
-    # A copy, not GetArrayViewFromImage: a view does not keep its image alive, so a view of a temporary image
-    # reads freed memory (all zeros or a segfault on a 512x512x32 label).
-    array = sitk.GetArrayFromImage(image).ravel()
-    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:  # the usual label types: bincount is ~10x faster
-        counts = np.bincount(array)
-        values = np.flatnonzero(counts)
-        counts = counts[values]
-    else:
-        values, counts = np.unique(array, return_counts=True)
-    return {int(v): int(n) for v, n in zip(values, counts) if v != 0}
+    counts = np.bincount(load_label(str(label_path)).ravel(order="K"), minlength=1)
+    return {int(v): int(counts[v]) for v in np.flatnonzero(counts) if v != 0}
 
 
 def label_values(label_path: str) -> List[int]:
@@ -156,27 +147,15 @@ def label_values(label_path: str) -> List[int]:
     return [v for v, n in label_voxel_counts(label_path).items() if n >= MIN_TARGET_VOXELS]
 
 
-def image_size(path: str) -> Optional[Tuple[int, ...]]:
-    """Voxel grid size of an image file from its header alone (``None`` for a folder or an unreadable file)."""
-    import SimpleITK as sitk
-
-    if not os.path.isfile(str(path)):
-        return None  # e.g. a DICOM series folder: its size is checked when it is loaded
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return tuple(int(n) for n in reader.GetSize())
-
-
 def check_label_grid(record: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the files when a saved label's grid size differs from its image's."""
-    label_size, scan_size = image_size(record["label"]), image_size(record["image"])
-    if label_size is not None and scan_size is not None and label_size != scan_size:
-        raise ValueError(f"label map {record['label']} has size {'x'.join(map(str, label_size))} but its image "
-                         f"{os.path.basename(str(record['image']))} has {'x'.join(map(str, scan_size))}")
+    """Raise ``ValueError`` naming the files when a saved label's grid size differs from its image's, or when
+    either file is one :func:`sam_med3d.io.read_header` refuses (a header naming another file, ...)."""
+    from sam_med3d.io import read_header
+
+    label, scan = read_header(record["label"]), read_header(record["image"])
+    if label.size != scan.size:
+        raise ValueError(f"label map {record['label']} has size {label.shape_str()} but its image "
+                         f"{os.path.basename(str(record['image']))} has {scan.shape_str()}")
 
 
 def _usable_values(record: Mapping[str, Any]) -> List[int]:
@@ -565,6 +544,10 @@ class SamMed3DTrainer(BasicTrainTask):
 
     def partition_datalist(self, context: Context, shuffle: bool = False):
         self.seed(context)  # MONAI Label calls this first in each training process, before building loaders
+        # MONAI Label reads "train_ds"/"val_ds" as datalists (or JSON files) naming any server path; the server
+        # refuses them (lib.trainers.preflight), and training never reads them: only the datastore's labels.
+        for key in ("train_ds", "val_ds"):
+            context.request.pop(key, None)
         # Split images first, then expand labels, so an image never feeds both training and validation.
         train_images, val_images = super().partition_datalist(context, shuffle=shuffle)
         train, val = expand_targets(train_images), expand_targets(val_images)

@@ -1,0 +1,214 @@
+"""Scan files are read only when their header keeps the voxels inside them, and only within the voxel cap.
+
+Each hostile header below is first shown to leak through SimpleITK's own reader (the control), then refused by
+:func:`sam_med3d.io.load_scan` / :func:`~sam_med3d.io.load_label` / :func:`~sam_med3d.io.read_header`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import resource
+import struct
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from sam_med3d.io import ScanTooLarge, load_label, load_scan, read_header
+
+SECRET = b"TOPSECRET-" * 400
+
+
+@pytest.fixture()
+def secret(tmp_path) -> Path:
+    """A file outside any studies folder whose bytes must never come back as voxels."""
+    path = tmp_path / "outside" / "secret.bin"
+    path.parent.mkdir()
+    path.write_bytes(SECRET)
+    return path
+
+
+def _nrrd_header(data_line: str, sizes: str = "4 5 6", encoding: str = "raw") -> str:
+    return f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: {sizes}\nencoding: {encoding}\n{data_line}\n\n"
+
+
+def _mha_header(data_file: str, dims: str = "4 5 6") -> str:
+    return (f"ObjectType = Image\nNDims = 3\nDimSize = {dims}\nElementType = MET_UCHAR\n"
+            f"ElementDataFile = {data_file}\n")
+
+
+def _leaks_through_simpleitk(path: Path) -> bool:
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return bytes(array.ravel()[:10].astype(np.uint8)) == SECRET[:10]
+
+
+@pytest.mark.parametrize("line", ["data file: {secret}", "datafile: {secret}", "DATA FILE: {secret}",
+                                  "data file: LIST\n{secret}", "data file: {parent}/part%03d.raw 1 3 1"])
+def test_nrrd_naming_another_file_is_refused(tmp_path, secret, line):
+    path = tmp_path / "evil.nrrd"
+    path.write_text(_nrrd_header(line.format(secret=secret, parent=secret.parent)))
+    if line.startswith("data file: {secret}"):
+        assert _leaks_through_simpleitk(path)  # the attack is real
+    for read in (load_scan, load_label, read_header):
+        with pytest.raises(ValueError, match="names another file"):
+            read(path)
+
+
+@pytest.mark.parametrize("data_file", ["{secret}", "LIST\n{secret}", "local_not"])
+def test_metaimage_naming_another_file_is_refused(tmp_path, secret, data_file):
+    path = tmp_path / "evil.mha"
+    path.write_text(_mha_header(data_file.format(secret=secret)))
+    if data_file == "{secret}":
+        assert _leaks_through_simpleitk(path)
+    for read in (load_scan, load_label, read_header):
+        with pytest.raises(ValueError, match="names another file"):
+            read(path)
+
+
+def test_formats_with_a_second_file_are_refused(tmp_path, secret):
+    volume = np.arange(120, dtype=np.int16).reshape(4, 5, 6)
+    mhd = tmp_path / "scan.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(mhd))
+    pair = tmp_path / "pair.hdr"
+    nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(pair))
+    analyze = tmp_path / "old.img"
+    nib.save(nib.AnalyzeImage(volume, np.eye(4)), str(analyze))
+    nhdr = tmp_path / "scan.nhdr"
+    nhdr.write_text(_nrrd_header(f"data file: {secret}"))
+    for path in (mhd, pair, analyze, nhdr):
+        with pytest.raises(ValueError, match="not a single-file scan"):
+            load_scan(path)
+    # The user's own datasets on the command line may still use them.
+    assert load_scan(mhd, detached_ok=True).shape == (6, 5, 4)
+
+
+def test_content_must_match_the_name(tmp_path, secret):
+    """The name decides which parser runs, and the content must be that format."""
+    nrrd_as_nifti = tmp_path / "evil.nii"
+    nrrd_as_nifti.write_text(_nrrd_header(f"data file: {secret}"))
+    mha_as_nrrd = tmp_path / "evil2.nrrd"
+    mha_as_nrrd.write_text(_mha_header(str(secret)))
+    with pytest.raises(ValueError, match="not a NIfTI file"):
+        load_scan(nrrd_as_nifti)
+    with pytest.raises(ValueError, match="not an NRRD file"):
+        load_scan(mha_as_nrrd)
+
+
+def test_nifti_pair_header_under_a_nii_name_is_refused(tmp_path):
+    """A ``.hdr`` (magic ``ni1``: voxels in the ``.img`` beside it) renamed ``.nii``."""
+    volume = np.arange(120, dtype=np.int16).reshape(4, 5, 6)
+    nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(tmp_path / "pair.hdr"))
+    disguised = tmp_path / "pair.nii"
+    (tmp_path / "pair.hdr").rename(disguised)
+    with pytest.raises(ValueError, match="not a single-file NIfTI-1"):
+        load_scan(disguised)
+
+
+def test_unknown_nrrd_fields_and_missing_header_end_are_refused(tmp_path):
+    unknown = tmp_path / "unknown.nrrd"
+    unknown.write_text(_nrrd_header("fancy field: 1"))
+    with pytest.raises(ValueError, match="NRRD field this server does not read"):
+        read_header(unknown)
+    endless = tmp_path / "endless.nrrd"
+    endless.write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 5 6\nencoding: raw\n")
+    with pytest.raises(ValueError, match="no end of its NRRD header"):
+        read_header(endless)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "mha", "nii.gz", "nii"])
+def test_huge_header_is_refused_before_anything_is_allocated(tmp_path, kind):
+    """1024^3 voxels claimed by a file of about 1 MB: refused from the header, fast, without memory growth."""
+    path = tmp_path / f"huge.{kind}"
+    payload = gzip.compress(b"\0" * (1 << 20))
+    if kind == "nrrd":
+        path.write_bytes(_nrrd_header("", sizes="1024 1024 1024", encoding="gzip").encode() + payload)
+    elif kind == "mha":
+        path.write_bytes((_mha_header("LOCAL", dims="1024 1024 1024").replace("ElementDataFile",
+                          "CompressedData = True\nElementDataFile")).encode() + payload)
+    else:
+        header = nib.Nifti1Header()
+        header.set_data_shape((1024, 1024, 1024))
+        header.set_data_dtype(np.uint8)
+        raw = header.binaryblock + b"\0" * 4 + b"\0" * (1 << 20)
+        path.write_bytes(gzip.compress(raw) if kind == "nii.gz" else raw)
+    before, start = _peak_rss_mb(), time.perf_counter()
+    for read in (lambda p: load_scan(p, max_voxels=2 ** 28), lambda p: load_label(p, max_voxels=2 ** 28),
+                 lambda p: read_header(p, max_voxels=2 ** 28)):
+        with pytest.raises(ScanTooLarge, match="1073741824 voxels"):
+            read(path)
+    assert time.perf_counter() - start < 5.0
+    assert _peak_rss_mb() - before < 200  # decoding it would take 1 GiB (uint8) or 4 GiB (float32)
+
+
+def _dicom_series(folder: Path, slices: int = 4) -> None:
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.77"
+    for k in range(slices):
+        slc = sitk.GetImageFromArray((np.arange(30, dtype=np.int16).reshape(5, 6) * (k + 1)))
+        for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".1",
+                           "0008|0018": f"{series}.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|0032": f"0\\0\\{k * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
+            slc.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k}.dcm"))
+        writer.Execute(slc)
+
+
+def test_dicom_series_is_held_to_the_voxel_cap_and_refuses_links(tmp_path, secret):
+    folder = tmp_path / "series"
+    _dicom_series(folder)
+    assert load_scan(folder, max_voxels=6 * 5 * 4).shape == (6, 5, 4)
+    with pytest.raises(ScanTooLarge, match="120 voxels"):
+        load_scan(folder, max_voxels=100)
+    os.symlink(secret, folder / "s9.dcm")
+    with pytest.raises(ValueError, match="holds a link"):
+        load_scan(folder)
+
+
+def test_label_is_read_on_the_image_grid_with_label_values(tmp_path):
+    image = tmp_path / "image.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), str(image))
+    header = read_header(image)
+    good = tmp_path / "label.nii.gz"
+    values = np.zeros((6, 5, 4), np.uint8)
+    values[1:3, 2, 1] = 2
+    nib.save(nib.Nifti1Image(values, np.diag([-1.0, -1.0, 1.0, 1.0])), str(good))
+    np.testing.assert_array_equal(load_label(good, header), values)
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(values, np.diag([-1.0, -1.0, 1.0, 1.0]) + np.eye(4, k=3) * 5), str(shifted))
+    with pytest.raises(ValueError, match="origin"):
+        load_label(shifted, header)
+    for bad, message in ((np.full((6, 5, 4), np.nan, np.float32), "NaN"), (np.full((6, 5, 4), 0.5, np.float32),
+                                                                            "fractional"),
+                         (np.full((6, 5, 4), 300, np.int16), "0..255")):
+        path = tmp_path / "bad.nii.gz"
+        nib.save(nib.Nifti1Image(bad, np.diag([-1.0, -1.0, 1.0, 1.0])), str(path))
+        with pytest.raises(ValueError, match=message):
+            load_label(path, (6, 5, 4))
+
+
+def test_nifti2_single_file_is_read(tmp_path):
+    path = tmp_path / "two.nii"
+    volume = np.arange(120, dtype=np.int16).reshape(4, 5, 6)
+    nib.save(nib.Nifti2Image(volume, np.eye(4)), str(path))
+    assert struct.unpack("<i", path.read_bytes()[:4])[0] == 540
+    np.testing.assert_array_equal(load_scan(path).array, volume)
+
+
+def test_metaimage_header_end_spelled_otherwise_is_refused(tmp_path, secret):
+    """A lower-case ``elementdatafile = LOCAL`` first, the real field naming the secret after it: whichever
+    line the reader takes as the end, the file is refused."""
+    path = tmp_path / "twice.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 5 6\nElementType = MET_UCHAR\n"
+                    f"elementdatafile = LOCAL\nElementDataFile = {secret}\n")
+    with pytest.raises(ValueError, match="names another file"):
+        read_header(path)
