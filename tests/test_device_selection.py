@@ -103,9 +103,13 @@ def test_model_runs_on_cuda_without_cpu_tensors(impl):
                 assert logits.shape[-3:] == (n // 4,) * 3
 
 
-def test_predictor_encode_and_decode_steps_stay_on_the_model_device():
+def test_predictor_encode_and_decode_steps_stay_on_the_model_device(monkeypatch):
     """The predictor's own torch code (crop to device, encoder, click tensors, decoder) on a CUDA model."""
+    import sam_med3d.predictor as predictor_module
     from sam_med3d import Sam3DPredictor
+
+    waited = []
+    monkeypatch.setattr(predictor_module, "synchronize", waited.append)  # no real GPU to wait for
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # the click arrays come from numpy, as in a request
     model = _fake_cuda_model(mode)
@@ -117,8 +121,8 @@ def test_predictor_encode_and_decode_steps_stay_on_the_model_device():
         predictor = Sam3DPredictor(model, device="cuda")
         # A crop as _embedding reads it: its model input (on the CPU, as the geometry builds it) and cache key.
         crop = SimpleNamespace(image=torch.zeros(n, n, n), key=("fake",))
-        embedding, ran = predictor._embedding(crop, {})
-        assert ran and embedding.device.type == "cuda"
+        embedding, ran = predictor._embedding(crop, {"preprocess": 0.0, "encode": 0.0})
+        assert ran and embedding.device.type == "cuda" and waited == [torch.device("cuda")]
         low_res = torch.zeros((1, 1) + (predictor.low_res_size,) * 3, device=predictor.device)
         seen = {}
         real_decode = model.decode
@@ -153,3 +157,77 @@ def test_fake_cuda_check_catches_a_tensor_created_on_the_cpu():
         module = Forgetful()
     with mode, pytest.raises(FakeTensorDeviceMismatchError):
         module(torch.ones(4, device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------ click timings
+class _SlowEncoder(torch.nn.Module):
+    """An encoder whose work takes ``seconds`` (as a GPU kernel still running after the call returned would)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, image):
+        import time
+
+        time.sleep(self.seconds)
+        return image
+
+
+def test_synchronize_waits_for_the_given_cuda_device_only(monkeypatch):
+    from sam_med3d.device import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize("cpu")
+    synchronize(torch.device("cuda", 1))
+    synchronize("cuda:0")
+    assert waited == [torch.device("cuda", 1), torch.device("cuda", 0)]
+
+
+def test_encode_timer_waits_for_the_model_device(monkeypatch):
+    """The encoder's kernels are asynchronous on a GPU: the encode timer must include waiting for them, on the
+    model's device (not the current one); otherwise the encoder's time shows up in decode."""
+    import time
+
+    from sam_med3d import Sam3DPredictor, build_sam_med3d
+    import sam_med3d.predictor as predictor_module
+
+    queued_s = 0.3
+    waited = []
+
+    def gpu_still_busy(device):  # what torch.cuda.synchronize does while the encoder's kernels run
+        waited.append(torch.device(device))
+        time.sleep(queued_s)
+
+    monkeypatch.setattr(predictor_module, "synchronize", gpu_still_busy)
+    predictor = Sam3DPredictor(build_sam_med3d("vit_mini"), device="cpu", extension=False)
+    predictor.set_image(np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32), affine=np.eye(4))
+    result = predictor.predict(np.array([[20.0, 20.0, 20.0]]), [1])
+    assert result.encoder_ran and waited == [predictor.device]
+    assert result.timings["encode"] >= queued_s
+
+
+def test_preprocess_and_encode_times_add_up_over_the_crops_of_a_click(data_dir):
+    """With the extension one click encodes several crops: the split reports their sum, not the last one."""
+    from extension_helpers import CropAwarePredictor, GroundTruthSam3D
+    from sam_med3d.extension import ExtensionConfig
+
+    folder = data_dir / "totalseg_ct_multiorgan"
+    import json
+
+    import nibabel as nib
+
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    colon_value = int(labels["colon"]) if "colon" in labels else int({v: k for k, v in labels.items()}["colon"])
+    gt = np.asarray(nib.load(str(folder / "labelsTr" / "example_ct.nii.gz")).dataobj) == colon_value
+    per_crop_s = 0.1
+    predictor = CropAwarePredictor(GroundTruthSam3D(gt, encoder=_SlowEncoder(per_crop_s)),
+                                   extension=ExtensionConfig(max_crops=3))
+    predictor.set_image(folder / "imagesTr" / "example_ct.nii.gz")
+    click = np.argwhere(gt)[len(np.argwhere(gt)) // 2][None].astype(float)
+    result = predictor.predict(click, [1])
+    crops = len(result.crop_boxes)
+    assert crops >= 2 and predictor.encoder_runs == crops
+    assert result.timings["encode"] >= crops * per_crop_s
+    assert result.timings["preprocess"] > 0
