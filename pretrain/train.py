@@ -57,7 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                 "sam_med3d.load_checkpoint reads; e.g. the turbo URL)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the prompt encoder and mask decoder")
     p.add_argument("--cache-dir", default=None, help="preprocessing cache (default OUT/cache)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda (GPU = local rank) or cuda:N "
+                                                     "(one process per node, on GPU N)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process "
                                                             "(default: CPU count / processes on the node)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -64,6 +64,29 @@ def test_pretrain_device_selection(monkeypatch):
         pdist.setup("gpu")
 
 
+def test_pretrain_accepts_a_numbered_gpu_and_makes_it_current(monkeypatch):
+    """``--device cuda:1``: the run's tensors, synchronize calls and NCCL use GPU 1 (the current device)."""
+    from pretrain import distributed as pdist
+    from pretrain.train import parse_args
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    args = parse_args(["--config", "c.yaml", "--data", "d", "--output", "o", "--device", "cuda:1"])
+    ctx = pdist.setup(args.device)
+    assert ctx.device == torch.device("cuda", 1) and current == [1]
+    assert pdist.setup("cuda").device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="GPU 2 .* does not exist: only 2 visible"):
+        pdist.setup("cuda:2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="names one GPU but 2 processes run on this node"):
+        pdist.setup("cuda:1")
+
+
 def test_predictor_and_loaded_model_use_the_requested_device(tmp_path):
     from sam_med3d import Sam3DPredictor, build_sam_med3d, load_model, save_checkpoint
 
@@ -231,3 +254,58 @@ def test_preprocess_and_encode_times_add_up_over_the_crops_of_a_click(data_dir):
     assert crops >= 2 and predictor.encoder_runs == crops
     assert result.timings["encode"] >= crops * per_crop_s
     assert result.timings["preprocess"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ click simulation
+@pytest.fixture
+def no_host_copies(monkeypatch):
+    """Fail any ``Tensor.cpu()`` / ``Tensor.numpy()``: on a GPU each is a device-to-host copy of a whole mask
+    (2M voxels at 128^3) per click, which would bound GPU training by the CPU."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"host copy of a {tuple(self.shape)} tensor")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+
+
+def _masks(seed: int, batch: int = 3, size: int = 20):
+    rng = np.random.default_rng(seed)
+    gt = np.zeros((batch, 1, size, size, size), bool)
+    pred = np.zeros_like(gt)
+    for b in range(batch):
+        lo = rng.integers(0, size // 2, 3)
+        gt[(b, 0) + tuple(slice(int(a), int(a) + size // 3) for a in lo)] = True
+        pred[b, 0] = rng.random((size,) * 3) < 0.02 if b else gt[b, 0]  # item 0: nothing left to correct
+    gt[-1] = False  # an empty target: the padding click
+    return pred, gt
+
+
+def test_random_clicks_on_tensors_stay_on_the_device_and_match_the_numpy_protocol(no_host_copies):
+    from sam_med3d.clicks import random_error_click, simulate_clicks_batch
+
+    for seed in range(5):
+        pred, gt = _masks(seed)
+        points, labels = simulate_clicks_batch(torch.from_numpy(pred), torch.from_numpy(gt),
+                                               np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        for b in range(len(gt)):
+            click = random_error_click(pred[b, 0], gt[b, 0], rng) if gt[b].any() else None
+            if click is None:
+                assert labels[b, 0] == -1 and points[b, 0].tolist() == [0, 0, 0]
+            else:
+                assert points[b, 0].tolist() == click[0].tolist() and int(labels[b, 0]) == click[1]
+
+
+def test_click_iterations_copy_no_mask_to_the_host(no_host_copies):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.training import run_click_iterations
+
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini").eval()
+    n = sam.img_size
+    label = torch.zeros(1, 1, n, n, n)
+    label[..., 10:30, 12:28, 20:40] = 1
+    with torch.no_grad():
+        out = run_click_iterations(sam, torch.randn(1, 1, n, n, n), label, 3, np.random.default_rng(0))
+    assert out["points"].shape == (1, 3, 3)
