@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared"))
 SKIP_REASON = "CUDA is not available"
 #: seconds a timed-out check gets after SIGTERM (to stop its server) before SIGKILL
 GRACE_S = 10
@@ -48,6 +47,11 @@ CHECKS = [
     ("app_training", "1 fine-tuning epoch via POST /train/sam_med3d", 140),
     ("pretrain", "pretrain/train.py under torchrun, 1 GPU, bf16", 90),
 ]
+
+
+def shared_folder() -> Path:
+    """``$SAM_MED3D_SHARED`` or ``../shared`` (the driver points the former at a stand-in when needed)."""
+    return Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared"))
 
 
 class DeviceError(ValueError):
@@ -74,6 +78,48 @@ def select_device(requested: str = "auto", cuda_available: Optional[bool] = None
                               "(torch.cuda.is_available() is False); use --device auto or cpu")
         return name
     raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+
+
+SPLEEN_CT = Path("data") / "msd_spleen_ct"
+#: spleen_8's grid (512 x 512 x 32, 0.785 x 0.785 x 7.5 mm, RAS affine), which app_latency.py's clicks refer to.
+SPLEEN8_AFFINE = ((-0.785156, 0.0, 0.0, 200.6074), (0.0, 0.785156, 0.0, -200.6074), (0.0, 0.0, 7.5, -112.5),
+                  (0.0, 0.0, 0.0, 1.0))
+
+
+def write_stand_in_spleen_ct(shared: Path) -> Path:
+    """A synthetic CT on spleen_8's grid, with a spleen label, as ``shared/data/msd_spleen_ct`` lays it out.
+
+    For a machine without ``../shared`` (it does not travel to a lent GPU): the server checks measure time and
+    the training path, which depend on the grid, not on the anatomy. Body (40 HU) in air (-1000 HU), a "spleen"
+    (60 HU, label 1) around app_latency.py's first clicks and a "liver" (70 HU) around its second-label click.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    folder = shared / SPLEEN_CT
+    image_path, label_path = folder / "imagesTr" / "spleen_8.nii.gz", folder / "labelsTr" / "spleen_8.nii.gz"
+    if image_path.is_file() and label_path.is_file():
+        return shared
+    shape = (512, 512, 32)
+    i, j, k = np.ogrid[:shape[0], :shape[1], :shape[2]]
+
+    def ellipsoid(centre, radii):
+        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((i, j, k), centre, radii)) <= 1.0
+
+    body = ((i - 256) / 220.0) ** 2 + ((j - 256) / 170.0) ** 2 <= 1.0
+    spleen = ellipsoid((130, 220, 18), (45, 55, 9))
+    liver = ellipsoid((370, 230, 16), (70, 60, 10))
+    noise = np.random.default_rng(0).normal(0.0, 12.0, shape)
+    image = np.where(body, 40.0, -1000.0) + noise
+    image[spleen] = 60.0 + noise[spleen]
+    image[liver] = 70.0 + noise[liver]
+    affine = np.asarray(SPLEEN8_AFFINE)
+    for path, array in ((image_path, image.astype(np.int16)), (label_path, spleen.astype(np.uint8))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("partial_" + path.name)
+        nib.save(nib.Nifti1Image(array, affine), str(partial))
+        partial.replace(path)
+    return shared
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -235,10 +281,10 @@ def worker_app_training(device: str, arch: str) -> Dict:
     sys.path.insert(0, str(REPO / "tests"))
     from app_helpers import copy_app, start_server, wait_for_training
 
-    spleen = SHARED / "data" / "msd_spleen_ct"
+    spleen = shared_folder() / SPLEEN_CT
     image, label = spleen / "imagesTr" / "spleen_8.nii.gz", spleen / "labelsTr" / "spleen_8.nii.gz"
     if not (image.is_file() and label.is_file()):
-        return {"ok": False, "summary": f"{image} / {label} not found (shared data expected at {SHARED})"}
+        return {"ok": False, "summary": f"{image} / {label} not found (shared data expected at {spleen})"}
     root = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
     studies = root / "studies"
     studies.mkdir()
@@ -299,24 +345,32 @@ def worker_pretrain(device: str, arch: str) -> Dict:
            "--set", "data.val_max_targets=1", "--set", "val.clicks=1", "--set", "data.min_target_voxels=50",
            "--set", "data.num_workers=2"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
+    # Streamed into the check's log as it comes, so a run stopped by the timeout still shows how far it got.
+    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", file=sys.stderr, flush=True)
+        lines.append(line)
+    returncode = proc.wait()
+    output = "".join(lines)
     wall = time.perf_counter() - start
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
-        return {"ok": False, "summary": f"torchrun exited {proc.returncode}: {last} (run folder {out})"}
+    if returncode != 0:
+        last = (output.strip().splitlines() or ["no output"])[-1][:200]
+        return {"ok": False, "summary": f"torchrun exited {returncode}: {last} (run folder {out})"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     rates = [r["samples_per_s"] for r in train[1:]] or [r["samples_per_s"] for r in train]
     if not rates:
         return {"ok": False, "summary": "no train rows in metrics.jsonl"}
     gpu = max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0)
-    if "nccl process group" not in proc.stdout:
-        return {"ok": False, "summary": f"the run did not use an NCCL process group (run folder {out})"}
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if f"{backend} process group" not in output:
+        return {"ok": False, "summary": f"the run did not use a {backend} process group (run folder {out})"}
     shutil.rmtree(root, ignore_errors=True)   # kept when the run failed (above)
-    summary = (f"{statistics.median(rates):.2f} samples/s (median of steps 2..{len(train)}, batch 2, {arch} config), "
+    summary = (f"{statistics.median(rates):.2f} samples/s on {device} (median of steps 2..{len(train)}, batch 2, "
+               f"{arch} config), "
                f"peak GPU {gpu:.1f} GB, loss {train[-1]['loss']:.3f}, wall {wall:.0f} s incl. start; "
-               "DDP over an NCCL process group of world size 1")
+               f"DDP over a {backend} process group of world size 1")
     return {"ok": True, "summary": summary, "details": {"rates": rates, "gpu_mem_gb": gpu}}
 
 
@@ -356,12 +410,12 @@ def _signal_groups(groups: set, sig: int) -> None:
             pass
 
 
-def run_check(name: str, timeout_s: float, device: str, log_dir: Path) -> Dict:
+def run_check(name: str, timeout_s: float, device: str, log_dir: Path, arch: str = "vit_b_ori") -> Dict:
     """Run one worker in its own process group; returns ``{"status", "summary", "seconds"}``."""
     result_path = log_dir / f"{name}.json"
     log_path = log_dir / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
-           "--result", str(result_path)]
+           "--result", str(result_path), "--arch", arch]
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
@@ -402,6 +456,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", action="append", choices=[c[0] for c in CHECKS], help="run only these checks")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every check's timeout")
     parser.add_argument("--log-dir", default=None, help="folder for the per-check logs (default: a temp folder)")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="run every check on the CPU with the small vit_mini model (proves the set-up, the "
+                             "data and every code path of the checks on a machine without a GPU; no GPU numbers)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     # internal: a smaller architecture, to smoke-test a worker on CPU (--worker NAME --device cpu --arch vit_mini)
@@ -415,13 +472,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     try:
-        device = select_device(args.device)
+        device = "cpu" if args.cpu_dry_run else select_device(args.device)
     except DeviceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     checks = [c for c in CHECKS if not args.only or c[0] in args.only]
     rows = []
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") and not args.cpu_dry_run:
         why = SKIP_REASON if args.device == "auto" else f"--device {args.device}"
         for name, what, _ in checks:
             print(f"{name}: skipped: {why}", flush=True)
@@ -432,11 +489,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gpu_check_"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"GPU checks on {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda});"
-          f" logs in {log_dir}", flush=True)
+    arch = "vit_mini" if args.cpu_dry_run else args.arch
+    where = "the CPU (dry run, vit_mini)" if args.cpu_dry_run else torch.cuda.get_device_name(device)
+    print(f"GPU checks on {where} (torch {torch.__version__}, CUDA {torch.version.cuda}); logs in {log_dir}",
+          flush=True)
+    if any(name in ("click_latency", "app_training") for name, _, _ in checks) and \
+            not (shared_folder() / SPLEEN_CT / "labelsTr" / "spleen_8.nii.gz").is_file():
+        home = Path(os.environ.get("GPU_CHECK_HOME") or tempfile.mkdtemp(prefix="gpu_check_data_"))
+        os.environ["SAM_MED3D_SHARED"] = str(write_stand_in_spleen_ct(home / "shared"))
+        print(f"no shared data here: the server checks use a synthetic CT on spleen_8's grid "
+              f"({os.environ['SAM_MED3D_SHARED']})", flush=True)
     for name, what, timeout_s in checks:
         print(f"{name}: running ({what}, timeout {timeout_s * args.timeout_scale:.0f} s)", flush=True)
-        row = {"name": name, **run_check(name, timeout_s * args.timeout_scale, device, log_dir)}
+        row = {"name": name, **run_check(name, timeout_s * args.timeout_scale, device, log_dir, arch)}
         print(f"{name}: {row['status']} in {row['seconds']:.0f} s", flush=True)
         rows.append(row)
     print_table(rows)
