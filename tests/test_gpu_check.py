@@ -177,3 +177,28 @@ def test_encoder_check_uses_nonzero_position_weights(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gpu_checks.worker_encoder("cpu", "vit_mini")
     assert len(seen) == 1 and real is not record
+
+
+def test_stand_in_ct_has_the_grid_and_anatomy_the_server_checks_click_on(tmp_path):
+    """Without ../shared (a lent GPU machine) the server checks use a generated CT: spleen_8's grid, with
+    app_latency.py's spleen clicks inside the labelled spleen and its far and second-label clicks outside it."""
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import app_latency
+
+    gpu_checks = _gpu_checks()
+    shared = gpu_checks.write_stand_in_spleen_ct(tmp_path / "shared")
+    folder = shared / "data" / "msd_spleen_ct"
+    image = nib.load(str(folder / "imagesTr" / "spleen_8.nii.gz"))
+    label = np.asarray(nib.load(str(folder / "labelsTr" / "spleen_8.nii.gz")).dataobj)
+    assert image.shape == label.shape == (512, 512, 32) and image.get_data_dtype() == np.int16
+    np.testing.assert_allclose(image.affine, np.asarray(gpu_checks.SPLEEN8_AFFINE), atol=1e-4)
+    clicks = app_latency.SPLEEN8_CLICKS
+    assert label[clicks["click"]] == 1 and label[clicks["extra"]] == 1
+    assert label[clicks["far"]] == 0 and label[clicks["second"]] == 0
+    hu = np.asarray(image.dataobj)
+    assert hu[clicks["second"]] > 0 and hu[0, 0, 0] < -900  # the liver click is in tissue, the corner is air
