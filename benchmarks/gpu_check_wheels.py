@@ -32,7 +32,8 @@ LIMIT_BYTES = 64 * 2 ** 20
 RECOMPRESS_ABOVE = 8 * 10 ** 6
 #: Distributions of the requirements that the lent GPU machines' image already has (its package list).
 GPU_IMAGE_HAS = {"numpy", "scipy", "pyyaml", "tqdm", "packaging", "click", "anyio", "h11", "idna", "httpx",
-                 "httpcore", "certifi", "requests", "urllib3", "charset-normalizer", "pillow", "attrs", "six", "psutil"}
+                 "httpcore", "certifi", "requests", "urllib3", "charset-normalizer", "pillow", "attrs", "six", "psutil",
+                 "tensorboard", "protobuf", "absl-py"}
 #: Parts of MONAI Label's wheel that no check uses (viewer bundles, sample apps).
 MONAILABEL_LEFT_OUT = re.compile(r"^(monailabel/endpoints/static/ohif/|monailabel-[^/]+\.data/data/)")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
