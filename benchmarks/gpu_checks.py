@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared"))
 SKIP_REASON = "CUDA is not available"
 #: seconds a timed-out check gets after SIGTERM (to stop its server) before SIGKILL
 GRACE_S = 10
@@ -48,6 +47,11 @@ CHECKS = [
     ("app_training", "1 fine-tuning epoch via POST /train/sam_med3d", 140),
     ("pretrain", "pretrain/train.py under torchrun, 1 GPU, bf16", 90),
 ]
+
+
+def shared_folder() -> Path:
+    """``$SAM_MED3D_SHARED`` or ``../shared`` (the driver points the former at a stand-in when needed)."""
+    return Path(os.environ.get("SAM_MED3D_SHARED", REPO.parent / "shared"))
 
 
 class DeviceError(ValueError):
@@ -76,6 +80,48 @@ def select_device(requested: str = "auto", cuda_available: Optional[bool] = None
     raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
 
 
+SPLEEN_CT = Path("data") / "msd_spleen_ct"
+#: spleen_8's grid (512 x 512 x 32, 0.785 x 0.785 x 7.5 mm, RAS affine), which app_latency.py's clicks refer to.
+SPLEEN8_AFFINE = ((-0.785156, 0.0, 0.0, 200.6074), (0.0, 0.785156, 0.0, -200.6074), (0.0, 0.0, 7.5, -112.5),
+                  (0.0, 0.0, 0.0, 1.0))
+
+
+def write_stand_in_spleen_ct(shared: Path) -> Path:
+    """A synthetic CT on spleen_8's grid, with a spleen label, as ``shared/data/msd_spleen_ct`` lays it out.
+
+    For a machine without ``../shared`` (it does not travel to a lent GPU): the server checks measure time and
+    the training path, which depend on the grid, not on the anatomy. Body (40 HU) in air (-1000 HU), a "spleen"
+    (60 HU, label 1) around app_latency.py's first clicks and a "liver" (70 HU) around its second-label click.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    folder = shared / SPLEEN_CT
+    image_path, label_path = folder / "imagesTr" / "spleen_8.nii.gz", folder / "labelsTr" / "spleen_8.nii.gz"
+    if image_path.is_file() and label_path.is_file():
+        return shared
+    shape = (512, 512, 32)
+    i, j, k = np.ogrid[:shape[0], :shape[1], :shape[2]]
+
+    def ellipsoid(centre, radii):
+        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((i, j, k), centre, radii)) <= 1.0
+
+    body = ((i - 256) / 220.0) ** 2 + ((j - 256) / 170.0) ** 2 <= 1.0
+    spleen = ellipsoid((130, 220, 18), (45, 55, 9))
+    liver = ellipsoid((370, 230, 16), (70, 60, 10))
+    noise = np.random.default_rng(0).normal(0.0, 12.0, shape)
+    image = np.where(body, 40.0, -1000.0) + noise
+    image[spleen] = 60.0 + noise[spleen]
+    image[liver] = 70.0 + noise[liver]
+    affine = np.asarray(SPLEEN8_AFFINE)
+    for path, array in ((image_path, image.astype(np.int16)), (label_path, spleen.astype(np.uint8))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("partial_" + path.name)
+        nib.save(nib.Nifti1Image(array, affine), str(partial))
+        partial.replace(path)
+    return shared
+
+
 # ------------------------------------------------------------------------------------------------ workers
 def _install_sigterm_exit() -> None:
     """SIGTERM (the parent's timeout) raises SystemExit, so ``finally`` blocks stop the servers we started."""
@@ -85,19 +131,21 @@ def _install_sigterm_exit() -> None:
 def worker_encoder(device: str, arch: str) -> Dict:
     import statistics
 
+    import functools
+
     import torch
     from sam_med3d import build_sam_med3d
+    from sam_med3d.device import disable_tf32, synchronize
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    disable_tf32()
     torch.manual_seed(0)
-    model = build_sam_med3d(arch).to(device).eval()
-    encoder = model.image_encoder
+    model = build_sam_med3d(arch)
+    encoder = nonzero_position_weights(model.image_encoder, seed=2).to(device).eval()
     size = model.img_size
     runs = 5
     image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     on_cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    sync = functools.partial(synchronize, device)  # the model's GPU, which need not be the current one
     out, ms = {}, {}
     for dtype in ("fp32", "bf16"):
         for impl in ("fast", "reference"):
@@ -137,6 +185,56 @@ def worker_encoder(device: str, arch: str) -> Dict:
             "details": {"ms": ms, "fp32": fp32, "bf16": bf16, "bf16_vs_fp32": bf16_vs_fp32}}
 
 
+def nonzero_position_weights(encoder, seed: int):
+    """``encoder`` with O(0.5) random relative-position tables and absolute position embedding (in place).
+
+    Both start at zero in a freshly built model, which would leave the relative-position bias and the padded
+    tokens' logit out of the comparison: a GPU error there could not show.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if "rel_pos" in name or name.endswith("pos_embed"):
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=gen, dtype=parameter.dtype))
+    return encoder
+
+
+def parse_latency_table(text: str) -> Dict[str, Dict[str, float]]:
+    """``app_latency.py``'s phase table as ``{row: {scenario: median}}``.
+
+    The table has a label column and one ``median (min)`` column per scenario (``first click``, ``follow-up``,
+    ``moved crop``, ``second label``), named in its header row; the total row is ``server total``; the
+    ``encoder runs`` row holds ``runs/repeats``, returned as the fraction of the repeats that ran the encoder.
+    Rows of other tables (the targets) are left out. Empty when no such table is found.
+    """
+    def cells(line: str) -> List[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    rows: Dict[str, Dict[str, float]] = {}
+    scenarios: List[str] = []
+    for line in text.splitlines():
+        if not line.lstrip().startswith("|"):
+            scenarios = [] if not line.strip() else scenarios  # a blank line ends the table
+            continue
+        row = cells(line)
+        if row[0] == "phase":
+            scenarios = row[1:]
+            continue
+        if not scenarios or len(row) != len(scenarios) + 1 or set(row[1]) <= set("-"):
+            continue
+        values = {}
+        for scenario, cell in zip(scenarios, row[1:]):
+            if row[0] == "encoder runs":
+                ran, repeats = cell.split("/")
+                values[scenario] = int(ran) / int(repeats)
+            else:
+                values[scenario] = float(cell.split()[0])
+        rows[row[0]] = values
+    return rows
+
+
 def worker_click_latency(device: str, arch: str) -> Dict:
     import contextlib
     import io
@@ -146,7 +244,8 @@ def worker_click_latency(device: str, arch: str) -> Dict:
 
     buffer = io.StringIO()
     argv = sys.argv
-    sys.argv = ["app_latency.py", "--device", device, "--random-weights", arch, "--repeats", "3",
+    repeats = 3
+    sys.argv = ["app_latency.py", "--device", device, "--random-weights", arch, "--repeats", str(repeats),
                 # untrained weights fill the crop, and the extension would follow them into up to 8 crops
                 "--conf", "extension", "off"]
     try:
@@ -156,19 +255,19 @@ def worker_click_latency(device: str, arch: str) -> Dict:
         sys.argv = argv
     text = buffer.getvalue()
     print(text, file=sys.stderr)  # the full table goes to the check's log
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0] in ("total", "round trip", "encode", "decode"):
-            rows[cells[0]] = (float(cells[1].split()[0]), float(cells[2].split()[0]))
-    ran = next((line for line in text.splitlines() if line.startswith("encoder ran on")), "")
-    if rc != 0 or "total" not in rows:
-        return {"ok": False, "summary": f"app_latency.py returned {rc}; no table parsed"}
-    first, follow = rows["total"]
-    summary = (f"extension off; server total first {first:.3f} s, follow-up {follow:.3f} s (mean of 3; round trip "
-               f"{rows['round trip'][0]:.3f} / {rows['round trip'][1]:.3f} s; encode {rows['encode'][0]:.3f} s); "
-               f"{ran}")
-    return {"ok": True, "summary": summary, "details": {"rows": rows}}
+    rows = parse_latency_table(text)
+    needed = ("server total", "round trip", "encode", "encoder runs")
+    missing = [name for name in needed if name not in rows]
+    if rc != 0 or missing:
+        return {"ok": False, "summary": f"app_latency.py returned {rc}; table rows missing: {missing}"}
+    total, trip, runs = rows["server total"], rows["round trip"], rows["encoder runs"]
+    # The first click encodes its crop, the follow-up reuses the embedding: otherwise the cache is broken.
+    ok = runs.get("first click") == 1.0 and runs.get("follow-up") == 0.0
+    summary = (f"device {device}, extension off; server total first {total['first click']:.3f} s, follow-up "
+               f"{total['follow-up']:.3f} s, moved crop {total['moved crop']:.3f} s (median of {repeats}; round "
+               f"trip {trip['first click']:.3f} / {trip['follow-up']:.3f} s; encode {rows['encode']['first click']:.3f} "
+               f"s); encoder ran on {runs['first click']:.0%} of first clicks, {runs['follow-up']:.0%} of follow-ups")
+    return {"ok": ok, "summary": summary, "details": {"rows": rows}}
 
 
 def worker_app_training(device: str, arch: str) -> Dict:
@@ -182,10 +281,10 @@ def worker_app_training(device: str, arch: str) -> Dict:
     sys.path.insert(0, str(REPO / "tests"))
     from app_helpers import copy_app, start_server, wait_for_training
 
-    spleen = SHARED / "data" / "msd_spleen_ct"
+    spleen = shared_folder() / SPLEEN_CT
     image, label = spleen / "imagesTr" / "spleen_8.nii.gz", spleen / "labelsTr" / "spleen_8.nii.gz"
     if not (image.is_file() and label.is_file()):
-        return {"ok": False, "summary": f"{image} / {label} not found (shared data expected at {SHARED})"}
+        return {"ok": False, "summary": f"{image} / {label} not found (shared data expected at {spleen})"}
     root = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
     studies = root / "studies"
     studies.mkdir()
@@ -246,24 +345,32 @@ def worker_pretrain(device: str, arch: str) -> Dict:
            "--set", "data.val_max_targets=1", "--set", "val.clicks=1", "--set", "data.min_target_voxels=50",
            "--set", "data.num_workers=2"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
+    # Streamed into the check's log as it comes, so a run stopped by the timeout still shows how far it got.
+    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", file=sys.stderr, flush=True)
+        lines.append(line)
+    returncode = proc.wait()
+    output = "".join(lines)
     wall = time.perf_counter() - start
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1][:200]
-        return {"ok": False, "summary": f"torchrun exited {proc.returncode}: {last} (run folder {out})"}
+    if returncode != 0:
+        last = (output.strip().splitlines() or ["no output"])[-1][:200]
+        return {"ok": False, "summary": f"torchrun exited {returncode}: {last} (run folder {out})"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     rates = [r["samples_per_s"] for r in train[1:]] or [r["samples_per_s"] for r in train]
     if not rates:
         return {"ok": False, "summary": "no train rows in metrics.jsonl"}
     gpu = max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0)
-    if "nccl process group" not in proc.stdout:
-        return {"ok": False, "summary": f"the run did not use an NCCL process group (run folder {out})"}
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if f"{backend} process group" not in output:
+        return {"ok": False, "summary": f"the run did not use a {backend} process group (run folder {out})"}
     shutil.rmtree(root, ignore_errors=True)   # kept when the run failed (above)
-    summary = (f"{statistics.median(rates):.2f} samples/s (median of steps 2..{len(train)}, batch 2, {arch} config), "
+    summary = (f"{statistics.median(rates):.2f} samples/s on {device} (median of steps 2..{len(train)}, batch 2, "
+               f"{arch} config), "
                f"peak GPU {gpu:.1f} GB, loss {train[-1]['loss']:.3f}, wall {wall:.0f} s incl. start; "
-               "DDP over an NCCL process group of world size 1")
+               f"DDP over a {backend} process group of world size 1")
     return {"ok": True, "summary": summary, "details": {"rates": rates, "gpu_mem_gb": gpu}}
 
 
@@ -303,12 +410,12 @@ def _signal_groups(groups: set, sig: int) -> None:
             pass
 
 
-def run_check(name: str, timeout_s: float, device: str, log_dir: Path) -> Dict:
+def run_check(name: str, timeout_s: float, device: str, log_dir: Path, arch: str = "vit_b_ori") -> Dict:
     """Run one worker in its own process group; returns ``{"status", "summary", "seconds"}``."""
     result_path = log_dir / f"{name}.json"
     log_path = log_dir / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
-           "--result", str(result_path)]
+           "--result", str(result_path), "--arch", arch]
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
@@ -349,6 +456,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", action="append", choices=[c[0] for c in CHECKS], help="run only these checks")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every check's timeout")
     parser.add_argument("--log-dir", default=None, help="folder for the per-check logs (default: a temp folder)")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="run every check on the CPU with the small vit_mini model (proves the set-up, the "
+                             "data and every code path of the checks on a machine without a GPU; no GPU numbers)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     # internal: a smaller architecture, to smoke-test a worker on CPU (--worker NAME --device cpu --arch vit_mini)
@@ -362,13 +472,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     try:
-        device = select_device(args.device)
+        device = "cpu" if args.cpu_dry_run else select_device(args.device)
     except DeviceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     checks = [c for c in CHECKS if not args.only or c[0] in args.only]
     rows = []
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") and not args.cpu_dry_run:
         why = SKIP_REASON if args.device == "auto" else f"--device {args.device}"
         for name, what, _ in checks:
             print(f"{name}: skipped: {why}", flush=True)
@@ -379,11 +489,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gpu_check_"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"GPU checks on {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda});"
-          f" logs in {log_dir}", flush=True)
+    arch = "vit_mini" if args.cpu_dry_run else args.arch
+    where = "the CPU (dry run, vit_mini)" if args.cpu_dry_run else torch.cuda.get_device_name(device)
+    print(f"GPU checks on {where} (torch {torch.__version__}, CUDA {torch.version.cuda}); logs in {log_dir}",
+          flush=True)
+    if any(name in ("click_latency", "app_training") for name, _, _ in checks) and \
+            not (shared_folder() / SPLEEN_CT / "labelsTr" / "spleen_8.nii.gz").is_file():
+        home = Path(os.environ.get("GPU_CHECK_HOME") or tempfile.mkdtemp(prefix="gpu_check_data_"))
+        os.environ["SAM_MED3D_SHARED"] = str(write_stand_in_spleen_ct(home / "shared"))
+        print(f"no shared data here: the server checks use a synthetic CT on spleen_8's grid "
+              f"({os.environ['SAM_MED3D_SHARED']})", flush=True)
     for name, what, timeout_s in checks:
         print(f"{name}: running ({what}, timeout {timeout_s * args.timeout_scale:.0f} s)", flush=True)
-        row = {"name": name, **run_check(name, timeout_s * args.timeout_scale, device, log_dir)}
+        row = {"name": name, **run_check(name, timeout_s * args.timeout_scale, device, log_dir, arch)}
         print(f"{name}: {row['status']} in {row['seconds']:.0f} s", flush=True)
         rows.append(row)
     print_table(rows)

@@ -50,23 +50,33 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
-    """Initialise from torchrun's environment (``env://``); ``device``: ``auto`` | ``cpu`` | ``cuda``.
+    """Initialise from torchrun's environment (``env://``); ``device``: ``auto`` | ``cpu`` | ``cuda`` (each
+    process on the GPU of its local rank) | ``cuda:N`` (one process per node, on GPU N).
     ``timeout_s``: how long any collective may wait for the other processes before it fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    index = None
+    if device.startswith("cuda:") and device[5:].isdigit():
+        index, device = int(device[5:]), "cuda"
+        if local_world > 1:
+            raise ValueError(f"--device cuda:{index} names one GPU but {local_world} processes run on this node; "
+                             "use --device cuda (each process takes the GPU of its local rank)")
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA GPU is visible")
+        raise ValueError(f"--device {'cuda' if index is None else f'cuda:{index}'} was requested but no CUDA GPU "
+                         "is visible")
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
-                             "start at most that many processes per node (--nproc_per_node)")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = local_rank if index is None else index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"GPU {index} (local rank {local_rank}) does not exist: only {torch.cuda.device_count()} "
+                             "visible; start at most that many processes per node (--nproc_per_node)")
+        # The current device: every allocation, synchronize and NCCL call without a device goes to this GPU.
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)

@@ -69,7 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--collective-timeout-s", type=float, default=1800.0,
                    help="timeout of every collective (gradient sync, barriers, checkpoint gathers): a process "
                         "that waits longer for another fails instead of hanging")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda (GPU = local rank) or cuda:N "
+                                                     "(one process per node, on GPU N)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process "
                                                             "(default: CPU count / processes on the node)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

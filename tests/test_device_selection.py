@@ -64,6 +64,29 @@ def test_pretrain_device_selection(monkeypatch):
         pdist.setup("gpu")
 
 
+def test_pretrain_accepts_a_numbered_gpu_and_makes_it_current(monkeypatch):
+    """``--device cuda:1``: the run's tensors, synchronize calls and NCCL use GPU 1 (the current device)."""
+    from pretrain import distributed as pdist
+    from pretrain.train import parse_args
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    args = parse_args(["--config", "c.yaml", "--data", "d", "--output", "o", "--device", "cuda:1"])
+    ctx = pdist.setup(args.device)
+    assert ctx.device == torch.device("cuda", 1) and current == [1]
+    assert pdist.setup("cuda").device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="GPU 2 .* does not exist: only 2 visible"):
+        pdist.setup("cuda:2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="names one GPU but 2 processes run on this node"):
+        pdist.setup("cuda:1")
+
+
 def test_predictor_and_loaded_model_use_the_requested_device(tmp_path):
     from sam_med3d import Sam3DPredictor, build_sam_med3d, load_model, save_checkpoint
 
@@ -103,9 +126,13 @@ def test_model_runs_on_cuda_without_cpu_tensors(impl):
                 assert logits.shape[-3:] == (n // 4,) * 3
 
 
-def test_predictor_encode_and_decode_steps_stay_on_the_model_device():
+def test_predictor_encode_and_decode_steps_stay_on_the_model_device(monkeypatch):
     """The predictor's own torch code (crop to device, encoder, click tensors, decoder) on a CUDA model."""
+    import sam_med3d.predictor as predictor_module
     from sam_med3d import Sam3DPredictor
+
+    waited = []
+    monkeypatch.setattr(predictor_module, "synchronize", waited.append)  # no real GPU to wait for
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # the click arrays come from numpy, as in a request
     model = _fake_cuda_model(mode)
@@ -117,8 +144,8 @@ def test_predictor_encode_and_decode_steps_stay_on_the_model_device():
         predictor = Sam3DPredictor(model, device="cuda")
         # A crop as _embedding reads it: its model input (on the CPU, as the geometry builds it) and cache key.
         crop = SimpleNamespace(image=torch.zeros(n, n, n), key=("fake",))
-        embedding, ran = predictor._embedding(crop, {})
-        assert ran and embedding.device.type == "cuda"
+        embedding, ran = predictor._embedding(crop, {"preprocess": 0.0, "encode": 0.0})
+        assert ran and embedding.device.type == "cuda" and waited == [torch.device("cuda")]
         low_res = torch.zeros((1, 1) + (predictor.low_res_size,) * 3, device=predictor.device)
         seen = {}
         real_decode = model.decode
@@ -153,3 +180,132 @@ def test_fake_cuda_check_catches_a_tensor_created_on_the_cpu():
         module = Forgetful()
     with mode, pytest.raises(FakeTensorDeviceMismatchError):
         module(torch.ones(4, device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------ click timings
+class _SlowEncoder(torch.nn.Module):
+    """An encoder whose work takes ``seconds`` (as a GPU kernel still running after the call returned would)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, image):
+        import time
+
+        time.sleep(self.seconds)
+        return image
+
+
+def test_synchronize_waits_for_the_given_cuda_device_only(monkeypatch):
+    from sam_med3d.device import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize("cpu")
+    synchronize(torch.device("cuda", 1))
+    synchronize("cuda:0")
+    assert waited == [torch.device("cuda", 1), torch.device("cuda", 0)]
+
+
+def test_encode_timer_waits_for_the_model_device(monkeypatch):
+    """The encoder's kernels are asynchronous on a GPU: the encode timer must include waiting for them, on the
+    model's device (not the current one); otherwise the encoder's time shows up in decode."""
+    import time
+
+    from sam_med3d import Sam3DPredictor, build_sam_med3d
+    import sam_med3d.predictor as predictor_module
+
+    queued_s = 0.3
+    waited = []
+
+    def gpu_still_busy(device):  # what torch.cuda.synchronize does while the encoder's kernels run
+        waited.append(torch.device(device))
+        time.sleep(queued_s)
+
+    monkeypatch.setattr(predictor_module, "synchronize", gpu_still_busy)
+    predictor = Sam3DPredictor(build_sam_med3d("vit_mini"), device="cpu", extension=False)
+    predictor.set_image(np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32), affine=np.eye(4))
+    result = predictor.predict(np.array([[20.0, 20.0, 20.0]]), [1])
+    assert result.encoder_ran and waited == [predictor.device]
+    assert result.timings["encode"] >= queued_s
+
+
+def test_preprocess_and_encode_times_add_up_over_the_crops_of_a_click(data_dir):
+    """With the extension one click encodes several crops: the split reports their sum, not the last one."""
+    from extension_helpers import CropAwarePredictor, GroundTruthSam3D
+    from sam_med3d.extension import ExtensionConfig
+
+    folder = data_dir / "totalseg_ct_multiorgan"
+    import json
+
+    import nibabel as nib
+
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    colon_value = int(labels["colon"]) if "colon" in labels else int({v: k for k, v in labels.items()}["colon"])
+    gt = np.asarray(nib.load(str(folder / "labelsTr" / "example_ct.nii.gz")).dataobj) == colon_value
+    per_crop_s = 0.1
+    predictor = CropAwarePredictor(GroundTruthSam3D(gt, encoder=_SlowEncoder(per_crop_s)),
+                                   extension=ExtensionConfig(max_crops=3))
+    predictor.set_image(folder / "imagesTr" / "example_ct.nii.gz")
+    click = np.argwhere(gt)[len(np.argwhere(gt)) // 2][None].astype(float)
+    result = predictor.predict(click, [1])
+    crops = len(result.crop_boxes)
+    assert crops >= 2 and predictor.encoder_runs == crops
+    assert result.timings["encode"] >= crops * per_crop_s
+    assert result.timings["preprocess"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ click simulation
+@pytest.fixture
+def no_host_copies(monkeypatch):
+    """Fail any ``Tensor.cpu()`` / ``Tensor.numpy()``: on a GPU each is a device-to-host copy of a whole mask
+    (2M voxels at 128^3) per click, which would bound GPU training by the CPU."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"host copy of a {tuple(self.shape)} tensor")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+
+
+def _masks(seed: int, batch: int = 3, size: int = 20):
+    rng = np.random.default_rng(seed)
+    gt = np.zeros((batch, 1, size, size, size), bool)
+    pred = np.zeros_like(gt)
+    for b in range(batch):
+        lo = rng.integers(0, size // 2, 3)
+        gt[(b, 0) + tuple(slice(int(a), int(a) + size // 3) for a in lo)] = True
+        pred[b, 0] = rng.random((size,) * 3) < 0.02 if b else gt[b, 0]  # item 0: nothing left to correct
+    gt[-1] = False  # an empty target: the padding click
+    return pred, gt
+
+
+def test_random_clicks_on_tensors_stay_on_the_device_and_match_the_numpy_protocol(no_host_copies):
+    from sam_med3d.clicks import random_error_click, simulate_clicks_batch
+
+    for seed in range(5):
+        pred, gt = _masks(seed)
+        points, labels = simulate_clicks_batch(torch.from_numpy(pred), torch.from_numpy(gt),
+                                               np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        for b in range(len(gt)):
+            click = random_error_click(pred[b, 0], gt[b, 0], rng) if gt[b].any() else None
+            if click is None:
+                assert labels[b, 0] == -1 and points[b, 0].tolist() == [0, 0, 0]
+            else:
+                assert points[b, 0].tolist() == click[0].tolist() and int(labels[b, 0]) == click[1]
+
+
+def test_click_iterations_copy_no_mask_to_the_host(no_host_copies):
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.training import run_click_iterations
+
+    torch.manual_seed(0)
+    sam = build_sam_med3d("vit_mini").eval()
+    n = sam.img_size
+    label = torch.zeros(1, 1, n, n, n)
+    label[..., 10:30, 12:28, 20:40] = 1
+    with torch.no_grad():
+        out = run_click_iterations(sam, torch.randn(1, 1, n, n, n), label, 3, np.random.default_rng(0))
+    assert out["points"].shape == (1, 3, 3)

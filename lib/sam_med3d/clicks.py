@@ -191,6 +191,8 @@ def simulate_clicks_batch(pred, gt, rng: Optional[np.random.Generator], mode: st
     """
     import torch
 
+    if mode == "random" and isinstance(pred, torch.Tensor) and isinstance(gt, torch.Tensor):
+        return _random_error_clicks_on_device(pred, gt, rng)
     device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
     p = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     g = gt.detach().cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)
@@ -211,3 +213,35 @@ def simulate_clicks_batch(pred, gt, rng: Optional[np.random.Generator], mode: st
         if click is not None:
             points[b, 0], labels[b, 0] = click
     return torch.from_numpy(points).to(device), torch.from_numpy(labels).to(device)
+
+
+def _random_error_clicks_on_device(pred, gt, rng):
+    """:func:`random_error_click` per batch item where the masks are (a GPU's, in training): only the error
+    count and the chosen voxel leave the device, never the masks; the same rng draws, so the same clicks."""
+    import torch
+
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but gt has shape {tuple(gt.shape)}; they must match")
+    if pred.ndim == 5:
+        if pred.shape[1] != 1:
+            raise ValueError(f"pred/gt with 5 dims must be (B, 1, I, J, K), got {tuple(pred.shape)}")
+        pred, gt = pred[:, 0], gt[:, 0]
+    elif pred.ndim != 4:
+        raise ValueError(f"pred/gt must be (B, I, J, K) or (B, 1, I, J, K), got shape {tuple(pred.shape)}")
+    pred, gt = pred.detach() > 0, gt.detach() > 0
+    error = (pred != gt).flatten(1)
+    counts = error.sum(1).tolist()
+    has_target = gt.flatten(1).any(1).tolist()
+    shape = tuple(gt.shape[1:])
+    points = np.zeros((gt.shape[0], 1, 3), dtype=np.int64)
+    labels = np.full((gt.shape[0], 1), -1, dtype=np.int64)
+    for b, (count, target) in enumerate(zip(counts, has_target)):
+        if not target or count == 0:
+            continue
+        nth = int(_check_rng(rng).integers(count))
+        # The nth error voxel in C order, as np.flatnonzero(error)[nth]: the cumulative count reaches nth + 1 there.
+        index = int(torch.searchsorted(error[b].cumsum(0, dtype=torch.int64),
+                                       torch.tensor([nth + 1], device=error.device)).item())
+        points[b, 0] = np.unravel_index(index, shape)
+        labels[b, 0] = int(gt[b].flatten()[index].item())
+    return torch.from_numpy(points).to(gt.device), torch.from_numpy(labels).to(gt.device)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .device import disable_tf32, synchronize
 from .extension import (ExtensionConfig, Tile, blend_window, combine_in_region, combine_on_scan, derived_points,
                         is_new_place, known_probabilities, neighbour_start, open_faces)
 from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
@@ -179,6 +180,7 @@ class Sam3DPredictor:
             if not hasattr(model, attribute):
                 raise ValueError(f"model has no {attribute!r}; expected a sam_med3d Sam3D")
         self.device = torch.device(device)
+        disable_tf32()  # the masks must match the float32 reference, on a GPU too
         self.model = model.to(self.device).eval()
         self.img_size = int(model.img_size)
         if self.img_size % 16:
@@ -531,12 +533,14 @@ class Sam3DPredictor:
         if cached is not None:
             self._embeddings.move_to_end(crop.key)
             return cached, False
+        # Summed: one click may encode several crops (the extension).
         tick = time.perf_counter()
         image = crop.image.to(self.device)[None, None]
-        timings["preprocess"] = time.perf_counter() - tick
+        timings["preprocess"] += time.perf_counter() - tick
         tick = time.perf_counter()
         embedding = self.model.image_encoder(image)
-        timings["encode"] = time.perf_counter() - tick
+        synchronize(self.device)  # else a GPU's encoder time would show up in "decode"
+        timings["encode"] += time.perf_counter() - tick
         self.encoder_runs += 1
         self._embeddings[crop.key] = embedding
         while len(self._embeddings) > self.cache_size:

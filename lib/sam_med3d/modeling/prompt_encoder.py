@@ -29,12 +29,19 @@ class PositionEmbeddingRandom3D(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((3, num_pos_feats)))
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """``coords`` in [0, 1], ``(..., 3)`` -> ``(..., 3 * num_pos_feats)``."""
-        coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
-        coords = 2 * math.pi * coords
-        # [sin, cos, sin] (not [sin, cos, cos]) is what the official model computes.
-        return torch.cat([torch.sin(coords), torch.cos(coords), torch.sin(coords)], dim=-1)
+        """``coords`` in [0, 1], ``(..., 3)`` -> ``(..., 3 * num_pos_feats)``, float32 (float64 for float64 input).
+
+        Computed in float32 even under autocast: in bf16 the projection's phase (up to ~2*pi*|2x-1|*|G| radians)
+        keeps 8 bits, an error of up to 0.15 in sin/cos -- more than a one-voxel shift of the click changes the
+        encoding -- so bf16 training would see other click positions than float32 inference.
+        """
+        dtype = torch.promote_types(coords.dtype, torch.float32)
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            coords = 2 * coords.to(dtype) - 1
+            coords = coords @ self.positional_encoding_gaussian_matrix.to(dtype)
+            coords = 2 * math.pi * coords
+            # [sin, cos, sin] (not [sin, cos, cos]) is what the official model computes.
+            return torch.cat([torch.sin(coords), torch.cos(coords), torch.sin(coords)], dim=-1)
 
     def forward(self, size: Tuple[int, int, int]) -> torch.Tensor:
         """Dense encoding of a grid of ``size``, channels-first ``(C, D, H, W)`` (with the D/H swap)."""

@@ -501,6 +501,9 @@ class SamMed3DTrainer(BasicTrainTask):
             description=description,
             config=dict(train_config(defaults), device=device),
             amp=device.startswith("cuda"),
+            # multi_gpu wraps the network in DDP, which by default fails on the second iteration when a parameter
+            # got no gradient; some never do here (no_mask_embed: a mask prompt is always given).
+            find_unused_parameters=True,
             publish_path=None,  # published by PublishBest through sam_med3d.checkpoint, not by file copy
             n_saved=1,
             labels=list(labels),
