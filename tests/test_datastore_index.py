@@ -306,10 +306,11 @@ def test_a_server_killed_during_writes_starts_with_an_empty_index_and_every_labe
 def test_info_over_the_limit_is_refused_by_the_server(restarted):
     url = restarted.url
     size = (restarted.studies / INDEX).stat().st_size
-    big = json.dumps({"blob": "x" * (1 << 20)})
-    for path, params in (("/datastore/image/info", {"image": "s0"}),
-                         ("/datastore/label/info", {"label": "s0", "tag": "final"})):
-        response = requests.put(f"{url}{path}", params=params, data={"info": big}, timeout=30)
-        assert response.status_code == 413, (path, response.status_code, response.text[:300])
-        assert "at most" in response.json()["detail"]
+    for blob, message in ((200_000, "at most"), (1 << 20, "maximum size")):
+        big = json.dumps({"blob": "x" * blob})
+        for path, params in (("/datastore/image/info", {"image": "s0"}),
+                             ("/datastore/label/info", {"label": "s0", "tag": "final"})):
+            response = requests.put(f"{url}{path}", params=params, data={"info": big}, timeout=30)
+            assert response.status_code == 413, (path, response.status_code, response.text[:300])
+            assert message in response.json()["detail"]
     assert (restarted.studies / INDEX).stat().st_size < size + 4096
