@@ -155,6 +155,11 @@ def token(server):
     return response.json()["access_token"]
 
 
+def test_a_wrong_password_is_401(server):
+    response = requests.post(f"{server.url}/auth/token", data={"username": "ann", "password": "wrong"}, timeout=30)
+    assert response.status_code == 401 and "wrong user name or password" in response.text
+
+
 def _label_bytes() -> bytes:
     array = np.zeros(SHAPE, dtype=np.uint8)
     array[2:6, 3:7, 1:4] = 1

@@ -43,6 +43,7 @@ from lib.trainers.preflight import install_train_preflight
 from lib.upstream_fixes.auth_everywhere import install_require_token
 from lib.upstream_fixes.checksum_route import install_checksum_route
 from lib.upstream_fixes.gpu_log_route import install_gpu_log_route
+from lib.upstream_fixes.login_route import install_login_route
 from lib.upstream_fixes.proxy_route import install_proxy_refusal
 from lib.upstream_fixes.reload_route import install_reload_refusal
 from lib.upstream_fixes.session_image_route import install_session_image_route
@@ -147,6 +148,7 @@ class SamMed3DApp(MONAILabelApp):
         # anything else runs (the request guard included). Then hostile ids, tags, paths and task fields are
         # refused before MONAI Label's endpoints see them.
         install_token_algorithms()
+        install_login_route()
         install_require_token()
         install_request_guard()
         # MONAI Label 0.8.5 routes that answered 500 for some inputs, or that anyone could use to drop every
