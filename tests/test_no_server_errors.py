@@ -172,6 +172,11 @@ def _probe(server):
     yield "GET", "/ohif/%2e%2e/%2e%2e/etc/passwd", {}
     yield "GET", "/static/../../config.py", {}
     yield "POST", "/batch/infer/sam_med3d", {"json": {"images": "all", "label_tag": "a\u202eb"}}
+    for body in ({"label_tag": 5}, {"labels": "x"}, {"label_tag": ["final"]}, {"x": "\u202e" * 1000}):
+        yield "POST", "/activelearning/random", {"json": body}
+        yield "POST", "/activelearning/first", {"json": body}
+    for body in ({"images": 5},):
+        yield "POST", "/batch/infer/sam_med3d", {"json": body, "params": {"run_sync": "false"}}
     yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2", "output": "dicom_seg"}}
     yield "GET", "/datastore/image", {"params": [("image", "t2"), ("image", "../x")]}
 

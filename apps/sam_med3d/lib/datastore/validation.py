@@ -54,7 +54,7 @@ def _refused_character(value: str) -> Optional[str]:
     for char in value:
         category = unicodedata.category(char)
         if category in _REFUSED_CATEGORIES:
-            kind = "a control character" if category == "Cc" else (
+            kind = "control characters are not allowed in names" if category == "Cc" else (
                 "an invisible or bidirectional formatting character" if category == "Cf" else
                 "a character that is not printable text")
             return f"U+{ord(char):04X} ({kind})"
