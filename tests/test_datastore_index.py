@@ -137,6 +137,10 @@ def test_info_is_bounded_per_image_and_label(studies, tmp_path):
     with pytest.raises(InvalidRequest) as err:
         ds.update_image_info("a", ["not", "an", "object"])
     assert err.value.status_code == 422
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(InvalidRequest) as err:
+            ds.update_image_info("a", {"score": value})
+        assert err.value.status_code == 422 and "JSON" in err.value.detail
 
 
 @pytest.mark.parametrize("twin, why", [("A", "case"), ("Ａ", "full-width")])

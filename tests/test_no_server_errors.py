@@ -66,6 +66,11 @@ def test_blank_and_unknown_info_updates_are_4xx(server):
     assert unknown.status_code == 404
     listed = _call(server, "PUT", "/datastore/image/info", params={"image": "t2"}, data={"info": "[1, 2]"})
     assert listed.status_code == 422
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        response = _call(server, "PUT", "/datastore/image/info", params={"image": "t2"},
+                         data={"info": f'{{"score": {constant}}}'})
+        assert response.status_code == 422 and "not a JSON value" in response.json()["detail"], constant
+    assert _call(server, "GET", "/datastore/", params={"output": "all"}).status_code == 200
     good = _call(server, "PUT", "/datastore/image/info", params={"image": "t2"}, data={"info": '{"note": "ok"}'})
     assert good.status_code == 200
     assert _call(server, "GET", "/datastore/image/info", params={"image": "t2"}).json()["note"] == "ok"
@@ -196,4 +201,6 @@ def test_hostile_probe_never_gets_a_5xx(server):
     assert _call(server, "GET", "/info/").status_code == 200
     assert not failures, f"{len(failures)} of {count} requests answered 5xx: {failures}"
     images = _call(server, "GET", "/datastore/", params={"output": "all"}).json()["objects"]
-    assert sorted(images) == sorted(["t2", unicodedata.normalize("NFC", "caf\u00e9")])
+    # Of the hostile names, only two are plain names, and their uploads valid scans: stored, the NFD one as NFC.
+    assert sorted(images) == sorted(["t2", "caf\u00e9", "%2e%2e%2f", unicodedata.normalize("NFC", "cafe\u0301x")])
+    assert "caf\u00e9x.nii.gz" in {p.name for p in server.studies.iterdir()}

@@ -111,6 +111,12 @@ def _check_query_names(query: QueryParams) -> None:
                 check_name(value, f"query parameter {key!r}")
 
 
+def _refuse_constant(name: str) -> None:
+    """``json.loads`` reads ``NaN`` and ``Infinity``, which are not JSON: stored in the datastore index they made
+    every later answer that includes it a 500."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
     """A form field that MONAI Label passes to ``json.loads``: must be a JSON object (or empty)."""
     if text is None or (isinstance(text, str) and not text.strip()):
@@ -118,7 +124,7 @@ def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
     if not isinstance(text, str):
         raise InvalidRequest(f"{what} must be a JSON object, not a file")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as err:
         raise InvalidRequest(f"{what} is not valid JSON ({err})") from None
     except RecursionError:

@@ -20,7 +20,8 @@ What :class:`AtomicDatastoreIndex` (a mixin in front of ``LocalDatastore`` in th
   (``.history``) are files and are untouched. ``info`` (scores, who saved) of the lost index is lost;
 - temporary files of an interrupted write are removed at start;
 - ``info`` is limited to :data:`MAX_INFO_BYTES` of JSON per image or label, after merging (413 naming the
-  limit otherwise), so the index stays small.
+  limit otherwise), so the index stays small, and may not hold NaN or Infinity (Python's ``json`` reads them,
+  but the datastore listing could then no longer be answered as JSON: 500).
 
 What would let us delete it: MONAI Label writing its index atomically and starting (with a rebuild) on an
 unreadable index, and bounding ``info``.
@@ -78,7 +79,8 @@ def write_atomically(path: str, text: str) -> None:
 def check_info_size(info: Mapping[str, Any], what: str) -> None:
     """Refuse an ``info`` whose JSON is larger than :data:`MAX_INFO_BYTES` (413 naming ``what``)."""
     try:
-        size = len(json.dumps(info, default=str).encode("utf-8"))
+        # allow_nan=False: NaN or Infinity in the index made every later GET /datastore/?output=all a 500
+        size = len(json.dumps(info, default=str, allow_nan=False).encode("utf-8"))
     except (TypeError, ValueError, RecursionError) as err:
         raise InvalidRequest(f"{what} cannot be stored as JSON ({err})") from None
     if size > MAX_INFO_BYTES:
