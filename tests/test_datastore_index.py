@@ -90,6 +90,16 @@ def test_an_unreadable_index_is_kept_aside_and_rebuilt_with_every_label(studies,
     assert not list(studies.glob(f".{INDEX}.*.tmp"))
 
 
+def test_a_read_only_datastore_with_an_unreadable_index_starts_and_writes_nothing(studies):
+    SafeLocalDatastore(str(studies))
+    (studies / INDEX).write_bytes(b"")
+    before = sorted(p.name for p in studies.rglob("*"))
+    reopened = SafeLocalDatastore(str(studies), read_only=True)
+    assert reopened.list_images() == []
+    assert sorted(p.name for p in studies.rglob("*")) == before
+    assert (studies / INDEX).read_bytes() == b""
+
+
 def test_a_write_that_fails_midway_leaves_the_previous_index_whole(studies, monkeypatch):
     ds = SafeLocalDatastore(str(studies))
     before = (studies / INDEX).read_bytes()

@@ -32,21 +32,22 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.sam_med3d import SamMed3DConfig
-from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
-from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess, remove_partial_saves
 from lib.trainers.preflight import install_train_preflight
 from lib.upstream_fixes.auth_everywhere import install_require_token
 from lib.upstream_fixes.checksum_route import install_checksum_route
+from lib.upstream_fixes.cors_policy import install_cors_policy
 from lib.upstream_fixes.gpu_log_route import install_gpu_log_route
 from lib.upstream_fixes.login_route import install_login_route
 from lib.upstream_fixes.proxy_route import install_proxy_refusal
 from lib.upstream_fixes.reload_route import install_reload_refusal
 from lib.upstream_fixes.session_image_route import install_session_image_route
+from lib.upstream_fixes.task_shutdown import (exit_with_parent, install_clean_shutdown, is_task_subprocess,
+                                              remove_partial_saves)
 from lib.upstream_fixes.token_algorithms import install_token_algorithms
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class SamMed3DApp(MONAILabelApp):
         install_train_preflight(self)
         # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/routes.py).
         install_task_routes()
-        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests (lib/shutdown.py).
+        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests.
         install_clean_shutdown([self.config.options.model_dir])
         # What a save interrupted by a kill or a crash left beside the weights (no training runs yet), and
         # result files a killed server could not delete after answering (in RAM when in /dev/shm).

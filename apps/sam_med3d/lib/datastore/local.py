@@ -67,6 +67,7 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
                  datastore_config: str = "datastore_v2.json", extensions=("*.nii.gz", "*.nii"),
                  auto_reload: bool = False, read_only: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS):
         self._max_voxels = int(max_voxels)
+        self._read_only = bool(read_only)
         patterns = _patterns(extensions)
         self._allowed_extensions = tuple(p[1:] for p in patterns)
         super().__init__(datastore_path, images_dir=images_dir, labels_dir=labels_dir,

@@ -13,10 +13,12 @@ In this package:
 - :mod:`.login_route`: a wrong password is 401 (``tests/test_auth.py``);
 - :mod:`.reload_route`: ``POST /reload`` refused (``tests/test_auth.py``);
 - :mod:`.checksum_route`, :mod:`.gpu_log_route`, :mod:`.proxy_route`, :mod:`.session_image_route`: routes that
-  answered 500 (``tests/test_no_server_errors.py``).
+  answered 500 (``tests/test_no_server_errors.py``);
+- :mod:`.cors_policy`: no cross-origin answers by default (``tests/test_serve_script.py``);
+- :mod:`.task_shutdown`: task subprocesses stop with the server, SIGTERM or SIGKILL
+  (``tests/test_reliability.py``).
 
 Fixes of MONAI Label that live elsewhere for now: :mod:`lib.request_guard` (hostile request fields),
-:mod:`lib.routes` (task routes off the event loop), :mod:`lib.shutdown` (task subprocesses stop with the
-server), :mod:`lib.cors` (no cross-origin answers by default), :mod:`lib.trainers.preflight` (training
-requests checked before a subprocess starts).
+:mod:`lib.routes` (task routes off the event loop), :mod:`lib.trainers.preflight` (training requests checked
+before a subprocess starts).
 """

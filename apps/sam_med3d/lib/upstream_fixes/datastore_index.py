@@ -109,12 +109,16 @@ class AtomicDatastoreIndex:
 
         with FileLock(self._lock_file):
             path = self._datastore_config_path
-            if not getattr(self, "_index_temporaries_removed", False):
-                self._index_temporaries_removed = True
+            read_only = getattr(self, "_read_only", False)
+            if not getattr(self, "_index_temporaries_removed", False) and not read_only:
+                self._index_temporaries_removed = True  # once per process: writers hold the same lock
                 for partial in glob.glob(os.path.join(glob.escape(os.path.dirname(path)),
                                                       f".{glob.escape(os.path.basename(path))}.*.tmp")):
-                    os.unlink(partial)
-                    logger.warning("Datastore: removed %s left by an interrupted index write", partial)
+                    try:
+                        os.unlink(partial)
+                        logger.warning("Datastore: removed %s left by an interrupted index write", partial)
+                    except FileNotFoundError:
+                        pass
             if not os.path.exists(path):
                 return
             ts = os.stat(path).st_mtime
@@ -135,19 +139,26 @@ class AtomicDatastoreIndex:
         reconciliation that follows (at start, or the next refresh) lists the studies folder again."""
         from monailabel.datastore.local import LocalDatastoreModel
 
-        folder = os.path.join(self._datastore_path, UNREADABLE_INDEX_DIR)
-        os.makedirs(folder, exist_ok=True)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        kept = os.path.join(folder, f"{stamp}_{os.path.basename(self._datastore_config_path)}")
-        os.replace(self._datastore_config_path, kept)
-        logger.error("Datastore: the index %s could not be read (%s); kept it as %s and rebuilding it from the "
-                     "studies folder (images, labels and label history are files and are kept)",
-                     self._datastore_config_path, reason, kept)
+        if getattr(self, "_read_only", False):
+            # A read-only datastore writes nothing (MONAI Label skips its reconciliation too): it starts empty.
+            logger.error("Datastore: the index %s could not be read (%s); read-only, so it is neither replaced nor "
+                         "rebuilt: no image is listed until it is repaired or the server runs without read-only",
+                         self._datastore_config_path, reason)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+        else:
+            folder = os.path.join(self._datastore_path, UNREADABLE_INDEX_DIR)
+            os.makedirs(folder, exist_ok=True)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            kept = os.path.join(folder, f"{stamp}_{os.path.basename(self._datastore_config_path)}")
+            os.replace(self._datastore_config_path, kept)
+            logger.error("Datastore: the index %s could not be read (%s); kept it as %s and rebuilding it from the "
+                         "studies folder (images, labels and label history are files and are kept)",
+                         self._datastore_config_path, reason, kept)
+            self._config_ts = 0
         old = self._datastore
         self._datastore = LocalDatastoreModel(name=old.name, description=old.description,
                                               images_dir=old.images_dir, labels_dir=old.labels_dir)
         self._datastore.base_path = self._datastore_path
-        self._config_ts = 0
 
     def _merged_info(self, current: Mapping[str, Any], update: Mapping[str, Any], what: str) -> Dict[str, Any]:
         merged = dict(current or {})
