@@ -114,7 +114,7 @@ def _check_query_names(query: QueryParams) -> None:
 def _refuse_constant(name: str) -> None:
     """``json.loads`` reads ``NaN`` and ``Infinity``, which are not JSON: stored in the datastore index they made
     every later answer that includes it a 500."""
-    raise ValueError(f"{name} is not a JSON value")
+    raise ValueError(f"{name} is not a JSON value: non-finite numbers are refused")
 
 
 def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
