@@ -204,7 +204,8 @@ def _write_forever(studies: str, uploads: str, acknowledged: str, seed: int) -> 
 
 def test_kill_9_of_a_writing_process_at_random_moments_loses_nothing(studies, tmp_path):
     """A process writing the index (as the server and its training/scoring subprocesses do) is killed with
-    SIGKILL at random moments; the folder must open every time with every acknowledged label."""
+    SIGKILL at a random moment after its first finished save of the round; the folder must open every time with
+    every acknowledged label."""
     import multiprocessing
 
     uploads = tmp_path / "uploads"
@@ -216,9 +217,13 @@ def test_kill_9_of_a_writing_process_at_random_moments_loses_nothing(studies, tm
     rng = random.Random(1)
     torn = 0
     for round_ in range(KILL_ROUNDS):
+        saves_before = len(acknowledged.read_text().splitlines())
         child = context.Process(target=_write_forever, args=(str(studies), str(uploads), str(acknowledged), round_))
         child.start()
-        time.sleep(rng.uniform(0.3, 1.5))
+        deadline = time.monotonic() + 60  # on a loaded machine the first save can take seconds
+        while len(acknowledged.read_text().splitlines()) == saves_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))  # then a random moment of the writes that follow
         torn += bool(list(studies.glob(f".{INDEX}.*.tmp")))
         os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=30)
