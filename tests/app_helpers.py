@@ -78,8 +78,9 @@ class Server(LoggedProcess):
 
 def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path: Path,
                  port: Optional[int] = None, env: Optional[Dict[str, str]] = None, timeout_s: float = 240.0,
-                 host: str = "127.0.0.1") -> Server:
-    """Start the app with ``--conf`` pairs and wait until ``GET /info/`` answers.
+                 host: str = "127.0.0.1", ready_path: str = "/info/") -> Server:
+    """Start the app with ``--conf`` pairs and wait until ``GET <ready_path>`` answers 200 (``/auth/`` when
+    MONAI Label's authentication is on: ``/info/`` then needs a token).
 
     Raises:
         RuntimeError: the server exited or did not answer within ``timeout_s`` (the log tail is included).
@@ -100,7 +101,8 @@ def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = Server(process, f"http://{host}:{port}", log_path)
     try:
-        wait_until_answering(server, f"{server.url}/info/", "the MONAI Label server", timeout_s, interval_s=1.0)
+        wait_until_answering(server, f"{server.url}{ready_path}", "the MONAI Label server", timeout_s,
+                             interval_s=1.0)
     except BaseException:  # not answering, Ctrl-C, SIGTERM: stop what was started
         server.stop()
         raise

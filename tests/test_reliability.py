@@ -45,7 +45,7 @@ from app_helpers import APP_DIR, copy_app, start_server, wait_for_training
 
 sys.path.insert(0, str(APP_DIR))
 try:
-    from lib.shutdown import ARMED_MESSAGE  # noqa: E402
+    from lib.upstream_fixes.task_shutdown import ARMED_MESSAGE  # noqa: E402
 finally:
     sys.path.remove(str(APP_DIR))
 
@@ -564,7 +564,7 @@ def test_kill_9_of_the_server_stops_its_training_subprocess(server):
     try:
         assert not leftover.exists(), "the server kept a partial save from before its start"
         trainer = _start_training(second, {"max_epochs": 1000, "val_split": 0.5, "train_clicks": 1})
-        armed = f"[{trainer.pid}] [MainThread] [INFO] (lib.shutdown"  # its line, in the server's log
+        armed = f"[{trainer.pid}] [MainThread] [INFO] (lib.upstream_fixes.task_shutdown"  # its line, in the server's log
         deadline = time.monotonic() + 120  # until the subprocess has created the app, which arms the signal
         while not any(armed in line and ARMED_MESSAGE in line
                       for line in second.log_path.read_text(errors="replace").splitlines()):
@@ -588,7 +588,7 @@ def test_kill_9_of_the_server_stops_its_training_subprocess(server):
 
 def test_a_task_subprocess_dies_with_a_killed_server(tmp_path):
     """``kill -9`` of the server runs no handler; Linux itself then stops its task subprocesses
-    (``lib.shutdown.exit_with_parent``, called by the app in every training/scoring subprocess)."""
+    (``lib.upstream_fixes.task_shutdown.exit_with_parent``, called by the app in every training/scoring subprocess)."""
     if os.uname().sysname != "Linux":
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
     import subprocess
@@ -596,7 +596,7 @@ def test_a_task_subprocess_dies_with_a_killed_server(tmp_path):
 
     ready = tmp_path / "ready"
     child = (f"import pathlib, sys, time; sys.path.insert(0, {str(copy_app(tmp_path / 'app'))!r}); "
-             "from lib.shutdown import exit_with_parent; assert exit_with_parent(); "
+             "from lib.upstream_fixes.task_shutdown import exit_with_parent; assert exit_with_parent(); "
              f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time; "

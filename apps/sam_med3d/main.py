@@ -32,14 +32,23 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.sam_med3d import SamMed3DConfig
-from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
-from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess, remove_partial_saves
 from lib.trainers.preflight import install_train_preflight
+from lib.upstream_fixes.auth_everywhere import install_require_token
+from lib.upstream_fixes.checksum_route import install_checksum_route
+from lib.upstream_fixes.cors_policy import install_cors_policy
+from lib.upstream_fixes.gpu_log_route import install_gpu_log_route
+from lib.upstream_fixes.login_route import install_login_route
+from lib.upstream_fixes.proxy_route import install_proxy_refusal
+from lib.upstream_fixes.reload_route import install_reload_refusal
+from lib.upstream_fixes.session_image_route import install_session_image_route
+from lib.upstream_fixes.task_shutdown import (exit_with_parent, install_clean_shutdown, is_task_subprocess,
+                                              remove_partial_saves)
+from lib.upstream_fixes.token_algorithms import install_token_algorithms
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +135,7 @@ class SamMed3DApp(MONAILabelApp):
         install_train_preflight(self)
         # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/routes.py).
         install_task_routes()
-        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests (lib/shutdown.py).
+        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests.
         install_clean_shutdown([self.config.options.model_dir])
         # What a save interrupted by a kill or a crash left beside the weights (no training runs yet), and
         # result files a killed server could not delete after answering (in RAM when in /dev/shm).
@@ -136,7 +145,19 @@ class SamMed3DApp(MONAILabelApp):
             logger.info("Start: removed %d result file(s) left by an earlier server", removed)
         # Only the configured web origins (default: none) may read the API's answers from their pages.
         install_cors_policy(self.config.options.cors_origins)
-        # Hostile ids, tags, paths and task fields are refused before MONAI Label's endpoints see them.
+        # With MONAI_LABEL_AUTH_ENABLE: valid RS256 tokens work, and every request without one is 401 before
+        # anything else runs (the request guard included). Then hostile ids, tags, paths and task fields are
+        # refused before MONAI Label's endpoints see them.
+        install_token_algorithms()
+        install_login_route()
+        install_require_token()
         install_request_guard()
+        # MONAI Label 0.8.5 routes that answered 500 for some inputs, or that anyone could use to drop every
+        # annotator's work (lib/upstream_fixes/, one module each; the datastore index fix is in the datastores).
+        install_reload_refusal()
+        install_checksum_route()
+        install_gpu_log_route()
+        install_proxy_refusal(self.studies)
+        install_session_image_route()
         self._prefetch_dicomweb()
         super().on_init_complete()

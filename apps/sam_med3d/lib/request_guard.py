@@ -111,6 +111,12 @@ def _check_query_names(query: QueryParams) -> None:
                 check_name(value, f"query parameter {key!r}")
 
 
+def _refuse_constant(name: str) -> None:
+    """``json.loads`` reads ``NaN`` and ``Infinity``, which are not JSON: stored in the datastore index they made
+    every later answer that includes it a 500."""
+    raise ValueError(f"{name} is not a JSON value: non-finite numbers are refused")
+
+
 def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
     """A form field that MONAI Label passes to ``json.loads``: must be a JSON object (or empty)."""
     if text is None or (isinstance(text, str) and not text.strip()):
@@ -118,7 +124,7 @@ def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
     if not isinstance(text, str):
         raise InvalidRequest(f"{what} must be a JSON object, not a file")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as err:
         raise InvalidRequest(f"{what} is not valid JSON ({err})") from None
     except RecursionError:
@@ -221,7 +227,9 @@ async def _form(scope: dict, spool: _Spool):
     try:
         return await request.form(max_files=10000, max_fields=1000)
     except Exception as err:  # malformed multipart bodies raise several types
-        raise InvalidRequest(f"the request's form data could not be read ({err})") from None
+        too_large = "maximum size" in str(err)  # Starlette's limit of a form field (1 MiB)
+        raise InvalidRequest(f"the request's form data could not be read ({err})",
+                             status_code=413 if too_large else 422) from None
 
 
 def _uploads(form, field_names: Iterable[str]):
@@ -348,6 +356,11 @@ class RequestGuard:
                 _check_upload_names(form, ["file", "label"])
                 for field in ("params", "info"):
                     if field in form:
+                        blank_is_500 = field == "info" or parts[1:2] == ["updatelabelinfo"]
+                        if blank_is_500 and not str(form.get(field)).strip():
+                            # MONAI Label passes the info field to json.loads unchecked: a blank one was a 500
+                            raise InvalidRequest(f"form field {field!r} is empty; send a JSON object such as "
+                                                 "{\"comment\": \"...\"}")
                         _check_params_json(form.get(field), f"form field {field!r}")
             finally:
                 await form.close()

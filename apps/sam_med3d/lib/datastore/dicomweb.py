@@ -45,6 +45,7 @@ from sam_med3d.io import load_label
 
 from lib.datastore.validation import check_label_file, check_name
 from lib.errors import InvalidRequest
+from lib.upstream_fixes.datastore_index import AtomicDatastoreIndex
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def slice_geometry(image: Any) -> Tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------- datastore
-class OfflineDICOMWebDatastore(DICOMWebDatastore):
+class OfflineDICOMWebDatastore(AtomicDatastoreIndex, DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore without dcmqi, with SEG labels by name (see the module docstring).
 
     Args:

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import time
+import unicodedata
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence
@@ -43,8 +44,9 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from lib.datastore.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, check_image_file, check_label_file,
-                                      check_name, read_header, split_extension)
+                                      check_name, name_key, read_header, split_extension)
 from lib.errors import InvalidRequest
+from lib.upstream_fixes.datastore_index import AtomicDatastoreIndex, check_info_size
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +65,15 @@ def _patterns(extensions: Optional[Sequence[str]]) -> List[str]:
     return kept or known
 
 
-class SafeLocalDatastore(LocalDatastore):
-    """``LocalDatastore`` with name and upload validation, atomic writes and label history (module docstring)."""
+class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
+    """``LocalDatastore`` with name and upload validation, atomic writes and label history (module docstring);
+    its index is written atomically and rebuilt when unreadable (:mod:`lib.upstream_fixes.datastore_index`)."""
 
     def __init__(self, datastore_path: str, images_dir: str = ".", labels_dir: str = "labels",
                  datastore_config: str = "datastore_v2.json", extensions=("*.nii.gz", "*.nii"),
                  auto_reload: bool = False, read_only: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS):
         self._max_voxels = int(max_voxels)
+        self._read_only = bool(read_only)
         patterns = _patterns(extensions)
         self._allowed_extensions = tuple(p[1:] for p in patterns)
         super().__init__(datastore_path, images_dir=images_dir, labels_dir=labels_dir,
@@ -80,13 +84,22 @@ class SafeLocalDatastore(LocalDatastore):
     def _check_id(self, image_id: Any, what: str = "image id") -> str:
         return check_name(image_id, what)
 
+    def _resolve(self, image_id: Any, what: str = "image id") -> str:
+        """The checked id in NFC, or the stored id it names (a file named in another Unicode form, e.g. NFD
+        from macOS, keeps the id of its file name)."""
+        image_id = self._check_id(image_id, what)
+        if image_id not in self._datastore.objects:
+            image_id = next((key for key in self._datastore.objects
+                             if unicodedata.normalize("NFC", key) == image_id), image_id)
+        return image_id
+
     def _check_tag(self, tag: Any) -> str:
         tag = check_name(tag, "label tag", max_length=64)
         return tag
 
     def _known(self, image_id: Any, what: str = "image id") -> ImageLabelModel:
         """The datastore entry of a valid, existing ``image_id``; 404 naming it otherwise."""
-        image_id = self._check_id(image_id, what)
+        image_id = self._resolve(image_id, what)
         obj = self._datastore.objects.get(image_id)
         if obj is None:
             raise InvalidRequest(f"{what} {image_id!r} is not in the datastore", status_code=404)
@@ -175,20 +188,17 @@ class SafeLocalDatastore(LocalDatastore):
     # ----------------------------------------------------------------------------------------- images
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         ext = self._extension(image_filename, "the uploaded image file")
+        check_info_size(self._info_object(image_info, "the image's params"), "the image's params")
         if not image_id:
             image_id = split_extension(os.path.basename(image_filename), "the uploaded image file",
                                        self._allowed_extensions)[0]
         image_id = self._check_id(image_id)
-        if image_id in self._datastore.objects:
-            raise InvalidRequest(f"image id {image_id!r} already exists; delete it first or upload under another id",
-                                 status_code=409)
+        self._refuse_existing_id(image_id)
         check_image_file(image_filename, self._max_voxels, what="the uploaded image")
         name = self._filename(image_id, ext)
         dest = os.path.join(self._datastore.image_path(), name)
         with FileLock(self._lock_file):
-            if image_id in self._datastore.objects or self._current_files(self._datastore.image_path(), image_id):
-                raise InvalidRequest(f"image id {image_id!r} already exists; delete it first or upload under "
-                                     "another id", status_code=409)
+            self._refuse_existing_id(image_id)
             self._place(image_filename, dest)
             info = dict(image_info or {})
             info.update(ts=int(time.time()), name=name)
@@ -196,6 +206,21 @@ class SafeLocalDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         logger.info("Datastore: added image %s (%s)", image_id, name)
         return image_id
+
+    def _refuse_existing_id(self, image_id: str) -> None:
+        """409 when ``image_id`` exists, or an image whose id differs from it only by case or Unicode
+        normalisation (two such names look alike in a viewer's list, and clash on case-insensitive disks)."""
+        if image_id in self._datastore.objects or self._current_files(self._datastore.image_path(), image_id):
+            raise InvalidRequest(f"image id {image_id!r} already exists; delete it first or upload under another id",
+                                 status_code=409)
+        key = name_key(image_id)
+        twins = [other for other in self._datastore.objects if name_key(other) == key]
+        twins += [name for name in os.listdir(self._datastore.image_path())
+                  if not name.startswith(".") and name_key(name).startswith(key + ".")
+                  and any(name_key(name) == key + ext for ext in IMAGE_EXTENSIONS)]
+        if twins:
+            raise InvalidRequest(f"image id {image_id!r} differs from the existing {twins[0]!r} only by letter case or "
+                                 "Unicode form; use that id or a clearly different one", status_code=409)
 
     def remove_image(self, image_id: str) -> None:
         obj = self._known(image_id)
@@ -208,19 +233,21 @@ class SafeLocalDatastore(LocalDatastore):
         self.refresh()
 
     def get_image_uri(self, image_id: str) -> str:
-        self._check_id(image_id)
+        image_id = self._resolve(image_id)
         uri = super().get_image_uri(image_id)
         if uri:  # MONAI Label resolves links: check where it leads
             self._inside(uri, f"the file of image {image_id!r}")
         return uri
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
-        self._check_id(image_id)
-        return super().get_image_info(image_id)
+        return super().get_image_info(self._resolve(image_id))
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
-        self._known(image_id)
-        return super().update_image_info(image_id, info)
+        obj = self._known(image_id)
+        info = self._info_object(info, "the image info")
+        with FileLock(self._lock_file):
+            obj.image.info = self._merged_info(obj.image.info, info, f"the info of image {image_id!r}")
+            self._update_datastore_file(lock=False)
 
     # ----------------------------------------------------------------------------------------- labels
     def _archive_labels(self, image_id: str, tag: str) -> List[str]:
@@ -231,7 +258,14 @@ class SafeLocalDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         obj = self._known(image_id)
         tag = self._check_tag(label_tag)
+        labels_root = self._datastore.label_path(None)
+        twins = [name for name in (os.listdir(labels_root) if os.path.isdir(labels_root) else [])
+                 if name != tag and name_key(name) == name_key(tag)]
+        if twins:
+            raise InvalidRequest(f"label tag {tag!r} differs from the existing tag {twins[0]!r} only by letter case or "
+                                 "Unicode form; use that tag or a clearly different one", status_code=409)
         ext = self._extension(label_filename, "the uploaded label file")
+        check_info_size(self._info_object(label_info, "the label's params"), "the label's params")
         image_header = read_header(self.get_image_uri(image_id), f"the stored image {image_id!r}")
         check_label_file(label_filename, image_header, self._max_voxels, what="the uploaded label")
         folder = self._inside(self._datastore.label_path(tag), f"the folder of label tag {tag!r}")
@@ -262,22 +296,34 @@ class SafeLocalDatastore(LocalDatastore):
         self.refresh()
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
-        self._check_id(label_id)
-        self._check_tag(label_tag)
+        label_id = self._resolve(label_id)
+        label_tag = self._check_tag(label_tag)
         uri = super().get_label_uri(label_id, label_tag)
         if uri:
             self._inside(uri, f"the label {label_tag!r} of image {label_id!r}")
         return uri
 
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
-        self._check_id(label_id)
-        self._check_tag(label_tag)
-        return super().get_label_info(label_id, label_tag)
+        return super().get_label_info(self._resolve(label_id), self._check_tag(label_tag))
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
-        self._check_id(label_id)
-        self._check_tag(label_tag)
-        return super().update_label_info(label_id, label_tag, info)
+        obj = self._known(label_id, "label id")
+        tag = self._check_tag(label_tag)
+        label = obj.labels.get(tag)
+        if label is None:
+            raise InvalidRequest(f"image {label_id!r} has no label with tag {tag!r}", status_code=404)
+        info = self._info_object(info, "the label info")
+        with FileLock(self._lock_file):
+            label.info = self._merged_info(label.info, info, f"the info of label {tag}/{label_id}")
+            self._update_datastore_file(lock=False)
+
+    @staticmethod
+    def _info_object(info: Any, what: str) -> Dict[str, Any]:
+        if info is None:
+            return {}
+        if not isinstance(info, dict):
+            raise InvalidRequest(f"{what} must be a JSON object, got {type(info).__name__}")
+        return info
 
     def label_history(self, image_id: str, tag: str = "final") -> List[Dict[str, Any]]:
         """Kept versions of ``image_id``'s label ``tag``, newest first: ``{"path", "name", "archived"}``."""

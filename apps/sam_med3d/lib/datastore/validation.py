@@ -19,6 +19,8 @@ Every refusal is an :class:`~lib.errors.InvalidRequest` whose message names the 
 from __future__ import annotations
 
 import re
+import unicodedata
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,33 +43,68 @@ DEFAULT_MAX_VOXELS = 512 * 512 * 1024
 #: HTTP status for a scan larger than the voxel cap ("Content Too Large").
 STATUS_TOO_LARGE = 413
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+#: Characters that look like a path separator or a dot run in a viewer's list (refused in names).
+LOOK_ALIKES = frozenset("\u2215\u2044\u29f8\u29f5\u29f9\u2216\ufe68\uff0f\uff3c\u2571\u2572\u3033\u3035"
+                        "\u2024\u2025\u2026\ufe52\uff0e")
+
+#: Unicode categories refused in names: controls, format characters (right-to-left and other bidirectional
+#: overrides, zero-width characters), surrogates, private use, unassigned, line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
+
+def _refused_character(value: str) -> Optional[str]:
+    """The first character of ``value`` a name may not hold, as ``U+XXXX (reason)``; None when there is none."""
+    for char in value:
+        category = unicodedata.category(char)
+        if category in _REFUSED_CATEGORIES:
+            kind = "control characters are not allowed in names" if category == "Cc" else (
+                "an invisible or bidirectional formatting character" if category == "Cf" else
+                "a character that is not printable text")
+            return f"U+{ord(char):04X} ({kind})"
+        if char in LOOK_ALIKES:
+            return f"U+{ord(char):04X} ({unicodedata.name(char, 'look-alike')}, which looks like '/', '\\' or '.')"
+        if category == "Zs" and char != " ":
+            return f"U+{ord(char):04X} (a space other than the plain space)"
+    return None
+
+
+def name_key(value: str) -> str:
+    """What two names must not share: equal up to Unicode compatibility normalisation and case
+    (``Spleen_1`` / ``spleen_1``, NFC / NFD forms, full-width letters)."""
+    return unicodedata.normalize("NFKC", value).casefold()
 
 
 def check_name(value: object, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
-    """Return ``value`` if it is safe as one path component; else raise naming ``what`` and the reason.
+    """Return ``value``, normalised to Unicode NFC, if it is safe as one path component; else raise naming
+    ``what`` and the reason.
 
-    Refused: non-strings, empty or blank names, ``/`` or ``\\``, ``..`` anywhere, a leading ``.`` (hidden
-    files such as the datastore's ``.lock`` and ``.history``), a drive prefix (``C:``), control characters
-    (NUL included), leading/trailing spaces and names longer than ``max_length``.
+    Refused: non-strings, empty or blank names, ``/`` or ``\\`` (also their full-width and other look-alike
+    forms, and look-alike dots), ``..`` anywhere, a leading ``.`` (hidden files such as the datastore's
+    ``.lock`` and ``.history``), a drive prefix (``C:``), control characters (NUL included), bidirectional
+    overrides and other invisible formatting characters, unassigned or private-use code points, spaces other
+    than U+0020, leading/trailing spaces and names longer than ``max_length``.
     """
     if not isinstance(value, str):
         raise InvalidRequest(f"{what} must be a string, got {type(value).__name__}")
-    shown = repr(value[:80]) + ("..." if len(value) > 80 else "")
+    shown = ascii(value[:80]) + ("..." if len(value) > 80 else "")
     if not value or not value.strip():
         raise InvalidRequest(f"{what} is empty")
     if len(value) > max_length:
         raise InvalidRequest(f"{what} {shown} is too long ({len(value)} characters, at most {max_length})")
-    if _CONTROL.search(value):
-        raise InvalidRequest(f"{what} {shown} contains control characters")
-    if "/" in value or "\\" in value:
+    refused = _refused_character(value)
+    if refused:
+        raise InvalidRequest(f"{what} {shown} contains {refused}")
+    value = unicodedata.normalize("NFC", value)
+    compatible = unicodedata.normalize("NFKC", value)
+    if any(sep in text for text in (value, compatible) for sep in ("/", "\\")):
         raise InvalidRequest(f"{what} {shown} must be a plain name, not a path (no '/' or '\\')")
-    if ".." in value:
+    if ".." in value or ".." in compatible:
         raise InvalidRequest(f"{what} {shown} must not contain '..'")
-    if value.startswith("."):
+    if value.startswith(".") or compatible.startswith("."):
         raise InvalidRequest(f"{what} {shown} must not start with '.'")
-    if _DRIVE.match(value):
+    if _DRIVE.match(value) or _DRIVE.match(compatible):
         raise InvalidRequest(f"{what} {shown} must not start with a drive prefix")
     if value != value.strip():
         raise InvalidRequest(f"{what} {shown} must not start or end with spaces")

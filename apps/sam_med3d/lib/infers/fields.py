@@ -50,6 +50,9 @@ def check_result_format(request: Mapping[str, Any]) -> None:
     dtype = request.get("result_dtype")
     if dtype not in (None, "") and (not isinstance(dtype, str) or dtype.lower() not in RESULT_DTYPES):
         raise InvalidRequest(f"result_dtype {_short(dtype)} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+    if isinstance(dtype, str) and dtype.lower() == "int64" and isinstance(extension, str) and extension.lower() == ".mha":
+        raise InvalidRequest("result_dtype int64 cannot be written as .mha (ITK's MetaImage writer has no 64-bit "
+                             "integer type); use int32, or .nrrd / .nii.gz for int64")
     compress = request.get("result_compress")
     if compress is not None and not isinstance(compress, bool):
         raise InvalidRequest(f"result_compress must be true or false, got {_short(compress)}")

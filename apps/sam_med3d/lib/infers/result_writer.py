@@ -111,8 +111,8 @@ def write_nifti(path: str, label_map: np.ndarray, affine: np.ndarray) -> None:
     """``label_map`` ``(I, J, K)`` as NIfTI-1 with ``affine`` as sform and qform (gzip if ``path`` ends .gz)."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(label_map, np.asarray(affine, dtype=np.float64))
-    image.set_data_dtype(label_map.dtype)
+    # An explicit dtype: nibabel refuses int64 data without one (``result_dtype: int64`` is a valid request).
+    image = nib.Nifti1Image(label_map, np.asarray(affine, dtype=np.float64), dtype=label_map.dtype)
     image.set_sform(image.affine, code=1)
     image.set_qform(image.affine, code=1)
     nib.save(image, path)

@@ -17,7 +17,11 @@ click) and, at interpreter exit, for the threads that read the subprocesses' out
 3. ends the process after ``hard_exit_s`` if anything still holds it.
 
 Install once, in the server process (``MONAILabelApp.on_init_complete``, which runs after uvicorn installed
-its handlers).
+its handlers). A server killed outright (SIGKILL, a crash) runs no handler: :func:`exit_with_parent`, called
+in every task subprocess, covers that case.
+
+What would let us delete it: MONAI Label stopping its task subprocesses when the server stops, with a bounded
+wait for requests.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ this server (``/ohif/``, same origin, no CORS involved) and 3D Slicer is not a b
 
 The policy is applied to MONAI Label's FastAPI application when the app starts in the server process
 (``install_cors_policy``), before it serves the first request.
+
+What would let us delete it: MONAI Label allowing no origin by default and a launcher that accepts
+``MONAI_LABEL_CORS_ORIGINS``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,335 @@
+"""The datastore index (``datastore_v2.json``) survives crashes, stays small, and names cannot be spoofed.
+
+- Unit tests on :class:`SafeLocalDatastore` (no server): an empty, cut-short or garbage index is set aside and
+  rebuilt from the studies folder with every image and label; a failing write leaves the old index whole;
+  ``info`` is bounded; ids that differ from existing ones only by case or Unicode form are refused.
+- One real server (``monailabel start_server`` on 127.0.0.1) killed with SIGKILL at random moments of many
+  writes (label saves and ``info`` updates), restarted every time: it must start, and every label whose save
+  was answered 200 must be listed with its file; an empty index planted before a start changes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from app_helpers import APP_DIR, copy_app, start_server
+
+sys.path.insert(0, str(APP_DIR))
+try:
+    from lib.datastore.local import SafeLocalDatastore  # noqa: E402
+    from lib.errors import InvalidRequest  # noqa: E402
+    from lib.upstream_fixes import datastore_index  # noqa: E402
+    from lib.upstream_fixes.datastore_index import MAX_INFO_BYTES  # noqa: E402
+finally:
+    sys.path.remove(str(APP_DIR))
+
+SHAPE = (12, 10, 8)
+AFFINE = np.diag([1.5, 1.2, 3.0, 1.0])
+INDEX = "datastore_v2.json"
+
+
+def _scan(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    nib.save(nib.Nifti1Image(rng.normal(0, 100, SHAPE).astype(np.float32), AFFINE), str(path))
+    return path
+
+
+def _label(path: Path, value: int) -> Path:
+    array = np.zeros(SHAPE, dtype=np.uint8)
+    array[2:6, 3:7, 1:4] = value
+    nib.save(nib.Nifti1Image(array, AFFINE), str(path))
+    return path
+
+
+@pytest.fixture()
+def studies(tmp_path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for index, name in enumerate(("a", "b", "c")):
+        _scan(folder / f"{name}.nii.gz", index)
+    return folder
+
+
+def _saved(ds: SafeLocalDatastore, uploads: Path, image_id: str, value: int) -> None:
+    ds.save_label(image_id, str(_label(uploads / f"{image_id}_{value}.nii.gz", value)), "final", {"by": "test"})
+
+
+@pytest.mark.parametrize("content", [b"", b'{"name": "new-dataset", "objects": {"a": {"ima', b"\x00" * 100,
+                                     b"[1, 2, 3]", b"\xff\xfe not utf-8"])
+def test_an_unreadable_index_is_kept_aside_and_rebuilt_with_every_label(studies, tmp_path, content):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    ds = SafeLocalDatastore(str(studies))
+    _saved(ds, uploads, "a", 1)
+    _saved(ds, uploads, "a", 2)  # the first version goes to the label history
+    _saved(ds, uploads, "b", 3)
+    (studies / INDEX).write_bytes(content)
+
+    reopened = SafeLocalDatastore(str(studies))  # MONAI Label's constructor raised here: the server never started
+    assert sorted(reopened.list_images()) == ["a", "b", "c"]
+    assert sorted(reopened.get_labeled_images()) == ["a", "b"]
+    assert np.asarray(nib.load(reopened.get_label_uri("a", "final")).dataobj).max() == 2
+    assert len(reopened.label_history("a", "final")) == 1
+    kept = list((studies / ".history" / "index").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == content
+    rebuilt = json.loads((studies / INDEX).read_text())
+    assert set(rebuilt["objects"]) == {"a", "b", "c"}
+    assert not list(studies.glob(f".{INDEX}.*.tmp"))
+
+
+def test_a_read_only_datastore_with_an_unreadable_index_starts_and_writes_nothing(studies):
+    SafeLocalDatastore(str(studies))
+    (studies / INDEX).write_bytes(b"")
+    before = sorted(p.name for p in studies.rglob("*"))
+    reopened = SafeLocalDatastore(str(studies), read_only=True)
+    assert reopened.list_images() == []
+    assert sorted(p.name for p in studies.rglob("*")) == before
+    assert (studies / INDEX).read_bytes() == b""
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_index_whole(studies, monkeypatch):
+    ds = SafeLocalDatastore(str(studies))
+    before = (studies / INDEX).read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(datastore_index.os, "replace", crash)
+    with pytest.raises(OSError):
+        ds.update_image_info("a", {"note": "x" * 1000})
+    monkeypatch.undo()
+    assert (studies / INDEX).read_bytes() == before
+    assert not list(studies.glob(f".{INDEX}.*.tmp")), "the temporary file of the failed write was left behind"
+
+
+def test_temporary_files_of_an_interrupted_write_are_removed_at_start(studies):
+    SafeLocalDatastore(str(studies))
+    partial = studies / f".{INDEX}.abc123.tmp"
+    partial.write_text('{"name": "cut sh')
+    SafeLocalDatastore(str(studies))
+    assert not partial.exists()
+
+
+def test_info_is_bounded_per_image_and_label(studies, tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    ds = SafeLocalDatastore(str(studies))
+    size_before = (studies / INDEX).stat().st_size
+    with pytest.raises(InvalidRequest) as err:
+        ds.update_image_info("a", {"blob": "x" * (1 << 20)})
+    assert err.value.status_code == 413 and "at most" in err.value.detail
+    # Many updates below the limit cannot add up past it either.
+    chunk = "y" * (MAX_INFO_BYTES // 4)
+    with pytest.raises(InvalidRequest):
+        for key in range(8):
+            ds.update_image_info("a", {f"k{key}": chunk})
+    assert (studies / INDEX).stat().st_size < size_before + MAX_INFO_BYTES + 4096
+    with pytest.raises(InvalidRequest) as err:
+        ds.save_label("b", str(_label(uploads / "b.nii.gz", 1)), "final", {"blob": "x" * (1 << 20)})
+    assert err.value.status_code == 413
+    assert not ds.get_labeled_images(), "a refused label must not land"
+    with pytest.raises(InvalidRequest) as err:
+        ds.update_label_info("a", "final", {"x": 1})
+    assert err.value.status_code == 404
+    with pytest.raises(InvalidRequest) as err:
+        ds.update_image_info("a", ["not", "an", "object"])
+    assert err.value.status_code == 422
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(InvalidRequest) as err:
+            ds.update_image_info("a", {"score": value})
+        assert err.value.status_code == 422 and "JSON" in err.value.detail
+
+
+@pytest.mark.parametrize("twin, why", [("A", "case"), ("Ａ", "full-width")])
+def test_an_image_id_that_differs_only_by_case_or_form_is_refused(studies, twin, why):
+    ds = SafeLocalDatastore(str(studies))
+    with pytest.raises(InvalidRequest) as err:
+        ds.add_image(twin, str(_scan(studies.parent / "upload.nii.gz", 7)), {})
+    assert err.value.status_code == 409 and "only by letter case or Unicode form" in err.value.detail, why
+    assert sorted(ds.list_images()) == ["a", "b", "c"]
+
+
+def test_nfc_and_nfd_forms_of_an_id_are_one_image(studies, tmp_path):
+    ds = SafeLocalDatastore(str(studies))
+    nfc = "caf\u00e9"
+    assert ds.add_image(nfc, str(_scan(tmp_path / "upload.nii.gz", 8)), {}) == nfc
+    with pytest.raises(InvalidRequest) as err:
+        ds.add_image("cafe\u0301", str(_scan(tmp_path / "upload2.nii.gz", 9)), {})
+    assert err.value.status_code == 409
+    assert ds.get_image_info("cafe\u0301")["name"] == f"{nfc}.nii.gz"
+
+
+def test_a_tag_that_differs_only_by_case_is_refused(studies, tmp_path):
+    ds = SafeLocalDatastore(str(studies))
+    with pytest.raises(InvalidRequest) as err:
+        ds.save_label("a", str(_label(tmp_path / "l.nii.gz", 1)), "Final", {})
+    assert err.value.status_code == 409 and "'final'" in err.value.detail
+
+
+# ------------------------------------------------------------------------------------------- kill -9 of a writer
+KILL_ROUNDS = 10
+
+
+def _write_forever(studies: str, uploads: str, acknowledged: str, seed: int) -> None:
+    """Child process: save labels and update info as fast as possible; append each finished save to a file."""
+    ds = SafeLocalDatastore(studies)
+    rng = random.Random(seed)
+    value = 0
+    while True:
+        value += 1
+        image = rng.choice(["a", "b", "c"])
+        if value % 3:
+            ds.update_image_info(image, {"note": "n" * rng.randint(1000, 30000), "v": value})
+        else:
+            path = _label(Path(uploads) / f"{seed}_{value}.nii.gz", value % 250 + 1)
+            ds.save_label(image, str(path), "final", {"v": value})
+            with open(acknowledged, "a") as out:
+                out.write(f"{image} {value % 250 + 1}\n")
+                out.flush()
+                os.fsync(out.fileno())
+
+
+def test_kill_9_of_a_writing_process_at_random_moments_loses_nothing(studies, tmp_path):
+    """A process writing the index (as the server and its training/scoring subprocesses do) is killed with
+    SIGKILL at a random moment after its first finished save of the round; the folder must open every time with
+    every acknowledged label."""
+    import multiprocessing
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    acknowledged = tmp_path / "acknowledged.txt"
+    acknowledged.touch()
+    SafeLocalDatastore(str(studies))
+    context = multiprocessing.get_context("fork")  # the child inherits the imported modules: starts at once
+    rng = random.Random(1)
+    torn = 0
+    for round_ in range(KILL_ROUNDS):
+        saves_before = len(acknowledged.read_text().splitlines())
+        child = context.Process(target=_write_forever, args=(str(studies), str(uploads), str(acknowledged), round_))
+        child.start()
+        deadline = time.monotonic() + 60  # on a loaded machine the first save can take seconds
+        while len(acknowledged.read_text().splitlines()) == saves_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))  # then a random moment of the writes that follow
+        torn += bool(list(studies.glob(f".{INDEX}.*.tmp")))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        reopened = SafeLocalDatastore(str(studies))  # MONAI Label's LocalDatastore raised here after a torn write
+        last = {}
+        for line in acknowledged.read_text().splitlines():
+            image, value = line.split()
+            last[image] = int(value)
+        assert sorted(reopened.list_images()) == ["a", "b", "c"], f"round {round_}"
+        for image, value in last.items():
+            assert reopened.get_label_uri(image, "final"), f"round {round_}: the label of {image} is lost"
+            stored = np.asarray(nib.load(reopened.get_label_uri(image, "final")).dataobj)
+            assert stored.max() >= 1, f"round {round_}: the label of {image} is empty"
+    assert acknowledged.read_text(), "no label save finished: the test wrote nothing"
+    print(f"{KILL_ROUNDS} kills, {torn} while an index write was in flight")
+
+
+# ------------------------------------------------------------------------------------------- the real server
+def _label_bytes(value: int) -> bytes:
+    array = np.zeros(SHAPE, dtype=np.uint8)
+    array[2:6, 3:7, 1:4] = value
+    return nib.Nifti1Image(array, AFFINE).to_bytes()
+
+
+def _writer(url: str, images, stop: threading.Event, acknowledged: dict) -> None:
+    """Save labels and update info as fast as the server answers; record every save answered 200."""
+    session = requests.Session()
+    value = 0
+    while not stop.is_set():
+        value = value % 200 + 1
+        image = images[value % len(images)]
+        try:
+            if value % 3:
+                session.put(f"{url}/datastore/image/info", params={"image": image},
+                            data={"info": json.dumps({"note": "n" * 30000, "v": value})}, timeout=10)
+            else:
+                response = session.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
+                                       files={"label": ("l.nii", _label_bytes(value))}, timeout=10)
+                if response.status_code == 200:
+                    acknowledged[image] = value
+        except requests.RequestException:
+            return  # the server was killed
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory, mini_checkpoint):
+    """A server killed with SIGKILL during writes, its index then emptied (what MONAI Label's in-place write
+    leaves when the kill lands in it), and started again."""
+    root = tmp_path_factory.mktemp("index_kill")
+    studies = root / "studies"
+    studies.mkdir()
+    images = [f"s{i}" for i in range(4)]
+    for index, image in enumerate(images):
+        _scan(studies / f"{image}.nii.gz", index)
+    app = copy_app(root / "app")
+    conf = {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": "spleen=1,liver=2",
+            "device": "cpu", "preload": "false", "extension": "off"}
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}
+    acknowledged: dict = {}
+    server = start_server(app, studies, conf, log_path=root / "first.log", env=env)
+    try:
+        stop = threading.Event()
+        writers = [threading.Thread(target=_writer, args=(server.url, images, stop, acknowledged))
+                   for _ in range(3)]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < len(images) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(random.uniform(0.0, 1.0))
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        stop.set()
+        for writer in writers:
+            writer.join(timeout=30)
+    finally:
+        server.stop()
+    (studies / INDEX).write_bytes(b"")
+    server = start_server(app, studies, conf, log_path=root / "second.log", env=env)
+    server.studies, server.acknowledged, server.images = studies, acknowledged, images
+    yield server
+    server.stop()
+
+
+def test_a_server_killed_during_writes_starts_with_an_empty_index_and_every_label(restarted):
+    url = restarted.url
+    assert len(restarted.acknowledged) == len(restarted.images), "the writers saved too little before the kill"
+    listed = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+    assert sorted(listed["objects"]) == restarted.images
+    for image in restarted.acknowledged:
+        assert "final" in listed["objects"][image]["labels"], f"the label of {image} was lost"
+        stored = requests.get(f"{url}/datastore/label", params={"label": image, "tag": "final"}, timeout=30)
+        assert stored.status_code == 200
+        assert np.asarray(nib.Nifti1Image.from_bytes(stored.content).dataobj).max() >= 1
+    assert list((restarted.studies / ".history" / "index").iterdir()), "the unreadable index was not kept"
+    assert "could not be read" in restarted.log_tail(400)
+
+
+def test_info_over_the_limit_is_refused_by_the_server(restarted):
+    url = restarted.url
+    size = (restarted.studies / INDEX).stat().st_size
+    for blob, message in ((200_000, "at most"), (1 << 20, "maximum size")):
+        big = json.dumps({"blob": "x" * blob})
+        for path, params in (("/datastore/image/info", {"image": "s0"}),
+                             ("/datastore/label/info", {"label": "s0", "tag": "final"})):
+            response = requests.put(f"{url}{path}", params=params, data={"info": big}, timeout=30)
+            assert response.status_code == 413, (path, response.status_code, response.text[:300])
+            assert message in response.json()["detail"]
+    assert (restarted.studies / INDEX).stat().st_size < size + 4096
