@@ -36,6 +36,7 @@ from lib.cors import install_cors_policy
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
+from lib.ohif import install_ohif
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
 from lib.shutdown import exit_with_parent, install_clean_shutdown, is_task_subprocess, remove_partial_saves
@@ -138,5 +139,7 @@ class SamMed3DApp(MONAILabelApp):
         install_cors_policy(self.config.options.cors_origins)
         # Hostile ids, tags, paths and task fields are refused before MONAI Label's endpoints see them.
         install_request_guard()
+        # /ohif/: the bundled OHIF with a Save button, working Strategy/Next Sample and training state (lib/ohif).
+        install_ohif()
         self._prefetch_dicomweb()
         super().on_init_complete()
