@@ -228,11 +228,26 @@ def test_the_viewer_label_map_is_saved_by_segment_name_voxel_exact(series, datas
     viewer[expected == LABELS["spleen"]] = 7
     raw = tmp_path / "label.bin"
     viewer.tofile(raw)
-    segments = [{"name": "liver", "idx": 4}, {"name": "Spleen", "idx": 7}]
-    path = datastore_module.viewer_label_to_image(str(volume), str(raw), segments, {"liver": 1, "spleen": 2})
+    segments = [{"name": "liver", "idx": 4, "color": [221, 130, 101, 255]}, {"name": "Spleen", "idx": 7}]
+    path, colours = datastore_module.viewer_label_to_image(str(volume), str(raw), segments,
+                                                           {"liver": 1, "spleen": 2})
+    assert colours == {1: (221, 130, 101)}
     saved = sitk.ReadImage(path)
     assert np.array_equal(sitk.GetArrayFromImage(saved), expected)
     assert saved.GetOrigin() == sitk.ReadImage(str(volume)).GetOrigin()
+
+    # The SEG carries the viewer's colour as its recommended display colour (CIELab, back to about that RGB).
+    label = sitk.GetArrayFromImage(saved)
+    seg = datastore_module.write_seg([str(f) for f in series["files"]], label, {1: "liver", 2: "spleen"},
+                                     colours_by_value=colours)
+    by_name = {str(s.SegmentLabel): s for s in seg.SegmentSequence}
+    assert "RecommendedDisplayCIELabValue" not in by_name["spleen"]
+    values = [int(v) for v in by_name["liver"].RecommendedDisplayCIELabValue]
+    from skimage.color import lab2rgb
+
+    rgb = lab2rgb(np.asarray([values[0] / 65535 * 100, values[1] / 65535 * 255 - 128,
+                              values[2] / 65535 * 255 - 128]).reshape(1, 1, 3))[0, 0] * 255
+    assert np.abs(rgb - [221, 130, 101]).max() < 2, rgb  # DICOM: L 0..100, a and b -128..127 over 0..65535
 
     errors = datastore_module.InvalidRequest
     with pytest.raises(errors, match="does not name"):
@@ -242,6 +257,10 @@ def test_the_viewer_label_map_is_saved_by_segment_name_voxel_exact(series, datas
                                                {"liver": 1, "spleen": 2})
     with pytest.raises(errors, match="is not"):
         datastore_module.viewer_label_to_image(str(volume), str(raw), [{"name": "liver"}], {"liver": 1})
+    with pytest.raises(errors, match="color"):
+        datastore_module.viewer_label_to_image(str(volume), str(raw), [{"name": "liver", "idx": 4, "color": "red"},
+                                                                       {"name": "spleen", "idx": 7}],
+                                               {"liver": 1, "spleen": 2})
     short = tmp_path / "short.bin"
     short.write_bytes(raw.read_bytes()[:-512])
     with pytest.raises(errors, match="voxels"):

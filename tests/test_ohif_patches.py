@@ -25,23 +25,33 @@ def ohif():
         sys.path.remove(str(APP_DIR))
 
 
-def test_the_bundled_panel_chunk_is_the_one_the_patches_were_written_for(ohif):
+@pytest.mark.parametrize("name", ["3933.bundle.92d0a0e9bc7e6861b7c9.js", "app.bundle.af87d1dd396d277eac89.js"])
+def test_the_bundled_files_are_the_ones_the_patches_were_written_for(ohif, name):
     import hashlib
 
-    chunk = ohif.bundle_dir() / ohif.PANEL_CHUNK
-    assert chunk.exists(), (f"{chunk} is missing: the installed monailabel bundles another OHIF build; "
-                            "see docs/ohif_upgrade.md")
-    digest = hashlib.sha256(chunk.read_bytes()).hexdigest()
-    assert digest == ohif.PANEL_CHUNK_SHA256, (f"{chunk.name} changed (SHA-256 {digest}); the panel patches were "
-                                               "written for monailabel 0.8.5: see docs/ohif_upgrade.md")
-    patched = ohif.patch_chunk(chunk.read_text(encoding="utf-8"))
-    for what, old, new in ohif.CHUNK_PATCHES:
-        assert new in patched, what
-    assert "window.samMed3d.saveLabel(this)" in patched
+    assert name in ohif.PATCHED_FILES
+    path = ohif.bundle_dir() / name
+    assert path.exists(), (f"{path} is missing: the installed monailabel bundles another OHIF build; "
+                           "see docs/ohif_upgrade.md")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected, patches = ohif.PATCHED_FILES[name]
+    assert digest == expected, (f"{name} changed (SHA-256 {digest}); the patches were written for monailabel "
+                                "0.8.5: see docs/ohif_upgrade.md")
+    patched = ohif.patch_file(name, path.read_bytes().decode("utf-8"))
+    for what, old, new in patches:
+        assert new in patched and (new or old not in patched), what
+
+
+def test_the_panel_gets_save_and_the_segmentation_mode_loses_export(ohif):
+    files = ohif.OhifFiles()
+    assert b"window.samMed3d.saveLabel(this)" in files.overrides[ohif.PANEL_CHUNK]
+    app = files.overrides[ohif.APP_BUNDLE].decode("utf-8")
+    assert "t('Export DICOM SEG')" not in app.replace("title: t('Export DICOM SEG')", "")
+    assert app.count("Download DICOM SEG") >= 3
 
 
 def test_a_patch_that_does_not_fit_is_refused(ohif):
-    text = (ohif.bundle_dir() / ohif.PANEL_CHUNK).read_text(encoding="utf-8")
+    text = (ohif.bundle_dir() / ohif.PANEL_CHUNK).read_bytes().decode("utf-8")
     with pytest.raises(ValueError, match="SHA-256"):
         ohif.patch_chunk(text.replace("Next Sample", "Next sample"))
 
@@ -67,6 +77,7 @@ def test_an_unpatchable_bundle_is_served_as_it_is(ohif, tmp_path):
     (root / "index.html").write_text("<html></html>")
     (root / "app-config.js").write_text("window.config = {};")
     (root / ohif.PANEL_CHUNK).write_text("// another build")
+    (root / ohif.APP_BUNDLE).write_text("// another build")
     files = ohif.OhifFiles(root)
     assert not files.patched and files.overrides == {}
     assert files.resolve("app-config.js") == (None, root / "app-config.js")
@@ -75,7 +86,7 @@ def test_an_unpatchable_bundle_is_served_as_it_is(ohif, tmp_path):
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (syntax check of the JavaScript)")
 def test_the_patched_chunk_and_the_additions_are_valid_javascript(ohif, tmp_path):
     files = ohif.OhifFiles()
-    for name in (ohif.PANEL_CHUNK, "app-config.js"):
+    for name in (ohif.PANEL_CHUNK, "app-config.js"):  # the main bundle (15 MB) is exercised by the browser test
         path = tmp_path / name
         path.write_bytes(files.overrides[name])
         result = subprocess.run(["node", "--check", str(path)], capture_output=True, text=True, timeout=60)

@@ -132,10 +132,23 @@ def _property_type(name: str) -> Any:
         return codes.SCT.Tissue
 
 
+def cielab(rgb: Sequence[int]) -> Tuple[int, int, int]:
+    """An sRGB colour (0-255) as a DICOM CIELab value (``RecommendedDisplayCIELabValue``, 0-65535 each)."""
+    import highdicom as hd
+    from skimage.color import rgb2lab
+
+    l_star, a_star, b_star = rgb2lab(np.asarray(rgb, dtype=float).reshape(1, 1, 3) / 255.0)[0, 0]
+    return tuple(int(v) for v in hd.color.CIELabColor(float(np.clip(l_star, 0, 100)),
+                                                       float(np.clip(a_star, -128, 127)),
+                                                       float(np.clip(b_star, -128, 127))).value)
+
+
 def write_seg(source_files: Sequence[str], label: np.ndarray, names_by_value: Mapping[int, str],
-              series_description: str = "SAM-Med3D label") -> Dataset:
+              series_description: str = "SAM-Med3D label",
+              colours_by_value: Optional[Mapping[int, Sequence[int]]] = None) -> Dataset:
     """A binary DICOM SEG (highdicom) of ``label`` ``(slice, row, column)`` over the series ``source_files``
-    (in the slice order of ``label``); one segment per label value present, ``SegmentLabel`` = its name."""
+    (in the slice order of ``label``); one segment per label value present, ``SegmentLabel`` = its name, and
+    the recommended display colour of the values in ``colours_by_value`` (sRGB 0-255, e.g. the viewer's)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -157,6 +170,9 @@ def write_seg(source_files: Sequence[str], label: np.ndarray, names_by_value: Ma
         )
         for number, (_, name) in enumerate(described, start=1)
     ]
+    for description, (value, _) in zip(descriptions, described):
+        if colours_by_value and value in colours_by_value:
+            description.RecommendedDisplayCIELabValue = list(cielab(colours_by_value[value]))
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=segments,
@@ -258,10 +274,11 @@ def slice_geometry(image: Any) -> Tuple[np.ndarray, np.ndarray]:
     return positions, direction[:, 2]
 
 
-def _segment_values(segments: Any, values_by_name: Mapping[str, int]) -> np.ndarray:
+def _segment_values(segments: Any, values_by_name: Mapping[str, int]) -> Tuple[np.ndarray, Dict[int, Tuple[int, ...]]]:
     """A 256-entry table from the viewer's segment indices to the app's label values, from ``label_info``
-    (``[{"name": "spleen", "idx": 3}, ...]``, as MONAI Label's OHIF client sends it); names are matched
-    case-insensitively. Indices not listed map to 255 (refused by the caller when present)."""
+    (``[{"name": "spleen", "idx": 3}, ...]``, as MONAI Label's OHIF client sends it; names are matched
+    case-insensitively), and ``{label value: (r, g, b)}`` of the entries that give the viewer's ``"color"``.
+    Indices not listed map to 255 (refused by the caller when present)."""
     by_name = {name.lower(): int(value) for name, value in values_by_name.items()}
     known = ", ".join(f"{name}={value}" for name, value in sorted(values_by_name.items(), key=lambda kv: kv[1]))
     if not isinstance(segments, list):
@@ -269,6 +286,7 @@ def _segment_values(segments: Any, values_by_name: Mapping[str, int]) -> np.ndar
                              "label.bin>} (one per segment of the label map)")
     table = np.full(256, 255, dtype=np.uint8)
     table[0] = 0
+    colours: Dict[int, Tuple[int, ...]] = {}
     for entry in segments:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
                 or not isinstance(entry.get("idx"), int) or isinstance(entry.get("idx"), bool):
@@ -280,14 +298,22 @@ def _segment_values(segments: Any, values_by_name: Mapping[str, int]) -> np.ndar
         if value is None:
             raise InvalidRequest(f"params.label_info: segment {name[:40]!r} is not a label of this server ({known})")
         table[idx] = value
-    return table
+        colour = entry.get("color")
+        if colour is not None:
+            if not isinstance(colour, list) or len(colour) not in (3, 4) \
+                    or not all(isinstance(c, (int, float)) and 0 <= c <= 255 for c in colour):
+                raise InvalidRequest(f"params.label_info: the color of segment {name[:40]!r} is not [r, g, b] (0-255)")
+            colours[value] = tuple(int(round(c)) for c in colour[:3])
+    return table, colours
 
 
-def viewer_label_to_image(volume_path: str, raw_path: str, segments: Any, values_by_name: Mapping[str, int]) -> str:
+def viewer_label_to_image(volume_path: str, raw_path: str, segments: Any,
+                          values_by_name: Mapping[str, int]) -> Tuple[str, Dict[int, Tuple[int, ...]]]:
     """The viewer's raw label map (uint8, column fastest, then row, then slice: the order of the cached volume,
     which is the order OHIF holds the series in) as a NIfTI on the volume's grid, with the app's label values.
 
-    Without ``segments`` the values must already be the app's. Returns a temporary file the caller deletes.
+    Without ``segments`` the values must already be the app's. Returns a temporary file the caller deletes and
+    the viewer's colour of each label value that ``segments`` gives one for.
     Raises :class:`InvalidRequest` for a map of the wrong size or values no segment names.
     """
     import SimpleITK as sitk
@@ -302,12 +328,13 @@ def viewer_label_to_image(volume_path: str, raw_path: str, segments: Any, values
         raise InvalidRequest(f"label.bin holds {found} bytes, but the image is {'x'.join(map(str, size))} = "
                              f"{expected} voxels (one uint8 per voxel)")
     raw = np.fromfile(raw_path, dtype=np.uint8).reshape(size[::-1])
+    colours: Dict[int, Tuple[int, ...]] = {}
     if segments is None:
         table = np.full(256, 255, dtype=np.uint8)
         for value in [0, *values_by_name.values()]:
             table[int(value)] = int(value)
     else:
-        table = _segment_values(segments, values_by_name)
+        table, colours = _segment_values(segments, values_by_name)
     present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
     unnamed = [int(v) for v in present if table[v] == 255]
     if unnamed:
@@ -319,7 +346,7 @@ def viewer_label_to_image(volume_path: str, raw_path: str, segments: Any, values
     handle, path = tempfile.mkstemp(prefix="sam_med3d_viewer_label_", suffix=".nii.gz")
     os.close(handle)
     sitk.WriteImage(label, path, True)
-    return path
+    return path, colours
 
 
 # ----------------------------------------------------------------------------------------------- datastore
@@ -404,7 +431,8 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
         return volume
 
     def prefetch(self, image_ids: Iterable[str]) -> threading.Thread:
-        """Download and convert ``image_ids`` in a background thread (the first click then finds them ready)."""
+        """Download and convert ``image_ids`` in a background thread (the first click then finds them ready),
+        then import the SEG writer's modules (the first save then does not wait for them)."""
         ids = list(image_ids)
 
         def run() -> None:
@@ -413,6 +441,9 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
                     self.get_image_uri(image_id)
                 except Exception as err:  # a broken series must not stop the others; a click reports it
                     logger.warning("Prefetch of DICOMweb series %s failed: %s", image_id, err)
+            # The first final label saved would otherwise wait for these imports (4 s on 2 CPU cores).
+            import highdicom  # noqa: F401
+            import pydicom.sr.codedict  # noqa: F401
 
         thread = threading.Thread(target=run, name="DICOMwebPrefetch", daemon=True)
         thread.start()
@@ -509,10 +540,11 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
         check_name(label_tag, "label tag", max_length=64)
         volume = self.get_image_uri(image_id)
         converted = ""
+        colours: Dict[int, Tuple[int, ...]] = {}
         if label_filename.endswith(".bin"):  # MONAI Label's OHIF client: the viewer's label map, raw uint8
             segments = (label_info or {}).get("label_info")
-            converted = label_filename = viewer_label_to_image(volume, label_filename, segments,
-                                                               self.values_by_name)
+            converted, colours = viewer_label_to_image(volume, label_filename, segments, self.values_by_name)
+            label_filename = converted
         try:
             check_label_file(label_filename, None, what="the label")
             if label_tag == DefaultLabelTag.FINAL:
@@ -527,7 +559,7 @@ class OfflineDICOMWebDatastore(DICOMWebDatastore):
                                          f"{image_id} is {'x'.join(map(str, image.GetSize()))}")
                 label = sitk.GetArrayFromImage(label_image)
                 try:
-                    seg = write_seg(files, label, self.names_by_value)
+                    seg = write_seg(files, label, self.names_by_value, colours_by_value=colours)
                 except ValueError as err:
                     raise InvalidRequest(f"label of {image_id}: {err}") from err
                 start = time.perf_counter()

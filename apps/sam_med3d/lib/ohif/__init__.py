@@ -9,9 +9,10 @@ MONAI Label's ``GET /ohif/{path}`` route with one that serves the same files, ex
 - ``app-config.js``: the bundle's own configuration followed by ``sam-med3d-ohif.js`` (this folder), which
   defines ``window.samMed3d`` (save, auto-connect, strategy, Next Sample, training state, edit merging);
 - the chunk with the MONAI Label extension (:data:`PANEL_CHUNK`), with the small text replacements of
-  :data:`CHUNK_PATCHES` that call ``window.samMed3d``. The chunk must have the SHA-256 the patches were written
-  for (:data:`PANEL_CHUNK_SHA256`) and each replaced text must occur exactly once; otherwise the bundle is
-  served unpatched and the server logs an error (``tests/test_ohif_patches.py`` fails loudly in that case, so an
+  :data:`CHUNK_PATCHES` that call ``window.samMed3d``, and the main bundle (:data:`APP_BUNDLE`), whose
+  Segmentation mode loses its failing *Export DICOM SEG* menu items (:data:`APP_PATCHES`). Each file must have
+  the SHA-256 its patches were written for (:data:`PATCHED_FILES`) and each replaced text must occur exactly
+  once; otherwise the bundle is served unpatched and the server logs an error (``tests/test_ohif_patches.py`` fails loudly in that case, so an
   upgrade of monailabel is noticed in CI; ``docs/ohif_upgrade.md`` says what to do).
 
 Everything else is served from the bundle's folder, as MONAI Label does (any path that is not a file there is
@@ -144,6 +145,39 @@ CHUNK_PATCHES: List[Tuple[str, str, str]] = [
 ]
 
 
+#: The main bundle (OHIF's own panels and menus).
+APP_BUNDLE = "app.bundle.af87d1dd396d277eac89.js"
+APP_BUNDLE_SHA256 = "eefbda3a38a30e1a60aa986a05ab4f976ad17f4078dd29e1cacf911855bc40d7"
+_EXPORT_ITEM_MENU = ("/*#__PURE__*/react.createElement(DropdownMenu_DropdownMenuItem, {\n"
+                     "    onClick: () => storeSegmentation(activeSegmentation.id)\n"
+                     "  }, t('Export DICOM SEG')), ")
+_EXPORT_ITEM_LIST = ("/*#__PURE__*/react.createElement(DropdownMenu_DropdownMenuItem, {\n"
+                     "    onClick: e => {\n"
+                     "      e.stopPropagation();\n"
+                     "      storeSegmentation(segmentation.segmentationId);\n"
+                     "    }\n"
+                     "  }, t('Export DICOM SEG')), ")
+_EXPORT_ITEM_OLD_MENU = ("...(!disableEditing ? [{\n"
+                         "      title: t('Export DICOM SEG'),\n"
+                         "      onClick: () => {\n"
+                         "        storeSegmentation(activeSegmentation.id);\n"
+                         "      }\n"
+                         "    }] : []), ")
+#: The Segmentation mode's *Export DICOM SEG* is taken out of its three menus: in this build it fails (the menu
+#: calls the command without a data source) and, stored from the console, it placed the painted voxels on
+#: mirrored slices. *Download DICOM SEG* stays; labels are saved from the MONAI Label mode's Save Label.
+APP_PATCHES: List[Tuple[str, str, str]] = [
+    ("no Export DICOM SEG in the segmentation's menu", _EXPORT_ITEM_MENU, ""),
+    ("no Export DICOM SEG in the segmentation list's menu", _EXPORT_ITEM_LIST, ""),
+    ("no Export DICOM SEG in the segmentation's drop-down", _EXPORT_ITEM_OLD_MENU, ""),
+]
+
+#: ``{file: (SHA-256 it must have, patches)}``.
+PATCHED_FILES: Dict[str, Tuple[str, List[Tuple[str, str, str]]]] = {
+    PANEL_CHUNK: (PANEL_CHUNK_SHA256, CHUNK_PATCHES),
+    APP_BUNDLE: (APP_BUNDLE_SHA256, APP_PATCHES),
+}
+
 def bundle_dir() -> Path:
     """The OHIF build in the installed monailabel wheel."""
     import monailabel
@@ -151,18 +185,25 @@ def bundle_dir() -> Path:
     return Path(monailabel.__file__).resolve().parent / "endpoints" / "static" / "ohif"
 
 
-def patch_chunk(text: str) -> str:
-    """The panel chunk with :data:`CHUNK_PATCHES` applied; ValueError naming the first patch that does not fit."""
+def patch_file(name: str, text: str) -> str:
+    """``name`` of :data:`PATCHED_FILES` with its patches applied; ValueError when the file is not the one the
+    patches were written for or a patched text does not occur exactly once."""
+    expected, patches = PATCHED_FILES[name]
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if digest != PANEL_CHUNK_SHA256:
-        raise ValueError(f"{PANEL_CHUNK} has SHA-256 {digest}, not {PANEL_CHUNK_SHA256} (the monailabel 0.8.5 "
-                         "build the patches were written for)")
-    for what, old, new in CHUNK_PATCHES:
+    if digest != expected:
+        raise ValueError(f"{name} has SHA-256 {digest}, not {expected} (the monailabel 0.8.5 build the patches "
+                         "were written for)")
+    for what, old, new in patches:
         count = text.count(old)
         if count != 1:
-            raise ValueError(f"{PANEL_CHUNK}: the text patched for '{what}' occurs {count} times, not once")
+            raise ValueError(f"{name}: the text patched for '{what}' occurs {count} times, not once")
         text = text.replace(old, new)
     return text
+
+
+def patch_chunk(text: str) -> str:
+    """The panel chunk with :data:`CHUNK_PATCHES` applied (see :func:`patch_file`)."""
+    return patch_file(PANEL_CHUNK, text)
 
 
 class OhifFiles:
@@ -173,15 +214,15 @@ class OhifFiles:
         self.overrides: Dict[str, bytes] = {}
         self.patched = False
         try:
-            chunk = patch_chunk((self.root / PANEL_CHUNK).read_text(encoding="utf-8"))
+            patched = {name: patch_file(name, (self.root / name).read_bytes().decode("utf-8")).encode("utf-8")
+                       for name in PATCHED_FILES}
         except (OSError, ValueError) as err:
             logger.error("OHIF served WITHOUT this app's additions (no Save button, Strategy, training state): %s; "
                          "see docs/ohif_upgrade.md", err)
             return
-        config = (self.root / "app-config.js").read_text(encoding="utf-8")
+        config = (self.root / "app-config.js").read_bytes().decode("utf-8")
         additions = ADDITIONS_JS.read_text(encoding="utf-8")
-        self.overrides = {PANEL_CHUNK: chunk.encode("utf-8"),
-                          "app-config.js": (config + "\n" + additions).encode("utf-8")}
+        self.overrides = dict(patched, **{"app-config.js": (config + "\n" + additions).encode("utf-8")})
         self.patched = True
 
     def resolve(self, path: str) -> Tuple[Optional[bytes], Path]:

@@ -7,15 +7,14 @@
  * - saveLabel(panel): the "Save Label" button. Sends what the viewer shows (OHIF's label map, segment indices
  *   as OHIF numbers them, voxels in the viewer's order) as the image's final label, in the request shape of
  *   MONAI Label's OHIF client: PUT datastore/label?image=<series>&tag=final, file "label" = label.bin,
- *   params = {"label_info": [{"name", "idx"}]}. The server maps the segments to its labels by name.
+ *   params = {"label_info": [{"name", "idx", "color"}]}. The server maps the segments to its labels by name
+ *   and writes each segment's colour in the viewer as the SEG's recommended display colour.
  * - autoConnect(panel): connects the panel to the server in the cookie once the study is in the viewports, so
  *   a Next Sample (which opens another study) never leaves the panel disconnected.
  * - strategy / rememberStrategy: the Strategy drop-down's choice, kept for the page opened by Next Sample.
  * - openNextSample(info): opens the study the strategy chose, without a dialog or a confirmation.
  * - watchTraining(tab) / trainingView(tab): the training state shown in the panel, polled from the server
  *   (GET train/ for the task state, GET info/ for the epoch and the accuracy).
- * - keepEdits(...): a click keeps the annotator's brush and eraser edits wherever the server's new mask does
- *   not change (see docs/annotators.md).
  */
 (function () {
   'use strict';
@@ -46,8 +45,18 @@
   }
 
   // ------------------------------------------------------------------------------------------------- save
-  /** The viewer's label map and the segments it holds: {data: Uint8Array, labelInfo: [{name, idx}]}. */
-  function viewerLabelMap() {
+  /** The colour [r, g, b] the viewport draws a segment in (null when unknown). */
+  function segmentColour(viewportId, idx) {
+    try {
+      const colour = window.cornerstoneTools.segmentation.config.color.getSegmentIndexColor(viewportId, '1', idx);
+      return colour ? [colour[0], colour[1], colour[2]].map(Math.round) : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
+  /** The viewer's label map and the segments it holds: {data: Uint8Array, labelInfo: [{name, idx, color}]}. */
+  function viewerLabelMap(viewportId) {
     const segmentationService = window.services.segmentationService;
     const volume = segmentationService.getLabelmapVolume('1');
     const segmentation = segmentationService.getSegmentation('1');
@@ -68,18 +77,23 @@
         continue;
       }
       const segment = segmentation.segments[idx];
-      labelInfo.push({name: segment ? segment.label : 'segment ' + idx, idx: idx});
+      const entry = {name: segment ? segment.label : 'segment ' + idx, idx: idx};
+      const colour = viewportId ? segmentColour(viewportId, idx) : null;
+      if (colour) {
+        entry.color = colour;
+      }
+      labelInfo.push(entry);
     }
     return {data: data, labelInfo: labelInfo};
   }
 
   async function saveLabel(panel) {
-    const viewer = viewerLabelMap();
+    const {viewport, displaySet} = panel.getActiveViewportInfo();
+    const viewer = viewerLabelMap(viewport.viewportId);
     if (!viewer || !viewer.labelInfo.length) {
       notify('Nothing to save: no label is drawn on this image', 'error', 6000);
       return null;
     }
-    const {displaySet} = panel.getActiveViewportInfo();
     const url = new URL('datastore/label', serverUrl(panel));
     url.searchParams.append('image', displaySet.SeriesInstanceUID);
     url.searchParams.append('tag', 'final');
@@ -226,27 +240,12 @@
             accuracy: accuracyOf(current || stats), accuracyTip: 'best validation metric of the last training'};
   }
 
-  // ---------------------------------------------------------------------------------------- editing
-  /**
-   * The label map to show after a click: the server's new map where it changed since its previous answer for
-   * this image, the viewer's voxels (the annotator's edits) elsewhere. `viewer` and `next` are OHIF-index
-   * maps; `previous` is the server's previous answer (OHIF indices) or null (then the server's map wins).
-   */
-  function keepEdits(viewer, previous, next) {
-    if (!previous || previous.length !== next.length) {
-      return next;
-    }
-    const merged = new Uint8Array(next.length);
-    for (let i = 0; i < next.length; i++) {
-      merged[i] = next[i] !== previous[i] ? next[i] : viewer[i];
-    }
-    return merged;
-  }
-
   function addStyle() {
-    // With Active Learning open, the organ list ran below the window and could not be scrolled to.
+    // With Active Learning open, the organ list ran below the window and could not be scrolled to; the
+    // progress texts were white on the bars' white background.
     const style = document.createElement('style');
-    style.textContent = '.monaiLabelPanel .tabs.scrollbar { overflow-y: auto; max-height: calc(100vh - 260px); }';
+    style.textContent = '.monaiLabelPanel .tabs.scrollbar { overflow-y: auto; max-height: calc(100vh - 260px); }\n' +
+      '.monaiLabelPanel .w3-container { color: #111; padding: 0 4px; }';
     document.head.appendChild(style);
   }
   if (document.head) {
@@ -265,6 +264,5 @@
     watchTraining: watchTraining,
     refreshTraining: refreshTraining,
     trainingView: trainingView,
-    keepEdits: keepEdits,
   };
 })();
