@@ -209,8 +209,10 @@ class Browser:
         """Wait until the MONAI Label panel has connected to the server by itself (the app's OHIF connects once
         the study is shown); returns the seconds waited. Fails if the annotator would have to press Connect."""
         start = time.monotonic()
-        wait_until(lambda: "Point Prompts" in self.body_text(), timeout_s,
-                   "the MONAI Label panel connected to the server without pressing Connect")
+        wait_until(lambda: "Point Prompts" in self.body_text() and self.js(
+                       "return !!window.services.segmentationService.getLabelmapVolume('1')"), timeout_s,
+                   "the MONAI Label panel connected to the server (and its segmentation made) without pressing "
+                   "Connect")
         return time.monotonic() - start
 
     def viewer_label_map(self) -> Dict[str, Any]:

@@ -293,6 +293,18 @@ def test_ohif_annotator_day(stack):
     far_x, far_y = browser.voxel_to_page((511 - column, 511 - row, k))
     assert not _tinted(after[int(far_y), int(far_x)]), "segment colour far from the mask"
 
+    # A follow-up click on the same label (a second point inside the spleen, away from the first: a click on a
+    # point would grab it instead); the answer replaces the mask.
+    away = truth[k].copy()
+    away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
+    row2, column2 = _interior_point(away)
+    follow_up = _run_point_prompts(stack, (column2, row2, k), seen=1)
+    assert follow_up["status"] == 200
+    print(f"follow-up click: {follow_up['round_trip_s']:.2f} s from Run to the mask (browser)")
+    mask = sitk.GetArrayFromImage(read_nrrd(browser.response_body(follow_up["id"]))) == SPLEEN_VALUE
+    assert mask[k, row, column] and mask[k, row2, column2], "the follow-up mask lost a clicked voxel"
+    wait_until(lambda: browser.segment_label_at((column2, row2, k)) == SPLEEN, 30, "the follow-up mask in OHIF")
+
     # 3. Correct: paint spleen into an off-centre block of this slice and erase a block of the mask (a flip or
     # a transpose between the viewer and the saved label would move them), then Save from the panel.
     rows, columns = truth.shape[1:]
@@ -381,10 +393,9 @@ def test_ohif_annotator_day(stack):
     # 6. The next click is answered by the new weights.
     log_before = len(server.log_path.read_text(errors="replace"))
     browser.open_section("Point Prompts")
-    away = truth[k].copy()
-    away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
-    row2, column2 = _interior_point(away)
-    request2 = _run_point_prompts(stack, (column2, row2, k), seen=1)
+    away[max(0, row2 - 6):row2 + 7, max(0, column2 - 6):column2 + 7] = False
+    row3, column3 = _interior_point(away)
+    request2 = _run_point_prompts(stack, (column3, row3, k), seen=2)
     assert request2["status"] == 200
     print(f"follow-up click after Update Model: {request2['round_trip_s']:.2f} s from Run to the mask (browser)")
     new_log = server.log_path.read_text(errors="replace")[log_before:]

@@ -128,15 +128,37 @@
     }
   }
 
+  function hasSegmentation() {
+    try {
+      return !!window.services.segmentationService.getLabelmapVolume('1');
+    } catch (err) {
+      return false;
+    }
+  }
+
   function autoConnect(panel) {
     const deadline = Date.now() + 300000;
+    let connects = 0;
+    let connectedAt = 0;
     const attempt = () => {
-      if (panel.state.isDataReady || Date.now() > deadline) {
+      if (Date.now() > deadline) {
         return;
       }
-      if (panel.settings.current && viewportReady(panel)) {
+      if (panel.state.isDataReady) {
+        // Connecting creates the panel's segmentation; a viewport still settling can drop that request, so
+        // connect again (the panel creates only what is missing) until the segmentation is there.
+        if (hasSegmentation() || connects >= 5) {
+          return;
+        }
+        if (Date.now() - connectedAt > 10000) {
+          connects++;
+          connectedAt = Date.now();
+          panel.settings.current.onConnect();
+        }
+      } else if (panel.settings.current && viewportReady(panel) && Date.now() - connectedAt > 5000) {
+        connects++;
+        connectedAt = Date.now();
         panel.settings.current.onConnect();
-        return;
       }
       setTimeout(attempt, 500);
     };
