@@ -187,11 +187,64 @@ class Browser:
         wait_until(lambda: self.axial_viewport(), timeout_s, "the study's volume in OHIF's viewports")
         for button in self.driver.find_elements(By.XPATH, "//button[normalize-space(text())='Confirm and Hide']"):
             self.js("arguments[0].click()", button)
-        url_box = wait_until(lambda: self.driver.find_element(By.ID, "monailabelServerURL"), 30,
-                             "the MONAI Label panel's server field")
-        connect = url_box.find_element(By.XPATH, "following::button[1]")
-        self.js("arguments[0].click()", connect)
-        wait_until(lambda: "Point Prompts" in self.body_text(), 60, "the MONAI Label panel connected to the server")
+        self.wait_connected()
+
+    def open_section(self, title: str, timeout_s: float = 30.0) -> None:
+        """Open the MONAI Label panel's section ``title`` (its header toggles it: open it only when closed)."""
+        def header_and_state():
+            return self.js("""
+                for (const label of document.querySelectorAll('label.tab-label')) {
+                  if (label.textContent.trim() !== arguments[0]) continue;
+                  const box = document.getElementById(label.htmlFor);
+                  return box ? {checked: box.checked} : null;
+                }
+                return null;""", title)
+
+        state = wait_until(header_and_state, timeout_s, f"the panel section {title!r}")
+        if not state["checked"]:
+            self.click_text(title)
+        wait_until(lambda: (header_and_state() or {}).get("checked"), 10, f"the panel section {title!r} open")
+
+    def wait_connected(self, timeout_s: float = 60.0) -> float:
+        """Wait until the MONAI Label panel has connected to the server by itself (the app's OHIF connects once
+        the study is shown); returns the seconds waited. Fails if the annotator would have to press Connect."""
+        start = time.monotonic()
+        wait_until(lambda: "Point Prompts" in self.body_text() and self.js(
+                       "return !!window.services.segmentationService.getLabelmapVolume('1')"), timeout_s,
+                   "the MONAI Label panel connected to the server (and its segmentation made) without pressing "
+                   "Connect")
+        return time.monotonic() - start
+
+    def viewer_label_map(self) -> Dict[str, Any]:
+        """OHIF's label map in the MONAI Label mode: ``{"size": voxels, "index": [flat index of each labelled
+        voxel], "value": [its OHIF segment index], "names": {index: segment label}}`` (flat index = column +
+        row * columns + slice * columns * rows, the viewer's voxel order)."""
+        return self.js("""
+            const service = window.services.segmentationService;
+            const data = service.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray();
+            const index = [], value = [];
+            for (let i = 0; i < data.length; i++) if (data[i]) { index.push(i); value.push(data[i]); }
+            const names = {};
+            const segments = service.getSegmentation('1').segments;
+            for (const key of Object.keys(segments)) if (segments[key]) names[key] = segments[key].label;
+            return {size: data.length, index: index, value: value, names: names};""")
+
+    def paint_viewer(self, flat_indices: Sequence[int], segment_label: Optional[str]) -> None:
+        """Set voxels of OHIF's label map to the segment named ``segment_label`` (None: erase), as a brush or
+        eraser stroke does, and redraw."""
+        self.js("""
+            const service = window.services.segmentationService;
+            const volume = service.getLabelmapVolume('1');
+            const segments = service.getSegmentation('1').segments;
+            let value = 0;
+            if (arguments[1] !== null) {
+              value = Number(Object.keys(segments).find(k => segments[k] && segments[k].label === arguments[1]));
+            }
+            const data = volume.voxelManager.getCompleteScalarDataArray();
+            for (const i of arguments[0]) data[i] = value;
+            volume.voxelManager.setCompleteScalarDataArray(data);
+            cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified('1');""",
+                [int(i) for i in flat_indices], segment_label)
 
     def axial_viewport(self) -> Optional[Dict[str, Any]]:
         """The axial viewport's id, volume size, current slice index and canvas rectangle (page pixels)."""

@@ -14,6 +14,7 @@ which installs it) makes that a failure.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import sys
@@ -202,3 +203,101 @@ def test_a_seg_from_another_tool_is_the_final_label_by_segment_name(orthanc, ser
     assert np.array_equal(saved, label), "segments were not mapped to the server's values by name"
     image = sitk.ReadImage(records[0]["image"])
     assert sitk.ReadImage(records[0]["label"]).GetOrigin() == image.GetOrigin()
+
+
+def _volume_of(series, datastore_module, tmp_path):
+    """The series as the datastore caches it (an uncompressed NIfTI volume, GDCM's slice order)."""
+    import SimpleITK as sitk
+
+    image, _, _ = datastore_module.read_series(str(series["files"][0].parent))
+    path = tmp_path / "volume.nii"
+    sitk.WriteImage(image, str(path), False)
+    return path
+
+
+def test_the_viewer_label_map_is_saved_by_segment_name_voxel_exact(series, datastore_module, tmp_path):
+    """OHIF's save: label.bin in the viewer's voxel order (column fastest), OHIF's own segment numbers, and
+    params.label_info naming them; the label saved has the server's values on the same voxels."""
+    import SimpleITK as sitk
+
+    volume = _volume_of(series, datastore_module, tmp_path)
+    expected = _two_structures(series["truth"])
+    expected[3, 5:9, 400:410] = LABELS["spleen"]  # off-centre: a flip or transpose would move it
+    viewer = np.zeros_like(expected)
+    viewer[expected == LABELS["liver"]] = 4  # OHIF numbers segments alphabetically, not by server value
+    viewer[expected == LABELS["spleen"]] = 7
+    raw = tmp_path / "label.bin"
+    viewer.tofile(raw)
+    segments = [{"name": "liver", "idx": 4, "color": [221, 130, 101, 255]}, {"name": "Spleen", "idx": 7}]
+    path, colours = datastore_module.viewer_label_to_image(str(volume), str(raw), segments,
+                                                           {"liver": 1, "spleen": 2})
+    assert colours == {1: (221, 130, 101)}
+    saved = sitk.ReadImage(path)
+    assert np.array_equal(sitk.GetArrayFromImage(saved), expected)
+    assert saved.GetOrigin() == sitk.ReadImage(str(volume)).GetOrigin()
+
+    # The SEG carries the viewer's colour as its recommended display colour (CIELab, back to about that RGB).
+    label = sitk.GetArrayFromImage(saved)
+    seg = datastore_module.write_seg([str(f) for f in series["files"]], label, {1: "liver", 2: "spleen"},
+                                     colours_by_value=colours)
+    by_name = {str(s.SegmentLabel): s for s in seg.SegmentSequence}
+    assert "RecommendedDisplayCIELabValue" not in by_name["spleen"]
+    values = [int(v) for v in by_name["liver"].RecommendedDisplayCIELabValue]
+    from skimage.color import lab2rgb
+
+    rgb = lab2rgb(np.asarray([values[0] / 65535 * 100, values[1] / 65535 * 255 - 128,
+                              values[2] / 65535 * 255 - 128]).reshape(1, 1, 3))[0, 0] * 255
+    assert np.abs(rgb - [221, 130, 101]).max() < 2, rgb  # DICOM: L 0..100, a and b -128..127 over 0..65535
+
+    errors = datastore_module.InvalidRequest
+    with pytest.raises(errors, match="does not name"):
+        datastore_module.viewer_label_to_image(str(volume), str(raw), segments[:1], {"liver": 1, "spleen": 2})
+    with pytest.raises(errors, match="'kidney' is not a label of this server"):
+        datastore_module.viewer_label_to_image(str(volume), str(raw), [{"name": "kidney", "idx": 7}],
+                                               {"liver": 1, "spleen": 2})
+    with pytest.raises(errors, match="is not"):
+        datastore_module.viewer_label_to_image(str(volume), str(raw), [{"name": "liver"}], {"liver": 1})
+    with pytest.raises(errors, match="color"):
+        datastore_module.viewer_label_to_image(str(volume), str(raw), [{"name": "liver", "idx": 4, "color": "red"},
+                                                                       {"name": "spleen", "idx": 7}],
+                                               {"liver": 1, "spleen": 2})
+    short = tmp_path / "short.bin"
+    short.write_bytes(raw.read_bytes()[:-512])
+    with pytest.raises(errors, match="voxels"):
+        datastore_module.viewer_label_to_image(str(volume), str(short), segments, {"liver": 1, "spleen": 2})
+
+
+def test_a_seg_whose_frames_are_not_on_the_slices_they_reference_is_refused(series, datastore_module):
+    """A SEG writer that placed frame k on slice N-1-k (a mirrored stack) while referencing the instance of
+    slice k: its positions and references disagree, and the datastore refuses it instead of training on it."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    image, _, sop_uids = datastore_module.read_series(str(series["files"][0].parent))
+    positions, normal = datastore_module.slice_geometry(image)
+    label = np.zeros(series["truth"].shape, dtype=np.uint8)
+    label[12:16, 300:320, 100:130] = 1
+    sources = [pydicom.dcmread(f) for f in series["files"]]
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="liver", segmented_property_category=codes.cid7150.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Liver, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(source_images=sources, pixel_array=label,
+                              segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                              segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=9,
+                              sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+                              manufacturer_model_name="test", software_versions="0", device_serial_number="0")
+    values = {"liver": 1}
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    read, _ = datastore_module.read_seg(pydicom.dcmread(io.BytesIO(buffer.getvalue())), sop_uids, positions, normal,
+                                        values)
+    assert np.array_equal(read, label)
+
+    mirrored = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    for frame in mirrored.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        k = sop_uids.index(str(source.ReferencedSOPInstanceUID))
+        source.ReferencedSOPInstanceUID = sop_uids[len(sop_uids) - 1 - k]
+    with pytest.raises(ValueError, match="not placed on the slices they reference"):
+        datastore_module.read_seg(mirrored, sop_uids, positions, normal, values)

@@ -35,6 +35,7 @@ from lib.configs.sam_med3d import SamMed3DConfig
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
+from lib.ohif import install_ohif
 from lib.request_guard import install_request_guard
 from lib.routes import install_task_routes
 from lib.trainers.preflight import install_train_preflight
@@ -159,5 +160,7 @@ class SamMed3DApp(MONAILabelApp):
         install_gpu_log_route()
         install_proxy_refusal(self.studies)
         install_session_image_route()
+        # /ohif/: the bundled OHIF with a Save button, working Strategy/Next Sample and training state (lib/ohif).
+        install_ohif()
         self._prefetch_dicomweb()
         super().on_init_complete()

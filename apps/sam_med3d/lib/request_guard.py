@@ -353,7 +353,9 @@ class RequestGuard:
         if top == "datastore" and method == "PUT":
             form = await self._read_form(scope, receive, spools)
             try:
-                _check_upload_names(form, ["file", "label"])
+                _check_upload_names(form, ["file"])
+                # MONAI Label's OHIF client sends the viewer's label map as label.bin (lib/datastore/dicomweb.py).
+                _check_upload_names(form, ["label"], IMAGE_EXTENSIONS + (".bin",))
                 for field in ("params", "info"):
                     if field in form:
                         blank_is_500 = field == "info" or parts[1:2] == ["updatelabelinfo"]
