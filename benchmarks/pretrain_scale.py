@@ -185,6 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
 
     env = dict(os.environ, PYTHONPATH=str(REPO / "lib"), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)  # as the baseline and training subprocesses (OMP_NUM_THREADS=1): equal conditions
     rows = []
     with tempfile.TemporaryDirectory(prefix="pretrain_scale_") as tmp:
         tmp = Path(tmp)
@@ -220,8 +223,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             if old_repo is not None:
                 real["before"] = measure_before(old_repo, data, tmp / "old_cache_real")
             print(f"  real size: {json.dumps(real)}", file=sys.stderr, flush=True)
-
-    import torch
 
     mb = 2 ** 20
     print(f"\npretrain at scale, synthetic official layout ({args.shape}^3 voxels of 1 mm per image; "
