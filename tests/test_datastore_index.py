@@ -179,6 +179,33 @@ def test_a_tag_that_differs_only_by_case_is_refused(studies, tmp_path):
     assert err.value.status_code == 409 and "'final'" in err.value.detail
 
 
+def test_a_save_stopped_before_its_file_is_in_place_leaves_the_previous_label_current(studies, tmp_path,
+                                                                                     monkeypatch):
+    """A save killed at its worst moment (the new label copied, not yet moved into place) must leave the
+    previous label as the current one, not only in the history: a crash never leaves an image without its
+    last saved label."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    ds = SafeLocalDatastore(str(studies))
+    _saved(ds, uploads, "a", 1)
+    real_replace = os.replace
+
+    def crash_when_placing(source, dest, *args, **kwargs):
+        if str(source).endswith(".partial"):  # the new label's copy about to become the current file
+            raise KeyboardInterrupt("killed here")
+        return real_replace(source, dest, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", crash_when_placing)
+    with pytest.raises(KeyboardInterrupt):
+        _saved(ds, uploads, "a", 2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    reopened = SafeLocalDatastore(str(studies))
+    uri = reopened.get_label_uri("a", "final")
+    assert uri, "the previous label is no longer current"
+    assert np.asarray(nib.load(uri).dataobj).max() == 1
+    assert not list((studies / "labels" / "final").glob(".*.partial")), "the partial copy was left behind"
+
+
 # ------------------------------------------------------------------------------------------- kill -9 of a writer
 KILL_ROUNDS = 10
 

@@ -42,7 +42,8 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lib.datastore.validation import IMAGE_EXTENSIONS, check_name, check_upload_name, upload_basename
+from lib.datastore.validation import (IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, check_name, check_upload_name,
+                                      upload_basename)
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -354,8 +355,7 @@ class RequestGuard:
             form = await self._read_form(scope, receive, spools)
             try:
                 _check_upload_names(form, ["file"])
-                # MONAI Label's OHIF client sends the viewer's label map as label.bin (lib/datastore/dicomweb.py).
-                _check_upload_names(form, ["label"], IMAGE_EXTENSIONS + (".bin",))
+                _check_upload_names(form, ["label"], LABEL_UPLOAD_EXTENSIONS)
                 for field in ("params", "info"):
                     if field in form:
                         blank_is_500 = field == "info" or parts[1:2] == ["updatelabelinfo"]

@@ -38,7 +38,7 @@ import time
 import unicodedata
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -146,15 +146,25 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
     def _history_path(self, *parts: str) -> str:
         return os.path.join(self._datastore_path, HISTORY_DIR, *parts)
 
-    def _archive(self, path: str, *history_parts: str) -> str:
-        """Move ``path`` into ``.history/<history_parts>/<UTC time>_<name>``; return the new path."""
+    def _archive(self, path: str, *history_parts: str, keep_current: bool = False) -> str:
+        """Move ``path`` into ``.history/<history_parts>/<UTC time>_<name>``; return the new path.
+        ``keep_current``: link it there instead (a link is linked, never followed), so that ``path`` stays until
+        its replacement is in place."""
         folder = self._inside(self._history_path(*history_parts), "the history folder")
         os.makedirs(folder, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         target = os.path.join(folder, f"{stamp}_{os.path.basename(path)}")
         while os.path.exists(target):
             target = os.path.join(folder, f"{stamp}_{uuid.uuid4().hex[:6]}_{os.path.basename(path)}")
-        os.replace(path, target)
+        if not keep_current:
+            os.replace(path, target)
+        elif os.path.islink(path):
+            os.symlink(os.readlink(path), target)
+        else:
+            try:
+                os.link(path, target)
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, target)
         logger.info("Datastore: kept %s as %s", path, target)
         return target
 
@@ -174,13 +184,16 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
                 files.append(path)
         return files
 
-    def _place(self, source: str, dest: str) -> None:
-        """Copy ``source`` next to ``dest`` under a hidden partial name, then move it into place atomically."""
+    def _place(self, source: str, dest: str, before_replace: Callable[[], Any] = lambda: None) -> Any:
+        """Copy ``source`` next to ``dest`` under a hidden partial name, call ``before_replace``, then move the
+        copy into place atomically; return what ``before_replace`` returned."""
         self._inside(os.path.dirname(dest), "the destination folder")
         partial = os.path.join(os.path.dirname(dest), f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         try:
             shutil.copyfile(source, partial)
+            done = before_replace()
             os.replace(partial, dest)
+            return done
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
@@ -272,8 +285,15 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
             os.makedirs(folder, exist_ok=True)
-            kept = self._archive_labels(image_id, tag)
-            self._place(label_filename, os.path.join(folder, name))
+            # The current label stays in place until the new one replaces it (a kill at any moment leaves one
+            # current label, old or new); the old one is linked into the history first.
+            current = self._current_files(folder, image_id)
+            dest = os.path.join(folder, name)
+            kept = self._place(label_filename, dest, before_replace=lambda: [
+                self._archive(path, "labels", tag, image_id, keep_current=True) for path in current])
+            for path in current:
+                if path != dest:  # another extension or spelling: archived above, no longer current
+                    os.remove(path)
             info = dict(label_info or {})
             info.update(ts=int(time.time()), name=name)
             if kept:

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
@@ -37,7 +37,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore.validation import split_extension, upload_basename
+from lib.datastore.validation import IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, split_extension, upload_basename
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -68,11 +68,11 @@ def _params(text: Optional[str], what: str = "params") -> Dict[str, Any]:
     return value
 
 
-def _spool(upload: UploadFile, what: str) -> str:
+def _spool(upload: UploadFile, what: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> str:
     """Copy ``upload`` into a new temporary folder, under the client's checked file name with its extension in
     lower case (so the datastore's messages name the client's file); the caller removes it (:func:`_remove`)."""
     what = f"the file name of the uploaded {what}"
-    stem, extension = split_extension(upload_basename(upload.filename, what), what)
+    stem, extension = split_extension(upload_basename(upload.filename, what), what, extensions)
     folder = tempfile.mkdtemp(prefix="sam_med3d_datastore_")
     path = os.path.join(folder, stem + extension)
     try:
@@ -111,7 +111,7 @@ def save_label(image: str, params: str, tag: str, label: UploadFile) -> Dict[str
     """``PUT /datastore/label``: MONAI Label's answer (``on_save_label``'s, plus image and label ids)."""
     info = _params(params)
     tag = tag or DefaultLabelTag.FINAL.value
-    path = _spool(label, "label")
+    path = _spool(label, "label", LABEL_UPLOAD_EXTENSIONS)
     try:
         instance = _app()
         label_id = instance.datastore().save_label(image, path, tag, info)

@@ -34,6 +34,10 @@ from lib.errors import InvalidRequest
 #: ``.nhdr`` and ``.hdr``/``.img`` are not among them: their voxels live in a second file.
 IMAGE_EXTENSIONS: Tuple[str, ...] = SINGLE_FILE_SUFFIXES
 
+#: What a label upload (``PUT /datastore/label``) may be called: a label file, or ``label.bin``, the viewer's raw
+#: label map as MONAI Label's OHIF client sends it (only the DICOMweb datastore reads it, see its ``save_label``).
+LABEL_UPLOAD_EXTENSIONS: Tuple[str, ...] = IMAGE_EXTENSIONS + (".bin",)
+
 #: Longest accepted image id, label tag or run name (DICOM UIDs have up to 64 characters).
 MAX_NAME_LENGTH = 128
 
