@@ -3,12 +3,23 @@ and click states over one shared predictor, the per-image client limit, and the 
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Dict, Tuple
 
+import nibabel as nib
 import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
 
-from app_helpers import APP_DIR
+from app_helpers import APP_DIR, copy_app, start_server
 
 sys.path.insert(0, str(APP_DIR))
 try:
@@ -82,3 +93,104 @@ def test_without_max_bytes_only_the_count_bounds_the_cache():
     for name in ("a", "b", "c"):
         cache.put(name, _session((500, 500, 500)))
     assert len(cache) == 2 and cache.get("a") is None
+
+
+def test_an_idle_session_is_dropped_after_ttl_s_and_a_used_one_is_kept():
+    now = [0.0]
+    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
+    cache.put("idle", _session())
+    cache.put("busy", _session())
+    now[0] = 8.0
+    assert cache.get("busy") is not None  # used at 8 s: its 10 s start again
+    now[0] = 15.0
+    assert cache.get("idle") is None and cache.get("busy") is not None and len(cache) == 1
+
+
+# ---------------------------------------------------------------- through the real infer route (one server)
+CASES = {"t2": ("sct_spinalcord_mri", "t2"), "t1w": ("sct_spinalcord_mri", "t1w")}
+
+
+@pytest.fixture(scope="module")
+def server(data_dir, mini_checkpoint, tmp_path_factory):
+    """The app on 127.0.0.1 (vit_mini, one crop per click) keeping ONE image session (``cache_size 1``)."""
+    root = tmp_path_factory.mktemp("sessions")
+    app = copy_app(root / "app")
+    studies = root / "studies"
+    studies.mkdir()
+    for image_id, (dataset, case) in CASES.items():
+        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", studies / f"{image_id}.nii.gz")
+    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint),
+                                      "labels": "spleen=1,liver=2", "device": "cpu", "preload": "true",
+                                      "extension": "off", "cache_size": "1"},
+                       log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv.root = root
+    yield srv
+    srv.stop()
+
+
+def _click(server, image_id: str, client: str, points, tmp_path: Path) -> Tuple[np.ndarray, dict]:
+    """One ``/infer/sam_med3d`` request of ``client`` with ``points`` (the full spleen click list so far, as the
+    viewers send it), sent as 3D Slicer sends it; returns the label map answered and the JSON part."""
+    params = {"spleen": [list(p) for p in points], "liver": [], "background": [], "label": "spleen"}
+    folder = tempfile.mkdtemp(prefix=f"{client}_", dir=tmp_path)
+    result_file, result = MONAILabelClient(server.url, tmpdir=folder, client_id=client).infer("sam_med3d", image_id, params)
+    return np.asarray(nib.load(result_file).dataobj), result
+
+
+def _save_session_label(server, image_id: str, client: str) -> requests.Response:
+    params = {"label": "spleen", "save_label": True, "client_id": client}
+    return requests.post(f"{server.url}/infer/sam_med3d", params={"image": image_id, "output": "json"},
+                         data={"params": json.dumps(params)}, timeout=120)
+
+
+#: Two click histories on the spleen label of t2. Each second click is inside the crop of the first, so the
+#: crop stays where the first click put it; replayed from scratch (another client's state in between) the
+#: crop would be centred on both clicks instead, and the mask would differ.
+HISTORIES = {"alice": [(30, 27, 26), (30, 40, 26)], "bob": [(20, 15, 30), (36, 15, 18)]}
+
+
+def test_two_clients_clicking_one_label_of_one_image_at_once_each_get_their_own_history(server, tmp_path):
+    # What each history gives alone, one click after the other (clients of their own).
+    alone = {}
+    for name, points in HISTORIES.items():
+        for count in (1, 2):
+            alone[name, count], _ = _click(server, "t2", f"{name}-alone", points[:count], tmp_path)
+    assert not np.array_equal(alone["alice", 2], alone["bob", 2]), "the histories must give different masks"
+    assert not np.array_equal(alone["alice", 2], alone["alice", 1])
+
+    # The same two histories, from two clients at once: each step starts together (both on the same label).
+    barrier = threading.Barrier(len(HISTORIES), timeout=120)
+    answers: Dict[Tuple[str, int], np.ndarray] = {}
+
+    def annotate(name: str) -> None:
+        for count in (1, 2):
+            barrier.wait()
+            answers[name, count], info = _click(server, "t2", name, HISTORIES[name][:count], tmp_path)
+            assert info["sam_med3d"]["spleen"]["clicks"] == count
+
+    with ThreadPoolExecutor(max_workers=len(HISTORIES)) as pool:
+        for future in [pool.submit(annotate, name) for name in HISTORIES]:
+            future.result(timeout=240)
+    for key, expected in alone.items():
+        assert np.array_equal(answers[key], expected), f"{key[0]}'s mask after {key[1]} click(s) is not its own"
+
+
+def test_beyond_the_per_image_client_limit_the_least_recent_client_loses_its_unsaved_map(server, tmp_path):
+    from_limit = sessions.MAX_CLIENTS_PER_IMAGE + 1
+    for index in range(from_limit):
+        _click(server, "t1w", f"crowd{index}", [(23, 37, 37)], tmp_path)
+    dropped = _save_session_label(server, "t1w", "crowd0")
+    assert dropped.status_code == 422 and "nothing to save" in dropped.json()["detail"]
+    kept = _save_session_label(server, "t1w", f"crowd{from_limit - 1}")
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["saved_from_session"] is True
+
+
+def test_a_click_on_another_image_beyond_cache_size_ends_the_first_images_session(server, tmp_path):
+    _click(server, "t1w", "solo", [(23, 37, 37)], tmp_path)
+    assert _save_session_label(server, "t1w", "solo").status_code == 200
+    _click(server, "t2", "solo", [(30, 27, 26)], tmp_path)  # cache_size 1: t1w's session goes
+    evicted = _save_session_label(server, "t1w", "solo")
+    assert evicted.status_code == 422 and "nothing to save" in evicted.json()["detail"]
+    _, again = _click(server, "t1w", "solo", [(23, 37, 37)], tmp_path)
+    assert again["encoder_ran"] and "load" in again["timings"]  # the scan is read and encoded again
