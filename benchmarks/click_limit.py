@@ -7,7 +7,7 @@ This times ``Sam3DPredictor.predict`` with N positive clicks around the spleen o
 
     python benchmarks/click_limit.py [--checkpoint bundled] [--clicks 8,64,150] [--device cpu]
 
-The app refuses more than ``lib.infers.clicks.MAX_CLICKS`` clicks per label (docs/reliability.md).
+The app refuses more than ``lib.infers.viewer_clicks.MAX_CLICKS`` clicks per label (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def app_lib():
     sys.path.insert(0, str(APP_DIR))
     try:
         return {name: importlib.import_module(f"lib.{name}")
-                for name in ("options", "served_model", "infers.clicks", "trainers.sam_med3d")}
+                for name in ("options", "served_model", "infers.viewer_clicks", "trainers.sam_med3d")}
     finally:
         sys.path.remove(str(APP_DIR))
 
@@ -137,7 +137,7 @@ def test_every_conf_option_is_documented(app_lib):
 
 
 def test_single_label_foreground_background_shape(app_lib):
-    clicks = app_lib["infers.clicks"].parse_clicks(
+    clicks = app_lib["infers.viewer_clicks"].parse_clicks(
         {"foreground": [[1, 2, 3], [4.4, 5.6, 6]], "background": [[7, 8, 9]], "label": "liver"},
         {"background": 0, "spleen": 1, "liver": 2})
     assert [c.name for c in clicks] == ["liver"]
@@ -152,7 +152,7 @@ def test_single_label_foreground_background_shape(app_lib):
 ])
 def test_absurd_coordinates_and_click_floods_are_refused_by_name(app_lib, params, message):
     with pytest.raises(ValueError, match=message):
-        app_lib["infers.clicks"].parse_clicks(params, {"background": 0, "spleen": 1})
+        app_lib["infers.viewer_clicks"].parse_clicks(params, {"background": 0, "spleen": 1})
 
 
 def test_cors_origins_option_accepts_origins_only(app_lib):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(APP_DIR))
 try:
     from lib.errors import InvalidRequest  # noqa: E402
     from lib.infers import result_writer  # noqa: E402
-    from lib.infers.clicks import LabelClicks, label_names_present  # noqa: E402
+    from lib.infers.viewer_clicks import LabelClicks, label_names_present  # noqa: E402
     from lib.infers.result_writer import remove_stale_results, result_folder, write_result  # noqa: E402
     from lib.infers.sam_med3d import SamMed3DInfer  # noqa: E402
 finally:

@@ -36,8 +36,8 @@ from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
 from lib.ohif import install_ohif
-from lib.request_guard import install_request_guard
-from lib.routes import install_task_routes
+from lib.upstream_fixes.request_guard import install_request_guard
+from lib.upstream_fixes.task_routes import install_task_routes
 from lib.trainers.preflight import install_train_preflight
 from lib.upstream_fixes.auth_everywhere import install_require_token
 from lib.upstream_fixes.checksum_route import install_checksum_route
@@ -134,7 +134,7 @@ class SamMed3DApp(MONAILabelApp):
                 task.warm_up()
         # A Train request with nothing to train on is refused here (409), not in the training subprocess.
         install_train_preflight(self)
-        # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/routes.py).
+        # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/upstream_fixes/task_routes.py).
         install_task_routes()
         # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests.
         install_clean_shutdown([self.config.options.model_dir])

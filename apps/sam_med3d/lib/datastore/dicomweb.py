@@ -42,7 +42,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from sam_med3d.io import load_label
 
-from lib.datastore.validation import check_label_file, check_name
+from lib.validation import check_label_file, check_name
 from lib.errors import InvalidRequest
 from lib.upstream_fixes.datastore_index import AtomicDatastoreIndex
 

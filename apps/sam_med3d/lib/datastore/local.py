@@ -7,7 +7,7 @@ itself, and ``remove_image`` of an id that reached the datastore file removed wh
 also accepts any file as an image or label, overwrites a saved label without a copy, and keeps a superseded
 ``.nii.gz`` beside a newer ``.nrrd`` (deleting the newer one brought the old one back). This subclass:
 
-- validates image ids, label tags and file extensions (:mod:`lib.datastore.validation`) on every call that
+- validates image ids, label tags and file extensions (:mod:`lib.validation`) on every call that
   builds a path; an unknown image id is a 404 naming it; an existing image id is never overwritten (409);
 - validates uploads (``add_image``, ``save_label``) from a temporary file outside the folder: a readable 3D
   scalar volume of at most ``max_voxels`` voxels (from the header), finite; a label on its image's grid with
@@ -21,12 +21,12 @@ also accepts any file as an image or label, overwrites a saved label without a c
 - never reads or writes through a link that leaves the studies folder: such files are not listed (nor put into
   the training datalist), an id whose file became such a link is answered 403, and a label, history or image
   folder that resolves outside the folder is not written to (403);
-- matches extensions in one place (:func:`~lib.datastore.validation.split_extension`): uploads are stored with
+- matches extensions in one place (:func:`~lib.validation.split_extension`): uploads are stored with
   the lower-case extension, and a file saved by hand as ``<id>.NII.GZ`` is still the one current file that a
   new save or a delete moves into the history.
 
 The constructor takes MONAI Label's arguments (auto reload, extensions, read-only) plus ``max_voxels``; only
-extensions the app reads (:data:`~lib.datastore.validation.IMAGE_EXTENSIONS`) are listed or accepted.
+extensions the app reads (:data:`~lib.validation.IMAGE_EXTENSIONS`) are listed or accepted.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from lib.datastore.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, check_image_file, check_label_file,
+from lib.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, check_image_file, check_label_file,
                                       check_name, name_key, read_header, split_extension)
 from lib.errors import InvalidRequest
 from lib.upstream_fixes.datastore_index import AtomicDatastoreIndex, check_info_size

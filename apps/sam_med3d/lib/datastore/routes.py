@@ -37,7 +37,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore.validation import IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, split_extension, upload_basename
+from lib.validation import IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, split_extension, upload_basename
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)

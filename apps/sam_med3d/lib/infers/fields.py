@@ -13,7 +13,7 @@ Every field is checked before any work is done, and a bad one is an :class:`~lib
 Files (the scan, a label uploaded with the request, a session's DICOM series) are read only through
 :mod:`sam_med3d.io`, which checks their headers and the voxel cap first (see :mod:`lib.infers.sam_med3d`).
 
-The server's infer route (:mod:`lib.routes`) tells the task which files came with the request under the
+The server's infer route (:mod:`lib.upstream_fixes.task_routes`) tells the task which files came with the request under the
 keys :data:`UPLOADED_IMAGE` and :data:`UPLOADED_LABEL`, which it sets after merging the client's JSON
 ``params``, so a client cannot point them at a server path.
 """
@@ -28,7 +28,7 @@ from lib.errors import InvalidRequest
 UPLOADED_IMAGE = "sam_med3d_uploaded_image"
 #: Set by the infer route: the temporary path of the label file uploaded with the request, else None.
 UPLOADED_LABEL = "sam_med3d_uploaded_label"
-#: Set by the infer route when the client sent no ``client_id``: who the request is from (see lib.routes).
+#: Set by the infer route when the client sent no ``client_id``: who the request is from (see lib.upstream_fixes.task_routes).
 CLIENT_FALLBACK = "sam_med3d_client"
 
 #: Result formats the app writes (one file each; ITK/nibabel read them; OHIF and Slicer ask for .nrrd).

@@ -6,7 +6,7 @@ clicks, encoder/decoder, paste-back) lives in the ``sam_med3d`` package.
 
 Per request:
 
-1. read the clicks (:mod:`lib.infers.clicks`: Slicer's and OHIF's shapes) and refuse bad input with an
+1. read the clicks (:mod:`lib.infers.viewer_clicks`: Slicer's and OHIF's shapes) and refuse bad input with an
    :class:`~lib.errors.InvalidRequest` (HTTP 422, JSON ``{"detail": "..."}``);
 2. take the image's session from the cache (a follow-up click reuses the predictor, whose embedding cache
    skips the image encoder when the crop is unchanged) or load the scan and start one; each client
@@ -34,7 +34,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import InvalidRequest
-from lib.infers.clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
+from lib.infers.viewer_clicks import LabelClicks, check_inside, has_clicks, label_names_present, parse_clicks
 from lib.infers.fields import UPLOADED_IMAGE, UPLOADED_LABEL, check_result_format, client_id
 from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
@@ -146,7 +146,7 @@ class SamMed3DInfer(InferTask):
         check_result_format(request)  # before any work: a bad result_* field is a 422, not a writer's 500
         client = client_id(request)
         uploaded_image = bool(request.get(UPLOADED_IMAGE))
-        # Only a file uploaded with this request is a label file (lib.routes says which); a "label" naming a
+        # Only a file uploaded with this request is a label file (lib.upstream_fixes.task_routes says which); a "label" naming a
         # server path is just an unknown label name.
         label_file = request.get(UPLOADED_LABEL) if isinstance(request.get(UPLOADED_LABEL), str) else None
         clicks_request = dict(request)

@@ -22,7 +22,7 @@ refused (422): MONAI Label reads them as datalists, or JSON files holding one, t
 for training; the app trains only on the datastore's saved labels. ``bundle_path`` is refused for every
 task (MONAI Label puts it on the subprocess's Python path). ``run_sync`` training and batch inference are
 refused (400): they would run inside the server process and hold it for minutes; start the task without
-``run_sync`` and poll ``GET /train/``. (``run_sync`` scoring runs in a worker thread, see :mod:`lib.routes`.)
+``run_sync`` and poll ``GET /train/``. (``run_sync`` scoring runs in a worker thread, see :mod:`lib.upstream_fixes.task_routes`.)
 
 Install it once, in the server process only (``MONAILabelApp.on_init_complete``).
 """

@@ -18,7 +18,7 @@ In this package:
 - :mod:`.task_shutdown`: task subprocesses stop with the server, SIGTERM or SIGKILL
   (``tests/test_reliability.py``).
 
-Fixes of MONAI Label that live elsewhere for now: :mod:`lib.request_guard` (hostile request fields),
-:mod:`lib.routes` (task routes off the event loop), :mod:`lib.trainers.preflight` (training requests checked
+Fixes of MONAI Label that live elsewhere for now: :mod:`lib.upstream_fixes.request_guard` (hostile request fields),
+:mod:`lib.upstream_fixes.task_routes` (task routes off the event loop), :mod:`lib.trainers.preflight` (training requests checked
 before a subprocess starts).
 """

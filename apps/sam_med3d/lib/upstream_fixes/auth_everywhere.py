@@ -2,7 +2,7 @@
 
 What MONAI Label 0.8.5 does: authentication is a FastAPI dependency (``RBAC``) on most routes, but not on
 ``POST /reload`` (which re-creates the app and drops every annotator's unsaved work), and the app's request
-guard (:mod:`lib.request_guard`, middleware) and replaced routes answer before any dependency runs: an
+guard (:mod:`lib.upstream_fixes.request_guard`, middleware) and replaced routes answer before any dependency runs: an
 unauthenticated caller learned which image ids and upload names exist (422 "not found in the datastore")
 instead of getting 401. A token without the roles claim made ``from_token`` raise ``AttributeError``: 500.
 
@@ -101,7 +101,7 @@ def install_require_token(fastapi_app: Any = None) -> None:
         from monailabel.app import app as fastapi_app
     middleware = fastapi_app.user_middleware
     if not any(getattr(m, "cls", None) is RequireToken for m in middleware):
-        from lib.request_guard import RequestGuard
+        from lib.upstream_fixes.request_guard import RequestGuard
 
         guard = [i for i, m in enumerate(middleware) if getattr(m, "cls", None) is RequestGuard]
         middleware.insert(guard[0] if guard else len(middleware), Middleware(RequireToken))

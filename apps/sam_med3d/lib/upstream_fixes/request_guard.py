@@ -7,7 +7,7 @@ this ASGI middleware closes the holes that are in MONAI Label's endpoints and ta
 refusal with a 4xx JSON ``{"detail": "<field>: <problem>"}`` (the body FastAPI gives an ``HTTPException``):
 
 - every ``image`` / ``id`` / ``label`` / ``tag`` / ``label_tag`` / ``session_id`` query parameter must be a
-  plain name (:func:`~lib.datastore.validation.check_name`);
+  plain name (:func:`~lib.validation.check_name`);
 - ``POST /infer/<model>``: the model must exist; ``image`` (query, or ``image`` inside the ``params`` form
   field, which MONAI Label merges over the request) must be an image of the datastore and not also a path
   MONAI Label would read instead (it tries ``os.path.exists(image)`` first); without ``image`` a file or a
@@ -42,7 +42,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lib.datastore.validation import (IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, check_name, check_upload_name,
+from lib.validation import (IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, check_name, check_upload_name,
                                       upload_basename)
 from lib.errors import InvalidRequest
 

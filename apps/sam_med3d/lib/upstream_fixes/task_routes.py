@@ -9,7 +9,7 @@ handlers that keep MONAI Label's request and response formats and
 - run the work in a worker thread (``starlette.concurrency.run_in_threadpool``), so the loop keeps answering;
 - answer an unknown model, scoring method or strategy with 404 naming the known ones (MONAI Label: 500);
 - parse ``params`` strictly: invalid JSON or a non-object is a 422 (MONAI Label: 500);
-- accept uploads (``file``, ``label``) only with an image extension (:data:`lib.datastore.validation.IMAGE_EXTENSIONS`)
+- accept uploads (``file``, ``label``) only with an image extension (:data:`lib.validation.IMAGE_EXTENSIONS`)
   and store them under a name the server chooses; tell the task which files came with the request
   (:data:`~lib.infers.fields.UPLOADED_IMAGE`, :data:`~lib.infers.fields.UPLOADED_LABEL`, set after the client's
   ``params`` are merged, so a client cannot name a server path as its label file);
@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lib.errors import InvalidRequest
 from lib.datastore import routes as datastore_routes
-from lib.datastore.validation import upload_extension
+from lib.validation import upload_extension
 from lib.infers.fields import CLIENT_FALLBACK, UPLOADED_IMAGE, UPLOADED_LABEL
 from lib.result_response import send_result
 
