@@ -31,25 +31,13 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib import upstream_fixes
 from lib.configs.sam_med3d import SamMed3DConfig
 from lib.datastore.dicomweb import OfflineDICOMWebDatastore, connect_dicomweb
 from lib.datastore.local import SafeLocalDatastore
 from lib.infers.result_writer import remove_stale_results
 from lib.ohif import install_ohif
-from lib.upstream_fixes.request_guard import install_request_guard
-from lib.upstream_fixes.task_routes import install_task_routes
-from lib.trainers.preflight import install_train_preflight
-from lib.upstream_fixes.auth_everywhere import install_require_token
-from lib.upstream_fixes.checksum_route import install_checksum_route
-from lib.upstream_fixes.cors_policy import install_cors_policy
-from lib.upstream_fixes.gpu_log_route import install_gpu_log_route
-from lib.upstream_fixes.login_route import install_login_route
-from lib.upstream_fixes.proxy_route import install_proxy_refusal
-from lib.upstream_fixes.reload_route import install_reload_refusal
-from lib.upstream_fixes.session_image_route import install_session_image_route
-from lib.upstream_fixes.task_shutdown import (exit_with_parent, install_clean_shutdown, is_task_subprocess,
-                                              remove_partial_saves)
-from lib.upstream_fixes.token_algorithms import install_token_algorithms
+from lib.upstream_fixes.task_shutdown import remove_partial_saves
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +48,7 @@ class SamMed3DApp(MONAILabelApp):
     """The app: one :class:`~lib.configs.sam_med3d.SamMed3DConfig` providing every task."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        if is_task_subprocess():
-            exit_with_parent()  # a server killed outright (kill -9, crash) takes its training/scoring run along
+        upstream_fixes.on_app_created()  # a server killed outright takes its training/scoring run along
         self.config = SamMed3DConfig()
         self.config.init(TASK_NAME, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
         super().__init__(
@@ -132,34 +119,15 @@ class SamMed3DApp(MONAILabelApp):
         if self.config.options.preload:
             for task in self._infers.values():
                 task.warm_up()
-        # A Train request with nothing to train on is refused here (409), not in the training subprocess.
-        install_train_preflight(self)
-        # Clicks and task requests run off the event loop; unknown names are 404, bad params 4xx (lib/upstream_fixes/task_routes.py).
-        install_task_routes()
-        # SIGTERM stops the training/scoring subprocesses and waits at most seconds for requests.
-        install_clean_shutdown([self.config.options.model_dir])
         # What a save interrupted by a kill or a crash left beside the weights (no training runs yet), and
         # result files a killed server could not delete after answering (in RAM when in /dev/shm).
         remove_partial_saves([self.config.options.model_dir], when="Start")
         removed = remove_stale_results()
         if removed:
             logger.info("Start: removed %d result file(s) left by an earlier server", removed)
-        # Only the configured web origins (default: none) may read the API's answers from their pages.
-        install_cors_policy(self.config.options.cors_origins)
-        # With MONAI_LABEL_AUTH_ENABLE: valid RS256 tokens work, and every request without one is 401 before
-        # anything else runs (the request guard included). Then hostile ids, tags, paths and task fields are
-        # refused before MONAI Label's endpoints see them.
-        install_token_algorithms()
-        install_login_route()
-        install_require_token()
-        install_request_guard()
-        # MONAI Label 0.8.5 routes that answered 500 for some inputs, or that anyone could use to drop every
-        # annotator's work (lib/upstream_fixes/, one module each; the datastore index fix is in the datastores).
-        install_reload_refusal()
-        install_checksum_route()
-        install_gpu_log_route()
-        install_proxy_refusal(self.studies)
-        install_session_image_route()
+        # Where MONAI Label 0.8.5 is wrong (blocking routes, 500s, hostile fields, auth gaps, subprocesses that
+        # outlive the server): one module per defect, listed in lib/upstream_fixes/__init__.py.
+        upstream_fixes.install(self)
         # /ohif/: the bundled OHIF with a Save button, working Strategy/Next Sample and training state (lib/ohif).
         install_ohif()
         self._prefetch_dicomweb()

@@ -175,12 +175,14 @@ def _download(url: str, dst: Path) -> None:
 
 
 def resolve_checkpoint(path_or_url: PathOrUrl, download_dir: Optional[PathOrUrl] = None) -> Path:
-    """A local path (checked to exist) or an http(s) URL (downloaded once into :func:`cache_dir`, or into
-    ``download_dir`` under the URL's file name when given) -> local path.
+    """The one resolver of checkpoint sources: a name (``"turbo"``, ``"bundled"``, ``"sam_med3d"``), a local
+    path (checked to exist) or an http(s) URL (downloaded once into :func:`cache_dir`, or into ``download_dir``
+    under the URL's file name when given) -> local path.
 
-    Raises :class:`FileNotFoundError` for a missing local file and :class:`CheckpointDownloadError` when a URL
-    cannot be fetched.
+    Raises :class:`FileNotFoundError` for a missing local file (the bundled model included) and
+    :class:`CheckpointDownloadError` when a URL cannot be fetched.
     """
+    path_or_url = _named_source(path_or_url)
     if _is_url(path_or_url):
         url = str(path_or_url)
         dst = _cache_path(url, Path(download_dir).expanduser() if download_dir is not None else None)
@@ -465,8 +467,7 @@ def load_model(name_or_path_or_url: PathOrUrl = "turbo", device: Union[str, torc
     """
     from .build import build_sam_med3d
 
-    source = _named_source(name_or_path_or_url)
-    path = resolve_checkpoint(source)
+    path = resolve_checkpoint(name_or_path_or_url)
     state, meta = _read(path, str(name_or_path_or_url))
     config = meta["config"] if meta.get("config") else "vit_b_ori"
     model = build_sam_med3d(config)

@@ -53,17 +53,18 @@ class BaseWeights:
     reason: str
 
 
-def _download(url: str, model_dir: Path) -> Path:
+def _download(source: str, model_dir: Path) -> Path:
+    """``turbo`` or a URL, downloaded once into ``model_dir`` (:func:`sam_med3d.checkpoint.resolve_checkpoint`)."""
     from sam_med3d.checkpoint import resolve_checkpoint
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    return Path(resolve_checkpoint(url, download_dir=model_dir))
+    return Path(resolve_checkpoint(source, download_dir=model_dir))
 
 
 def _bundled() -> Path:
     from sam_med3d.checkpoint import BUNDLED_PATH
 
-    return Path(BUNDLED_PATH)
+    return Path(BUNDLED_PATH)  # where it would be: the app says what to do when it is missing
 
 
 def resolve_base_weights(checkpoint: str, model_dir: str) -> BaseWeights:
@@ -73,7 +74,7 @@ def resolve_base_weights(checkpoint: str, model_dir: str) -> BaseWeights:
         FileNotFoundError: a path, the bundled model or (for ``default``) every candidate is missing.
         sam_med3d.checkpoint.CheckpointDownloadError: ``turbo`` or a URL could not be downloaded.
     """
-    from sam_med3d.checkpoint import TURBO_URL, CheckpointDownloadError
+    from sam_med3d.checkpoint import CheckpointDownloadError
 
     inherited = os.environ.get(ENV_RESOLVED)
     if inherited:
@@ -87,7 +88,7 @@ def resolve_base_weights(checkpoint: str, model_dir: str) -> BaseWeights:
         if copied.is_file():
             return BaseWeights(copied, checkpoint, f"SAM-Med3D-turbo ({copied})")
         try:
-            path = _download(TURBO_URL, directory)
+            path = _download("turbo", directory)
             return BaseWeights(path, checkpoint, f"SAM-Med3D-turbo ({path})")
         except (CheckpointDownloadError, OSError) as err:
             if checkpoint == "turbo":

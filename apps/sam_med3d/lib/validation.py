@@ -1,4 +1,9 @@
-"""Checks of what a request names (image ids, label tags, run names, file names) and of uploaded scans/labels.
+"""The app's one place for checking what a client sends: names, uploads, request fields and scan files.
+
+Names (image ids, label tags, run names, file names), upload names and extensions, the JSON form fields
+MONAI Label passes to ``json.loads``, the fields of an ``/infer`` request (:func:`check_infer_request`, called
+once per click by the infer route) and uploaded scans and labels. The clicks themselves are read, in the
+shapes the viewers send, by :mod:`lib.infers.viewer_clicks`.
 
 Everything a client sends may be hostile. A name is used to build a path inside the studies folder only after
 :func:`check_name` accepted it: a single path component without separators, ``..``, a leading dot, control
@@ -10,18 +15,18 @@ stores): a single-file format whose header, parsed before any library opens it, 
 (no NRRD ``data file``, no MetaImage ``ElementDataFile`` other than ``LOCAL``, no ``.hdr``/``.img`` pair); a
 non-empty 3D scalar volume (trailing singleton dimensions allowed) of at most ``max_voxels`` voxels, checked
 from the **header** before any voxel is decompressed (a few hundred kB of gzip can claim gigabytes), with
-finite values. A label must also have its
-image's grid (size, spacing, origin, direction within a small tolerance) and integer values 0..255.
+finite values. A label must also have its image's grid (size, spacing, origin, direction within a small tolerance) and integer values 0..255.
 
 Every refusal is an :class:`~lib.errors.InvalidRequest` whose message names the field and the problem.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from sam_med3d import io
@@ -143,12 +148,6 @@ def check_upload_name(file_name: object, what: str = "the uploaded file name",
     return name
 
 
-def upload_extension(file_name: object, what: str = "the uploaded file name") -> str:
-    """The lower-case extension of a client's upload file name (:func:`check_upload_name`): the server stores
-    uploads under names it chooses, with this extension."""
-    return split_extension(check_upload_name(file_name, what), what)[1]
-
-
 #: A scan file's header (:class:`sam_med3d.io.ScanHeader`): size, spacing, origin, direction, pixel type.
 Header = ScanHeader
 
@@ -190,13 +189,114 @@ def check_same_grid(label: Header, image: Header, what: str = "the label") -> No
         raise InvalidRequest(str(err)) from None
 
 
-def check_label_file(path: str, image_header: Optional[Header], max_voxels: int = DEFAULT_MAX_VOXELS,
-                     what: str = "the uploaded label") -> Header:
-    """Validate an uploaded label map against its image's header (``None``: skip the grid check): read through
-    :func:`sam_med3d.io.load_label` (integer values 0..255, finite, on the image's grid)."""
+def read_label_map(path: str, image: Optional[Union[Header, Sequence[int]]], max_voxels: int = DEFAULT_MAX_VOXELS,
+                   what: str = "the uploaded label") -> np.ndarray:
+    """The app's one reader of a client's label map: :func:`sam_med3d.io.load_label` (header checked, voxel cap,
+    integer values 0..255, on ``image``'s grid, or its size when ``image`` is a shape; ``None``: no check), as
+    uint8 ``(I, J, K)`` in the file's voxel order; a 4xx naming ``what`` otherwise."""
     try:
-        header = io.read_header(path, max_voxels)
-        io.load_label(path, image_header, max_voxels, what=what)
+        return io.load_label(path, image, max_voxels, what=what)
     except ValueError as err:
         raise _refusal(err, what, path) from None
+
+
+def check_label_file(path: str, image_header: Optional[Header], max_voxels: int = DEFAULT_MAX_VOXELS,
+                     what: str = "the uploaded label") -> Header:
+    """Validate an uploaded label map against its image's header (``None``: skip the grid check) with
+    :func:`read_label_map`; return the label's header."""
+    header = read_header(path, what, max_voxels)
+    read_label_map(path, image_header, max_voxels, what)
     return header
+
+
+# ------------------------------------------------------------------------------------------- request fields
+#: Body fields that would put a folder on a subprocess' Python path.
+PYTHON_PATH_FIELDS = ("bundle_path", "pythonpath", "python_path", "sys_path")
+
+
+def check_task_name(tasks: Mapping[str, Any], name: str, what: str) -> None:
+    """``name`` must be one of ``tasks`` (the app's models, trainers, strategies or scoring methods): 404 naming
+    the known ones otherwise (MONAI Label answers 500)."""
+    if name not in tasks:
+        raise InvalidRequest(f"{what} {name[:80]!r} does not exist; this server has "
+                             f"{', '.join(sorted(tasks)) or 'none'}", status_code=404)
+
+
+def check_datastore_image(image: Any, what: str, datastore: Any) -> str:
+    """``image`` must name an image of ``datastore``, and no path MONAI Label would read instead."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.datastore.local import LocalDatastore
+
+    image = check_name(image, what)
+    if os.path.exists(image):
+        # MONAI Label's infer reads an existing path (relative to the server's working folder) in preference
+        # to the datastore image of that id.
+        raise InvalidRequest(f"{what} {image!r} is also a file or folder name in the server's working folder; "
+                             "the server only reads datastore images, rename the image")
+    # A local studies folder lists its images; a DICOMweb id is a series UID that the datastore downloads into
+    # its cache under that (checked) name, and a series stored a moment ago may not be listed yet.
+    local = isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore)
+    if local and image not in datastore.list_images():
+        raise InvalidRequest(f"{what} {image!r} was not found in the datastore; pass the id of an image listed by "
+                             "GET /datastore/ or upload the image with the request")
+    return image
+
+
+def _refuse_constant(name: str) -> None:
+    """``json.loads`` reads ``NaN`` and ``Infinity``, which are not JSON: stored in the datastore index they made
+    every later answer that includes it a 500."""
+    raise ValueError(f"{name} is not a JSON value: non-finite numbers are refused")
+
+
+def parse_json_object(text: Any, what: str) -> Dict[str, Any]:
+    """A form field that MONAI Label passes to ``json.loads`` (``params``, ``info``), as a JSON object (``{}`` when
+    empty); 422 naming ``what`` for anything else."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {}
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{what} must be a JSON object, not a file")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:
+        raise InvalidRequest(f"{what} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is not usable JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_infer_request(image: str, session_id: str, params_text: Any, upload_names: Mapping[str, Optional[str]],
+                        labels: Sequence[str], datastore: Any) -> Dict[str, Any]:
+    """Check the fields of ``POST /infer/<model>`` once and return its ``params`` as a JSON object.
+
+    ``image`` (query) must be a datastore image; without it a file or a session must come with the request;
+    ``upload_names`` (form field -> the client's file name, None when the field is absent) need a known scan
+    extension; ``params`` must be a JSON object whose ``image`` is a datastore image, whose ``label`` is a label
+    name rather than a path, whose tags are plain names, and which carries no Python path field.
+    """
+    if session_id:
+        check_name(session_id, "query parameter 'session_id'")
+    params = parse_json_object(params_text, "form field 'params'")
+    if image:
+        check_datastore_image(image, "query parameter 'image'", datastore)
+    elif upload_names.get("file") is None and not session_id:
+        raise InvalidRequest("give a datastore image id (?image=<id>), upload the image as form field 'file' or "
+                             "name a session (?session_id=<id>)")
+    for field, file_name in upload_names.items():
+        if file_name:
+            check_upload_name(file_name, f"the file name of form field {field!r}")
+    if "image" in params and params["image"] not in ("", None, image):
+        check_datastore_image(params["image"], "params.image", datastore)
+    label = params.get("label")
+    if isinstance(label, str) and label not in labels and (
+            "/" in label or "\\" in label or label.lower().endswith(IMAGE_EXTENSIONS) or os.path.isabs(label)):
+        raise InvalidRequest(f"params.label must be a label name ({', '.join(labels)}), not a path; send a label "
+                             "file as the form field 'label'")
+    for key in ("label_tag", "tag"):
+        if params.get(key) not in (None, ""):
+            check_name(params[key], f"params.{key}", max_length=64)
+    for key in PYTHON_PATH_FIELDS:
+        if key in params:
+            raise InvalidRequest(f"params.{key} is not accepted")
+    return params

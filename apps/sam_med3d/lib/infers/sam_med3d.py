@@ -39,19 +39,9 @@ from lib.infers.fields import UPLOADED_IMAGE, UPLOADED_LABEL, check_result_forma
 from lib.infers.result_writer import write_result
 from lib.infers.sessions import ImageSession, SessionCache, session_key
 from lib.served_model import ServedModel
+from lib.validation import read_label_map
 
 logger = logging.getLogger(__name__)
-
-
-def _read_label_file(path: str, shape: Tuple[int, ...], max_voxels: int) -> np.ndarray:
-    """A previous label map sent by the client, as uint8 ``(I, J, K)`` in the image's voxel order, read through
-    :func:`sam_med3d.io.load_label` (header checked, voxel cap, integer values 0..255 on the image's size)."""
-    from sam_med3d.io import load_label
-
-    try:
-        return load_label(path, shape, max_voxels, what="the label sent with the request")
-    except ValueError as err:
-        raise _refusal(err) from None
 
 
 def _refusal(err: ValueError) -> InvalidRequest:
@@ -172,7 +162,8 @@ class SamMed3DInfer(InferTask):
                 except ValueError as err:
                     raise InvalidRequest(str(err)) from err
                 if label_file is not None:
-                    session.label_map = _read_label_file(label_file, session.scan.shape, self.max_voxels)
+                    session.label_map = read_label_map(label_file, session.scan.shape, self.max_voxels,
+                                                       "the label sent with the request")
                     session.fresh = False
                 per_label, timings = self._predict(session, targets)
                 tuned = self.served.path() != self.served.base.path

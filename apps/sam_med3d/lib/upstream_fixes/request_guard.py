@@ -8,11 +8,8 @@ refusal with a 4xx JSON ``{"detail": "<field>: <problem>"}`` (the body FastAPI g
 
 - every ``image`` / ``id`` / ``label`` / ``tag`` / ``label_tag`` / ``session_id`` query parameter must be a
   plain name (:func:`~lib.validation.check_name`);
-- ``POST /infer/<model>``: the model must exist; ``image`` (query, or ``image`` inside the ``params`` form
-  field, which MONAI Label merges over the request) must be an image of the datastore and not also a path
-  MONAI Label would read instead (it tries ``os.path.exists(image)`` first); without ``image`` a file or a
-  session must come with the request; ``params`` must be a JSON object whose ``label`` is a label name, not
-  a path; uploaded files need a known scan extension;
+- ``POST /infer/<model>`` is not looked at here: the app's own route (:mod:`.task_routes`) checks its model,
+  query and form once, with :func:`lib.validation.check_infer_request`;
 - ``POST /infer/wsi*``: refused (the app has no whole-slide models);
 - ``POST /train``, ``/scoring``, ``/activelearning``, ``/batch/infer``: the task must exist; no
   ``bundle_path`` anywhere in the body (MONAI Label appends it to the subprocess' ``PYTHONPATH``), the run
@@ -33,17 +30,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
-from typing import Any, Awaitable, Callable, Dict, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lib.validation import (IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, check_name, check_upload_name,
-                                      upload_basename)
+from lib.validation import (IMAGE_EXTENSIONS, LABEL_UPLOAD_EXTENSIONS, PYTHON_PATH_FIELDS, check_datastore_image,
+                            check_name, check_task_name, check_upload_name, parse_json_object, upload_basename)
 from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -53,9 +49,6 @@ NAME_QUERY_FIELDS = ("image", "id", "label", "tag", "label_tag", "session_id")
 
 #: Largest JSON body the guard reads for task requests (train, scoring, active learning, batch infer).
 MAX_JSON_BODY = 1 << 20
-
-#: Body fields that would put a folder on a subprocess' Python path.
-PYTHON_PATH_FIELDS = ("bundle_path", "pythonpath", "python_path", "sys_path")
 
 #: Session uploads may also be DICOM files (``.dcm`` or no extension).
 SESSION_EXTENSIONS = IMAGE_EXTENSIONS + (".dcm",)
@@ -71,38 +64,9 @@ def _app() -> Any:
     return app_instance()
 
 
-def _tasks(kind: str) -> Dict[str, Any]:
-    """The app's tasks by name: ``infers``, ``trainers``, ``strategies`` or ``scoring_methods``."""
-    return dict(getattr(_app(), f"_{kind}", {}) or {})
-
-
 def _known_task(kind: str, name: str, what: str) -> None:
-    tasks = _tasks(kind)
-    if name not in tasks:
-        shown = name[:80]
-        raise InvalidRequest(f"{what} {shown!r} does not exist; this server has {', '.join(sorted(tasks)) or 'none'}",
-                             status_code=404)
-
-
-def check_datastore_image(image: Any, what: str = "image") -> str:
-    """``image`` must name an image of the app's datastore, and no path MONAI Label would read instead."""
-    from monailabel.datastore.dicom import DICOMWebDatastore
-    from monailabel.datastore.local import LocalDatastore
-
-    image = check_name(image, what)
-    if os.path.exists(image):
-        # MONAI Label's infer reads an existing path (relative to the server's working folder) in preference
-        # to the datastore image of that id.
-        raise InvalidRequest(f"{what} {image!r} is also a file or folder name in the server's working folder; "
-                             "the server only reads datastore images, rename the image")
-    datastore = _app().datastore()
-    # A local studies folder lists its images; a DICOMweb id is a series UID that the datastore downloads into
-    # its cache under that (checked) name, and a series stored a moment ago may not be listed yet.
-    local = isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore)
-    if local and image not in datastore.list_images():
-        raise InvalidRequest(f"{what} {image!r} was not found in the datastore; pass the id of an image listed by "
-                             "GET /datastore/ or upload the image with the request")
-    return image
+    """``kind``: the app's ``infers``, ``trainers``, ``strategies`` or ``scoring_methods``."""
+    check_task_name(dict(getattr(_app(), f"_{kind}", {}) or {}), name, what)
 
 
 def _check_query_names(query: QueryParams) -> None:
@@ -110,29 +74,6 @@ def _check_query_names(query: QueryParams) -> None:
         for value in query.getlist(key):
             if value != "":
                 check_name(value, f"query parameter {key!r}")
-
-
-def _refuse_constant(name: str) -> None:
-    """``json.loads`` reads ``NaN`` and ``Infinity``, which are not JSON: stored in the datastore index they made
-    every later answer that includes it a 500."""
-    raise ValueError(f"{name} is not a JSON value: non-finite numbers are refused")
-
-
-def _check_params_json(text: Any, what: str) -> Dict[str, Any]:
-    """A form field that MONAI Label passes to ``json.loads``: must be a JSON object (or empty)."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return {}
-    if not isinstance(text, str):
-        raise InvalidRequest(f"{what} must be a JSON object, not a file")
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as err:
-        raise InvalidRequest(f"{what} is not valid JSON ({err})") from None
-    except RecursionError:
-        raise InvalidRequest(f"{what} is not usable JSON: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _walk_task_body(value: Any, where: str, train: bool, depth: int = 0) -> None:
@@ -154,7 +95,7 @@ def _walk_task_body(value: Any, where: str, train: bool, depth: int = 0) -> None
         if key in ("tag", "label_tag") and item not in (None, ""):
             check_name(item, field, max_length=64)
         if key == "image" and isinstance(item, str) and item:
-            check_datastore_image(item, field)
+            check_datastore_image(item, field, _app().datastore())
         if train and key == "name":
             check_name(item, f"{field} (the training run name)", max_length=64)
         if key == "tracking_uri" and item not in (None, ""):
@@ -246,33 +187,6 @@ def _check_upload_names(form, fields: Iterable[str], extensions=IMAGE_EXTENSIONS
             check_upload_name(upload.filename, f"the file name of form field {name!r}", extensions)
 
 
-def _check_infer(query: QueryParams, form, labels: Iterable[str]) -> None:
-    params = _check_params_json(form.get("params") if form is not None else None, "form field 'params'")
-    image = query.get("image", "")
-    session_id = query.get("session_id", "")
-    has_file = form is not None and any(True for _ in _uploads(form, ["file"]))
-    if image:
-        check_datastore_image(image, "query parameter 'image'")
-    elif not has_file and not session_id:
-        raise InvalidRequest("give a datastore image id (?image=<id>), upload the image as form field 'file' or "
-                             "name a session (?session_id=<id>)")
-    if form is not None:
-        _check_upload_names(form, ["file", "label"])
-    if "image" in params and params["image"] not in ("", None, image):
-        check_datastore_image(params["image"], "params.image")
-    label = params.get("label")
-    if isinstance(label, str) and label not in labels and (
-            "/" in label or "\\" in label or label.lower().endswith(IMAGE_EXTENSIONS) or os.path.isabs(label)):
-        raise InvalidRequest(f"params.label must be a label name ({', '.join(labels)}), not a path; send a label "
-                             "file as the form field 'label'")
-    for key in ("label_tag", "tag"):
-        if params.get(key) not in (None, ""):
-            check_name(params[key], f"params.{key}", max_length=64)
-    for key in PYTHON_PATH_FIELDS:
-        if key in params:
-            raise InvalidRequest(f"params.{key} is not accepted")
-
-
 def _segments(path: str):
     return [part for part in path.split("/") if part]
 
@@ -313,7 +227,9 @@ class RequestGuard:
         top = parts[0]
         if top in ("ohif", "proxy") and any(p in ("..", ".") or "\\" in p for p in parts):
             raise InvalidRequest(f"the path {path[:120]!r} must not contain '..' segments", status_code=400)
-        _check_query_names(query)
+        own_infer_route = top == "infer" and method == "POST" and len(parts) == 2 and parts[1] not in ("wsi", "wsi_v2")
+        if not own_infer_route:
+            _check_query_names(query)
 
         if top == "model" and method in ("PUT", "DELETE"):
             raise InvalidRequest("model files cannot be uploaded, replaced or deleted through the API on this "
@@ -340,16 +256,8 @@ class RequestGuard:
         if top == "infer" and method == "POST":
             if len(parts) >= 2 and parts[1] in ("wsi", "wsi_v2"):
                 raise InvalidRequest("this server has no whole-slide (WSI) models", status_code=404)
-            if len(parts) >= 2:
-                _known_task("infers", parts[1], "model")
-            if query.get("session_id"):
-                check_name(query["session_id"], "query parameter 'session_id'")
-            form = await self._read_form(scope, receive, spools)
-            try:
-                labels = list(getattr(getattr(_app(), "config", None), "labels", {}) or {})
-                _check_infer(query, form, labels)
-            finally:
-                await form.close()
+            # POST /infer/<model> is the app's own route (task_routes), which checks the model, the query and the
+            # form it parses, once (lib.validation.check_infer_request).
             return
         if top == "datastore" and method == "PUT":
             form = await self._read_form(scope, receive, spools)
@@ -363,7 +271,7 @@ class RequestGuard:
                             # MONAI Label passes the info field to json.loads unchecked: a blank one was a 500
                             raise InvalidRequest(f"form field {field!r} is empty; send a JSON object such as "
                                                  "{\"comment\": \"...\"}")
-                        _check_params_json(form.get(field), f"form field {field!r}")
+                        parse_json_object(form.get(field), f"form field {field!r}")
             finally:
                 await form.close()
             return

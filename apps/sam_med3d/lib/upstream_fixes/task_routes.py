@@ -7,10 +7,11 @@ request wait (92 s behind a 150-click request). :func:`install_task_routes` repl
 handlers that keep MONAI Label's request and response formats and
 
 - run the work in a worker thread (``starlette.concurrency.run_in_threadpool``), so the loop keeps answering;
-- answer an unknown model, scoring method or strategy with 404 naming the known ones (MONAI Label: 500);
-- parse ``params`` strictly: invalid JSON or a non-object is a 422 (MONAI Label: 500);
-- accept uploads (``file``, ``label``) only with an image extension (:data:`lib.validation.IMAGE_EXTENSIONS`)
-  and store them under a name the server chooses; tell the task which files came with the request
+- check an infer request once (:func:`lib.validation.check_infer_request`: the model, the image id, the
+  uploads' names, ``params`` as a JSON object and its fields), on the form FastAPI parsed: an unknown model is
+  a 404 naming the known ones, invalid ``params`` a 422 (MONAI Label: 500 for both); the request guard leaves
+  this route to it (the guard answers unknown trainers, scoring methods and strategies the same way);
+- store uploads (``file``, ``label``) under a name the server chooses, with their checked extension; tell the task which files came with the request
   (:data:`~lib.infers.fields.UPLOADED_IMAGE`, :data:`~lib.infers.fields.UPLOADED_LABEL`, set after the client's
   ``params`` are merged, so a client cannot name a server path as its label file);
 - say who the request is from when it carries no ``client_id`` (the OHIF bundled with MONAI Label sends none):
@@ -30,11 +31,10 @@ Install once, in the server process (``MONAILabelApp.on_init_complete``), before
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from monailabel.config import settings
@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lib.errors import InvalidRequest
 from lib.datastore import routes as datastore_routes
-from lib.validation import upload_extension
+from lib.validation import check_infer_request, check_task_name, split_extension, upload_basename
 from lib.infers.fields import CLIENT_FALLBACK, UPLOADED_IMAGE, UPLOADED_LABEL
 from lib.result_response import send_result
 
@@ -64,26 +64,6 @@ def _app():
     return app_instance()
 
 
-def _known(kind: str, name: str, names: Dict[str, Any]) -> None:
-    if name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise HTTPException(status_code=404, detail=f"unknown {kind} {name!r}; this server's {kind}s are: {known}")
-
-
-def _params_object(text: Optional[str]) -> Dict[str, Any]:
-    """The ``params`` form field as a JSON object (422 for invalid JSON or anything but an object)."""
-    if text in (None, ""):
-        return {}
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise InvalidRequest(f"params is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object such as "
-                             "{\"spleen\": [[i, j, k]], \"label\": \"spleen\"}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"params must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _caller(http: Request, user: Optional[User]) -> str:
     """Who sent a request without ``client_id``: the authenticated user, else the caller's address."""
     if settings.MONAI_LABEL_AUTH_ENABLE and user is not None and getattr(user, "username", None):
@@ -92,10 +72,11 @@ def _caller(http: Request, user: Optional[User]) -> str:
     return f"address:{host}"
 
 
-def _save_upload(upload: UploadFile, what: str, saved: list) -> str:
-    """Write an uploaded file to a temporary file (its path is appended to ``saved`` at once, so that the caller
-    removes it whether the request succeeds or fails)."""
-    extension = upload_extension(upload.filename, f"the file name of the uploaded {what}")
+def _save_upload(upload: UploadFile, saved: list) -> str:
+    """Write an uploaded file (its name checked by :func:`lib.validation.check_infer_request`) to a temporary file
+    (its path is appended to ``saved`` at once, so that the caller removes it whether the request succeeds or
+    fails)."""
+    extension = split_extension(upload_basename(upload.filename), "the uploaded file name")[1]
     handle, path = tempfile.mkstemp(prefix="sam_med3d_upload_", suffix=extension)
     saved.append(path)
     with os.fdopen(handle, "wb") as out:
@@ -133,21 +114,20 @@ def _run_inference(saved: list, background_tasks: BackgroundTasks, model: str, i
                    params: str, file: Optional[UploadFile], label: Optional[UploadFile], output: Optional[str],
                    caller: str) -> Any:
     instance = _app()
-    _known("model", model, instance._infers)  # MONAILabelApp keeps them by name; no public accessor in 0.8.5
+    check_task_name(instance._infers, model, "model")  # MONAILabelApp keeps them by name; no public accessor
+    uploads = {"file": file.filename if file else None, "label": label.filename if label else None}
+    p = check_infer_request(image, session_id, params, uploads, list(instance.config.labels), instance.datastore())
     if output == "dicom_seg":
         raise InvalidRequest("output=dicom_seg is not supported by this app (MONAI Label converts with dcmqi's "
                              "itkimage2segimage, which is not installed); use output=image, json or all")
-    p = _params_object(params)
-    if not file and not image and not session_id:
-        raise InvalidRequest("no image: pass ?image=<id> of an image listed by GET /datastore/, or upload one as "
-                             "the 'file' field")
     request: Dict[str, Any] = {"model": model, "image": image}
     uploaded_label = None
     if file:
-        request["image"] = _save_upload(file, "image", saved)
+        request["image"] = _save_upload(file, saved)
     if label:
-        uploaded_label = request["label"] = _save_upload(label, "label", saved)
-    request.update(instance.info().get("config", {}).get("infer", {}))
+        uploaded_label = request["label"] = _save_upload(label, saved)
+    # MONAI Label's route also merges instance.info()["config"]["infer"] here: MONAILabelApp.info() has no
+    # "config", so that built the whole app info (datastore status included) on every click for nothing.
     request.update(p)
     if session_id:
         session = instance.sessions().get_session(session_id)
@@ -197,7 +177,6 @@ def build_router() -> APIRouter:
     @router.post("/train/{model}", tags=["Train"], summary="Run Training Task for specific model")
     async def api_train(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                         enqueue: Optional[bool] = False, user: User = role_admin):
-        _known("model", model, _app()._trainers)
         return await run_in_threadpool(train.run_model, model, params, run_sync, enqueue)
 
     @router.post("/scoring/", tags=["Scoring"], include_in_schema=False, deprecated=True)
@@ -211,13 +190,11 @@ def build_router() -> APIRouter:
     @router.post("/scoring/{method}", tags=["Scoring"], summary="Run Scoring Task for specific method")
     async def api_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                           user: User = role_annotator):
-        _known("scoring method", method, _app()._scoring_methods)
         return await run_in_threadpool(scoring.run_method, method, params, run_sync)
 
     @router.post("/activelearning/{strategy}", tags=["ActiveLearning"],
                  summary="Run Active Learning strategy to get next sample")
     async def api_sample(strategy: str, params: Optional[dict] = None, user: User = role_user):
-        _known("strategy", strategy, _app()._strategies)
         return await run_in_threadpool(activelearning.sample, strategy, params, user.username)
 
     return router
