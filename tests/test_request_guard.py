@@ -1,5 +1,5 @@
-"""No file access through the API: every traversal / read / write / delete attempt of issue #12 against ONE real
-server (``monailabel start_server`` on 127.0.0.1, vit_mini weights, a tmp copy of three studies).
+"""No file access through the API: every traversal / read / write / delete attempt of docs/reliability.md against
+ONE real server (``monailabel start_server`` on 127.0.0.1, vit_mini weights, a tmp copy of three studies).
 
 Each hostile request must be answered 4xx with a message naming the problem, and must change nothing: a
 sentinel folder beside the studies folder (with a scan and a folder that ``rmtree`` would remove), the studies
@@ -96,7 +96,7 @@ def _tar_with_escaping_members(outside: Path) -> bytes:
 
 
 def _attempts(srv):
-    """(name, method, path, kwargs, expected message part) for every hostile request of the issue."""
+    """(name, method, path, kwargs, expected message part) for every hostile request listed in docs/reliability.md."""
     secret = str(srv.outside / "secret.nii.gz")
     secret_label = str(srv.outside / "secret_label.nii.gz")
     victim = str(srv.outside / "victim_dir")

@@ -133,7 +133,8 @@ def _click(server, image_id: str, client: str, points, tmp_path: Path) -> Tuple[
     viewers send it), sent as 3D Slicer sends it; returns the label map answered and the JSON part."""
     params = {"spleen": [list(p) for p in points], "liver": [], "background": [], "label": "spleen"}
     folder = tempfile.mkdtemp(prefix=f"{client}_", dir=tmp_path)
-    result_file, result = MONAILabelClient(server.url, tmpdir=folder, client_id=client).infer("sam_med3d", image_id, params)
+    client_api = MONAILabelClient(server.url, tmpdir=folder, client_id=client)
+    result_file, result = client_api.infer("sam_med3d", image_id, params)
     return np.asarray(nib.load(result_file).dataobj), result
 
 

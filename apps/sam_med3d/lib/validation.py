@@ -15,7 +15,8 @@ stores): a single-file format whose header, parsed before any library opens it, 
 (no NRRD ``data file``, no MetaImage ``ElementDataFile`` other than ``LOCAL``, no ``.hdr``/``.img`` pair); a
 non-empty 3D scalar volume (trailing singleton dimensions allowed) of at most ``max_voxels`` voxels, checked
 from the **header** before any voxel is decompressed (a few hundred kB of gzip can claim gigabytes), with
-finite values. A label must also have its image's grid (size, spacing, origin, direction within a small tolerance) and integer values 0..255.
+finite values. A label must also have its image's grid (size, spacing, origin, direction within a small
+tolerance) and integer values 0..255.
 
 Every refusal is an :class:`~lib.errors.InvalidRequest` whose message names the field and the problem.
 """

@@ -11,8 +11,8 @@ handlers that keep MONAI Label's request and response formats and
   uploads' names, ``params`` as a JSON object and its fields), on the form FastAPI parsed: an unknown model is
   a 404 naming the known ones, invalid ``params`` a 422 (MONAI Label: 500 for both); the request guard leaves
   this route to it (the guard answers unknown trainers, scoring methods and strategies the same way);
-- store uploads (``file``, ``label``) under a name the server chooses, with their checked extension; tell the task which files came with the request
-  (:data:`~lib.infers.fields.UPLOADED_IMAGE`, :data:`~lib.infers.fields.UPLOADED_LABEL`, set after the client's
+- store uploads (``file``, ``label``) under a name the server chooses, with their checked extension; tell the
+  task which files came with the request (:data:`~lib.infers.fields.UPLOADED_IMAGE`, :data:`~lib.infers.fields.UPLOADED_LABEL`, set after the client's
   ``params`` are merged, so a client cannot name a server path as its label file);
 - say who the request is from when it carries no ``client_id`` (the OHIF bundled with MONAI Label sends none):
   the authenticated user when MONAI Label's authentication is on, else the caller's address
