@@ -241,6 +241,117 @@
     renderPanel();
   }
 
+  // ----------------------------------------------------------------------------------------- a saved SEG
+  /*
+   * In this mode every viewport is a volume (MPR) viewport. OHIF sends a SEG opened from the study list to
+   * its SEG viewport, which renders the SEG display set on its own in that volume viewport: a SEG has no
+   * volume (ViewportService._setVolumeViewport: "Volume display set not found"), setVolumes then reads
+   * 'volumeId' of undefined, the route's Error Boundary catches it and the scan turns black. Here a SEG
+   * never reaches a viewport: the viewports keep the scan, and the SEG's frames are written into the
+   * panel's label map, each segment by its name under the panel's segment of that name (so in the colours
+   * the panel draws the server's labels in), each frame on the slice of the instance it references.
+   */
+  function inThisMode() {
+    return window.location.pathname.indexOf('/monai-label') >= 0;
+  }
+
+  function segDisplaySet(uid) {
+    const displaySet = window.services.displaySetService.getDisplaySetByUID(uid);
+    return displaySet && displaySet.Modality === 'SEG' ? displaySet : null;
+  }
+
+  async function showSeg(seg) {
+    const services = window.services;
+    for (let waited = 0; !labelmapVolume() && waited < 120000; waited += 500) {
+      await new Promise(resolve => setTimeout(resolve, 500));  // the panel connects once the scan is shown
+    }
+    const volume = labelmapVolume();
+    if (!volume) {
+      notify('Connect the MONAI Label panel before opening a saved label', 'warning');
+      return false;
+    }
+    const auth = services.userAuthenticationService;
+    await seg.load({headers: auth && auth.getAuthorizationHeader ? auth.getAuthorizationHeader() : {}});
+    const referenced = services.displaySetService.getDisplaySetByUID(seg.referencedDisplaySetInstanceUID);
+    const frames = new Uint8Array(seg.labelmapBufferArray[0]);
+    // The bundle also made a segmentation of its own for the SEG: only the panel's is shown and saved.
+    try {
+      services.segmentationService.remove(seg.displaySetInstanceUID);
+    } catch (err) {
+      // not added
+    }
+    const imageIds = referenced.instances.map(instance => instance.imageId);
+    const scan = window.cornerstone.cache.getVolumes().find(v => v.imageIds && v.imageIds.includes(imageIds[0]));
+    if (!scan) {
+      notify('The scan of this SEG is not shown', 'error');
+      return false;
+    }
+    const sliceLength = volume.dimensions[0] * volume.dimensions[1];
+    const table = new Uint8Array(256);
+    const unknown = [];
+    for (const info of seg.segMetadata.data.slice(1)) {
+      if (!info) {
+        continue;
+      }
+      const index = segmentIndexOf(info.SegmentLabel);
+      if (index) {
+        table[Number(info.SegmentNumber)] = index;
+      } else {
+        unknown.push(info.SegmentLabel);
+      }
+    }
+    const data = new Uint8Array(volume.voxelManager.getCompleteScalarDataArray().length);
+    for (let n = 0; n < imageIds.length; n++) {
+      const k = scan.imageIds.indexOf(imageIds[n]);
+      if (k < 0) {
+        continue;
+      }
+      const frame = frames.subarray(n * sliceLength, (n + 1) * sliceLength);
+      const slice = data.subarray(k * sliceLength, (k + 1) * sliceLength);
+      for (let i = 0; i < sliceLength; i++) {
+        slice[i] = table[frame[i]];
+      }
+    }
+    writeMap(volume, data);
+    state.modelMap = null;
+    state.undo = [];
+    renderPanel();
+    notify('Showing the saved label ' + (seg.SeriesDescription || '') +
+           (unknown.length ? ' (segments not labels of this server: ' + unknown.join(', ') + ')' : ''),
+           unknown.length ? 'warning' : 'success');
+    return true;
+  }
+
+  function wrapViewportGrid() {
+    const grid = window.services && window.services.viewportGridService;
+    if (!grid || grid.samMed3dWrapped) {
+      return;
+    }
+    const original = grid.setDisplaySetsForViewports.bind(grid);
+    grid.setDisplaySetsForViewports = function (viewports) {
+      if (!inThisMode() || !Array.isArray(viewports)) {
+        return original(viewports);
+      }
+      const segs = [];
+      const kept = viewports.filter(viewport => {
+        const uids = viewport.displaySetInstanceUIDs || [];
+        const found = uids.map(segDisplaySet).filter(Boolean);
+        segs.push(...found);
+        return !found.length;
+      });
+      if (segs.length) {
+        const seg = segs[segs.length - 1];
+        state.segLoad = showSeg(seg).catch(err => {
+          console.error('SAM-Med3D: the SEG could not be shown', err);
+          notify('The saved label could not be shown: ' + err.message, 'error');
+          return false;
+        });
+      }
+      return kept.length ? original(kept) : Promise.resolve();
+    };
+    grid.samMed3dWrapped = true;
+  }
+
   // ----------------------------------------------------------------------------------------------- panel
   function button(id, text, title, onClick, active) {
     const element = document.createElement('button');
@@ -307,10 +418,14 @@
       state.tool = 'points';
     }
     wrapUpdateView(panel);
+    wrapViewportGrid();
     ensurePanel();
   }
 
-  const observer = new MutationObserver(() => ensurePanel());
+  const observer = new MutationObserver(() => {
+    ensurePanel();
+    wrapViewportGrid();
+  });
   function observe() {
     observer.observe(document.body, {childList: true, subtree: true});
   }
@@ -326,5 +441,6 @@
     attach(panel);
     return autoConnect ? autoConnect(panel) : undefined;
   };
-  samMed3d.edit = {attach: attach, undo: undo, useTool: useTool, setBrushSize: setBrushSize, state: state};
+  samMed3d.edit = {attach: attach, undo: undo, useTool: useTool, setBrushSize: setBrushSize, showSeg: showSeg,
+                   state: state};
 })();
