@@ -374,7 +374,7 @@
              state.tool === 'points'),
       button('samMed3dBrush', 'Brush', 'Left drag paints the label chosen under Point Prompts',
              () => useTool('brush'), state.tool === 'brush'),
-      button('samMed3dEraser', 'Eraser', 'Left drag erases (any label)', () => useTool('eraser'),
+      button('samMed3dEraser', 'Eraser', 'Left drag erases (back to background)', () => useTool('eraser'),
              state.tool === 'eraser'),
       button('samMed3dUndo', 'Undo', 'Take back the last Run (its points and its change to the mask)', undo,
              false));
