@@ -7,7 +7,7 @@ flat index = column + row * columns + slice * columns * rows), whatever numbers 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Sequence
 
 import numpy as np
 import requests
@@ -74,10 +74,6 @@ def wait_viewer(browser: Browser, expected: np.ndarray, values: Dict[str, int], 
         differ = int((last.get("map", np.zeros_like(expected)) != expected).sum())
         raise AssertionError(f"{what}: OHIF's label map differs in {differ} voxels") from None
     return last["map"]
-
-
-def voxels_of(changed: np.ndarray) -> List[tuple]:
-    return [tuple(int(v) for v in p) for p in np.argwhere(changed)]
 
 
 def newest_seg(orthanc, work: Path, seen: Iterable[str], timeout_s: float = 60.0) -> Path:

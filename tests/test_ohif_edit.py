@@ -15,7 +15,9 @@ Chromium/chromedriver/Orthanc the test skips, naming what is missing; ``REQUIRE_
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def test_brush_eraser_click_undo_save_and_open_the_seg(data_dir, tmp_path):
 
 
 def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_uid, artifacts, work):
-    values = {name: value for value, name in enumerate(requests.get(f"{server.url}/info/", timeout=30).json()["labels"])}
+    labels = requests.get(f"{server.url}/info/", timeout=30).json()["labels"]
+    values = {name: value for value, name in enumerate(labels)}
     spleen = values[SPLEEN]
     shape = truth.shape
     browser.open_monai_label_mode(server.url, study_uid)
@@ -160,9 +163,6 @@ def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_ui
     row3, column3 = _interior(truth[k] & (np.arange(shape[2])[None, :] > column))
     third_request = run_click(browser, (column3, row3, k))
     third = third_request["answer"]
-    import json
-    import re
-
     post = third_request["post"] or browser.request_post_data(third_request["id"])
     params = json.loads(re.search(r'name="params"\r?\n\r?\n(.*?)\r?\n--', post, re.S).group(1))
     sent = np.asarray(params[SPLEEN], dtype=float)
