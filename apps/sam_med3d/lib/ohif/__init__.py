@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-#: The script appended to the bundle's ``app-config.js``.
-ADDITIONS_JS = HERE / "sam-med3d-ohif.js"
+#: The scripts appended, in this order, to the bundle's ``app-config.js``.
+ADDITIONS_JS = [HERE / "sam-med3d-ohif.js", HERE / "sam-med3d-edit.js"]
 #: The chunk of the bundled OHIF holding the MONAI Label extension (panel, client, Next Sample form).
 PANEL_CHUNK = "3933.bundle.92d0a0e9bc7e6861b7c9.js"
 #: Its SHA-256 in the monailabel 0.8.5 wheel: the patches below were written against exactly this file.
@@ -221,7 +221,7 @@ class OhifFiles:
                          "see docs/ohif_upgrade.md", err)
             return
         config = (self.root / "app-config.js").read_bytes().decode("utf-8")
-        additions = ADDITIONS_JS.read_text(encoding="utf-8")
+        additions = "\n".join(path.read_text(encoding="utf-8") for path in ADDITIONS_JS)
         self.overrides = dict(patched, **{"app-config.js": (config + "\n" + additions).encode("utf-8")})
         self.patched = True
 
