@@ -47,6 +47,7 @@ from lib.upstream_fixes.login_route import install_login_route
 from lib.upstream_fixes.proxy_route import install_proxy_refusal
 from lib.upstream_fixes.reload_route import install_reload_refusal
 from lib.upstream_fixes.session_image_route import install_session_image_route
+from lib.upstream_fixes.session_upload_route import install_session_upload_route
 from lib.upstream_fixes.task_shutdown import (exit_with_parent, install_clean_shutdown, is_task_subprocess,
                                               remove_partial_saves)
 from lib.upstream_fixes.token_algorithms import install_token_algorithms
@@ -160,6 +161,7 @@ class SamMed3DApp(MONAILabelApp):
         install_gpu_log_route()
         install_proxy_refusal(self.studies)
         install_session_image_route()
+        install_session_upload_route(self.config.options.max_voxels)
         # /ohif/: the bundled OHIF with a Save button, working Strategy/Next Sample and training state (lib/ohif).
         install_ohif()
         self._prefetch_dicomweb()

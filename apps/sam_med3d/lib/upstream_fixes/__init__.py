@@ -14,6 +14,8 @@ In this package:
 - :mod:`.reload_route`: ``POST /reload`` refused (``tests/test_auth.py``);
 - :mod:`.checksum_route`, :mod:`.gpu_log_route`, :mod:`.proxy_route`, :mod:`.session_image_route`: routes that
   answered 500 (``tests/test_no_server_errors.py``);
+- :mod:`.session_upload_route`: ``PUT /session/`` read through the app's reader, a single-file DICOM volume
+  accepted, nothing left in the temporary folder (``tests/test_file_safety.py``);
 - :mod:`.cors_policy`: no cross-origin answers by default (``tests/test_serve_script.py``);
 - :mod:`.task_shutdown`: task subprocesses stop with the server, SIGTERM or SIGKILL
   (``tests/test_reliability.py``).
