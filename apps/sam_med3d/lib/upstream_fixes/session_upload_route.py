@@ -40,7 +40,9 @@ from monailabel.endpoints.user.auth import RBAC, User
 from sam_med3d.headers import single_file_suffix
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore.validation import read_header, upload_basename
+from sam_med3d.io import ScanHeader, ScanTooLarge, read_header
+
+from lib.datastore.validation import upload_basename
 from lib.errors import InvalidRequest
 from lib.upstream_fixes._routes import put_first
 
@@ -57,6 +59,16 @@ def _copy(upload: UploadFile, path: str) -> None:
             if not chunk:
                 break
             out.write(chunk)
+
+
+def _checked_header(path: str, what: str, max_voxels: Optional[int]) -> ScanHeader:
+    """:func:`sam_med3d.io.read_header` of an upload, its refusal a 4xx naming ``what`` (413 over the cap)."""
+    try:
+        return read_header(path, max_voxels)
+    except ValueError as err:
+        message = str(err).replace(f"folder {path}", what).replace(path, what)
+        raise InvalidRequest(f"{message} by this server (--conf max_voxels)" if isinstance(err, ScanTooLarge)
+                             else message, status_code=413 if isinstance(err, ScanTooLarge) else 422) from None
 
 
 def _is_dicom_name(name: str) -> bool:
@@ -96,14 +108,14 @@ def create_session(expiry: int, files: List[UploadFile], max_voxels: Optional[in
         if scans:
             image = os.path.join(received, scans[0])
             _copy(named[0], image)
-            read_header(image, f"the session upload {scans[0]!r}", max_voxels)
+            _checked_header(image, f"the session upload {scans[0]!r}", max_voxels)
         else:
             image = os.path.join(received, "series")
             os.mkdir(image)
             for name, upload in zip(names, named):
                 _copy(upload, os.path.join(image, name))
             what = f"the DICOM upload {names[0]!r}" if len(names) == 1 else f"the DICOM series of {len(names)} files"
-            header = read_header(image, what, max_voxels)
+            header = _checked_header(image, what, max_voxels)
             if min(header.size) < 2:
                 raise InvalidRequest(f"{what} is a single 2D slice ({header.shape_str()}); send every slice of the "
                                      "series as 'files' fields, or one multi-frame (3D) DICOM file")
