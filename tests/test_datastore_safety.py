@@ -25,6 +25,7 @@ from app_helpers import APP_DIR
 sys.path.insert(0, str(APP_DIR))
 try:
     from lib.datastore.local import HISTORY_DIR, SafeLocalDatastore  # noqa: E402
+    from lib.activelearning.uncertainty import UncertaintyScoring  # noqa: E402
     from lib.errors import InvalidRequest  # noqa: E402
 finally:
     sys.path.remove(str(APP_DIR))
@@ -414,3 +415,33 @@ def test_uploads_whose_header_names_another_file_are_refused(place, kind):
         _refused(store.add_image, "evil", str(path), {}, match="another file")
         _refused(store.save_label, "a", str(path), "final", {}, match="another file")
     assert _snapshot(studies) == before
+
+
+def test_scoring_reads_images_through_the_reader_with_the_voxel_cap(tmp_path, mini_checkpoint, caplog):
+    """Active-learning scoring read every unlabelled image whatever its size (a scan put into the studies folder
+    by hand is checked by no upload): one over the cap is now skipped from its header, one whose header names
+    another file is never read, and the others are scored."""
+    from types import SimpleNamespace
+
+    from sam_med3d.checkpoint import load_model
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rng = np.random.default_rng(0)
+    _write_nifti(studies / "small.nii.gz", rng.normal(0, 100, (24, 24, 24)).astype(np.float32))
+    _write_nifti(studies / "large.nii.gz", rng.normal(0, 100, (48, 48, 48)).astype(np.float32))  # 110592 voxels
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"S" * 30000)
+    (studies / "evil.nrrd").write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 24 24 24\nencoding: raw\n"
+                                       f"data file: {secret}\n\n")
+    datastore = SafeLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nrrd"])
+    assert sorted(datastore.get_unlabeled_images()) == ["evil", "large", "small"]
+    model = load_model(str(mini_checkpoint), device="cpu")
+    served = SimpleNamespace(device="cpu", get=lambda: (model, None), path=lambda: Path(mini_checkpoint))
+    scoring = UncertaintyScoring(served, prompts=1, max_voxels=50_000)
+    with caplog.at_level("WARNING"):
+        result = scoring({}, datastore)
+    assert sorted(result) == ["small"]
+    assert "more than the 50000 accepted" in caplog.text and "names another file" in caplog.text
+    assert UncertaintyScoring.KEY in datastore.get_image_info("small")
+    assert UncertaintyScoring.KEY not in datastore.get_image_info("large")
