@@ -327,3 +327,23 @@ def test_a_uint8_label_read_by_itk_is_the_files_content_not_freed_memory(tmp_pat
         clutter = [np.full(label.nbytes, 129, dtype=np.uint8) for _ in range(20)]  # reuse the freed memory
         np.testing.assert_array_equal(label, expected)
         del clutter
+
+
+def test_a_dicom_series_whose_later_files_are_larger_is_refused_from_the_headers(tmp_path):
+    """The cap was counted from the first file's header times the number of files: a small first slice let the
+    others claim any size (ITK's series reader decodes each file before it compares sizes)."""
+    folder = tmp_path / "series"
+    _dicom_series(folder, slices=3)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.77"
+    big = sitk.GetImageFromArray(np.ones((300, 400), dtype=np.int16))
+    for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".1",
+                       "0008|0018": f"{series}.9", "0020|0013": "9", "0020|0032": "0\\0\\20.0",
+                       "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
+        big.SetMetaData(tag, value)
+    writer.SetFileName(str(folder / "s9.dcm"))
+    writer.Execute(big)
+    for read in (read_header, load_scan):
+        with pytest.raises(ValueError, match="different sizes"):
+            read(folder, max_voxels=10_000)

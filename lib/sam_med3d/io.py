@@ -512,16 +512,34 @@ def _dicom_header(folder: Path, max_voxels: Optional[int]) -> tuple:
     chosen, files, count = _dicom_files(folder)
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
+    # Every file's header, not only the first one's: ITK's series reader decodes each file whole before it
+    # compares sizes, so one small first slice would let the others claim any size past the cap.
+    first: Optional[tuple] = None
+    voxels = 0
+    for path in files:
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"DICOM series {chosen} in {name} could not be read ({os.path.basename(path)}: "
+                             f"{_itk_error(err)})") from None
+        shape = tuple(int(n) for n in reader.GetSize()) + (1, 1)
+        shape = shape[:3] + (int(reader.GetNumberOfComponents()),)
+        if first is None:
+            first = shape
+        elif shape != first:
+            raise ValueError(f"DICOM series {chosen} in {name} has files of different sizes "
+                             f"({os.path.basename(files[0])}: {'x'.join(map(str, first[:3]))}, "
+                             f"{os.path.basename(path)}: {'x'.join(map(str, shape[:3]))}); a series is read only "
+                             "when all its slices have one size")
+        voxels += shape[0] * shape[1] * max(1, shape[2]) * shape[3]
+        if max_voxels is not None and voxels > max_voxels:
+            raise ScanTooLarge(f"{name} (DICOM series {chosen}) has more than {int(max_voxels)} voxels, the most "
+                               f"accepted ({shape[0]}x{shape[1]} in each of its {len(files)} file(s): "
+                               f"{shape[0] * shape[1] * max(1, shape[2]) * len(files) * shape[3]} voxels)")
     reader.SetFileName(files[0])
-    try:
-        reader.ReadImageInformation()
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"DICOM series {chosen} in {name} could not be read ({_itk_error(err)})") from None
+    reader.ReadImageInformation()
     size = [int(n) for n in reader.GetSize()] + [1, 1]
-    voxels = size[0] * size[1] * max(1, size[2]) * len(files) * int(reader.GetNumberOfComponents())
-    if max_voxels is not None and voxels > max_voxels:
-        raise ScanTooLarge(f"{name} (DICOM series {chosen}) has {voxels} voxels ({size[0]}x{size[1]} in "
-                           f"{len(files)} file(s)), more than the {int(max_voxels)} accepted")
     header = ScanHeader(source=f"{name} (DICOM series {chosen})", size=(size[0], size[1], len(files) * max(1, size[2])),
                         spacing=tuple(float(v) for v in reader.GetSpacing()[:3]),
                         origin=tuple(float(v) for v in reader.GetOrigin()[:3]),
