@@ -445,3 +445,32 @@ def test_scoring_reads_images_through_the_reader_with_the_voxel_cap(tmp_path, mi
     assert "more than the 50000 accepted" in caplog.text and "names another file" in caplog.text
     assert UncertaintyScoring.KEY in datastore.get_image_info("small")
     assert UncertaintyScoring.KEY not in datastore.get_image_info("large")
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "replaced"])
+def test_a_label_saved_while_its_image_is_deleted_is_not_left_behind(place, monkeypatch, meanwhile):
+    """A DELETE of the image answered between the label's checks and its placement (two requests at once) left
+    the label in place for an image that was gone: the next image uploaded under that id came with it."""
+    ds, studies, _, uploads = place
+    from lib.datastore import local
+
+    real_check = local.check_label_file
+
+    def check_then_delete(*args, **kwargs):
+        header = real_check(*args, **kwargs)
+        ds.remove_image("a")  # the other request, done while this save was validating
+        if meanwhile == "replaced":
+            bigger = np.random.default_rng(5).normal(0, 100, (14, 10, 8)).astype(np.float32)
+            ds.add_image("a", str(_write_nifti(uploads / "other.nii.gz", bigger)), {})
+        return header
+
+    monkeypatch.setattr(local, "check_label_file", check_then_delete)
+    _refused(ds.save_label, "a", str(_label(uploads / "lab.nii.gz")), "final", {}, status=409,
+             match="while its label was being saved")
+    monkeypatch.setattr(local, "check_label_file", real_check)
+    assert not list((studies / "labels" / "final").glob("a.*")) if (studies / "labels" / "final").is_dir() else True
+    reopened = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    if meanwhile == "replaced":
+        assert reopened.get_label_uri("a", "final") == ""
+    else:
+        assert "a" not in reopened.list_images()
