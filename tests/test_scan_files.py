@@ -347,3 +347,32 @@ def test_a_dicom_series_whose_later_files_are_larger_is_refused_from_the_headers
     for read in (read_header, load_scan):
         with pytest.raises(ValueError, match="different sizes"):
             read(folder, max_voxels=10_000)
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "mha"])
+def test_a_header_with_many_dimensions_is_refused_without_crashing_the_process(tmp_path, kind):
+    """ITK's NRRD reader ended the process with a segmentation fault on an NRRD of 11 or more dimensions (one
+    unauthenticated upload stopped the server): the header is refused before ITK sees it. Read in a child
+    process, so that a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    paths = []
+    for ndim in (6, 11, 16):
+        sizes = " ".join(["2"] * ndim)
+        path = tmp_path / f"d{ndim}.{kind}"
+        if kind == "nrrd":
+            header = f"NRRD0004\ntype: uint8\ndimension: {ndim}\nsizes: {sizes}\nencoding: raw\n\n"
+        else:
+            header = (f"ObjectType = Image\nNDims = {ndim}\nDimSize = {sizes}\nElementType = MET_UCHAR\n"
+                      "ElementDataFile = LOCAL\n")
+        path.write_bytes(header.encode() + bytes(2 ** ndim))
+        paths.append(str(path))
+    code = ("import sys\nfrom sam_med3d.io import read_header, load_label\nfor path in sys.argv[1:]:\n"
+            "    for read in (read_header, load_label):\n        try:\n            read(path)\n"
+            "        except ValueError as err:\n            print('refused:', err, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"the reader's process ended with {done.returncode}:\n{done.stdout}"
+    for ndim in (6, 11, 16):
+        assert done.stdout.count(f"declares {ndim} dimensions") == 2, done.stdout
