@@ -360,3 +360,20 @@ def test_train_requests_never_name_their_own_datalist(server, unchanged, body):
         response = requests.post(f"{server.url}{path}", json=sent, timeout=60)
         assert response.status_code == 422, response.text
         assert "_ds" in response.json()["detail"], response.text  # names train_ds / val_ds
+
+
+def test_a_header_that_crashed_itk_is_refused_and_the_server_keeps_serving(server, unchanged):
+    """An NRRD of 16 dimensions made ITK end the server's process (a segmentation fault) wherever it was read:
+    a datastore upload, a click's image or label, a session."""
+    data = (b"NRRD0004\ntype: uint8\ndimension: 16\nsizes: " + b" ".join([b"2"] * 16) + b"\nencoding: raw\n\n"
+            + bytes(1 << 16))
+    calls = [("PUT", "/datastore/image", {"params": {"image": "crash"}, "files": {"file": ("c.nrrd", data)}}),
+             ("PUT", "/datastore/label", {"params": {"image": "breast1", "tag": "final"},
+                                          "files": {"label": ("c.nrrd", data)}}),
+             ("POST", f"/infer/{MODEL}", {"params": {"image": "breast1"}, "data": {"params": json.dumps(CLICK)},
+                                          "files": {"label": ("c.nrrd", data)}}),
+             ("PUT", "/session/", {"files": [("files", ("c.nrrd", data))]})]
+    for method, path, kwargs in calls:
+        response = requests.request(method, f"{server.url}{path}", timeout=60, **kwargs)
+        assert response.status_code == 422 and "16 dimensions" in response.json()["detail"], (path, response.text)
+        assert server.process.poll() is None, f"the server ended after {method} {path}"
