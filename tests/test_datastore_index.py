@@ -3,9 +3,10 @@
 - Unit tests on :class:`SafeLocalDatastore` (no server): an empty, cut-short or garbage index is set aside and
   rebuilt from the studies folder with every image and label; a failing write leaves the old index whole;
   ``info`` is bounded; ids that differ from existing ones only by case or Unicode form are refused.
-- One real server (``monailabel start_server`` on 127.0.0.1) killed with SIGKILL at random moments of many
-  writes (label saves and ``info`` updates), restarted every time: it must start, and every label whose save
-  was answered 200 must be listed with its file; an empty index planted before a start changes nothing.
+- One real server (``monailabel start_server`` on 127.0.0.1) killed with SIGKILL at seeded random moments of
+  many writes (label saves, ``info`` updates, image uploads), restarted after every kill: it must start, and
+  every label whose save was answered 200 must be listed with its file; an empty index planted before a start
+  changes nothing.
 """
 
 from __future__ import annotations
@@ -360,3 +361,131 @@ def test_info_over_the_limit_is_refused_by_the_server(restarted):
             assert response.status_code == 413, (path, response.status_code, response.text[:300])
             assert message in response.json()["detail"]
     assert (restarted.studies / INDEX).stat().st_size < size + 4096
+
+
+# ------------------------------------------------------------------------------- the real server, killed many times
+SERVER_KILLS = 6
+
+
+class _Writes:
+    """What one writer thread sent and what the server acknowledged, per image the thread owns."""
+
+    def __init__(self, images):
+        self.images = list(images)
+        self.acknowledged: dict = {}  # image -> label value answered 200
+        self.in_flight: dict = {}  # image -> label value sent, no answer yet (it may have landed)
+        self.uploaded: list = []  # new image ids answered 200
+        self.saves = 0
+
+
+def _server_writer(url: str, writes: _Writes, stop: threading.Event, prefix: str, seed: int) -> None:
+    """Label saves, ``info`` updates and new image uploads, as fast as the server answers, until it is killed."""
+    rng = random.Random(seed)
+    session = requests.Session()
+    count = 0
+    while not stop.is_set():
+        count += 1
+        image = rng.choice(writes.images)
+        kind = count % 4
+        try:
+            if kind == 0:
+                name = f"{prefix}_n{count}"
+                data = _label_bytes(1)  # any valid scan; values 0/1 are not constant
+                response = session.put(f"{url}/datastore/image", params={"image": name},
+                                       files={"file": (f"{name}.nii", data)}, timeout=15)
+                if response.status_code == 200:
+                    writes.uploaded.append(name)
+            elif kind == 1:
+                session.put(f"{url}/datastore/image/info", params={"image": image},
+                            data={"info": json.dumps({"note": "n" * rng.randint(1000, 40000), "v": count})},
+                            timeout=15)
+            else:
+                value = rng.randint(1, 250)
+                writes.in_flight[image] = value
+                response = session.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
+                                       files={"label": ("l.nii", _label_bytes(value))}, timeout=15)
+                if response.status_code == 200:
+                    writes.acknowledged[image] = value
+                    writes.saves += 1
+                    writes.in_flight.pop(image, None)
+        except requests.RequestException:
+            return  # the server was killed
+
+
+def test_a_server_killed_at_random_moments_of_many_writes_starts_every_time_with_every_label(tmp_path,
+                                                                                              mini_checkpoint):
+    """The real server, SIGKILLed SERVER_KILLS times at seeded random moments while three clients save labels,
+    update ``info`` and upload images, is started again after every kill: it must start, list every image and
+    every label whose save was answered 200 (with that value, or the one of a save still in flight), have a
+    readable index that matches the folder, and leave no temporary file of the index behind."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    images = [f"s{i}" for i in range(6)]
+    for index, image in enumerate(images):
+        _scan(studies / f"{image}.nii.gz", index)
+    app = copy_app(tmp_path / "app")
+    conf = {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": "spleen=1,liver=2",
+            "device": "cpu", "preload": "false", "extension": "off"}
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    rng = random.Random(29)
+    owners = [_Writes(images[i::3]) for i in range(3)]
+    torn = 0
+    starts: list = []
+    for kill in range(SERVER_KILLS):
+        started = time.monotonic()
+        server = start_server(app, studies, conf, log_path=tmp_path / f"run{kill}.log", env=env, timeout_s=120)
+        starts.append(time.monotonic() - started)
+        try:
+            # Started again: every image, upload and acknowledged label of the earlier rounds is there.
+            listed = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+            uploaded = [name for writes in owners for name in writes.uploaded]
+            assert set(images + uploaded) <= set(listed), f"start {kill}: images missing from the index"
+            for writes in owners:
+                for image, value in writes.acknowledged.items():
+                    assert "final" in listed[image]["labels"], f"start {kill}: the label of {image} is lost"
+                    stored = requests.get(f"{server.url}/datastore/label", params={"label": image, "tag": "final"},
+                                          timeout=30)
+                    assert stored.status_code == 200, (kill, image, stored.status_code)
+                    found = int(np.asarray(nib.Nifti1Image.from_bytes(stored.content).dataobj).max())
+                    assert found in (value, writes.in_flight.get(image)), \
+                        f"start {kill}: {image} holds label {found}, last saved {value}"
+                    writes.acknowledged[image] = found  # a save in flight at the kill may have landed
+                writes.in_flight.clear()
+            on_disk = {p.name.split(".")[0] for p in (studies / "labels" / "final").glob("[!.]*.nii*")} \
+                if (studies / "labels" / "final").is_dir() else set()
+            with_label = {image for image, entry in listed.items() if "final" in entry["labels"]}
+            assert on_disk == with_label, f"start {kill}: labels on disk {on_disk} but indexed {with_label}"
+            json.loads((studies / INDEX).read_text())
+            assert not list(studies.glob(f".{INDEX}.*.tmp")), f"start {kill}: temporary index files left"
+            # Writes, then a kill at a random moment after the first save of the round was answered.
+            stop = threading.Event()
+            saves = sum(writes.saves for writes in owners)
+            threads = [threading.Thread(target=_server_writer, args=(server.url, writes, stop, f"k{kill}w{i}",
+                                                                     rng.randrange(1 << 30)))
+                       for i, writes in enumerate(owners)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while sum(writes.saves for writes in owners) == saves and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sum(writes.saves for writes in owners) > saves, f"round {kill}: no save answered in 30 s"
+            time.sleep(rng.uniform(0.0, 0.8))
+            torn += bool(list(studies.glob(f".{INDEX}.*.tmp")))
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=10)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        finally:
+            server.stop()
+    server = start_server(app, studies, conf, log_path=tmp_path / "last.log", env=env, timeout_s=120)
+    try:
+        listed = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+        for writes in owners:
+            for image in writes.acknowledged:
+                assert "final" in listed[image]["labels"], f"after the last kill: the label of {image} is lost"
+    finally:
+        server.stop()
+    print(f"{SERVER_KILLS} kills of the server, {torn} while an index write was in flight; "
+          f"{sum(w.saves for w in owners)} label saves, {sum(len(w.uploaded) for w in owners)} uploads answered; "
+          f"starts took {min(starts):.1f} to {max(starts):.1f} s")

@@ -25,6 +25,7 @@ from app_helpers import APP_DIR
 sys.path.insert(0, str(APP_DIR))
 try:
     from lib.datastore.local import HISTORY_DIR, SafeLocalDatastore  # noqa: E402
+    from lib.activelearning.uncertainty import UncertaintyScoring  # noqa: E402
     from lib.errors import InvalidRequest  # noqa: E402
 finally:
     sys.path.remove(str(APP_DIR))
@@ -414,3 +415,62 @@ def test_uploads_whose_header_names_another_file_are_refused(place, kind):
         _refused(store.add_image, "evil", str(path), {}, match="another file")
         _refused(store.save_label, "a", str(path), "final", {}, match="another file")
     assert _snapshot(studies) == before
+
+
+def test_scoring_reads_images_through_the_reader_with_the_voxel_cap(tmp_path, mini_checkpoint, caplog):
+    """Active-learning scoring read every unlabelled image whatever its size (a scan put into the studies folder
+    by hand is checked by no upload): one over the cap is now skipped from its header, one whose header names
+    another file is never read, and the others are scored."""
+    from types import SimpleNamespace
+
+    from sam_med3d.checkpoint import load_model
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rng = np.random.default_rng(0)
+    _write_nifti(studies / "small.nii.gz", rng.normal(0, 100, (24, 24, 24)).astype(np.float32))
+    _write_nifti(studies / "large.nii.gz", rng.normal(0, 100, (48, 48, 48)).astype(np.float32))  # 110592 voxels
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"S" * 30000)
+    (studies / "evil.nrrd").write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 24 24 24\nencoding: raw\n"
+                                       f"data file: {secret}\n\n")
+    datastore = SafeLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nrrd"])
+    assert sorted(datastore.get_unlabeled_images()) == ["evil", "large", "small"]
+    model = load_model(str(mini_checkpoint), device="cpu")
+    served = SimpleNamespace(device="cpu", get=lambda: (model, None), path=lambda: Path(mini_checkpoint))
+    scoring = UncertaintyScoring(served, prompts=1, max_voxels=50_000)
+    with caplog.at_level("WARNING"):
+        result = scoring({}, datastore)
+    assert sorted(result) == ["small"]
+    assert "more than the 50000 accepted" in caplog.text and "names another file" in caplog.text
+    assert UncertaintyScoring.KEY in datastore.get_image_info("small")
+    assert UncertaintyScoring.KEY not in datastore.get_image_info("large")
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "replaced"])
+def test_a_label_saved_while_its_image_is_deleted_is_not_left_behind(place, monkeypatch, meanwhile):
+    """A DELETE of the image answered between the label's checks and its placement (two requests at once) left
+    the label in place for an image that was gone: the next image uploaded under that id came with it."""
+    ds, studies, _, uploads = place
+    from lib.datastore import local
+
+    real_check = local.check_label_file
+
+    def check_then_delete(*args, **kwargs):
+        header = real_check(*args, **kwargs)
+        ds.remove_image("a")  # the other request, done while this save was validating
+        if meanwhile == "replaced":
+            bigger = np.random.default_rng(5).normal(0, 100, (14, 10, 8)).astype(np.float32)
+            ds.add_image("a", str(_write_nifti(uploads / "other.nii.gz", bigger)), {})
+        return header
+
+    monkeypatch.setattr(local, "check_label_file", check_then_delete)
+    _refused(ds.save_label, "a", str(_label(uploads / "lab.nii.gz")), "final", {}, status=409,
+             match="while its label was being saved")
+    monkeypatch.setattr(local, "check_label_file", real_check)
+    assert not list((studies / "labels" / "final").glob("a.*")) if (studies / "labels" / "final").is_dir() else True
+    reopened = SafeLocalDatastore(str(studies), extensions=["*.nii.gz"])
+    if meanwhile == "replaced":
+        assert reopened.get_label_uri("a", "final") == ""
+    else:
+        assert "a" not in reopened.list_images()

@@ -214,30 +214,81 @@ def _dicom_files(slices: int, size: int = 128) -> list:
 
 
 def test_a_dicom_series_uploaded_as_a_session_is_held_to_max_voxels(server):
-    """16 slices of 128^2 = 262144 voxels > 200000: 413 (the series was read whatever its size); 8 slices work."""
-    for slices, expected in ((16, 413), (8, 200)):
-        files = [("files", (name, data)) for name, data in _dicom_files(slices)]
-        created = requests.put(f"{server.url}/session/", files=files, timeout=60)
-        assert created.status_code == 200, created.text
-        session_id = created.json()["session_id"]
-        response = requests.post(f"{server.url}/infer/{MODEL}", params={"session_id": session_id, "output": "json"},
-                                 data={"params": json.dumps({"spleen": [[64, 64, 4]], "label": "spleen"})},
-                                 timeout=180)
-        assert response.status_code == expected, response.text
-        if expected == 413:
-            assert "262144 voxels" in response.json()["detail"]
-
-
-@pytest.mark.parametrize("attack", ["nrrd_data_file", "mha_server_environment"])
-def test_a_session_upload_never_reads_another_file(server, attack):
-    name, data = _attacks(server)[attack]
-    created = requests.put(f"{server.url}/session/", files=[("files", (name, data))], timeout=60)
+    """16 slices of 128^2 = 262144 voxels > 200000: 413 when the session is created (MONAI Label created it, the
+    series was read at the first click whatever its size); 8 slices work."""
+    files = [("files", (name, data)) for name, data in _dicom_files(16)]
+    created = requests.put(f"{server.url}/session/", files=files, timeout=60)
+    assert created.status_code == 413, created.text
+    assert "262144 voxels" in created.json()["detail"]
+    files = [("files", (name, data)) for name, data in _dicom_files(8)]
+    created = requests.put(f"{server.url}/session/", files=files, timeout=60)
     assert created.status_code == 200, created.text
     response = requests.post(f"{server.url}/infer/{MODEL}", params={"session_id": created.json()["session_id"],
-                                                                    "output": "all"},
-                             data={"params": json.dumps(CLICK)}, timeout=120)
-    _no_leak(response)
-    assert "another file" in response.json()["detail"], response.text
+                                                                    "output": "json"},
+                             data={"params": json.dumps({"spleen": [[64, 64, 4]], "label": "spleen"})}, timeout=180)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("attack", ["nrrd_data_file", "mha_server_environment", "nrrd_inside_a_nii_gz"])
+def test_a_session_upload_never_reads_another_file(server, attack, unchanged):
+    name, data = _attacks(server)[attack]
+    created = requests.put(f"{server.url}/session/", files=[("files", (name, data))], timeout=60)
+    _no_leak(created)
+    assert created.status_code == 422, created.text
+    assert ("another file" if attack != "nrrd_inside_a_nii_gz" else "not a NIfTI file") in created.json()["detail"]
+
+
+def _multiframe_dicom(frames: int, size: int = 40) -> bytes:
+    """One DICOM file holding a whole volume (multi-frame), as ITK writes a 3D image."""
+    img = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 1000, (frames, size, size)).astype(np.uint16))
+    img.SetSpacing((1.0, 1.0, 2.0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "volume.dcm"
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.SetFileName(str(path))
+        writer.Execute(img)
+        return path.read_bytes()
+
+
+def test_a_single_file_dicom_volume_makes_a_session_and_a_single_slice_is_refused(server):
+    """MONAI Label kept one uploaded .dcm as the session's image file, which nothing could read (the first click
+    was a 4xx): a multi-frame DICOM is now a session that clicks work on; one 2D slice is a 422 saying what to
+    send instead."""
+    created = requests.put(f"{server.url}/session/", files=[("files", ("volume.dcm", _multiframe_dicom(12)))],
+                           timeout=60)
+    assert created.status_code == 200, created.text
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"session_id": created.json()["session_id"],
+                                                                    "output": "json"},
+                             data={"params": json.dumps({"spleen": [[20, 20, 6]], "label": "spleen"})}, timeout=180)
+    assert response.status_code == 200, response.text
+    one_slice = _dicom_files(1)[0]
+    refused = requests.put(f"{server.url}/session/", files=[("files", one_slice)], timeout=60)
+    assert refused.status_code == 422 and "single 2D slice" in refused.json()["detail"], refused.text
+
+
+def test_refused_session_uploads_leave_nothing_behind(server, unchanged):
+    """Every refusal of PUT /session/ removes its uploads (MONAI Label left the folder whenever creation failed)
+    and creates no session."""
+    sessions = server.root / "sessions"
+    before = sorted(os.listdir(sessions)) if sessions.exists() else []
+    scan = (server.studies / "breast1.nii.gz").read_bytes()
+    big = np.zeros((100, 100, 30), np.int16)
+    big[0, 0, 0] = 1
+    cases = [
+        ({"files": [("files", ("big.nii.gz", gzip.compress(nib.Nifti1Image(big, np.eye(4)).to_bytes())))]}, 413),
+        ({"files": [("files", ("a.nii.gz", scan)), ("files", ("b.nii.gz", scan))]}, 422),
+        ({"files": [("files", ("a.nii.gz", scan)), ("files", ("s.dcm", _dicom_files(1)[0][1]))]}, 422),
+        ({"files": [("files", ("a.nii.gz", scan))], "params": {"expiry": "-5"}}, 422),
+        ({"files": [("files", ("a.nii.gz", b"not a scan"))]}, 422),
+        ({"files": [("files", ("s.dcm", b"not dicom"))]}, 422),
+        ({"files": [("files", ("s.dcm", b"x")), ("files", ("s.dcm", b"y"))]}, 422),
+    ]
+    for kwargs, expected in cases:
+        response = requests.put(f"{server.url}/session/", timeout=60, **kwargs)
+        assert response.status_code == expected, (kwargs.get("params"), response.status_code, response.text[:300])
+        assert response.json()["detail"]
+    assert (sorted(os.listdir(sessions)) if sessions.exists() else []) == before
 
 
 def test_a_link_leading_outside_the_studies_folder_is_never_read_or_written(server, unchanged):
@@ -309,3 +360,20 @@ def test_train_requests_never_name_their_own_datalist(server, unchanged, body):
         response = requests.post(f"{server.url}{path}", json=sent, timeout=60)
         assert response.status_code == 422, response.text
         assert "_ds" in response.json()["detail"], response.text  # names train_ds / val_ds
+
+
+def test_a_header_that_crashed_itk_is_refused_and_the_server_keeps_serving(server, unchanged):
+    """An NRRD of 16 dimensions made ITK end the server's process (a segmentation fault) wherever it was read:
+    a datastore upload, a click's image or label, a session."""
+    data = (b"NRRD0004\ntype: uint8\ndimension: 16\nsizes: " + b" ".join([b"2"] * 16) + b"\nencoding: raw\n\n"
+            + bytes(1 << 16))
+    calls = [("PUT", "/datastore/image", {"params": {"image": "crash"}, "files": {"file": ("c.nrrd", data)}}),
+             ("PUT", "/datastore/label", {"params": {"image": "breast1", "tag": "final"},
+                                          "files": {"label": ("c.nrrd", data)}}),
+             ("POST", f"/infer/{MODEL}", {"params": {"image": "breast1"}, "data": {"params": json.dumps(CLICK)},
+                                          "files": {"label": ("c.nrrd", data)}}),
+             ("PUT", "/session/", {"files": [("files", ("c.nrrd", data))]})]
+    for method, path, kwargs in calls:
+        response = requests.request(method, f"{server.url}{path}", timeout=60, **kwargs)
+        assert response.status_code == 422 and "16 dimensions" in response.json()["detail"], (path, response.text)
+        assert server.process.poll() is None, f"the server ended after {method} {path}"

@@ -100,8 +100,31 @@ def test_gpu_log_without_nvidia_smi_and_proxy_on_a_folder_are_404(server):
         assert response.status_code == 404 and "local folder" in response.json()["detail"], (method, path)
 
 
+def _dicom_slices(count: int) -> list:
+    """``count`` 32x32 CT slices of one series, as DICOM bytes."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    slices = []
+    for k in range(count):
+        image = sitk.GetImageFromArray(np.arange(32 * 32, dtype=np.int16).reshape(32, 32) + k)
+        for tag, value in {"0008|0060": "CT", "0020|000e": "1.2.3.9", "0020|000d": "1.2.3.9.1",
+                           "0008|0018": f"1.2.3.9.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|0032": f"0\\0\\{k * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
+            image.SetMetaData(tag, value)
+        with tempfile.TemporaryDirectory() as folder:
+            writer.SetFileName(f"{folder}/s.dcm")
+            writer.Execute(image)
+            with open(f"{folder}/s.dcm", "rb") as handle:
+                slices.append(handle.read())
+    return slices
+
+
 def test_image_of_a_session_of_several_files_is_409(server):
-    files = [("files", ("a.dcm", b"not really dicom")), ("files", ("b.dcm", b"not really dicom"))]
+    files = [("files", (f"{k}.dcm", data)) for k, data in enumerate(_dicom_slices(2))]
     created = _call(server, "PUT", "/session/", files=files)
     assert created.status_code == 200, created.text
     session_id = created.json()["session_id"]

@@ -212,3 +212,167 @@ def test_metaimage_header_end_spelled_otherwise_is_refused(tmp_path, secret):
                     f"elementdatafile = LOCAL\nElementDataFile = {secret}\n")
     with pytest.raises(ValueError, match="names another file"):
         read_header(path)
+
+
+# ------------------------------------------------------------------------------ training reads through the reader
+def _training_pair(folder: Path, suffix: str = ".nii.gz") -> dict:
+    """A scan with an oblique int16 grid and a label on it, as the datastore stores them."""
+    i, j, k = np.meshgrid(np.arange(20), np.arange(18), np.arange(16), indexing="ij")
+    volume = (3 * i + 50 * j + 700 * k + (i * j) % 7).astype(np.int16)
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    label[5:12, 4:10, 3:9] = 2
+    affine = np.array([[0.9, 0.1, 0.0, -10.0], [-0.1, 1.2, 0.2, 20.0], [0.0, -0.1, 2.5, 5.0], [0, 0, 0, 1]])
+    paths = {"image": folder / f"scan{suffix}", "label": folder / f"label{suffix}"}
+    for key, array in (("image", volume), ("label", label)):
+        if suffix.startswith(".nii"):
+            nib.save(nib.Nifti1Image(array, affine), str(paths[key]))
+        else:
+            img = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+            img.SetSpacing((0.9, 1.2, 2.5))
+            img.SetOrigin((10.0, -20.0, 5.0))
+            sitk.WriteImage(img, str(paths[key]))
+    return {key: str(path) for key, path in paths.items()}
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_training_reads_the_same_volumes_as_monai_loadimaged(tmp_path, suffix):
+    """The training frame (load, channel first, RAS, 1.5 mm) is what MONAI's LoadImaged gave for valid files."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from sam_med3d.training import preprocess_transforms
+
+    record = _training_pair(tmp_path, suffix)
+    ours = Compose(preprocess_transforms())(dict(record))
+    theirs = Compose([LoadImaged(("image", "label"), image_only=True), EnsureChannelFirstd(("image", "label"))]
+                     + preprocess_transforms(load=False))(dict(record))
+    for key in ("image", "label"):
+        assert tuple(ours[key].shape) == tuple(theirs[key].shape), key
+        np.testing.assert_allclose(ours[key].affine.numpy(), theirs[key].affine.numpy(), atol=1e-4)
+        np.testing.assert_allclose(ours[key].numpy(), theirs[key].numpy(), atol=1e-2, rtol=1e-5)
+    assert set(np.unique(ours["label"].numpy())) == {0.0, 2.0}
+
+
+def test_training_never_reads_a_file_through_a_header_naming_another(tmp_path, secret):
+    from monai.transforms import LoadImaged
+
+    from sam_med3d.training import training_transforms
+
+    record = _training_pair(tmp_path)
+    evil = tmp_path / "evil.nrrd"
+    evil.write_text(_nrrd_header(f"data file: {secret}", sizes="20 10 20"))
+    leaked = LoadImaged("image", reader="ITKReader", image_only=True)({"image": str(evil)})["image"]  # real
+    assert SECRET[:40] in np.asarray(leaked).astype(np.uint8).tobytes(order="F")
+    for key in ("image", "label"):
+        with pytest.raises(RuntimeError) as refused:  # MONAI's Compose names the transform, then the cause
+            training_transforms(crop_size=16)({**record, key: str(evil), "label_value": 2})
+        assert isinstance(refused.value.__cause__, ValueError)
+        assert "names another file" in str(refused.value.__cause__)
+
+
+def test_training_applies_the_voxel_cap_finite_values_and_the_label_grid(tmp_path):
+    from sam_med3d.reader_transforms import LoadScand
+    from sam_med3d.training import training_transforms
+
+    record = _training_pair(tmp_path)
+    with pytest.raises(RuntimeError) as refused:
+        training_transforms(crop_size=16, max_voxels=1000)({**record, "label_value": 2})
+    assert isinstance(refused.value.__cause__, ScanTooLarge)
+    huge = tmp_path / "huge.nii.gz"
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1024))
+    header.set_data_dtype(np.int16)
+    with gzip.open(huge, "wb") as out:
+        out.write(header.binaryblock + b"\x00" * 4)
+    with pytest.raises(ScanTooLarge):
+        LoadScand(("image", "label"))({**record, "image": str(huge)})  # the default cap, 2^28
+    nan = tmp_path / "nan.nii.gz"
+    array = np.random.default_rng(0).normal(size=(20, 18, 16)).astype(np.float32)
+    array[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(nan))
+    with pytest.raises(ValueError, match="NaN"):
+        LoadScand(("image", "label"))({**record, "image": str(nan)})
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 18, 16), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0])), str(shifted))
+    with pytest.raises(ValueError, match="spacing|origin|orientation"):
+        LoadScand(("image", "label"))({**record, "label": str(shifted)})
+    fractional = tmp_path / "fractional.nii.gz"
+    img = nib.load(record["image"])
+    nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), str(fractional))
+    with pytest.raises(ValueError, match="fractional"):
+        LoadScand(("image", "label"))({**record, "label": str(fractional)})
+
+
+def test_validation_crops_read_through_the_reader(tmp_path, secret):
+    from sam_med3d.training import OfficialCropd
+
+    record = _training_pair(tmp_path)
+    crop = OfficialCropd(crop_size=16)({**record, "label_value": 2})
+    assert crop["label"].sum() > 0
+    evil = tmp_path / "evil.nrrd"
+    evil.write_text(_nrrd_header(f"data file: {secret}", sizes="20 10 20"))
+    for key in ("image", "label"):
+        with pytest.raises(ValueError, match="names another file"):
+            OfficialCropd(crop_size=16)({**record, key: str(evil), "label_value": 2})
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
+def test_a_uint8_label_read_by_itk_is_the_files_content_not_freed_memory(tmp_path, suffix):
+    """load_label used to return a view of SimpleITK's buffer for uint8 NRRD/MHA labels, freed as it returned:
+    the caller then read whatever the allocator put there (a click's label map came back with stray values)."""
+    record = _training_pair(tmp_path, suffix)
+    expected = np.zeros((20, 18, 16), dtype=np.uint8)
+    expected[5:12, 4:10, 3:9] = 2
+    for _ in range(3):
+        label = load_label(record["label"], read_header(record["image"]))
+        clutter = [np.full(label.nbytes, 129, dtype=np.uint8) for _ in range(20)]  # reuse the freed memory
+        np.testing.assert_array_equal(label, expected)
+        del clutter
+
+
+def test_a_dicom_series_whose_later_files_are_larger_is_refused_from_the_headers(tmp_path):
+    """The cap was counted from the first file's header times the number of files: a small first slice let the
+    others claim any size (ITK's series reader decodes each file before it compares sizes)."""
+    folder = tmp_path / "series"
+    _dicom_series(folder, slices=3)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.77"
+    big = sitk.GetImageFromArray(np.ones((300, 400), dtype=np.int16))
+    for tag, value in {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".1",
+                       "0008|0018": f"{series}.9", "0020|0013": "9", "0020|0032": "0\\0\\20.0",
+                       "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
+        big.SetMetaData(tag, value)
+    writer.SetFileName(str(folder / "s9.dcm"))
+    writer.Execute(big)
+    for read in (read_header, load_scan):
+        with pytest.raises(ValueError, match="different sizes"):
+            read(folder, max_voxels=10_000)
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "mha"])
+def test_a_header_with_many_dimensions_is_refused_without_crashing_the_process(tmp_path, kind):
+    """ITK's NRRD reader ended the process with a segmentation fault on an NRRD of 11 or more dimensions (one
+    unauthenticated upload stopped the server): the header is refused before ITK sees it. Read in a child
+    process, so that a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    paths = []
+    for ndim in (6, 11, 16):
+        sizes = " ".join(["2"] * ndim)
+        path = tmp_path / f"d{ndim}.{kind}"
+        if kind == "nrrd":
+            header = f"NRRD0004\ntype: uint8\ndimension: {ndim}\nsizes: {sizes}\nencoding: raw\n\n"
+        else:
+            header = (f"ObjectType = Image\nNDims = {ndim}\nDimSize = {sizes}\nElementType = MET_UCHAR\n"
+                      "ElementDataFile = LOCAL\n")
+        path.write_bytes(header.encode() + bytes(2 ** ndim))
+        paths.append(str(path))
+    code = ("import sys\nfrom sam_med3d.io import read_header, load_label\nfor path in sys.argv[1:]:\n"
+            "    for read in (read_header, load_label):\n        try:\n            read(path)\n"
+            "        except ValueError as err:\n            print('refused:', err, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"the reader's process ended with {done.returncode}:\n{done.stdout}"
+    for ndim in (6, 11, 16):
+        assert done.stdout.count(f"declares {ndim} dimensions") == 2, done.stdout

@@ -32,6 +32,10 @@ ITK_IMAGE_IO: Dict[str, str] = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO
 #: Largest header read by our parsers (NRRD and MetaImage headers are text of a few hundred bytes).
 MAX_HEADER_BYTES = 1 << 20
 
+#: Most axes a header may declare: 3 spatial ones plus trailing singleton or component axes. ITK's NRRD reader
+#: crashes the whole process (a segmentation fault, no exception) on an NRRD of 11 dimensions or more.
+MAX_DIMENSIONS = 5
+
 #: NRRD fields (lower case, spaces removed) that ITK's NRRD reader knows and that keep the data in the file.
 #: ``datafile`` (``data file``) is the one that names another file; it and anything unknown are refused.
 _NRRD_FIELDS = frozenset((
@@ -201,6 +205,9 @@ def _nrrd(name: str) -> FileHeader:
         raise ValueError(f"{name} has a broken NRRD header: 'dimension' and 'sizes' must be integers") from None
     if len(dims) != ndim or not 1 <= ndim <= 16:
         raise ValueError(f"{name} has a broken NRRD header: dimension {ndim} but sizes {fields['sizes'][:80]!r}")
+    if ndim > MAX_DIMENSIONS:
+        raise ValueError(f"{name} declares {ndim} dimensions; a scan has 3 (at most {MAX_DIMENSIONS} with channel "
+                         "and singleton axes)")
     return FileHeader(".nrrd", dims)
 
 
@@ -239,4 +246,7 @@ def _metaimage(name: str) -> FileHeader:
     if len(dims) != ndim or not 1 <= ndim <= 16 or channels < 1:
         raise ValueError(f"{name} has a broken MetaImage header: NDims {ndim}, DimSize {fields['dimsize'][:80]!r}, "
                          f"{channels} channel(s)")
+    if ndim > MAX_DIMENSIONS:
+        raise ValueError(f"{name} declares {ndim} dimensions; a scan has 3 (at most {MAX_DIMENSIONS} with channel "
+                         "and singleton axes)")
     return FileHeader(".mha", dims + ((channels,) if channels > 1 else ()))

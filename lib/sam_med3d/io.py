@@ -259,7 +259,9 @@ def load_label(path: Union[str, os.PathLike], image: Optional[Union[ScanHeader, 
     low, high = float(array.min()), float(array.max())
     if low < 0 or high > 255:
         raise ValueError(f"{name} must hold integer label values 0..255, got values from {low:g} to {high:g}")
-    result = np.asarray(array, dtype=np.uint8, order="K")
+    # A copy, always: for ITK formats ``array`` is a view of ``owner``'s buffer, freed below (np.asarray of a
+    # uint8 view would return the view itself, and the caller would read freed memory).
+    result = np.array(array, dtype=np.uint8, order="K", copy=True)
     del owner
     return result
 
@@ -304,7 +306,7 @@ def _read_voxels(name: str, what: str) -> tuple:
 
 
 def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None, max_voxels: Optional[int] = None,
-              detached_ok: bool = False) -> Scan:
+              detached_ok: bool = False, constant_ok: bool = False) -> Scan:
     """Load a whole 3D scan as a :class:`Scan` (float32 ``(I, J, K)`` array + RAS voxel->world affine).
 
     Args:
@@ -322,6 +324,8 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None, max_voxels
             before anything is decoded.
         detached_ok: also read files whose header names another file (``.mhd``, ``.nhdr``, ``.hdr``/``.img``,
             any format SimpleITK reads): only for the user's own files, never for a file a client sent.
+        constant_ok: accept a file whose voxels all have one value (training reads what the datastore accepted;
+            a click on such a scan is refused, there is nothing to segment).
 
     Raises:
         ValueError: naming the input, for a missing/unreadable/corrupt file, a 2D image, a 4D or multi-channel
@@ -332,7 +336,7 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None, max_voxels
     if isinstance(path_or_array, (str, os.PathLike)):
         if affine is not None:
             raise ValueError(f"affine= is only for arrays; {os.fspath(path_or_array)!r} carries its own geometry")
-        return _load_path(Path(path_or_array), max_voxels, detached_ok)
+        return _load_path(Path(path_or_array), max_voxels, detached_ok, constant_ok)
     if isinstance(path_or_array, sitk.Image):
         array, aff, integer = _from_sitk(path_or_array, "SimpleITK image")
         return _validated(array, aff, "SimpleITK image", integer)
@@ -359,13 +363,14 @@ def load_scan(path_or_array: ScanInput, affine: Optional[Any] = None, max_voxels
 # ----------------------------------------------------------------------------------------------- readers
 
 
-def _load_path(path: Path, max_voxels: Optional[int] = None, detached_ok: bool = False) -> Scan:
+def _load_path(path: Path, max_voxels: Optional[int] = None, detached_ok: bool = False,
+               constant_ok: bool = False) -> Scan:
     name = str(path)
     if not os.path.lexists(name):
         raise ValueError(f"image file {name} does not exist")
     if path.is_dir():
         array, aff, integer, name = _read_dicom_series(path, max_voxels)
-        return _validated(array, aff, name, integer)
+        return _validated(array, aff, name, integer, constant_ok)
     if single_file_suffix(name) is None:
         if detached_ok:
             return _load_trusted(path)
@@ -388,7 +393,7 @@ def _load_path(path: Path, max_voxels: Optional[int] = None, detached_ok: bool =
         raise ValueError(f"{name} could not be read as an image: {err}") from err
     except Exception as err:  # nibabel/ITK raise many types for truncated or corrupt files
         raise ValueError(f"{name} could not be read as an image ({type(err).__name__}: {err})") from err
-    return _validated(array, aff, name, integer)
+    return _validated(array, aff, name, integer, constant_ok)
 
 
 def _load_trusted(path: Path) -> Scan:
@@ -507,16 +512,34 @@ def _dicom_header(folder: Path, max_voxels: Optional[int]) -> tuple:
     chosen, files, count = _dicom_files(folder)
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
+    # Every file's header, not only the first one's: ITK's series reader decodes each file whole before it
+    # compares sizes, so one small first slice would let the others claim any size past the cap.
+    first: Optional[tuple] = None
+    voxels = 0
+    for path in files:
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"DICOM series {chosen} in {name} could not be read ({os.path.basename(path)}: "
+                             f"{_itk_error(err)})") from None
+        shape = tuple(int(n) for n in reader.GetSize()) + (1, 1)
+        shape = shape[:3] + (int(reader.GetNumberOfComponents()),)
+        if first is None:
+            first = shape
+        elif shape != first:
+            raise ValueError(f"DICOM series {chosen} in {name} has files of different sizes "
+                             f"({os.path.basename(files[0])}: {'x'.join(map(str, first[:3]))}, "
+                             f"{os.path.basename(path)}: {'x'.join(map(str, shape[:3]))}); a series is read only "
+                             "when all its slices have one size")
+        voxels += shape[0] * shape[1] * max(1, shape[2]) * shape[3]
+        if max_voxels is not None and voxels > max_voxels:
+            raise ScanTooLarge(f"{name} (DICOM series {chosen}) has more than {int(max_voxels)} voxels, the most "
+                               f"accepted ({shape[0]}x{shape[1]} in each of its {len(files)} file(s): "
+                               f"{shape[0] * shape[1] * max(1, shape[2]) * len(files) * shape[3]} voxels)")
     reader.SetFileName(files[0])
-    try:
-        reader.ReadImageInformation()
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"DICOM series {chosen} in {name} could not be read ({_itk_error(err)})") from None
+    reader.ReadImageInformation()
     size = [int(n) for n in reader.GetSize()] + [1, 1]
-    voxels = size[0] * size[1] * max(1, size[2]) * len(files) * int(reader.GetNumberOfComponents())
-    if max_voxels is not None and voxels > max_voxels:
-        raise ScanTooLarge(f"{name} (DICOM series {chosen}) has {voxels} voxels ({size[0]}x{size[1]} in "
-                           f"{len(files)} file(s)), more than the {int(max_voxels)} accepted")
     header = ScanHeader(source=f"{name} (DICOM series {chosen})", size=(size[0], size[1], len(files) * max(1, size[2])),
                         spacing=tuple(float(v) for v in reader.GetSpacing()[:3]),
                         origin=tuple(float(v) for v in reader.GetOrigin()[:3]),
@@ -560,7 +583,7 @@ def _as_affine(affine: Any, name: str) -> np.ndarray:
     return aff
 
 
-def _validated(array: Any, affine: np.ndarray, name: str, integer: bool = False) -> Scan:
+def _validated(array: Any, affine: np.ndarray, name: str, integer: bool = False, constant_ok: bool = False) -> Scan:
     """Check a candidate volume and return it as a :class:`Scan` (float32, C- or Fortran-contiguous: the memory
     order it was read in is kept, Fortran for files, since reordering 78 M voxels costs seconds); ``integer``:
     the voxels were stored with an integer type."""
@@ -589,7 +612,7 @@ def _validated(array: Any, affine: np.ndarray, name: str, integer: bool = False)
         bad = np.argwhere(~finite)[0]
         raise ValueError(f"{name} has {int((~finite).sum())} NaN/inf voxel(s), e.g. at {tuple(int(v) for v in bad)}")
     lo, hi = float(array.min()), float(array.max())
-    if lo == hi:
+    if lo == hi and not constant_ok:
         raise ValueError(f"{name} is constant (every voxel is {lo}); there is nothing to segment")
     return Scan(array=array, affine=_as_affine(affine, name), source=name, integer=bool(integer))
 

@@ -53,12 +53,13 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.losses import DiceCELoss
-from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd,
-                              RandFlipd, Randomizable, Spacingd)
+from monai.transforms import (Compose, EnsureChannelFirstd, MapTransform, Orientationd, RandFlipd, Randomizable,
+                              Spacingd)
 from torch import nn
 
 from .clicks import simulate_clicks_batch
 from .geometry import TARGET_SPACING_MM, normalize_intensity, upsample_logits
+from .reader_transforms import DEFAULT_MAX_VOXELS, LoadScand
 
 __all__ = [
     "DEFAULT_SPACING_MM", "preprocess_transforms", "crop_transforms", "training_transforms", "RandStructured",
@@ -225,7 +226,8 @@ class ToTrainingTensord(MapTransform):
 
 
 def preprocess_transforms(spacing_mm: float = DEFAULT_SPACING_MM, load: bool = True,
-                          keys: Sequence[str] = ("image", "label")) -> List[Any]:
+                          keys: Sequence[str] = ("image", "label"),
+                          max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> List[Any]:
     """The deterministic (cacheable) part: load -> channel first -> RAS -> ``spacing_mm`` isotropic.
 
     Input dict: ``image``/``label`` file paths (``load=True``) or channel-first MetaTensors with affines.
@@ -238,7 +240,8 @@ def preprocess_transforms(spacing_mm: float = DEFAULT_SPACING_MM, load: bool = T
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     out: List[Any] = []
     if load:
-        out += [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+        # Through sam_med3d.io, as the server reads uploads (no header naming another file, the voxel cap).
+        out += [LoadScand(keys=keys, max_voxels=max_voxels), EnsureChannelFirstd(keys=keys)]
     # Explicit RAS labels: MONAI otherwise warns about its changing default (nibabel-loaded data are RAS anyway).
     out += [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys=keys, pixdim=(float(spacing_mm),) * 3, mode=modes)]
@@ -268,24 +271,27 @@ def crop_transforms(crop_size: int, augment: bool = True, jitter: Optional[int] 
 
 def training_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM, augment: bool = True,
                         load: bool = True, jitter: Optional[int] = None,
-                        label_value: Optional[int] = None, center: str = "box") -> Compose:
+                        label_value: Optional[int] = None, center: str = "box",
+                        max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> Compose:
     """MONAI dict transforms ``{"image", "label"}`` -> a training crop (see the module docstring).
 
     Args:
         crop_size: edge ``S`` of the cubic crop in voxels (``model.img_size``).
         spacing_mm: isotropic voxel size of the training frame.
         augment: random jitter of the crop centre and random flips.
-        load: the inputs are file paths (``LoadImaged`` first); else channel-first MetaTensors with affines.
+        load: the inputs are file paths (read by :class:`~sam_med3d.reader_transforms.LoadScand`); else
+            channel-first MetaTensors with affines.
         jitter: maximum crop-centre offset in voxels per axis (default ``crop_size // 8`` when augmenting).
         label_value: class to segment in a multi-class label (``None``: every label > 0).
         center: ``box`` (the official recipe: the crop centred on the target's bounding box) or ``voxel`` (on a
             random voxel of the target, as the app centres its crop on a first click).
+        max_voxels: files whose header claims more voxels are refused before decoding (``ValueError``).
 
     Returns:
         a ``Compose`` producing ``image`` float32 ``(1, S, S, S)`` and ``label`` float32 ``{0, 1}``
         ``(1, S, S, S)``.
     """
-    return Compose(preprocess_transforms(spacing_mm, load=load)
+    return Compose(preprocess_transforms(spacing_mm, load=load, max_voxels=max_voxels)
                    + crop_transforms(crop_size, augment=augment, jitter=jitter, label_value=label_value,
                                      center=center))
 
@@ -313,12 +319,13 @@ class OfficialCropd(MapTransform):
         self.center = center
 
     def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
-        from .evaluate import load_label_map
         from .geometry import PreparedScan
+        from .io import load_label, load_scan, read_header
 
         d = dict(data)
-        prepared = PreparedScan.load(d["image"], spacing_mm=self.spacing_mm)
-        labels = load_label_map(d["label"], prepared.scan.shape, prepared.scan.affine)
+        # Through sam_med3d.io with the voxel cap, as training's LoadScand (validation reads the same files).
+        prepared = PreparedScan(load_scan(d["image"], max_voxels=DEFAULT_MAX_VOXELS), self.spacing_mm)
+        labels = load_label(d["label"], read_header(d["image"]), DEFAULT_MAX_VOXELS)
         value = d.get(self.value_key, self.label_value)
         target = (labels > 0) if value is None else (labels == int(value))
         if self.center == "click" and target.any():

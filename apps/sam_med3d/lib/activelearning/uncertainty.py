@@ -26,6 +26,11 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.errors import InvalidRequest
+
+#: The app's default ``--conf max_voxels`` (2^28).
+DEFAULT_MAX_VOXELS = 2 ** 28
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,22 +66,27 @@ class UncertaintyScoring(ScoringMethod):
     Args:
         served: the app's :class:`~lib.served_model.ServedModel`.
         prompts: automatic prompts per image.
+        max_voxels: images whose header claims more voxels are skipped before anything is decoded (the app's
+            ``--conf max_voxels``; a scan put into the studies folder by hand is not checked by any upload).
     """
 
     KEY = "sam_med3d_uncertainty"
     MODEL_KEY = "sam_med3d_uncertainty_model"
 
-    def __init__(self, served: Any, prompts: int = 3):
+    def __init__(self, served: Any, prompts: int = 3, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS):
         super().__init__("SAM-Med3D uncertainty: 1 - mean IoU-head score over automatic prompts")
         self.served = served
         self.prompts = int(prompts)
+        self.max_voxels = max_voxels
 
     def score_image(self, model: Any, image_path: str, image_id: str) -> float:
         """The uncertainty of one image (see the module docstring)."""
         from sam_med3d.io import load_scan
         from sam_med3d.predictor import Sam3DPredictor
 
-        scan = load_scan(image_path)
+        # The app's one reader: single-file formats whose header names no other file, the voxel cap from the
+        # header before decoding, finite values.
+        scan = load_scan(image_path, max_voxels=self.max_voxels)
         predictor = Sam3DPredictor(model, device=self.served.device)
         predictor.set_image(scan)
         ious: List[float] = []
@@ -100,7 +110,7 @@ class UncertaintyScoring(ScoringMethod):
             start = time.perf_counter()
             try:
                 score = self.score_image(model, datastore.get_image_uri(image_id), image_id)
-            except ValueError as err:  # unreadable / 2D image in the studies folder: leave it unscored
+            except (ValueError, InvalidRequest) as err:  # unreadable, too large, 2D, a link leading out: unscored
                 logger.warning("SAM-Med3D uncertainty: skipping %s: %s", image_id, err)
                 continue
             entry = {self.KEY: score, self.MODEL_KEY: model_version, f"{self.KEY}_ts": int(time.time())}

@@ -65,4 +65,5 @@ class SamMed3DConfig(TaskConfig):
         return {f"{self.name}_uncertainty": UncertaintyStrategy(key=UncertaintyScoring.KEY)}
 
     def scoring_method(self) -> Union[None, ScoringMethod, Dict[str, ScoringMethod]]:
-        return {f"{self.name}_uncertainty": UncertaintyScoring(self.served, self.options.uncertainty_prompts)}
+        return {f"{self.name}_uncertainty": UncertaintyScoring(self.served, self.options.uncertainty_prompts,
+                                                               max_voxels=self.options.max_voxels)}

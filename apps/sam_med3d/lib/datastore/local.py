@@ -43,8 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from lib.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, check_image_file, check_label_file,
-                                      check_name, name_key, read_header, split_extension)
+from lib.validation import (DEFAULT_MAX_VOXELS, IMAGE_EXTENSIONS, Header, check_image_file, check_label_file,
+                            check_name, name_key, read_header, split_extension)
 from lib.errors import InvalidRequest
 from lib.upstream_fixes.datastore_index import AtomicDatastoreIndex, check_info_size
 
@@ -64,6 +64,11 @@ def _patterns(extensions: Optional[Sequence[str]]) -> List[str]:
     kept = [p for p in given if p in known]
     return kept or known
 
+
+
+def _grid(header: Header) -> tuple:
+    """What a label must match of its image's header (its file name aside)."""
+    return header.size, header.spacing, header.origin, header.direction, header.components, header.pixel_type
 
 class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
     """``LocalDatastore`` with name and upload validation, atomic writes and label history (module docstring);
@@ -284,6 +289,9 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
         folder = self._inside(self._datastore.label_path(tag), f"the folder of label tag {tag!r}")
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
+            # The image may have been deleted (or deleted and uploaded again) since it was checked above: a label
+            # placed now would be an orphan, attached to whatever scan takes that id next.
+            obj = self._still_there(image_id, image_header)
             os.makedirs(folder, exist_ok=True)
             # The current label stays in place until the new one replaces it (a kill at any moment leaves one
             # current label, old or new); the old one is linked into the history first.
@@ -303,6 +311,16 @@ class SafeLocalDatastore(AtomicDatastoreIndex, LocalDatastore):
         logger.info("Datastore: saved label %s/%s (%s)%s", tag, image_id, name,
                     f"; previous version kept in {self._history_path('labels', tag, image_id)}" if kept else "")
         return image_id
+
+    def _still_there(self, image_id: str, image_header: Header) -> ImageLabelModel:
+        """The entry of ``image_id`` if its file is still the one whose header was read (lock held); 409 otherwise."""
+        obj = self._datastore.objects.get(image_id)
+        files = self._current_files(self._datastore.image_path(), image_id)
+        stored = read_header(files[0], f"the stored image {image_id!r}") if obj is not None and files else None
+        if stored is None or _grid(stored) != _grid(image_header):
+            raise InvalidRequest(f"image {image_id!r} was deleted or replaced while its label was being saved; "
+                                 "nothing was saved (save it again if the image is back)", status_code=409)
+        return obj
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         obj = self._known(label_id)

@@ -18,7 +18,9 @@ module; each has a test that fails without it. In the order :func:`install` puts
   (``tests/test_request_guard.py``);
 - :mod:`.reload_route`: ``POST /reload`` refused (``tests/test_auth.py``);
 - :mod:`.checksum_route`, :mod:`.gpu_log_route`, :mod:`.proxy_route`, :mod:`.session_image_route`: routes that
-  answered 500 (``tests/test_no_server_errors.py``).
+  answered 500 (``tests/test_no_server_errors.py``);
+- :mod:`.session_upload_route`: ``PUT /session/`` read through the app's reader, a single-file DICOM volume
+  accepted, nothing left in the temporary folder (``tests/test_file_safety.py``).
 
 Not installed here: :mod:`.datastore_index` (the datastore index written atomically, rebuilt when unreadable,
 ``info`` bounded) is a base class of the app's datastores (``tests/test_datastore_index.py``).
@@ -54,6 +56,7 @@ def install(app: Any) -> None:
     from lib.upstream_fixes.reload_route import install_reload_refusal
     from lib.upstream_fixes.request_guard import install_request_guard
     from lib.upstream_fixes.session_image_route import install_session_image_route
+    from lib.upstream_fixes.session_upload_route import install_session_upload_route
     from lib.upstream_fixes.task_routes import install_task_routes
     from lib.upstream_fixes.task_shutdown import install_clean_shutdown
     from lib.upstream_fixes.token_algorithms import install_token_algorithms
@@ -74,4 +77,5 @@ def install(app: Any) -> None:
     install_gpu_log_route()
     install_proxy_refusal(app.studies)
     install_session_image_route()
+    install_session_upload_route(options.max_voxels)
     logger.info("MONAI Label 0.8.5 fixes installed (lib/upstream_fixes)")
