@@ -218,6 +218,15 @@
     // OHIF's own router (its navigateHistory command) opens the study in this page: the mode route re-reads
     // the URL, loads the study and mounts the panels again (autoConnect connects the new panel), with no page
     // reload. A full load is the fallback where the command is missing.
+    // The point prompts placed on this study mean nothing on the next one, and the annotation state outlives
+    // an in-page navigation: drop them.
+    try {
+      const state = window.cornerstoneTools.annotation.state;
+      state.getAllAnnotations().filter(a => a.metadata && a.metadata.toolName === 'ProbeMONAILabel')
+        .forEach(a => state.removeAnnotation(a.annotationUID));
+    } catch (err) {
+      // no cornerstone tools yet: nothing placed
+    }
     const base = ((window.config && window.config.routerBasename) || '/').replace(/\/$/, '');
     const path = url.pathname.startsWith(base + '/') ? url.pathname.slice(base.length) : url.pathname;
     try {
@@ -289,7 +298,7 @@
       return {training: 'Running: ' + text, trainingTip: 'training runs; Stop Training ends it',
               accuracy: accuracyOf(current), accuracyTip: 'best validation metric so far'};
     }
-    const words = {DONE: 'Done', STOPPED: 'Stopped', ERROR: 'Failed', QUEUED: 'Queued'};
+    const words = {DONE: 'Done', STOPPED: 'Stopped', ERROR: 'Failed', QUEUED: 'Queued', SUBMITTED: 'Starting'};
     const state = words[task.status] || task.status;
     const epochs = total ? ' after ' + epoch + '/' + total + ' epochs' : '';
     return {training: state + epochs, trainingTip: 'the last training: ' + state.toLowerCase(),
