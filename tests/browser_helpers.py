@@ -229,6 +229,24 @@ class Browser:
             for (const key of Object.keys(segments)) if (segments[key]) names[key] = segments[key].label;
             return {size: data.length, index: index, value: value, names: names};""")
 
+    def viewer_geometry(self) -> Dict[str, Any]:
+        """The grid of OHIF's label map (the MONAI Label mode's segmentation): ``{"dimensions", "origin",
+        "spacing", "direction"}`` (world = origin + direction @ (spacing * (i, j, k)), direction's columns the
+        i, j, k axes; DICOM patient coordinates, mm)."""
+        return self.js("""
+            const volume = window.services.segmentationService.getLabelmapVolume('1');
+            const data = volume.imageData;
+            return {dimensions: Array.from(data.getDimensions()), origin: Array.from(data.getOrigin()),
+                    spacing: Array.from(data.getSpacing()), direction: Array.from(data.getDirection())};""")
+
+    def shown_study(self) -> Optional[str]:
+        """The StudyInstanceUID of the display set in the active viewport (None while none is shown)."""
+        return self.js("""
+            try {
+              const uids = window.services.displaySetService.getActiveDisplaySets().map(d => d.StudyInstanceUID);
+              return uids.length ? uids[0] : null;
+            } catch (err) { return null; }""")
+
     def paint_viewer(self, flat_indices: Sequence[int], segment_label: Optional[str]) -> None:
         """Set voxels of OHIF's label map to the segment named ``segment_label`` (None: erase), as a brush or
         eraser stroke does, and redraw."""

@@ -212,12 +212,12 @@ class SamMed3DInfer(InferTask):
         Only the requesting client's map is returned, never another annotator's unsaved work.
         """
         with self._lock:
-            session = self.sessions.get(session_key(image_path))
+            session = self.sessions.get_saved_work(session_key(image_path))  # also drawn before new weights
             mine = session.for_client(client) if session is not None and session.has_client(client) else None
             if mine is None:
                 raise InvalidRequest("nothing to save: this image has no clicks from this client in the server's "
-                                     "current session (sessions end when the server restarts, after cache_ttl_s "
-                                     "without clicks or when new weights are published); click the structures "
+                                     "current session (sessions end when the server restarts or after cache_ttl_s "
+                                     "without clicks); click the structures "
                                      "again, then save")
             label_map = mine.label_map
             if not label_map.any():

@@ -17,6 +17,12 @@ Memory: besides the number of sessions, :class:`SessionCache` can bound their es
 (:meth:`ImageSession.estimated_bytes`, from the voxel count: :data:`SESSION_BYTES_PER_VOXEL` per image plus
 :data:`CLIENT_BYTES_PER_VOXEL` per client, as measured by ``benchmarks/session_memory.py``) and drops the
 least recently used sessions beyond it.
+
+New weights (:meth:`SessionCache.clear`) make every predictor and its embeddings stale, but not what the
+annotators drew: the sessions are retired, keeping their scans and label maps only. A retired session still
+answers a save of its client's map (:meth:`SessionCache.get_saved_work`), and the next click on its image makes a
+fresh session (new weights, new embeddings) that takes those label maps over (:meth:`SessionCache.put`): masks
+drawn before the update stay as they are; only clicks after it use the new weights.
 """
 
 from __future__ import annotations
@@ -174,6 +180,23 @@ class ImageSession:
             self.label_maps[client] = label_map
             self.label_maps.move_to_end(client)
 
+    def retire(self) -> None:
+        """Keep the scan and the clients' label maps only (new weights: the predictors and embeddings are stale)."""
+        with self._lock:
+            self.predictor = None
+            self._base_predictor = None
+            self.base_model = None
+            self._client_keys.clear()
+
+    def adopt(self, retired: "ImageSession") -> None:
+        """Take over the label maps of ``retired`` (the same image's session before new weights) for the clients
+        that have none here yet; their click states start anew with this session's predictor."""
+        with self._lock:
+            for client, label_map in retired.label_maps.items():
+                self.label_maps.setdefault(client, label_map)
+            while len(self.label_maps) > MAX_CLIENTS_PER_IMAGE:
+                self._drop_client(next(iter(self.label_maps)))
+
     def _drop_client(self, client: str) -> None:
         self.label_maps.pop(client, None)
         predictors = [p for p in (self.predictor, self._base_predictor) if p is not None]
@@ -200,11 +223,23 @@ class SessionCache:
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._clock = clock
         self._items: "OrderedDict[SessionKey, ImageSession]" = OrderedDict()
+        # Sessions retired by new weights that hold label maps not yet taken over by a fresh session; they count
+        # toward max_items and expire as live ones do.
+        self._retired: "OrderedDict[SessionKey, ImageSession]" = OrderedDict()
         self._lock = threading.Lock()
 
     def _evict_expired(self, now: float) -> None:
-        for key in [k for k, s in self._items.items() if now - s.last_used > self.ttl_s]:
-            del self._items[key]
+        for items in (self._items, self._retired):
+            for key in [k for k, s in items.items() if now - s.last_used > self.ttl_s]:
+                del items[key]
+
+    def _evict_over_count(self) -> None:
+        """Drop retired sessions first, then the least recently used live ones, beyond ``max_items``."""
+        while len(self._items) + len(self._retired) > self.max_items:
+            if self._retired:
+                self._retired.popitem(last=False)
+            else:
+                self._items.popitem(last=False)
 
     def _evict_over_budget(self) -> None:
         """Drop least recently used sessions while the estimate exceeds ``max_bytes`` (the newest stays)."""
@@ -229,23 +264,47 @@ class SessionCache:
         """Store ``session`` under ``key``, evicting the least recently used beyond ``max_items``."""
         with self._lock:
             now = self._clock()
+            retired = self._retired.pop(key, None)
+            if retired is not None and now - retired.last_used <= self.ttl_s:
+                session.adopt(retired)
             session.last_used = now
             self._items[key] = session
             self._items.move_to_end(key)
             self._evict_expired(now)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._evict_over_count()
             self._evict_over_budget()
+
+    def get_saved_work(self, key: SessionKey) -> Optional[ImageSession]:
+        """The session holding the label maps of ``key``'s image: the live one, else the one retired by new
+        weights (for saving what was drawn before them; never for clicking), or None."""
+        with self._lock:
+            now = self._clock()
+            self._evict_expired(now)
+            session = self._items.get(key)
+            if session is None:
+                session = self._retired.get(key)
+            if session is not None:
+                session.last_used = now
+            return session
 
     def discard(self, key: SessionKey) -> None:
         """Drop the session of ``key`` if there is one (e.g. an image uploaded with a single request)."""
         with self._lock:
             self._items.pop(key, None)
+            self._retired.pop(key, None)
 
     def clear(self) -> None:
-        """Drop every session (e.g. when new weights make the cached embeddings stale)."""
+        """New weights: retire every session (its predictor and embeddings are stale). Sessions with label maps
+        are kept for :meth:`get_saved_work` and for the image's next session to take over; the rest are
+        dropped."""
         with self._lock:
+            for key, session in self._items.items():
+                if session.label_maps:
+                    session.retire()
+                    self._retired[key] = session
+                    self._retired.move_to_end(key)
             self._items.clear()
+            self._evict_over_count()
 
     def __len__(self) -> int:
         with self._lock:

@@ -12,7 +12,8 @@
  * - autoConnect(panel): connects the panel to the server in the cookie once the study is in the viewports, so
  *   a Next Sample (which opens another study) never leaves the panel disconnected.
  * - strategy / rememberStrategy: the Strategy drop-down's choice, kept for the page opened by Next Sample.
- * - openNextSample(info): opens the study the strategy chose, without a dialog or a confirmation.
+ * - openNextSample(info): opens the study the strategy chose in the same page (no reload, no dialog, no
+ *   confirmation).
  * - watchTraining(tab) / trainingView(tab): the training state shown in the panel, polled from the server
  *   (GET train/ for the task state, GET info/ for the epoch and the accuracy).
  */
@@ -91,8 +92,7 @@
     const {viewport, displaySet} = panel.getActiveViewportInfo();
     const viewer = viewerLabelMap(viewport.viewportId);
     if (!viewer || !viewer.labelInfo.length) {
-      notify('Nothing to save: no label is drawn on this image', 'error', 6000);
-      return null;
+      return saveServerMasks(panel, displaySet.SeriesInstanceUID);
     }
     const url = new URL('datastore/label', serverUrl(panel));
     url.searchParams.append('image', displaySet.SeriesInstanceUID);
@@ -110,6 +110,31 @@
     const names = viewer.labelInfo.map(s => s.name).join(', ');
     notify('Saved as the final label (' + names + ') in ' + seconds + ' s', 'success', 5000);
     return {ok: true, status: response.status, labels: viewer.labelInfo};
+  }
+
+  /**
+   * Save the masks the server keeps for this image from this browser's clicks (MONAI Label's save_label infer
+   * request, with no clicks): what an annotator clicked on an image and left unsaved (Next Sample, another
+   * study) is gone from the viewer when the image is opened again, but not from the server, also after new
+   * weights were published. Used by Save Label when the viewer shows no label.
+   */
+  async function saveServerMasks(panel, seriesUid) {
+    const url = new URL('infer/sam_med3d', serverUrl(panel));
+    url.searchParams.append('image', seriesUid);
+    url.searchParams.append('output', 'json');
+    const form = new FormData();
+    form.append('params', JSON.stringify({save_label: true, label_tag: 'final'}));
+    const response = await fetch(url.toString(), {method: 'POST', body: form});
+    if (!response.ok) {
+      notify('Nothing to save: no label is drawn on this image (' + (await errorText(response)) + ')', 'error',
+             8000);
+      return {ok: false, status: response.status, fromServer: true};
+    }
+    const body = await response.json();
+    const names = Object.keys(body.label_names || {}).filter(name => name !== 'background');
+    notify('Saved the masks the server kept for this image (' + names.join(', ') + ') as the final label',
+           'success', 6000);
+    return {ok: true, status: response.status, fromServer: true, labels: names};
   }
 
   // ------------------------------------------------------------------------------------------- connecting
@@ -190,7 +215,25 @@
       notify('Next Sample: the strategy chose this study again (' + (info.SeriesInstanceUID || '') + ')', 'info');
       return;
     }
-    window.location.assign(url.toString());
+    // OHIF's own router (its navigateHistory command) opens the study in this page: the mode route re-reads
+    // the URL, loads the study and mounts the panels again (autoConnect connects the new panel), with no page
+    // reload. A full load is the fallback where the command is missing.
+    // The point prompts placed on this study mean nothing on the next one, and the annotation state outlives
+    // an in-page navigation: drop them.
+    try {
+      const state = window.cornerstoneTools.annotation.state;
+      state.getAllAnnotations().filter(a => a.metadata && a.metadata.toolName === 'ProbeMONAILabel')
+        .forEach(a => state.removeAnnotation(a.annotationUID));
+    } catch (err) {
+      // no cornerstone tools yet: nothing placed
+    }
+    const base = ((window.config && window.config.routerBasename) || '/').replace(/\/$/, '');
+    const path = url.pathname.startsWith(base + '/') ? url.pathname.slice(base.length) : url.pathname;
+    try {
+      window.commandsManager.runCommand('navigateHistory', {to: path + url.search});
+    } catch (err) {
+      window.location.assign(url.toString());
+    }
   }
 
   // ---------------------------------------------------------------------------------------------- training
@@ -255,7 +298,7 @@
       return {training: 'Running: ' + text, trainingTip: 'training runs; Stop Training ends it',
               accuracy: accuracyOf(current), accuracyTip: 'best validation metric so far'};
     }
-    const words = {DONE: 'Done', STOPPED: 'Stopped', ERROR: 'Failed', QUEUED: 'Queued'};
+    const words = {DONE: 'Done', STOPPED: 'Stopped', ERROR: 'Failed', QUEUED: 'Queued', SUBMITTED: 'Starting'};
     const state = words[task.status] || task.status;
     const epochs = total ? ' after ' + epoch + '/' + total + ' epochs' : '';
     return {training: state + epochs, trainingTip: 'the last training: ' + state.toLowerCase(),
@@ -263,10 +306,13 @@
   }
 
   function addStyle() {
-    // With Active Learning open, the organ list ran below the window and could not be scrolled to; the
-    // progress texts were white on the bars' white background.
+    // With Active Learning open, the organ list ran below the window, where the side panel's container hides
+    // it: the panel becomes a column whose sections take the height left under its header and scroll inside
+    // it. The progress texts were white on the bars' white background.
     const style = document.createElement('style');
-    style.textContent = '.monaiLabelPanel .tabs.scrollbar { overflow-y: auto; max-height: calc(100vh - 260px); }\n' +
+    style.textContent = '.monaiLabelPanel { display: flex; flex-direction: column; overflow: hidden; }\n' +
+      '.monaiLabelPanel > * { flex-shrink: 0; }\n' +
+      '.monaiLabelPanel > .tabs.scrollbar { flex: 1 1 auto; min-height: 0; max-height: none; overflow-y: auto; }\n' +
       '.monaiLabelPanel .w3-container { color: #111; padding: 0 4px; }';
     document.head.appendChild(style);
   }
