@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from extension_helpers import CropAwarePredictor, GroundTruthSam3D
-from sam_med3d.extension import ExtensionConfig, blend_window, derived_points
+from sam_med3d.extension import ExtensionConfig, TilingStats, blend_window, derived_points
 from sam_med3d.metrics import dice
 
 SIZE = 64
@@ -61,7 +61,7 @@ def test_stand_in_recovers_a_structure_spanning_several_crops(totalseg, name):
     single.set_image(image)
     one = single.predict(_deepest(gt), [1])
     assert dice(one.mask > 0, gt) < 0.9, f"{name} fits one {SIZE}^3 crop: not a test of the extension"
-    assert len(result.crop_boxes) > 2 and result.timings["crops"] == len(result.crop_boxes)
+    assert len(result.crop_boxes) > 2 and result.tiling.crops == len(result.crop_boxes)
     score = dice(result.mask > 0, gt)
     missing = int((gt & (result.mask == 0)).sum())
     extra = int((~gt & (result.mask > 0)).sum())
@@ -82,7 +82,7 @@ def test_structure_inside_one_crop_gives_exactly_the_single_crop_result(totalseg
     single = CropAwarePredictor(GroundTruthSam3D(gt), extension=False)
     single.set_image(image)
     a, b = extended.predict(_deepest(gt), [1]), single.predict(_deepest(gt), [1])
-    assert len(a.crop_boxes) == 1 and a.timings["crops"] == 1
+    assert len(a.crop_boxes) == 1 and a.tiling.crops == 1
     assert np.array_equal(a.mask, b.mask) and dice(a.mask > 0, gt) == 1.0
 
 
@@ -95,6 +95,9 @@ def test_follow_up_click_reruns_only_the_crops_it_falls_in(totalseg):
     first = predictor.predict(_deepest(gt), [1])
     runs = predictor.encoder_runs
     assert runs == len(first.crop_boxes)  # one encoder run per crop
+    n = len(first.crop_boxes)
+    assert first.tiling == TilingStats(crops=n, crops_added=n - 1, encoder_runs=n - 1,
+                                       decode_steps=first.decode_steps - 1)
     # A background click inside exactly one of the added crops (far from the first crop).
     prepared = predictor.prepared
     boxes = [prepared.crop(b[0], SIZE) for b in first.crop_boxes]
@@ -110,6 +113,8 @@ def test_follow_up_click_reruns_only_the_crops_it_falls_in(totalseg):
     assert model.decodes - before == 1 and second.decode_steps == 1
     assert predictor.encoder_runs == runs and not second.encoder_ran  # every crop's embedding was cached
     assert second.crop_boxes[:len(first.crop_boxes)] == first.crop_boxes
+    assert second.tiling == TilingStats(crops=len(second.crop_boxes), crops_added=len(second.crop_boxes) - n,
+                                        crops_rerun=1, crops_reused=n - 2, decode_steps=1)
 
 
 def test_caps_stop_the_extension(totalseg):

@@ -186,7 +186,7 @@ def test_a_repeated_request_reports_its_crops(spleen):
     predictor, _ = spleen
     first = predictor.predict([[300, 200, 16]], [1])
     again = predictor.predict([[300, 200, 16]], [1])
-    assert again.decode_steps == 0 and again.timings["crops"] == len(first.crop_boxes) == first.timings["crops"]
+    assert again.decode_steps == 0 and again.tiling.crops == len(first.crop_boxes) == first.tiling.crops
 
 
 def test_without_extension_one_region_per_label(data_dir):
@@ -195,7 +195,7 @@ def test_without_extension_one_region_per_label(data_dir):
     predictor.predict([[300, 200, 16]], [1])
     moved = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])
     assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0
-    assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.timings["crops"] == 1
+    assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.tiling.crops == 1
 
 
 def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
@@ -379,7 +379,7 @@ def test_vit_mini_end_to_end(data_dir):
     extended = Sam3DPredictor(predictor.model)
     extended.set_image(image)
     wide = extended.predict([[128, 128, 12]], [1])
-    assert len(wide.crop_boxes) > 1 and wide.timings["crops"] == len(wide.crop_boxes)
+    assert len(wide.crop_boxes) > 1 and wide.tiling.crops == len(wide.crop_boxes)
     assert np.array_equal(wide.mask, (wide.probabilities > 0.5).astype(np.uint8))
     assert wide.crop_boxes[0] == first.crop_box
     # The crop-local mask (what the app merges and writes) is the full-size mask inside region_ijk, exactly,
