@@ -185,3 +185,157 @@ def test_only_the_part_of_the_mask_that_was_clicked_opens_faces():
     assert not clicked_parts(_tile(probs, [[30, 30, 30]], [1])).any()
     assert not clicked_parts(_tile(probs, np.zeros((0, 3)), [])).any()
     assert ExtensionConfig().clicked_only
+
+
+# ------------------------------------------------------------------------- blending tiles that disagree
+#
+# A scan stored in neither RAS order nor RAS direction: array axis i runs anterior (1.5 mm), j inferior
+# (2.5 mm), k left (1.5 mm), so canonical R comes from -k, A from i and S from -j. An axis mixed up anywhere in
+# the blend shows as the probabilities varying along the wrong array axis.
+PERMUTED_SHAPE = (40, 30, 56)
+PERMUTED_AFFINE = np.array([[0.0, 0.0, -1.5, 20.0],
+                            [1.5, 0.0, 0.0, -30.0],
+                            [0.0, -2.5, 0.0, 40.0],
+                            [0.0, 0.0, 0.0, 1.0]])
+
+
+def _permuted_scan():
+    from sam_med3d.geometry import PreparedScan
+    from sam_med3d.io import load_scan
+
+    array = np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32)
+    prepared = PreparedScan(load_scan(array, PERMUTED_AFFINE))
+    assert nib.aff2axcodes(PERMUTED_AFFINE) == ("A", "I", "L")
+    assert prepared.source_axis.tolist() == [2, 0, 1] and prepared.shape == (56, 40, 50)
+    return prepared
+
+
+def _crop_tile(prepared, start, probs):
+    import torch
+    from sam_med3d.extension import Tile
+
+    size = probs.shape[0]
+    return Tile(prepared.crop(start, size), np.zeros((0, 3)), np.zeros(0, np.int64), torch.zeros(1),
+                torch.from_numpy(np.asarray(probs, np.float32)))
+
+
+def _blend_reference(prepared, tiles, window):
+    """The blend rule voxel by voxel: each scan voxel's nearest canonical voxel, each crop's weight there (the
+    product of the window over the three crop axes) and its probability; their weighted mean."""
+    ijk = np.indices(prepared.scan.shape).reshape(3, -1).T
+    nearest = np.floor(prepared.to_canonical(ijk) + 0.5).astype(np.int64)
+    num = np.zeros(len(ijk))
+    den = np.zeros(len(ijk))
+    for tile in tiles:
+        local = nearest - np.asarray(tile.crop.start)
+        inside = np.all((local >= 0) & (local < tile.crop.size), axis=1)
+        r, a, s = local[inside].T
+        weight = window[r] * window[a] * window[s]
+        num[inside] += weight * tile.probs.numpy()[r, a, s]
+        den[inside] += weight
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0).reshape(prepared.scan.shape)
+
+
+def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
+    """Two 16^3 crops overlapping by 4 voxels along canonical R (array axis k, reversed), one saying 0.9 and
+    the other 0.2 everywhere. blend_window(16, 4) gives 0.875, 0.625, 0.375, 0.125 over the last 4 voxels of
+    the first crop and the reverse over the first 4 of the second; the other axes' weights are the same for both
+    crops and cancel. So, by hand: 0.875*0.9 + 0.125*0.2 = 0.8125, then 0.6375, 0.4625, 0.2875 (in mask, in
+    mask, out, out), along k from k = 55 - 12 downwards, whatever i and j."""
+    from sam_med3d.extension import blend_window, combine_in_region, combine_on_scan
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    np.testing.assert_allclose(window[:4], [0.125, 0.375, 0.625, 0.875])
+    tiles = [_crop_tile(prepared, (0, 0, 0), np.full((16,) * 3, 0.9)),
+             _crop_tile(prepared, (12, 0, 0), np.full((16,) * 3, 0.2))]
+    mask, probs = combine_on_scan(prepared, tiles, window, with_probabilities=True)
+    expected_r = [0.9] * 12 + [0.8125, 0.6375, 0.4625, 0.2875] + [0.2] * 12  # canonical R = 0 .. 27
+    j_inside = [j for j in range(PERMUTED_SHAPE[1])
+                if 0 <= np.floor(prepared.to_canonical([[0, j, 0]])[0, 2] + 0.5) < 16]
+    assert len(j_inside) >= 9
+    block = probs[:16, j_inside][:, :, ::-1][:, :, :28]  # k = 55 .. 28, i.e. canonical R = 0 .. 27
+    np.testing.assert_allclose(block, np.broadcast_to(expected_r, block.shape), rtol=1e-6)
+    assert mask[:16, j_inside][:, :, ::-1][:, :, :28].astype(bool).tolist() == (block > 0.5).tolist()
+    assert not probs[:, :, :28].any() and not probs[16:].any() and not mask[16:].any()  # no crop there
+    # The region form is the same numbers on the box the crops cover.
+    region, region_mask, region_probs = combine_in_region(prepared, tiles, window, with_probabilities=True)
+    assert region == (slice(0, 16), slice(j_inside[0], j_inside[-1] + 1), slice(28, 56))
+    np.testing.assert_array_equal(region_probs, probs[region])
+    np.testing.assert_array_equal(region_mask, mask[region])
+
+
+def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule():
+    """Three crops overlapping along different canonical axes, each with probabilities that vary along all
+    three crop axes differently: the vectorised blend equals the voxel-by-voxel rule on the whole scan."""
+    from sam_med3d.extension import blend_window, combine_on_scan
+
+    prepared = _permuted_scan()
+    size = 16
+    window = blend_window(size, 5)
+    d = np.arange(size) / (size - 1)
+    ramps = [d[:, None, None] * 0.6 + d[None, :, None] * 0.3 + d[None, None, :] * 0.1,
+             1 - d[:, None, None] * 0.2 - d[None, :, None] * 0.7 + 0 * d[None, None, :],
+             d[None, None, :] ** 2 + 0 * d[:, None, None] * d[None, :, None]]
+    tiles = [_crop_tile(prepared, start, ramp) for start, ramp in
+             zip([(-3, 2, 5), (9, 6, 4), (2, 14, 12)], ramps)]
+    mask, probs = combine_on_scan(prepared, tiles, window, with_probabilities=True)
+    expected = _blend_reference(prepared, tiles, window)
+    assert (expected > 0).sum() > 5000
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_array_equal(mask, (expected > 0.5).astype(np.uint8))
+
+
+def test_known_probabilities_blend_and_coverage_on_the_target_crop():
+    """What a new crop is prompted from: on its own grid, the blend of the crops it overlaps (same numbers as
+    on the scan), and where no crop reaches it, nothing known. Target crop at (8, 4, 0): along R its voxels
+    0..3 are the first crop's alone (0.9), 4..7 the blended overlap, 8..15 the second crop's alone (0.2);
+    along A its voxels 12..15 lie beyond both crops (A = 16..19)."""
+    from sam_med3d.extension import blend_window, known_probabilities
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    tiles = [_crop_tile(prepared, (0, 0, 0), np.full((16,) * 3, 0.9)),
+             _crop_tile(prepared, (12, 0, 0), np.full((16,) * 3, 0.2))]
+    known, covered = known_probabilities(prepared.crop((8, 4, 0), 16), tiles, window)
+    assert known.shape == covered.shape == (16, 16, 16) and known.dtype == np.float32
+    expected_r = np.array([0.9] * 4 + [0.8125, 0.6375, 0.4625, 0.2875] + [0.2] * 8)
+    assert covered[:, :12].all() and not covered[:, 12:].any()
+    np.testing.assert_allclose(known[:, :12], np.broadcast_to(expected_r[:, None, None], (16, 12, 16)), rtol=1e-6)
+    assert not known[:, 12:].any()
+
+
+def test_predictor_blends_disagreeing_tiles_by_the_weights_on_a_non_ras_scan():
+    """End to end: a bar along canonical R, longer than one crop, on the permuted scan; the first crop says 0.95
+    inside it, the crop the extension adds says 0.27 (below 0.5: it would drop the bar on its own). The result
+    is the voxel-by-voxel blend of the two, so the mask ends inside the overlap where the weights say."""
+    from extension_helpers import DisagreeingSam3D
+    from sam_med3d.extension import blend_window
+
+    bar = np.zeros(PERMUTED_SHAPE, bool)
+    bar[18:22, 12:16, 4:50] = True  # i (A), j (S, reversed), k (R, reversed): long along R
+    model = DisagreeingSam3D(bar, [3.0, -1.0], img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(overlap=8))
+    predictor.set_image(np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32), PERMUTED_AFFINE)
+    result = predictor.predict([[20, 14, 40]], [1])
+    assert len(result.crop_boxes) == 2 and result.tiling.crops_added == 1
+    prepared = predictor.prepared
+    shift = np.subtract(result.crop_boxes[1][0], result.crop_boxes[0][0])
+    assert abs(shift[0]) == 32 - 8  # the added crop lies along R, overlapping by 8
+    tiles = [_crop_tile(prepared, box[0], _sigmoid(model.tile_logits(prepared.crop(box[0], 32))))
+             for box in result.crop_boxes]
+    expected = _blend_reference(prepared, tiles, blend_window(32, 8))
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    np.testing.assert_array_equal(result.mask, (expected > 0.5).astype(np.uint8))
+    # The bar is kept where the first crop is alone and through part of the overlap, then dropped.
+    along = result.mask[20, 14, :]
+    kept = np.flatnonzero(along)
+    assert 0 < len(kept) < bar[20, 14].sum() and np.all(np.diff(kept) == 1)
+    overlap_k = sorted(int(55 - r) for r in (result.crop_boxes[1][0][0], result.crop_boxes[0][1][0] - 1)) \
+        if shift[0] > 0 else sorted(int(55 - r) for r in (result.crop_boxes[0][0][0], result.crop_boxes[1][1][0] - 1))
+    edge = kept[0] if shift[0] > 0 else kept[-1]  # where the mask ends, towards the added crop
+    assert overlap_k[0] < edge < overlap_k[1], (edge, overlap_k)
+
+
+def _sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
