@@ -339,3 +339,47 @@ def test_predictor_blends_disagreeing_tiles_by_the_weights_on_a_non_ras_scan():
 
 def _sigmoid(logits):
     return 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
+
+
+def test_where_new_crops_go_and_which_clicks_change_them():
+    """The placement rules, on the permuted scan's canonical grid: the crop across a face is shifted by
+    size - overlap along that axis and centred on the touching part across it; a place within size // 4 of an
+    existing crop on every axis is not new; a follow-up click changes the later crops when it falls inside one,
+    or when it is positive and no crop holds it (a negative click outside every crop changes nothing)."""
+    from sam_med3d.extension import changes_beyond_first, contains_interior, is_new_place, neighbour_start
+
+    prepared = _permuted_scan()
+    flat = np.full((16,) * 3, 0.9)
+    first, later = _crop_tile(prepared, (0, 0, 0), flat), _crop_tile(prepared, (12, 0, 0), flat)
+    assert neighbour_start(first, 0, 1, np.array([15, 20, 9]), 4) == (12, 12, 1)
+    assert neighbour_start(later, 1, -1, np.array([20, 3, 30]), 4) == (12, -12, 22)
+    assert is_new_place((4, 20, 0), [first], 16) and not is_new_place((4, 4, -4), [first], 16)
+    assert is_new_place((5, 0, 0), [first], 16) and not is_new_place((16, 3, 0), [first, later], 16)
+    canonical = np.array([[2, 2, 2], [1, 8, 8], [8, 8, 8], [8, 14, 8], [8, 13, 8], [-1, 5, 5]])
+    assert contains_interior(first, canonical, 2).tolist() == [True, False, True, False, True, False]
+    tiles = [first, later]
+    # Original indices of canonical voxels: inside the first crop only, the later one only, and neither.
+    only_first, only_later, neither = (np.round(prepared.to_original([c]))[0] for c in
+                                       ([4, 8, 8], [24, 8, 8], [40, 8, 8]))
+    points = np.array([only_first, only_later, neither, neither])
+    labels = np.array([1, 0, 0, 1])
+    assert not changes_beyond_first(tiles, points, labels, [0])      # the first crop is the caller's
+    assert changes_beyond_first(tiles, points, labels, [1])          # a click inside a later crop
+    assert not changes_beyond_first(tiles, points, labels, [2])      # a negative click outside every crop
+    assert changes_beyond_first(tiles, points, labels, [3])          # a positive one gets a crop of its own
+    assert not changes_beyond_first(tiles, points, labels, [])
+    assert not changes_beyond_first([first], points, labels, [1])    # no later crop, negative click
+
+
+def test_extension_settings_are_checked():
+    for bad, message in [(dict(strategy="magic"), "strategy"), (dict(max_crops=0), "max_crops"),
+                         (dict(time_budget_s=-1), "time_budget_s"), (dict(time_budget_s=float("nan")), "time_budget_s"),
+                         (dict(derived_points=0), "derived_points"), (dict(zoom_spacing_mm=0), "zoom_spacing_mm")]:
+        with pytest.raises(ValueError, match=message):
+            ExtensionConfig(**bad)
+    config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1)
+    assert config.max_crops == 1 and config.overlap_for(64) == 16 and config.overlap_for(128) == 32
+    assert ExtensionConfig(overlap=1).overlap_for(64) == 1 and ExtensionConfig(overlap=63).overlap_for(64) == 63
+    for overlap in (0, 64):
+        with pytest.raises(ValueError, match="overlap must be between 1 and 63"):
+            ExtensionConfig(overlap=overlap).overlap_for(64)
