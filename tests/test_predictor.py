@@ -3,6 +3,7 @@ and the real vit_mini network end to end."""
 
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Tuple
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from conftest import data_cases
+from sam_med3d.extension import TilingStats
 from sam_med3d.predictor import PredictionResult, Sam3DPredictor
 
 RADIUS = 10.0  # stand-in sphere radius in crop voxels = 15 mm on the 1.5 mm grid
@@ -185,8 +187,16 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
 def test_a_repeated_request_reports_its_crops(spleen):
     predictor, _ = spleen
     first = predictor.predict([[300, 200, 16]], [1])
+    tick = time.perf_counter()
     again = predictor.predict([[300, 200, 16]], [1])
+    elapsed = time.perf_counter() - tick
     assert again.decode_steps == 0 and again.tiling.crops == len(first.crop_boxes) == first.tiling.crops
+    assert again.tiling == TilingStats(crops=first.tiling.crops, crops_reused=first.tiling.crops - 1)
+    # Nothing ran: the same stages as any answer, at zero, and the call's own total (the app sums these).
+    assert set(again.timings) == {"preprocess", "encode", "decode", "paste", "total"}
+    assert all(again.timings[k] == 0.0 for k in ("preprocess", "encode", "decode", "paste"))
+    assert 0.0 <= again.timings["total"] <= elapsed and not again.encoder_ran
+    np.testing.assert_array_equal(again.mask, first.mask)
 
 
 def test_without_extension_one_region_per_label(data_dir):
@@ -281,6 +291,8 @@ def test_labels_have_independent_states_and_reset(spleen):
     assert predictor.predict([[300, 200, 16], [302, 200, 16]], [1, 1], label_key="liver").decode_steps == 2
     assert predictor.predict([[100, 300, 20], [101, 300, 20]], [1, 1], label_key="spleen").decode_steps == 0
     runs = predictor.encoder_runs
+    predictor.reset("never clicked")  # an unknown label: nothing to forget
+    assert predictor.predict([[100, 300, 20], [101, 300, 20]], [1, 1], label_key="spleen").decode_steps == 0
     predictor.reset()
     assert predictor.predict([[100, 300, 20]], [1], label_key="spleen").decode_steps == 1
     assert predictor.encoder_runs == runs  # reset keeps the image's cached embeddings
