@@ -297,7 +297,9 @@ def test_known_probabilities_blend_and_coverage_on_the_target_crop():
     window = blend_window(16, 4)
     tiles = [_crop_tile(prepared, (0, 0, 0), np.full((16,) * 3, 0.9)),
              _crop_tile(prepared, (12, 0, 0), np.full((16,) * 3, 0.2))]
-    known, covered = known_probabilities(prepared.crop((8, 4, 0), 16), tiles, window)
+    # A crop that does not reach the target (22 voxels before it along R) adds nothing, wherever it is listed.
+    far = _crop_tile(prepared, (-14, 4, 0), np.full((16,) * 3, 0.5))
+    known, covered = known_probabilities(prepared.crop((8, 4, 0), 16), [far] + tiles, window)
     assert known.shape == covered.shape == (16, 16, 16) and known.dtype == np.float32
     expected_r = np.array([0.9] * 4 + [0.8125, 0.6375, 0.4625, 0.2875] + [0.2] * 8)
     assert covered[:, :12].all() and not covered[:, 12:].any()
@@ -357,6 +359,7 @@ def test_where_new_crops_go_and_which_clicks_change_them():
     assert is_new_place((5, 0, 0), [first], 16) and not is_new_place((16, 3, 0), [first, later], 16)
     canonical = np.array([[2, 2, 2], [1, 8, 8], [8, 8, 8], [8, 14, 8], [8, 13, 8], [-1, 5, 5]])
     assert contains_interior(first, canonical, 2).tolist() == [True, False, True, False, True, False]
+    assert contains_interior(later, canonical + [12, 0, 0], 2).tolist() == [True, False, True, False, True, False]
     tiles = [first, later]
     # Original indices of canonical voxels: inside the first crop only, the later one only, and neither.
     only_first, only_later, neither = (np.round(prepared.to_original([c]))[0] for c in
@@ -379,6 +382,7 @@ def test_extension_settings_are_checked():
             ExtensionConfig(**bad)
     config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1)
     assert config.max_crops == 1 and config.overlap_for(64) == 16 and config.overlap_for(128) == 32
+    assert type(config.overlap_for(64)) is int  # crop starts are whole voxels
     assert ExtensionConfig(overlap=1).overlap_for(64) == 1 and ExtensionConfig(overlap=63).overlap_for(64) == 63
     for overlap in (0, 64):
         with pytest.raises(ValueError, match="overlap must be between 1 and 63"):
