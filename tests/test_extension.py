@@ -267,8 +267,9 @@ def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
 
 def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule():
     """Three crops overlapping along different canonical axes, each with probabilities that vary along all
-    three crop axes differently: the vectorised blend equals the voxel-by-voxel rule on the whole scan."""
-    from sam_med3d.extension import blend_window, combine_on_scan
+    three crop axes differently: the vectorised blend equals the voxel-by-voxel rule on the whole scan and on a
+    new crop's grid."""
+    from sam_med3d.extension import blend_window, combine_on_scan, known_probabilities
 
     prepared = _permuted_scan()
     size = 16
@@ -284,6 +285,20 @@ def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule
     assert (expected > 0).sum() > 5000
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     np.testing.assert_array_equal(mask, (expected > 0.5).astype(np.uint8))
+    # The same rule on a new crop's grid (what its derived clicks come from), voxel by voxel.
+    target = prepared.crop((4, 8, 9), size)
+    known, covered = known_probabilities(target, tiles, window)
+    canonical = np.indices((size,) * 3).reshape(3, -1).T + np.asarray(target.start)
+    num, den = np.zeros(len(canonical)), np.zeros(len(canonical))
+    for tile in tiles:
+        local = canonical - np.asarray(tile.crop.start)
+        inside = np.all((local >= 0) & (local < size), axis=1)
+        r, a, s = local[inside].T
+        num[inside] += window[r] * window[a] * window[s] * tile.probs.numpy()[r, a, s]
+        den[inside] += window[r] * window[a] * window[s]
+    assert covered.reshape(-1).tolist() == (den > 0).tolist() and 0 < covered.mean() < 1
+    np.testing.assert_allclose(known.reshape(-1), np.divide(num, den, out=np.zeros_like(num), where=den > 0),
+                               atol=1e-6)
 
 
 def test_known_probabilities_blend_and_coverage_on_the_target_crop():
