@@ -402,3 +402,28 @@ def test_extension_settings_are_checked():
     for overlap in (0, 64):
         with pytest.raises(ValueError, match="overlap must be between 1 and 63"):
             ExtensionConfig(overlap=overlap).overlap_for(64)
+
+
+def test_one_crop_is_the_official_paste_back_and_crops_off_the_scan_give_nothing():
+    """A single crop is pasted back unchanged (threshold strictly above 0.5, as the official code), with
+    probabilities only when asked; crops that all miss the scan give an empty region."""
+    from sam_med3d.extension import blend_window, combine_in_region
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    probs = np.tile(np.linspace(0.3, 0.7, 5)[None, None, [0, 1, 2, 3, 4, 2, 2, 2, 1, 0, 3, 4, 2, 2, 0, 4]],
+                    (16, 16, 1))
+    assert (probs == 0.5).sum() > 1000
+    tile = _crop_tile(prepared, (20, 10, 30), probs)
+    region, mask, none = combine_in_region(prepared, [tile], window)
+    assert none is None and mask.dtype == np.uint8
+    expected_region, expected_mask = prepared.paste_back_region(tile.crop, (probs > 0.5).astype(np.uint8))
+    assert region == expected_region and 0 < mask.mean() < 1
+    np.testing.assert_array_equal(mask, expected_mask)
+    _, _, pasted = combine_in_region(prepared, [tile], window, with_probabilities=True)
+    np.testing.assert_array_equal(pasted, prepared.paste_back_region(tile.crop, probs.astype(np.float32))[1])
+    off = [_crop_tile(prepared, (100, 0, 0), probs), _crop_tile(prepared, (0, -40, 0), probs)]
+    for with_probabilities in (False, True):
+        region, mask, found = combine_in_region(prepared, off, window, with_probabilities)
+        assert region is None and mask.shape == (0, 0, 0) and mask.dtype == np.uint8
+        assert found is None if not with_probabilities else (found.shape == (0, 0, 0) and found.dtype == np.float32)
