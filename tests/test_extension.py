@@ -258,6 +258,9 @@ def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
     np.testing.assert_allclose(block, np.broadcast_to(expected_r, block.shape), rtol=1e-6)
     assert mask[:16, j_inside][:, :, ::-1][:, :, :28].astype(bool).tolist() == (block > 0.5).tolist()
     assert not probs[:, :, :28].any() and not probs[16:].any() and not mask[16:].any()  # no crop there
+    assert mask.dtype == np.uint8 and probs.dtype == np.float32 and combine_on_scan(prepared, tiles, window)[1] is None
+    _, plain_mask, nothing = combine_in_region(prepared, tiles, window)
+    assert nothing is None and plain_mask.dtype == np.uint8
     # The region form is the same numbers on the box the crops cover.
     region, region_mask, region_probs = combine_in_region(prepared, tiles, window, with_probabilities=True)
     assert region == (slice(0, 16), slice(j_inside[0], j_inside[-1] + 1), slice(28, 56))
