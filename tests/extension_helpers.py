@@ -43,3 +43,29 @@ class CropAwarePredictor(Sam3DPredictor):
     def _embedding(self, crop, timings):
         _, ran = super()._embedding(crop, timings)
         return crop, ran
+
+
+class DisagreeingSam3D(nn.Module):
+    """Tiles that disagree: inside ``label`` the n-th distinct crop it decodes (in decode order, which is the
+    order of ``PredictionResult.crop_boxes``) predicts the logit ``logits[n]`` (the last one for later crops),
+    -10 outside. Where crops overlap, only the blend weights decide the result. Use with
+    :class:`CropAwarePredictor`."""
+
+    def __init__(self, label: np.ndarray, logits, img_size: int = 32) -> None:
+        super().__init__()
+        self.img_size = int(img_size)
+        self.label = label.astype(np.uint8)
+        self.logits = [float(v) for v in logits]
+        self.image_encoder = nn.Identity()
+        self.order: dict = {}  # crop key -> tile index
+
+    def tile_logits(self, crop) -> torch.Tensor:
+        """``(S, S, S)`` logits this stand-in gives ``crop`` (its tile index fixed at its first decode)."""
+        n = self.order.setdefault(crop.key, len(self.order))
+        inside = crop.sample(self.label, "nearest") > 0
+        return torch.where(inside, self.logits[min(n, len(self.logits) - 1)], -10.0)
+
+    def decode(self, crop, points, mask_input, multimask_output=False):
+        m = 3 if multimask_output else 1
+        size = self.img_size
+        return self.tile_logits(crop)[None, None].expand(1, m, size, size, size).clone(), torch.full((1, m), 0.9)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from extension_helpers import CropAwarePredictor, GroundTruthSam3D
-from sam_med3d.extension import ExtensionConfig, blend_window, derived_points
+from sam_med3d.extension import ExtensionConfig, TilingStats, blend_window, derived_points
 from sam_med3d.metrics import dice
 
 SIZE = 64
@@ -61,7 +61,7 @@ def test_stand_in_recovers_a_structure_spanning_several_crops(totalseg, name):
     single.set_image(image)
     one = single.predict(_deepest(gt), [1])
     assert dice(one.mask > 0, gt) < 0.9, f"{name} fits one {SIZE}^3 crop: not a test of the extension"
-    assert len(result.crop_boxes) > 2 and result.timings["crops"] == len(result.crop_boxes)
+    assert len(result.crop_boxes) > 2 and result.tiling.crops == len(result.crop_boxes)
     score = dice(result.mask > 0, gt)
     missing = int((gt & (result.mask == 0)).sum())
     extra = int((~gt & (result.mask > 0)).sum())
@@ -82,7 +82,7 @@ def test_structure_inside_one_crop_gives_exactly_the_single_crop_result(totalseg
     single = CropAwarePredictor(GroundTruthSam3D(gt), extension=False)
     single.set_image(image)
     a, b = extended.predict(_deepest(gt), [1]), single.predict(_deepest(gt), [1])
-    assert len(a.crop_boxes) == 1 and a.timings["crops"] == 1
+    assert len(a.crop_boxes) == 1 and a.tiling.crops == 1
     assert np.array_equal(a.mask, b.mask) and dice(a.mask > 0, gt) == 1.0
 
 
@@ -95,6 +95,9 @@ def test_follow_up_click_reruns_only_the_crops_it_falls_in(totalseg):
     first = predictor.predict(_deepest(gt), [1])
     runs = predictor.encoder_runs
     assert runs == len(first.crop_boxes)  # one encoder run per crop
+    n = len(first.crop_boxes)
+    assert first.tiling == TilingStats(crops=n, crops_added=n - 1, encoder_runs=n - 1,
+                                       decode_steps=first.decode_steps - 1)
     # A background click inside exactly one of the added crops (far from the first crop).
     prepared = predictor.prepared
     boxes = [prepared.crop(b[0], SIZE) for b in first.crop_boxes]
@@ -110,6 +113,8 @@ def test_follow_up_click_reruns_only_the_crops_it_falls_in(totalseg):
     assert model.decodes - before == 1 and second.decode_steps == 1
     assert predictor.encoder_runs == runs and not second.encoder_ran  # every crop's embedding was cached
     assert second.crop_boxes[:len(first.crop_boxes)] == first.crop_boxes
+    assert second.tiling == TilingStats(crops=len(second.crop_boxes), crops_added=len(second.crop_boxes) - n,
+                                        crops_rerun=1, crops_reused=n - 2, decode_steps=1)
 
 
 def test_caps_stop_the_extension(totalseg):
@@ -180,3 +185,248 @@ def test_only_the_part_of_the_mask_that_was_clicked_opens_faces():
     assert not clicked_parts(_tile(probs, [[30, 30, 30]], [1])).any()
     assert not clicked_parts(_tile(probs, np.zeros((0, 3)), [])).any()
     assert ExtensionConfig().clicked_only
+
+
+# ------------------------------------------------------------------------- blending tiles that disagree
+#
+# A scan stored in neither RAS order nor RAS direction: array axis i runs anterior (1.5 mm), j inferior
+# (2.5 mm), k left (1.5 mm), so canonical R comes from -k, A from i and S from -j. An axis mixed up anywhere in
+# the blend shows as the probabilities varying along the wrong array axis.
+PERMUTED_SHAPE = (40, 30, 56)
+PERMUTED_AFFINE = np.array([[0.0, 0.0, -1.5, 20.0],
+                            [1.5, 0.0, 0.0, -30.0],
+                            [0.0, -2.5, 0.0, 40.0],
+                            [0.0, 0.0, 0.0, 1.0]])
+
+
+def _permuted_scan():
+    from sam_med3d.geometry import PreparedScan
+    from sam_med3d.io import load_scan
+
+    array = np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32)
+    prepared = PreparedScan(load_scan(array, PERMUTED_AFFINE))
+    assert nib.aff2axcodes(PERMUTED_AFFINE) == ("A", "I", "L")
+    assert prepared.source_axis.tolist() == [2, 0, 1] and prepared.shape == (56, 40, 50)
+    return prepared
+
+
+def _crop_tile(prepared, start, probs):
+    import torch
+    from sam_med3d.extension import Tile
+
+    size = probs.shape[0]
+    return Tile(prepared.crop(start, size), np.zeros((0, 3)), np.zeros(0, np.int64), torch.zeros(1),
+                torch.from_numpy(np.asarray(probs, np.float32)))
+
+
+def _blend_reference(prepared, tiles, window):
+    """The blend rule voxel by voxel: each scan voxel's nearest canonical voxel, each crop's weight there (the
+    product of the window over the three crop axes) and its probability; their weighted mean."""
+    ijk = np.indices(prepared.scan.shape).reshape(3, -1).T
+    nearest = np.floor(prepared.to_canonical(ijk) + 0.5).astype(np.int64)
+    num = np.zeros(len(ijk))
+    den = np.zeros(len(ijk))
+    for tile in tiles:
+        local = nearest - np.asarray(tile.crop.start)
+        inside = np.all((local >= 0) & (local < tile.crop.size), axis=1)
+        r, a, s = local[inside].T
+        weight = window[r] * window[a] * window[s]
+        num[inside] += weight * tile.probs.numpy()[r, a, s]
+        den[inside] += weight
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0).reshape(prepared.scan.shape)
+
+
+def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
+    """Two 16^3 crops overlapping by 4 voxels along canonical R (array axis k, reversed), one saying 0.9 and
+    the other 0.2 everywhere. blend_window(16, 4) gives 0.875, 0.625, 0.375, 0.125 over the last 4 voxels of
+    the first crop and the reverse over the first 4 of the second; the other axes' weights are the same for both
+    crops and cancel. So, by hand: 0.875*0.9 + 0.125*0.2 = 0.8125, then 0.6375, 0.4625, 0.2875 (in mask, in
+    mask, out, out), along k from k = 55 - 12 downwards, whatever i and j."""
+    from sam_med3d.extension import blend_window, combine_in_region, combine_on_scan
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    np.testing.assert_allclose(window[:4], [0.125, 0.375, 0.625, 0.875])
+    tiles = [_crop_tile(prepared, (0, 0, 0), np.full((16,) * 3, 0.9)),
+             _crop_tile(prepared, (12, 0, 0), np.full((16,) * 3, 0.2))]
+    mask, probs = combine_on_scan(prepared, tiles, window, with_probabilities=True)
+    expected_r = [0.9] * 12 + [0.8125, 0.6375, 0.4625, 0.2875] + [0.2] * 12  # canonical R = 0 .. 27
+    j_inside = [j for j in range(PERMUTED_SHAPE[1])
+                if 0 <= np.floor(prepared.to_canonical([[0, j, 0]])[0, 2] + 0.5) < 16]
+    assert len(j_inside) >= 9
+    block = probs[:16, j_inside][:, :, ::-1][:, :, :28]  # k = 55 .. 28, i.e. canonical R = 0 .. 27
+    np.testing.assert_allclose(block, np.broadcast_to(expected_r, block.shape), rtol=1e-6)
+    assert mask[:16, j_inside][:, :, ::-1][:, :, :28].astype(bool).tolist() == (block > 0.5).tolist()
+    assert not probs[:, :, :28].any() and not probs[16:].any() and not mask[16:].any()  # no crop there
+    assert mask.dtype == np.uint8 and probs.dtype == np.float32 and combine_on_scan(prepared, tiles, window)[1] is None
+    _, plain_mask, nothing = combine_in_region(prepared, tiles, window)
+    assert nothing is None and plain_mask.dtype == np.uint8
+    # The region form is the same numbers on the box the crops cover.
+    region, region_mask, region_probs = combine_in_region(prepared, tiles, window, with_probabilities=True)
+    assert region == (slice(0, 16), slice(j_inside[0], j_inside[-1] + 1), slice(28, 56))
+    np.testing.assert_array_equal(region_probs, probs[region])
+    np.testing.assert_array_equal(region_mask, mask[region])
+
+
+def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule():
+    """Three crops overlapping along different canonical axes, each with probabilities that vary along all
+    three crop axes differently: the vectorised blend equals the voxel-by-voxel rule on the whole scan and on a
+    new crop's grid."""
+    from sam_med3d.extension import blend_window, combine_on_scan, known_probabilities
+
+    prepared = _permuted_scan()
+    size = 16
+    window = blend_window(size, 5)
+    d = np.arange(size) / (size - 1)
+    ramps = [d[:, None, None] * 0.6 + d[None, :, None] * 0.3 + d[None, None, :] * 0.1,
+             1 - d[:, None, None] * 0.2 - d[None, :, None] * 0.7 + 0 * d[None, None, :],
+             d[None, None, :] ** 2 + 0 * d[:, None, None] * d[None, :, None]]
+    tiles = [_crop_tile(prepared, start, ramp) for start, ramp in
+             zip([(-3, 2, 5), (9, 6, 4), (2, 14, 12)], ramps)]
+    mask, probs = combine_on_scan(prepared, tiles, window, with_probabilities=True)
+    expected = _blend_reference(prepared, tiles, window)
+    assert (expected > 0).sum() > 5000
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_array_equal(mask, (expected > 0.5).astype(np.uint8))
+    # The same rule on a new crop's grid (what its derived clicks come from), voxel by voxel.
+    target = prepared.crop((4, 8, 9), size)
+    known, covered = known_probabilities(target, tiles, window)
+    canonical = np.indices((size,) * 3).reshape(3, -1).T + np.asarray(target.start)
+    num, den = np.zeros(len(canonical)), np.zeros(len(canonical))
+    for tile in tiles:
+        local = canonical - np.asarray(tile.crop.start)
+        inside = np.all((local >= 0) & (local < size), axis=1)
+        r, a, s = local[inside].T
+        num[inside] += window[r] * window[a] * window[s] * tile.probs.numpy()[r, a, s]
+        den[inside] += window[r] * window[a] * window[s]
+    assert covered.reshape(-1).tolist() == (den > 0).tolist() and 0 < covered.mean() < 1
+    np.testing.assert_allclose(known.reshape(-1), np.divide(num, den, out=np.zeros_like(num), where=den > 0),
+                               atol=1e-6)
+
+
+def test_known_probabilities_blend_and_coverage_on_the_target_crop():
+    """What a new crop is prompted from: on its own grid, the blend of the crops it overlaps (same numbers as
+    on the scan), and where no crop reaches it, nothing known. Target crop at (8, 4, 0): along R its voxels
+    0..3 are the first crop's alone (0.9), 4..7 the blended overlap, 8..15 the second crop's alone (0.2);
+    along A its voxels 12..15 lie beyond both crops (A = 16..19)."""
+    from sam_med3d.extension import blend_window, known_probabilities
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    tiles = [_crop_tile(prepared, (0, 0, 0), np.full((16,) * 3, 0.9)),
+             _crop_tile(prepared, (12, 0, 0), np.full((16,) * 3, 0.2))]
+    # A crop that does not reach the target (22 voxels before it along R) adds nothing, wherever it is listed.
+    far = _crop_tile(prepared, (-14, 4, 0), np.full((16,) * 3, 0.5))
+    known, covered = known_probabilities(prepared.crop((8, 4, 0), 16), [far] + tiles, window)
+    assert known.shape == covered.shape == (16, 16, 16) and known.dtype == np.float32
+    expected_r = np.array([0.9] * 4 + [0.8125, 0.6375, 0.4625, 0.2875] + [0.2] * 8)
+    assert covered[:, :12].all() and not covered[:, 12:].any()
+    np.testing.assert_allclose(known[:, :12], np.broadcast_to(expected_r[:, None, None], (16, 12, 16)), rtol=1e-6)
+    assert not known[:, 12:].any()
+
+
+def test_predictor_blends_disagreeing_tiles_by_the_weights_on_a_non_ras_scan():
+    """End to end: a bar along canonical R, longer than one crop, on the permuted scan; the first crop says 0.95
+    inside it, the crop the extension adds says 0.27 (below 0.5: it would drop the bar on its own). The result
+    is the voxel-by-voxel blend of the two, so the mask ends inside the overlap where the weights say."""
+    from extension_helpers import DisagreeingSam3D
+    from sam_med3d.extension import blend_window
+
+    bar = np.zeros(PERMUTED_SHAPE, bool)
+    bar[18:22, 12:16, 4:50] = True  # i (A), j (S, reversed), k (R, reversed): long along R
+    model = DisagreeingSam3D(bar, [3.0, -1.0], img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(overlap=8))
+    predictor.set_image(np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32), PERMUTED_AFFINE)
+    result = predictor.predict([[20, 14, 40]], [1])
+    assert len(result.crop_boxes) == 2 and result.tiling.crops_added == 1
+    prepared = predictor.prepared
+    shift = np.subtract(result.crop_boxes[1][0], result.crop_boxes[0][0])
+    assert abs(shift[0]) == 32 - 8  # the added crop lies along R, overlapping by 8
+    tiles = [_crop_tile(prepared, box[0], _sigmoid(model.tile_logits(prepared.crop(box[0], 32))))
+             for box in result.crop_boxes]
+    expected = _blend_reference(prepared, tiles, blend_window(32, 8))
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    np.testing.assert_array_equal(result.mask, (expected > 0.5).astype(np.uint8))
+    # The bar is kept where the first crop is alone and through part of the overlap, then dropped.
+    along = result.mask[20, 14, :]
+    kept = np.flatnonzero(along)
+    assert 0 < len(kept) < bar[20, 14].sum() and np.all(np.diff(kept) == 1)
+    overlap_k = sorted(int(55 - r) for r in (result.crop_boxes[1][0][0], result.crop_boxes[0][1][0] - 1)) \
+        if shift[0] > 0 else sorted(int(55 - r) for r in (result.crop_boxes[0][0][0], result.crop_boxes[1][1][0] - 1))
+    edge = kept[0] if shift[0] > 0 else kept[-1]  # where the mask ends, towards the added crop
+    assert overlap_k[0] < edge < overlap_k[1], (edge, overlap_k)
+
+
+def _sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64)))
+
+
+def test_where_new_crops_go_and_which_clicks_change_them():
+    """The placement rules, on the permuted scan's canonical grid: the crop across a face is shifted by
+    size - overlap along that axis and centred on the touching part across it; a place within size // 4 of an
+    existing crop on every axis is not new; a follow-up click changes the later crops when it falls inside one,
+    or when it is positive and no crop holds it (a negative click outside every crop changes nothing)."""
+    from sam_med3d.extension import changes_beyond_first, contains_interior, is_new_place, neighbour_start
+
+    prepared = _permuted_scan()
+    flat = np.full((16,) * 3, 0.9)
+    first, later = _crop_tile(prepared, (0, 0, 0), flat), _crop_tile(prepared, (12, 0, 0), flat)
+    assert neighbour_start(first, 0, 1, np.array([15, 20, 9]), 4) == (12, 12, 1)
+    assert neighbour_start(later, 1, -1, np.array([20, 3, 30]), 4) == (12, -12, 22)
+    assert is_new_place((4, 20, 0), [first], 16) and not is_new_place((4, 4, -4), [first], 16)
+    assert is_new_place((5, 0, 0), [first], 16) and not is_new_place((16, 3, 0), [first, later], 16)
+    canonical = np.array([[2, 2, 2], [1, 8, 8], [8, 8, 8], [8, 14, 8], [8, 13, 8], [-1, 5, 5]])
+    assert contains_interior(first, canonical, 2).tolist() == [True, False, True, False, True, False]
+    assert contains_interior(later, canonical + [12, 0, 0], 2).tolist() == [True, False, True, False, True, False]
+    tiles = [first, later]
+    # Original indices of canonical voxels: inside the first crop only, the later one only, and neither.
+    only_first, only_later, neither = (np.round(prepared.to_original([c]))[0] for c in
+                                       ([4, 8, 8], [24, 8, 8], [40, 8, 8]))
+    points = np.array([only_first, only_later, neither, neither])
+    labels = np.array([1, 0, 0, 1])
+    assert not changes_beyond_first(tiles, points, labels, [0])      # the first crop is the caller's
+    assert changes_beyond_first(tiles, points, labels, [1])          # a click inside a later crop
+    assert not changes_beyond_first(tiles, points, labels, [2])      # a negative click outside every crop
+    assert changes_beyond_first(tiles, points, labels, [3])          # a positive one gets a crop of its own
+    assert not changes_beyond_first(tiles, points, labels, [])
+    assert not changes_beyond_first([first], points, labels, [1])    # no later crop, negative click
+
+
+def test_extension_settings_are_checked():
+    for bad, message in [(dict(strategy="magic"), "strategy"), (dict(max_crops=0), "max_crops"),
+                         (dict(time_budget_s=-1), "time_budget_s"), (dict(time_budget_s=float("nan")), "time_budget_s"),
+                         (dict(derived_points=0), "derived_points"), (dict(zoom_spacing_mm=0), "zoom_spacing_mm")]:
+        with pytest.raises(ValueError, match=message):
+            ExtensionConfig(**bad)
+    config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1)
+    assert config.max_crops == 1 and config.overlap_for(64) == 16 and config.overlap_for(128) == 32
+    assert type(config.overlap_for(64)) is int  # crop starts are whole voxels
+    assert ExtensionConfig(overlap=1).overlap_for(64) == 1 and ExtensionConfig(overlap=63).overlap_for(64) == 63
+    for overlap in (0, 64):
+        with pytest.raises(ValueError, match="overlap must be between 1 and 63"):
+            ExtensionConfig(overlap=overlap).overlap_for(64)
+
+
+def test_one_crop_is_the_official_paste_back_and_crops_off_the_scan_give_nothing():
+    """A single crop is pasted back unchanged (threshold strictly above 0.5, as the official code), with
+    probabilities only when asked; crops that all miss the scan give an empty region."""
+    from sam_med3d.extension import blend_window, combine_in_region
+
+    prepared = _permuted_scan()
+    window = blend_window(16, 4)
+    probs = np.tile(np.linspace(0.3, 0.7, 5)[None, None, [0, 1, 2, 3, 4, 2, 2, 2, 1, 0, 3, 4, 2, 2, 0, 4]],
+                    (16, 16, 1))
+    assert (probs == 0.5).sum() > 1000
+    tile = _crop_tile(prepared, (20, 10, 30), probs)
+    region, mask, none = combine_in_region(prepared, [tile], window)
+    assert none is None and mask.dtype == np.uint8
+    expected_region, expected_mask = prepared.paste_back_region(tile.crop, (probs > 0.5).astype(np.uint8))
+    assert region == expected_region and 0 < mask.mean() < 1
+    np.testing.assert_array_equal(mask, expected_mask)
+    _, _, pasted = combine_in_region(prepared, [tile], window, with_probabilities=True)
+    np.testing.assert_array_equal(pasted, prepared.paste_back_region(tile.crop, probs.astype(np.float32))[1])
+    off = [_crop_tile(prepared, (100, 0, 0), probs), _crop_tile(prepared, (0, -40, 0), probs)]
+    for with_probabilities in (False, True):
+        region, mask, found = combine_in_region(prepared, off, window, with_probabilities)
+        assert region is None and mask.shape == (0, 0, 0) and mask.dtype == np.uint8
+        assert found is None if not with_probabilities else (found.shape == (0, 0, 0) and found.dtype == np.float32)

@@ -3,6 +3,7 @@ and the real vit_mini network end to end."""
 
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Tuple
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from conftest import data_cases
+from sam_med3d.extension import TilingStats
 from sam_med3d.predictor import PredictionResult, Sam3DPredictor
 
 RADIUS = 10.0  # stand-in sphere radius in crop voxels = 15 mm on the 1.5 mm grid
@@ -178,6 +180,9 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     assert moved.mask[300, 200, 16] == 1 and len(moved.crop_boxes) == 2 and first.crop_box in moved.crop_boxes
     assert moved.decode_steps == 2 and predictor.encoder_runs == 2
     # Going back to the first crop finds its embedding in the cache.
+    again = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])  # the same clicks: both crops reused
+    assert again.decode_steps == 0 and again.encoder_ran is False and again.crop_boxes == moved.crop_boxes
+    assert again.tiling == TilingStats(crops=2, crops_reused=1)
     back = predictor.predict([[300, 200, 16]], [1])
     assert not back.encoder_ran and back.crop_box == first.crop_box
 
@@ -185,8 +190,16 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
 def test_a_repeated_request_reports_its_crops(spleen):
     predictor, _ = spleen
     first = predictor.predict([[300, 200, 16]], [1])
+    tick = time.perf_counter()
     again = predictor.predict([[300, 200, 16]], [1])
-    assert again.decode_steps == 0 and again.timings["crops"] == len(first.crop_boxes) == first.timings["crops"]
+    elapsed = time.perf_counter() - tick
+    assert again.decode_steps == 0 and again.tiling.crops == len(first.crop_boxes) == first.tiling.crops
+    assert again.tiling == TilingStats(crops=first.tiling.crops, crops_reused=first.tiling.crops - 1)
+    # Nothing ran: the same stages as any answer, at zero, and the call's own total (the app sums these).
+    assert set(again.timings) == {"preprocess", "encode", "decode", "paste", "total"}
+    assert all(again.timings[k] == 0.0 for k in ("preprocess", "encode", "decode", "paste"))
+    assert 0.0 <= again.timings["total"] <= elapsed and again.encoder_ran is False
+    np.testing.assert_array_equal(again.mask, first.mask)
 
 
 def test_without_extension_one_region_per_label(data_dir):
@@ -195,7 +208,7 @@ def test_without_extension_one_region_per_label(data_dir):
     predictor.predict([[300, 200, 16]], [1])
     moved = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])
     assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0
-    assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.timings["crops"] == 1
+    assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.tiling.crops == 1
 
 
 def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
@@ -281,6 +294,8 @@ def test_labels_have_independent_states_and_reset(spleen):
     assert predictor.predict([[300, 200, 16], [302, 200, 16]], [1, 1], label_key="liver").decode_steps == 2
     assert predictor.predict([[100, 300, 20], [101, 300, 20]], [1, 1], label_key="spleen").decode_steps == 0
     runs = predictor.encoder_runs
+    predictor.reset("never clicked")  # an unknown label: nothing to forget
+    assert predictor.predict([[100, 300, 20], [101, 300, 20]], [1, 1], label_key="spleen").decode_steps == 0
     predictor.reset()
     assert predictor.predict([[100, 300, 20]], [1], label_key="spleen").decode_steps == 1
     assert predictor.encoder_runs == runs  # reset keeps the image's cached embeddings
@@ -379,7 +394,7 @@ def test_vit_mini_end_to_end(data_dir):
     extended = Sam3DPredictor(predictor.model)
     extended.set_image(image)
     wide = extended.predict([[128, 128, 12]], [1])
-    assert len(wide.crop_boxes) > 1 and wide.timings["crops"] == len(wide.crop_boxes)
+    assert len(wide.crop_boxes) > 1 and wide.tiling.crops == len(wide.crop_boxes)
     assert np.array_equal(wide.mask, (wide.probabilities > 0.5).astype(np.uint8))
     assert wide.crop_boxes[0] == first.crop_box
     # The crop-local mask (what the app merges and writes) is the full-size mask inside region_ijk, exactly,

@@ -1,9 +1,10 @@
 """Structures larger than one crop: more crops where the mask reaches a crop face, blended into one mask.
 
 SAM-Med3D sees one ``img_size``^3 crop at 1.5 mm (192 mm for the 128^3 models). A lung, the liver or the aorta
-is larger, and the single-crop mask is cut at the crop's faces. :class:`~sam_med3d.predictor.Sam3DPredictor`
-extends the mask automatically with the pieces here (the paper's "sliding" extension, which the official code
-never shipped):
+is larger, and the single-crop mask is cut at the crop's faces. :class:`CropTiler` extends the mask beyond the
+label's first crop (the paper's "sliding" extension, which the official code never shipped);
+:class:`~sam_med3d.predictor.Sam3DPredictor` decodes the first crop and hands it to the tiler, which returns
+all crops and :class:`TilingStats`. The pieces:
 
 1. **Open faces** (:func:`open_faces`): after a crop is decoded, each of its six faces is *open* when the
    crop mask reaches it (voxels within ``face_margin`` of the face) and the scan continues beyond it, and the
@@ -31,14 +32,15 @@ coarse mask, each prompted by the coarse mask's deepest voxels inside it; docs/p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from .geometry import Crop, PreparedScan, outer_take
+from .geometry import Crop, PreparedScan, outer_take, place_crop, upsample_logits
 
 STRATEGIES = ("slide", "zoom")
 
@@ -299,9 +301,9 @@ def combine_in_region(prepared: PreparedScan, tiles: Sequence[Tile], window: np.
 
 
 def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.ndarray,
-                    with_probabilities: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, int]]:
-    """:func:`combine_in_region` on the whole ORIGINAL scan grid: ``(mask uint8, probabilities float32 or None,
-    {"crops": n})`` of the scan's shape, 0 outside the region the tiles cover."""
+                    with_probabilities: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """:func:`combine_in_region` on the whole ORIGINAL scan grid: ``(mask uint8, probabilities float32 or None)``
+    of the scan's shape, 0 outside the region the tiles cover."""
     region, mask_region, probs_region = combine_in_region(prepared, tiles, window, with_probabilities)
     shape = prepared.scan.shape
     mask = np.zeros(shape, np.uint8)
@@ -310,9 +312,230 @@ def combine_on_scan(prepared: PreparedScan, tiles: Sequence[Tile], window: np.nd
         mask[region] = mask_region
         if full is not None:
             full[region] = probs_region
-    return mask, full, {"crops": len(tiles)}
+    return mask, full
 
 
-__all__ = ("ExtensionConfig", "Tile", "STRATEGIES", "blend_window", "clicked_parts", "known_probabilities", "open_faces",
-           "neighbour_start", "is_new_place", "derived_points", "combine_in_region", "combine_on_scan",
-           "contains_interior")
+
+@dataclass
+class TilingStats:
+    """What covering one label's mask took in one call, beyond its first crop.
+
+    Attributes:
+        crops: crops the mask is blended from, the first one included (``len(PredictionResult.crop_boxes)``).
+        crops_added: crops placed and decoded in this call.
+        crops_rerun: crops of earlier calls decoded again (a new click fell inside them).
+        crops_reused: crops of earlier calls kept as they were.
+        encoder_runs: image-encoder runs (crops whose embedding was not cached; the ``"zoom"`` coarse crop too).
+        decode_steps: decoder runs.
+    """
+
+    crops: int = 1
+    crops_added: int = 0
+    crops_rerun: int = 0
+    crops_reused: int = 0
+    encoder_runs: int = 0
+    decode_steps: int = 0
+
+
+#: ``(crop, timings) -> (embedding, whether the encoder ran)``; adds its seconds to ``timings``.
+EmbedFn = Callable[[Crop, dict], Tuple[object, bool]]
+#: ``(embedding, prompt points (n, 3), prompt labels (n,), previous low-res logits, multimask) -> (logits, iou)``.
+DecodeFn = Callable[[object, np.ndarray, np.ndarray, torch.Tensor, bool], Tuple[torch.Tensor, float]]
+
+
+def changes_beyond_first(tiles: Sequence[Tile], points: np.ndarray, labels: np.ndarray, new: Sequence[int]) -> bool:
+    """Whether the ``new`` clicks (indices into ``points`` / ``labels``) change a label's crops other than the
+    first ``tiles[0]``: one falls inside a later crop, or a positive one falls outside every crop (it gets a
+    crop of its own)."""
+    def inside(tile: Tile, i: int) -> bool:
+        return bool(tile.crop.contains(points[i:i + 1])[0])
+
+    touched = any(inside(tile, i) for tile in tiles[1:] for i in new)
+    return touched or any(labels[i] == 1 and not any(inside(tile, i) for tile in tiles) for i in new)
+
+
+class CropTiler:
+    """Covers a label's mask beyond its first crop (see the module docstring) and blends the crops.
+
+    Args:
+        config: the extension's settings.
+        size: the model's crop edge (``img_size``).
+        embed: the predictor's cached image encoder (:data:`EmbedFn`).
+        decode_step: one decoder run (:data:`DecodeFn`).
+        empty_low_res: the all-zero low-res mask prompt of a crop's first step.
+    """
+
+    def __init__(self, config: ExtensionConfig, size: int, embed: EmbedFn, decode_step: DecodeFn,
+                 empty_low_res: Callable[[], torch.Tensor]) -> None:
+        self.config = config
+        self.size = int(size)
+        self.window = blend_window(self.size, config.overlap_for(self.size))
+        self._embed = embed
+        self._decode_step = decode_step
+        self._empty_low_res = empty_low_res
+        self._coarse: Optional[PreparedScan] = None  # the "zoom" strategy's coarse grid of the last scan
+
+    def combine(self, prepared: PreparedScan, tiles: Sequence[Tile]
+                ) -> Tuple[Optional[Tuple[slice, slice, slice]], np.ndarray]:
+        """The blended mask of ``tiles`` where they cover the scan: ``(region, mask)``
+        (:func:`combine_in_region`)."""
+        region, mask, _ = combine_in_region(prepared, tiles, self.window)
+        return region, mask
+
+    def extend(self, prepared: PreparedScan, primary: Tile, earlier: Sequence[Tile], points: np.ndarray,
+               labels: np.ndarray, new: Optional[Sequence[int]], timings: dict, started: float,
+               multimask_output: bool = False) -> Tuple[List[Tile], TilingStats]:
+        """Cover the structure beyond ``primary`` (the label's first crop, decoded): update the ``earlier`` extra
+        crops with the ``new`` clicks inside them, add a crop for every positive click no crop holds, then add
+        crops across open faces until none is left, ``max_crops`` is reached or ``time_budget_s`` has passed
+        since ``started`` (``time.perf_counter()``).
+
+        Args:
+            points, labels: all the label's clicks ``(N, 3)`` (original voxel indices) and ``(N,)``.
+            new: indices of the clicks not applied yet to ``earlier`` (None or empty: none).
+            timings: seconds of ``preprocess``, ``encode`` and ``decode``, added to.
+
+        Returns:
+            All tiles (``primary`` first, then ``earlier`` in order, then the added ones) and the statistics.
+        """
+        cfg = self.config
+        size = self.size
+        overlap = cfg.overlap_for(size)
+        deadline = started + float(cfg.time_budget_s)
+        stats = TilingStats()
+        tiles = [primary]
+        for tile in earlier:  # a follow-up click: re-run only the crops it falls in
+            inside = [i for i in (new or []) if bool(tile.crop.contains(points[i:i + 1])[0])]
+            if inside:
+                tile = self._run_tile(tile.crop, np.zeros((0, 3)), inside, points, labels, timings,
+                                      multimask_output, stats, previous=tile)
+                stats.crops_rerun += 1
+            else:
+                stats.crops_reused += 1
+            tiles.append(tile)
+        if cfg.strategy == "zoom" and not earlier and open_faces(primary, tiles, prepared, cfg.face_margin,
+                                                                 cfg.clicked_only):
+            tiles.extend(self._zoom_tiles(prepared, primary, points, labels, timings, multimask_output, deadline,
+                                          stats))
+        # Positive clicks farther apart than one crop are all honoured: each gets a crop of its own.
+        for i in np.flatnonzero(labels == 1):
+            if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                break
+            if any(bool(t.crop.contains(points[i:i + 1])[0]) for t in tiles):
+                continue
+            crop = prepared.crop_around(points[i:i + 1], size)
+            user = [j for j in range(len(points)) if bool(crop.contains(points[j:j + 1])[0])]
+            tiles.append(self._run_tile(crop, np.zeros((0, 3)), user, points, labels, timings, multimask_output,
+                                        stats))
+        queue = list(tiles)
+        while queue and len(tiles) < cfg.max_crops and time.perf_counter() <= deadline:
+            tile = queue.pop(0)
+            for axis, side, centre in open_faces(tile, tiles, prepared, cfg.face_margin, cfg.clicked_only):
+                if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                    break
+                start = neighbour_start(tile, axis, side, centre, overlap)
+                if not is_new_place(start, tiles, size):
+                    continue
+                crop = prepared.crop(start, size)
+                known, covered = known_probabilities(crop, tiles, self.window)
+                seeds = derived_points(known, covered, cfg.derived_points, size / 8)
+                if not len(seeds):
+                    continue
+                user = [j for j in range(len(points)) if bool(crop.contains(points[j:j + 1])[0])]
+                added = self._run_tile(crop, seeds, user, points, labels, timings, multimask_output, stats)
+                tiles.append(added)
+                queue.append(added)
+        stats.crops = len(tiles)
+        stats.crops_added = len(tiles) - 1 - len(earlier)
+        return tiles, stats
+
+    def _zoom_tiles(self, prepared: PreparedScan, primary: Tile, points: np.ndarray, labels: np.ndarray,
+                    timings: dict, multimask_output: bool, deadline: float, stats: TilingStats) -> List[Tile]:
+        """The ``"zoom"`` strategy's coarse pass: the user's clicks on a crop of the same size at
+        ``zoom_spacing_mm``, then 1.5 mm crops tiling the coarse mask, each prompted by its deepest voxels."""
+        cfg = self.config
+        size = self.size
+        coarse_prep = self._coarse_prepared(prepared)
+        coarse = place_crop(coarse_prep, points, labels, size)
+        user = [j for j in range(len(points)) if bool(coarse.contains(points[j:j + 1])[0])]
+        coarse_tile = self._run_tile(coarse, np.zeros((0, 3)), user, points, labels, timings, multimask_output,
+                                     stats)
+        mask = coarse_tile.probs.numpy() > 0.5
+        if not mask.any():
+            return []
+        # The coarse mask's box on the 1.5 mm canonical grid, tiled with overlapping crops.
+        found = np.argwhere(mask)
+        corners = np.array([found.min(0) - 0.5, found.max(0) + 0.5]) + np.asarray(coarse.start)
+        fine = prepared.to_canonical(coarse_prep.to_original(corners))
+        lo, hi = np.floor(fine.min(0)).astype(int), np.ceil(fine.max(0)).astype(int)
+        stride = size - cfg.overlap_for(size)
+        starts = []
+        for a in range(3):
+            n = max(1, int(np.ceil((hi[a] - lo[a] - size) / stride)) + 1)
+            first = (lo[a] + hi[a]) // 2 - ((n - 1) * stride + size) // 2
+            starts.append([first + k * stride for k in range(n)])
+        tiles: List[Tile] = []
+        for start in sorted(((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]),
+                            key=lambda s: float(np.abs(np.asarray(s) - primary.start).sum())):
+            if 1 + len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
+                break
+            if not is_new_place(start, [primary] + tiles, size):
+                continue
+            crop = prepared.crop(start, size)
+            # The coarse mask on this crop's grid (nearest), as the known mask to derive clicks from.
+            known = _coarse_on_crop(coarse_prep, coarse_tile, crop)
+            seeds = derived_points(known, np.ones(known.shape, bool), cfg.derived_points, size / 8)
+            if not len(seeds):
+                continue
+            user = [j for j in range(len(points)) if bool(crop.contains(points[j:j + 1])[0])]
+            tiles.append(self._run_tile(crop, seeds, user, points, labels, timings, multimask_output, stats))
+        return tiles
+
+    def _coarse_prepared(self, prepared: PreparedScan) -> PreparedScan:
+        if self._coarse is None or self._coarse.scan is not prepared.scan:
+            self._coarse = PreparedScan(prepared.scan, self.config.zoom_spacing_mm)
+        return self._coarse
+
+    def _run_tile(self, crop: Crop, seeds: np.ndarray, user: Sequence[int], points: np.ndarray, labels: np.ndarray,
+                  timings: dict, multimask_output: bool, stats: TilingStats, previous: Optional[Tile] = None) -> Tile:
+        """Decode one crop: from ``previous``'s state (or an empty mask), the derived positive ``seeds`` (crop
+        coordinates) then the user's clicks ``user`` (indices), one click at a time."""
+        embedding, ran = self._embed(crop, timings)
+        stats.encoder_runs += int(ran)
+        tick = time.perf_counter()
+        if previous is None:
+            prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
+            low_res = self._empty_low_res()
+            done: List[int] = []
+        else:
+            prompt_pts, prompt_labs, low_res = previous.prompt_points, previous.prompt_labels, previous.low_res
+            done = list(previous.clicks)
+        steps = [(p, 1) for p in np.asarray(seeds).reshape(-1, 3)]
+        steps += [(crop.to_crop(points[i:i + 1])[0], int(labels[i])) for i in user if i not in done]
+        for point, label in steps:
+            prompt_pts = np.concatenate([prompt_pts, np.asarray(point, dtype=np.float64)[None]])
+            prompt_labs = np.concatenate([prompt_labs, np.asarray([label], dtype=np.int64)])
+            low_res, _ = self._decode_step(embedding, prompt_pts, prompt_labs, low_res, multimask_output)
+        timings["decode"] += time.perf_counter() - tick
+        stats.decode_steps += len(steps)
+        probs = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
+        derived = previous.derived if previous is not None else len(seeds) > 0
+        return Tile(crop, prompt_pts, prompt_labs, low_res, probs, derived, done + [i for i in user if i not in done])
+
+
+def _coarse_on_crop(coarse_prep: PreparedScan, coarse_tile: Tile, crop: Crop) -> np.ndarray:
+    """The coarse probabilities resampled (nearest) onto a 1.5 mm crop's grid: ``(S, S, S)`` float32, 0
+    outside the coarse crop. Both canonical grids come from the same scan, so their axes correspond and
+    the lookup is separable."""
+    size = crop.size
+    index = []
+    for a in range(3):
+        original = crop.prepared.original_coords(a, crop.start[a], size)
+        pos = (original - coarse_prep.offset[a]) / coarse_prep.step[a] - coarse_tile.crop.start[a]
+        index.append(np.clip(np.floor(pos + 0.5).astype(np.int64), -1, coarse_tile.crop.size) + 1)
+    return np.pad(coarse_tile.probs.numpy(), 1)[np.ix_(*index)]
+
+
+__all__ = ("ExtensionConfig", "Tile", "TilingStats", "CropTiler", "STRATEGIES", "blend_window", "changes_beyond_first",
+           "clicked_parts", "known_probabilities", "open_faces", "neighbour_start", "is_new_place", "derived_points",
+           "combine_in_region", "combine_on_scan", "contains_interior")

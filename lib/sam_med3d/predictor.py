@@ -54,8 +54,7 @@ import torch
 from torch import nn
 
 from .device import disable_tf32, synchronize
-from .extension import (ExtensionConfig, Tile, blend_window, combine_in_region, combine_on_scan, derived_points,
-                        is_new_place, known_probabilities, neighbour_start, open_faces)
+from .extension import ExtensionConfig, CropTiler, Tile, TilingStats, changes_beyond_first, combine_on_scan
 from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
 from .io import ScanInput, load_scan
 
@@ -75,18 +74,21 @@ class PredictionResult:
         affine: 4x4 RAS voxel->world of the scan (save with ``nib.Nifti1Image(mask, affine)``).
         iou: the model's IoU prediction for the returned mask (of the last decode step).
         timings: seconds spent in ``preprocess`` (crop sampling + normalisation), ``encode``, ``decode``,
-            ``paste`` (upsampling + threshold + paste-back) and ``total`` for this call.
-        encoder_ran: whether this call ran the image encoder (False when the crop's embedding was cached).
+            ``paste`` (upsampling + threshold + paste-back), ``extension`` (the crops beyond the first, when the
+            extension ran; their encoder and decoder seconds are in ``encode`` / ``decode`` too) and ``total``
+            for this call.
+        encoder_ran: whether this call ran the image encoder (False when every crop's embedding was cached).
         crop_box: ``(start, stop)`` of the crop in canonical 1.5 mm voxel indices.
         crop_affine: 4x4 RAS voxel->world of the crop (``predict(..., crop_affine=...)`` pins a crop by it).
         region_ijk: the slices of the original grid covered by the crop (where the mask can be non-zero).
-        decode_steps: decoder runs in this call (one per replayed click).
+        decode_steps: decoder runs in this call (one per replayed click, on every crop).
         prompt_clicks: number of clicks in the prompt (the label's clicks inside the crop).
         low_res_logits: ``(1, 1, L, L, L)`` float32 logits of the crop (L = img_size / 4), for callers that
             want the raw model output.
         crop_probabilities: ``(S, S, S)`` float32 probabilities on the (first) crop grid.
         crop_boxes: ``(start, stop)`` of every crop the mask was blended from (the first is ``crop_box``); more
             than one when the structure is larger than a crop (see :mod:`sam_med3d.extension`).
+        tiling: what the crops beyond the first took in this call (:class:`~sam_med3d.extension.TilingStats`).
 
     ``mask`` (uint8 ``(I, J, K)``, the official result: the crop's ``sigmoid(logits) > 0.5`` pasted onto the
     scan's grid by nearest neighbour, 0 outside the crop; same shape as the scan as stored) and
@@ -108,6 +110,7 @@ class PredictionResult:
     low_res_logits: torch.Tensor = field(repr=False)
     crop_probabilities: torch.Tensor = field(repr=False)
     crop_boxes: Tuple[Tuple[Tuple[int, int, int], Tuple[int, int, int]], ...] = ()
+    tiling: TilingStats = field(default_factory=TilingStats)
     _tiles: Tuple[Tile, ...] = field(default=(), repr=False, compare=False)
     _window: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
@@ -134,12 +137,12 @@ class _LabelState:
 
     points: np.ndarray  # (N, 3) float64, every click received so far (original ijk)
     labels: np.ndarray  # (N,) int64
-    crop: Crop
-    prompt_points: np.ndarray  # (n, 3) float64 crop coordinates of the clicks in the prompt
-    prompt_labels: np.ndarray  # (n,) int64
-    low_res: torch.Tensor  # (1, 1, L, L, L) previous logits (all zeros before the first step)
-    result: Optional[PredictionResult] = None
-    extra: List[Tile] = field(default_factory=list)  # crops added beyond the first (structure larger than a crop)
+    result: PredictionResult  # the last answer; its _tiles hold each crop's prompt and low-res logits
+
+    @property
+    def tiles(self) -> Tuple[Tile, ...]:
+        """The label's crops: the first (placed on the clicks), then those the extension added."""
+        return self.result._tiles
 
 
 def _new_click_indices(old_points: np.ndarray, old_labels: np.ndarray, points: np.ndarray,
@@ -192,7 +195,7 @@ class Sam3DPredictor:
         if not isinstance(extension, ExtensionConfig):
             raise ValueError(f"extension must be True, False or an ExtensionConfig, got {extension!r}")
         self.extension = extension
-        self._window = blend_window(self.img_size, extension.overlap_for(self.img_size))
+        self._tiler = CropTiler(extension, self.img_size, self._embedding, self._decode_step, self._empty_low_res)
         self.cache_size = max(int(cache_size), extension.max_crops if extension.enabled else 0)
         self._lock = threading.RLock()
         self._prepared: Optional[PreparedScan] = None
@@ -305,34 +308,30 @@ class Sam3DPredictor:
             state = self._states.get(label_key)
             new = None if state is None else _new_click_indices(state.points, state.labels, pts, labs)
             pinned = None if crop_affine is None else prepared.crop_from_affine(crop_affine, self.img_size)
-            if pinned is not None and state is not None and state.crop.key != pinned.key:
+            if pinned is not None and state is not None and state.tiles[0].crop.key != pinned.key:
                 new = None  # another crop: the label starts over in it
 
             if state is not None and new is not None and (
-                    pinned is not None or crop_keeps_clicks(state.crop, pts[new], labs[new])):
-                crop, replay = state.crop, [i for i in new if bool(state.crop.contains(pts[i:i + 1])[0])]
-                prompt_pts, prompt_labs, low_res = state.prompt_points, state.prompt_labels, state.low_res
-                extra = list(state.extra)
-                touched = [t for t in extra if any(bool(t.crop.contains(pts[i:i + 1])[0]) for i in new)]
-                positive_outside = [i for i in new if labs[i] == 1 and not any(
-                    bool(t.crop.contains(pts[i:i + 1])[0]) for t in [state.result._tiles[0]] + extra)] \
-                    if state.result is not None and state.result._tiles else []
-                if not replay and not touched and not positive_outside and state.result is not None:
+                    pinned is not None or crop_keeps_clicks(state.tiles[0].crop, pts[new], labs[new])):
+                first = state.tiles[0]
+                crop, replay = first.crop, [i for i in new if bool(first.crop.contains(pts[i:i + 1])[0])]
+                prompt_pts, prompt_labs, low_res = first.prompt_points, first.prompt_labels, first.low_res
+                earlier = state.tiles[1:]
+                if not replay and not changes_beyond_first(state.tiles, pts, labs, new):
                     # nothing the model can see changed
-                    self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res,
-                                                          state.result, extra)
+                    self._states[label_key] = replace(state, points=pts, labels=labs)
                     return self._repeat(state.result, start_time)
             else:
                 crop = pinned if pinned is not None else place_crop(prepared, pts, labs, self.img_size, new)
                 replay = [i for i in range(len(pts)) if bool(crop.contains(pts[i:i + 1])[0])]
-                extra = []
+                earlier = ()
                 prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
-                low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
+                low_res = self._empty_low_res()
 
             embedding, encoder_ran = self._embedding(crop, timings)
 
             tick = time.perf_counter()
-            iou = float("nan") if state is None or state.result is None else state.result.iou
+            iou = float("nan") if state is None else state.result.iou
             for index in replay:
                 prompt_pts = np.concatenate([prompt_pts, crop.to_crop(pts[index:index + 1])])
                 prompt_labs = np.concatenate([prompt_labs, labs[index:index + 1]])
@@ -343,172 +342,30 @@ class Sam3DPredictor:
             probs_crop = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
             timings["paste"] = time.perf_counter() - tick
             primary = Tile(crop, prompt_pts, prompt_labs, low_res, probs_crop)
-            tiles = [primary]
+            tiles, tiling = [primary], TilingStats()
             if pinned is None and self.extension.enabled:
                 tick = time.perf_counter()
-                tiles = self._extend(prepared, primary, extra, pts, labs, new if state is not None else None,
-                                     timings, start_time, multimask_output)
+                tiles, tiling = self._tiler.extend(prepared, primary, earlier, pts, labs, new, timings, start_time,
+                                                   multimask_output)
                 timings["extension"] = time.perf_counter() - tick
-            timings["crops"] = len(tiles)
 
             tick = time.perf_counter()
             # The official post-processing: threshold in the crop, then nearest-neighbour onto the scan's grid
             # (with several crops: their probabilities blended, see sam_med3d.extension), computed only where
             # the crops are: O(crop) on any scan (PredictionResult.mask is built on demand).
-            region, region_mask, _ = combine_in_region(prepared, tiles, self._window)
+            region, region_mask = self._tiler.combine(prepared, tiles)
             timings["paste"] += time.perf_counter() - tick
             timings["total"] = time.perf_counter() - start_time
 
             result = PredictionResult(
                 shape=prepared.scan.shape, region_mask=region_mask, affine=prepared.scan.affine.copy(), iou=iou,
-                timings=timings, encoder_ran=encoder_ran or timings.get("extension_encoder_runs", 0) > 0,
-                crop_box=(crop.start, crop.stop), crop_affine=crop.affine, region_ijk=region, decode_steps=len(replay) + int(
-                    timings.pop("extension_decode_steps", 0)), prompt_clicks=len(prompt_labs),
-                low_res_logits=low_res.float().cpu(), crop_probabilities=probs_crop,
-                crop_boxes=tuple((t.crop.start, t.crop.stop) for t in tiles), _tiles=tuple(tiles),
-                _window=self._window)
-            timings.pop("extension_encoder_runs", None)
-            self._states[label_key] = _LabelState(pts, labs, crop, prompt_pts, prompt_labs, low_res, result,
-                                                  tiles[1:])
+                timings=timings, encoder_ran=encoder_ran or tiling.encoder_runs > 0, crop_box=(crop.start, crop.stop),
+                crop_affine=crop.affine, region_ijk=region, decode_steps=len(replay) + tiling.decode_steps,
+                prompt_clicks=len(prompt_labs), low_res_logits=low_res.float().cpu(), crop_probabilities=probs_crop,
+                crop_boxes=tuple((t.crop.start, t.crop.stop) for t in tiles), tiling=tiling, _tiles=tuple(tiles),
+                _window=self._tiler.window)
+            self._states[label_key] = _LabelState(pts, labs, result)
             return result
-
-    # ----------------------------------------------------------------------------------------- extension
-
-    def _extend(self, prepared: PreparedScan, primary: Tile, extra: List[Tile], pts: np.ndarray, labs: np.ndarray,
-                new: Optional[List[int]], timings: Dict[str, float], start_time: float,
-                multimask_output: bool) -> List[Tile]:
-        """Cover the structure beyond ``primary`` (see :mod:`sam_med3d.extension`): update the label's earlier
-        extra crops with the new clicks inside them, add a crop for every positive click no crop holds, then
-        add crops across open faces until none is left or a cap is reached. Returns all tiles, primary first."""
-        cfg = self.extension
-        size = self.img_size
-        overlap = cfg.overlap_for(size)
-        deadline = start_time + float(cfg.time_budget_s)
-        tiles = [primary]
-        for tile in extra:  # a follow-up click: re-run only the crops it falls in
-            inside = [i for i in (new or []) if bool(tile.crop.contains(pts[i:i + 1])[0])]
-            if inside:
-                tile = self._run_tile(tile.crop, np.zeros((0, 3)), inside, pts, labs, timings, multimask_output,
-                                      previous=tile)
-            tiles.append(tile)
-        if cfg.strategy == "zoom" and not extra and open_faces(primary, tiles, prepared, cfg.face_margin, cfg.clicked_only):
-            tiles.extend(self._zoom_tiles(prepared, primary, pts, labs, timings, multimask_output, deadline))
-        # Positive clicks farther apart than one crop are all honoured: each gets a crop of its own.
-        for i in np.flatnonzero(labs == 1):
-            if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
-                break
-            if any(bool(t.crop.contains(pts[i:i + 1])[0]) for t in tiles):
-                continue
-            crop = prepared.crop_around(pts[i:i + 1], size)
-            user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
-            tiles.append(self._run_tile(crop, np.zeros((0, 3)), user, pts, labs, timings, multimask_output))
-        queue = list(tiles)
-        while queue and len(tiles) < cfg.max_crops and time.perf_counter() <= deadline:
-            tile = queue.pop(0)
-            for axis, side, centre in open_faces(tile, tiles, prepared, cfg.face_margin, cfg.clicked_only):
-                if len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
-                    break
-                start = neighbour_start(tile, axis, side, centre, overlap)
-                if not is_new_place(start, tiles, size):
-                    continue
-                crop = prepared.crop(start, size)
-                known, covered = known_probabilities(crop, tiles, self._window)
-                seeds = derived_points(known, covered, cfg.derived_points, size / 8)
-                if not len(seeds):
-                    continue
-                user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
-                added = self._run_tile(crop, seeds, user, pts, labs, timings, multimask_output)
-                tiles.append(added)
-                queue.append(added)
-        return tiles
-
-    def _zoom_tiles(self, prepared: PreparedScan, primary: Tile, pts: np.ndarray, labs: np.ndarray,
-                    timings: Dict[str, float], multimask_output: bool, deadline: float) -> List[Tile]:
-        """The ``"zoom"`` strategy's coarse pass: the user's clicks on a crop of the same size at
-        ``zoom_spacing_mm``, then 1.5 mm crops tiling the coarse mask, each prompted by its deepest voxels."""
-        cfg = self.extension
-        size = self.img_size
-        coarse_prep = self._coarse_prepared(prepared)
-        coarse = place_crop(coarse_prep, pts, labs, size)
-        user = [j for j in range(len(pts)) if bool(coarse.contains(pts[j:j + 1])[0])]
-        coarse_tile = self._run_tile(coarse, np.zeros((0, 3)), user, pts, labs, timings, multimask_output)
-        mask = coarse_tile.probs.numpy() > 0.5
-        if not mask.any():
-            return []
-        # The coarse mask's box on the 1.5 mm canonical grid, tiled with overlapping crops.
-        found = np.argwhere(mask)
-        corners = np.array([found.min(0) - 0.5, found.max(0) + 0.5]) + np.asarray(coarse.start)
-        fine = prepared.to_canonical(coarse_prep.to_original(corners))
-        lo, hi = np.floor(fine.min(0)).astype(int), np.ceil(fine.max(0)).astype(int)
-        stride = size - cfg.overlap_for(size)
-        starts = []
-        for a in range(3):
-            n = max(1, int(np.ceil((hi[a] - lo[a] - size) / stride)) + 1)
-            first = (lo[a] + hi[a]) // 2 - ((n - 1) * stride + size) // 2
-            starts.append([first + k * stride for k in range(n)])
-        tiles: List[Tile] = []
-        for start in sorted(((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]),
-                            key=lambda s: float(np.abs(np.asarray(s) - primary.start).sum())):
-            if 1 + len(tiles) >= cfg.max_crops or time.perf_counter() > deadline:
-                break
-            if not is_new_place(start, [primary] + tiles, size):
-                continue
-            crop = prepared.crop(start, size)
-            # The coarse mask on this crop's grid (nearest), as the known mask to derive clicks from.
-            known = self._coarse_on_crop(coarse_prep, coarse_tile, crop)
-            seeds = derived_points(known, np.ones(known.shape, bool), cfg.derived_points, size / 8)
-            if not len(seeds):
-                continue
-            user = [j for j in range(len(pts)) if bool(crop.contains(pts[j:j + 1])[0])]
-            tiles.append(self._run_tile(crop, seeds, user, pts, labs, timings, multimask_output))
-        return tiles
-
-    def _coarse_prepared(self, prepared: PreparedScan) -> PreparedScan:
-        cached = getattr(self, "_coarse", None)
-        if cached is not None and cached.scan is prepared.scan:
-            return cached
-        self._coarse = PreparedScan(prepared.scan, self.extension.zoom_spacing_mm)
-        return self._coarse
-
-    @staticmethod
-    def _coarse_on_crop(coarse_prep: PreparedScan, coarse_tile: Tile, crop: Crop) -> np.ndarray:
-        """The coarse probabilities resampled (nearest) onto a 1.5 mm crop's grid: ``(S, S, S)`` float32, 0
-        outside the coarse crop. Both canonical grids come from the same scan, so their axes correspond and
-        the lookup is separable."""
-        size = crop.size
-        index = []
-        for a in range(3):
-            original = crop.prepared.original_coords(a, crop.start[a], size)
-            pos = (original - coarse_prep.offset[a]) / coarse_prep.step[a] - coarse_tile.crop.start[a]
-            index.append(np.clip(np.floor(pos + 0.5).astype(np.int64), -1, coarse_tile.crop.size) + 1)
-        return np.pad(coarse_tile.probs.numpy(), 1)[np.ix_(*index)]
-
-    def _run_tile(self, crop: Crop, seeds: np.ndarray, user: Sequence[int], pts: np.ndarray, labs: np.ndarray,
-                  timings: Dict[str, float], multimask_output: bool, previous: Optional[Tile] = None) -> Tile:
-        """Decode one crop: from ``previous``'s state (or an empty mask), the derived positive ``seeds`` (crop
-        coordinates) then the user's clicks ``user`` (indices), one click at a time."""
-        embedding, ran = self._embedding(crop, timings)
-        if ran:
-            timings["extension_encoder_runs"] = timings.get("extension_encoder_runs", 0) + 1
-        tick = time.perf_counter()
-        if previous is None:
-            prompt_pts, prompt_labs = np.zeros((0, 3)), np.zeros(0, np.int64)
-            low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
-            done: List[int] = []
-        else:
-            prompt_pts, prompt_labs, low_res = previous.prompt_points, previous.prompt_labels, previous.low_res
-            done = list(previous.clicks)
-        steps = [(p, 1) for p in np.asarray(seeds).reshape(-1, 3)]
-        steps += [(crop.to_crop(pts[i:i + 1])[0], int(labs[i])) for i in user if i not in done]
-        for point, label in steps:
-            prompt_pts = np.concatenate([prompt_pts, np.asarray(point, dtype=np.float64)[None]])
-            prompt_labs = np.concatenate([prompt_labs, np.asarray([label], dtype=np.int64)])
-            low_res, _ = self._decode_step(embedding, prompt_pts, prompt_labs, low_res, multimask_output)
-        timings["decode"] += time.perf_counter() - tick
-        timings["extension_decode_steps"] = timings.get("extension_decode_steps", 0) + len(steps)
-        probs = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
-        derived = previous.derived if previous is not None else len(seeds) > 0
-        return Tile(crop, prompt_pts, prompt_labs, low_res, probs, derived, done + [i for i in user if i not in done])
 
     # ------------------------------------------------------------------------------------------- helpers
 
@@ -527,6 +384,10 @@ class Sam3DPredictor:
             raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {bad}")
         pts = prepared.check_inside(pts, "click")
         return pts, raw_labels.astype(np.int64)
+
+    def _empty_low_res(self) -> torch.Tensor:
+        """The mask prompt of a crop's first step: all-zero low-res logits (the official loop's ``prev_masks``)."""
+        return torch.zeros((1, 1) + (self.low_res_size,) * 3, device=self.device)
 
     def _embedding(self, crop: Crop, timings: Dict[str, float]) -> Tuple[torch.Tensor, bool]:
         cached = self._embeddings.get(crop.key)
@@ -559,8 +420,10 @@ class Sam3DPredictor:
     @staticmethod
     def _repeat(result: PredictionResult, start_time: float) -> PredictionResult:
         timings = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "paste": 0.0,
-                   "crops": len(result.crop_boxes) or 1, "total": time.perf_counter() - start_time}
-        return replace(result, timings=timings, encoder_ran=False, decode_steps=0)
+                   "total": time.perf_counter() - start_time}
+        crops = len(result.crop_boxes) or 1
+        return replace(result, timings=timings, encoder_ran=False, decode_steps=0,
+                       tiling=TilingStats(crops=crops, crops_reused=crops - 1))
 
 
 def share_image_encoder(model: nn.Module, other: nn.Module) -> bool:

@@ -300,12 +300,14 @@ class SamMed3DInfer(InferTask):
             for name, seconds in dict(out.timings or {}).items():
                 if name != "total":
                     timings[name] = timings.get(name, 0.0) + float(seconds)
+            crops = len(getattr(out, "crop_boxes", ())) or 1  # > 1: a structure larger than one crop
+            timings["crops"] = timings.get("crops", 0.0) + crops  # the JSON's total over the labels, as before
             iou = float(out.iou) if out.iou is not None else float("nan")
             per_label[target.name] = {
                 "value": target.value,
                 "clicks": int(len(target.points)),
                 "encoder_ran": bool(out.encoder_ran),
-                "crops": len(getattr(out, "crop_boxes", ())) or 1,  # > 1: a structure larger than one crop
+                "crops": crops,
                 "iou": iou if np.isfinite(iou) else None,  # JSON has no NaN
                 "voxels": voxels,
             }
