@@ -442,3 +442,17 @@ def test_a_click_is_inside_up_to_half_a_voxel_beyond_the_edge_voxels():
     points = np.array([start - 0.5, start - 0.51, stop - 0.5, stop - 0.51, start - [0, 0, 1.0], start + [0, 0, 4.0]])
     assert crop.contains(points).tolist() == [True, False, False, True, False, True]
     np.testing.assert_array_equal(crop.to_crop([[2, 3, 4], [6.5, 7.25, 8]]), [[0, 0, 0], [4.5, 4.25, 4]])
+
+
+def test_paste_back_refuses_a_wrong_out_and_takes_values_that_require_grad():
+    volume = np.random.default_rng(1).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    crop = prep.crop((2, 3, 4), 5)
+    with pytest.raises(ValueError, match=r"^out must have the scan's shape \(10, 12, 14\), got \(10, 12, 13\)$"):
+        prep.paste_back(crop, np.ones((5, 5, 5), dtype=np.float32), out=np.zeros((10, 12, 13), dtype=np.float32))
+    with pytest.raises(ValueError, match="^the crop belongs to another scan$"):
+        PreparedScan(load_scan(volume)).paste_back_region(crop, np.ones((5, 5, 5)))
+    logits = torch.arange(125, dtype=torch.float32).reshape(5, 5, 5).requires_grad_()  # straight from a model
+    pasted = prep.paste_back(crop, logits)
+    np.testing.assert_array_equal(pasted[2:7, 3:8, 4:9], logits.detach().numpy())
+    assert pasted.sum() == logits.detach().sum().item()
