@@ -456,3 +456,13 @@ def test_paste_back_refuses_a_wrong_out_and_takes_values_that_require_grad():
     pasted = prep.paste_back(crop, logits)
     np.testing.assert_array_equal(pasted[2:7, 3:8, 4:9], logits.detach().numpy())
     assert pasted.sum() == logits.detach().sum().item()
+
+
+def test_a_crop_that_misses_the_scan_pastes_nothing_and_keeps_the_dtype():
+    volume = np.random.default_rng(2).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    outside = prep.crop((20, 20, 20), 4)
+    region, values = prep.paste_back_region(outside, np.ones((4, 4, 4), dtype=np.uint8))
+    assert region is None and values.shape == (0, 0, 0) and values.dtype == np.uint8
+    pasted = prep.paste_back(outside, np.ones((4, 4, 4), dtype=np.uint8))
+    assert pasted.dtype == np.uint8 and pasted.shape == (10, 12, 14) and not pasted.any()
