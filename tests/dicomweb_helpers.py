@@ -108,8 +108,21 @@ def write_ct_series(nifti_path: Path, out_dir: Path, patient_id: str = "SPLEEN8"
 
     # Axial slices with the usual CT orientation (rows along +x, columns along +y in LPS, slices along +z).
     image = sitk.DICOMOrient(sitk.Cast(sitk.ReadImage(str(nifti_path)), sitk.sitkInt16), "LPS")
+    return write_series(image, out_dir, Path(nifti_path).name, patient_id=patient_id,
+                        description="MSD spleen_8 CT", patient_name="Spleen^Eight")
+
+
+def write_series(image, out_dir: Path, name: str, patient_id: str = "SPLEEN8", description: str = "test series",
+                 patient_name: str = "Test^Series") -> List[Path]:
+    """Write a SimpleITK int16 volume as a DICOM CT series, one file per slice ``k`` (instance number k + 1).
+
+    Any geometry: the slice orientation is the direction's first two columns and slice ``k`` sits at the
+    volume's index ``(0, 0, k)``, so a direction whose third column is minus ``row x column`` gives a series
+    whose slices descend along the slice normal as the instance number grows. UIDs derive from ``name``.
+    """
+    import SimpleITK as sitk
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = Path(nifti_path).name
     study_uid, series_uid, frame_uid = _uid(name, "study"), _uid(name, "series"), _uid(name, "frame")
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
@@ -128,8 +141,8 @@ def write_ct_series(nifti_path: Path, out_dir: Path, patient_id: str = "SPLEEN8"
             "0008|0030": "120000",
             "0008|0021": "20260101",
             "0008|0031": "120000",
-            "0008|103e": "MSD spleen_8 CT",
-            "0010|0010": "Spleen^Eight",
+            "0008|103e": description,
+            "0010|0010": patient_name,
             "0010|0020": patient_id,
             "0020|000d": study_uid,
             "0020|000e": series_uid,

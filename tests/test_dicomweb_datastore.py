@@ -301,3 +301,242 @@ def test_a_seg_whose_frames_are_not_on_the_slices_they_reference_is_refused(seri
         source.ReferencedSOPInstanceUID = sop_uids[len(sop_uids) - 1 - k]
     with pytest.raises(ValueError, match="not placed on the slices they reference"):
         datastore_module.read_seg(mirrored, sop_uids, positions, normal, values)
+
+
+# ------------------------------------------------------------------------- SEG geometry without a server
+# Small synthetic series in any geometry, served by an in-memory DICOMweb stand-in: what the reader must get
+# right where the axial identity case above cannot tell (direction, spacing, slice order, frames without
+# references), and what it must refuse (frames whose pixel grid is not the image's).
+
+def _rotation(degrees_x: float, degrees_y: float, degrees_z: float) -> np.ndarray:
+    x, y, z = np.radians([degrees_x, degrees_y, degrees_z])
+    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+FLIP_SLICES = np.diag([1.0, 1.0, -1.0])  # third column = -(row x column): slices descend along the normal
+GEOMETRIES = {
+    # name: (direction, spacing (x, y, z) mm, origin mm)
+    "oblique": (_rotation(20, -15, 10), (0.8, 0.6, 2.5), (-30.5, 12.25, 40.0)),
+    "descending": (FLIP_SLICES, (0.7, 0.9, 3.0), (10.0, -20.0, 50.0)),
+    "oblique_descending": (_rotation(-25, 10, 35) @ FLIP_SLICES, (0.5, 0.75, 2.0), (5.0, 7.5, -12.5)),
+}
+
+
+def _synthetic_case(geometry: str, folder):
+    """A 20x16x10 series in ``geometry`` and its label on the same grid, both as SimpleITK images.
+
+    The label is asymmetric in every axis (liver box near the first slices, spleen near the last, one
+    spleen voxel in a corner), so a flip, a transpose or a shift of a slice shows."""
+    import SimpleITK as sitk
+
+    from dicomweb_helpers import write_series
+
+    direction, spacing, origin = GEOMETRIES[geometry]
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(-200, 300, size=(10, 16, 20)).astype(np.int16))
+    label_array = np.zeros((10, 16, 20), dtype=np.uint8)
+    label_array[1:4, 2:6, 3:10] = LABELS["liver"]
+    label_array[7, 10:13, 14:18] = LABELS["spleen"]
+    label_array[9, 0, 19] = LABELS["spleen"]
+    label = sitk.GetImageFromArray(label_array)
+    for item in (image, label):
+        item.SetDirection(tuple(direction.ravel()))
+        item.SetSpacing(spacing)
+        item.SetOrigin(origin)
+    files = write_series(image, folder, f"synthetic-{geometry}")
+    return image, label, files
+
+
+class _MemoryDICOMweb:
+    """DICOMweb as ``OfflineDICOMWebDatastore`` calls it (QIDO by exact match, WADO of a series, STOW), over
+    instances kept as encoded bytes, so every read decodes a file as a server would send it."""
+
+    base_url = "http://dicomweb.invalid"
+
+    def __init__(self, datasets):
+        self.encoded = []
+        self.store_instances(datasets)
+
+    def store_instances(self, datasets):
+        for ds in datasets:
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            self.encoded.append(buffer.getvalue())
+
+    def _instances(self, series_uid=None):
+        import pydicom
+
+        found = [pydicom.dcmread(io.BytesIO(data)) for data in self.encoded]
+        return [ds for ds in found if series_uid is None or str(ds.SeriesInstanceUID) == series_uid]
+
+    def search_for_series(self, search_filters=None):
+        series = {}
+        for ds in self._instances():
+            if all(str(getattr(ds, key, "")) == str(value) for key, value in (search_filters or {}).items()):
+                series.setdefault(str(ds.SeriesInstanceUID), self._header(ds))
+        return list(series.values())
+
+    @staticmethod
+    def _header(ds):
+        header = ds.copy()
+        if "PixelData" in header:
+            del header.PixelData
+        return header.to_json_dict()
+
+    def retrieve_series_metadata(self, study_uid, series_uid):
+        return [self._header(ds) for ds in self._instances(series_uid)]
+
+    def retrieve_series(self, study_uid, series_uid):
+        return self._instances(series_uid)
+
+    def iter_series(self, study_uid, series_uid):
+        return iter(self._instances(series_uid))
+
+
+def _seg_of(source_files, label_array, datastore_module):
+    """The app's own SEG writer (highdicom) over ``source_files`` in the slice order of ``label_array``."""
+    return datastore_module.write_seg([str(f) for f in source_files], label_array, {1: "liver", 2: "spleen"})
+
+
+def _assert_same_grid(image, reference, what):
+    assert np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5), what
+    assert np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5), what
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4), what
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_a_seg_reads_back_on_oblique_and_descending_series_voxel_exact(geometry, datastore_module, tmp_path):
+    """The SEG of a label, stored on the server, becomes the image's final label on the grid of the cached
+    volume: same direction, spacing and origin as the series, and every voxel where the label was."""
+    import pydicom
+    import SimpleITK as sitk
+
+    image, label, files = _synthetic_case(geometry, tmp_path / "series")
+    # GDCM orders slices along row x column: a descending series comes back with its slices reversed.
+    volume, _, _ = datastore_module.read_series(str(tmp_path / "series"))
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    descending = np.linalg.det(direction) < 0
+    expected_direction = direction @ FLIP_SLICES if descending else direction
+    assert np.allclose(np.asarray(volume.GetDirection()).reshape(3, 3), expected_direction, atol=1e-5)
+    assert np.allclose(volume.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    last = image.TransformIndexToPhysicalPoint((0, 0, image.GetDepth() - 1))
+    assert np.allclose(volume.GetOrigin(), last if descending else image.GetOrigin(), atol=1e-4)
+
+    # The SEG is written over the files in instance order (descending for the descending series).
+    seg = _seg_of(files, sitk.GetArrayFromImage(label), datastore_module)
+    client = _MemoryDICOMweb([pydicom.dcmread(f) for f in files] + [seg])
+    store = datastore_module.OfflineDICOMWebDatastore(client, LABELS, search_filter={"Modality": "CT"},
+                                                      cache_path=str(tmp_path / "cache"))
+    records = store.datalist()
+    assert len(records) == 1 and records[0].get("label"), records
+    saved = sitk.ReadImage(records[0]["label"])
+    cached = sitk.ReadImage(records[0]["image"])
+    _assert_same_grid(cached, volume, "the cached volume is not on the series' grid")
+    _assert_same_grid(saved, volume, "the final label is not on the series' grid")
+    # The original label, brought onto the saved grid by physical position (nearest voxel), is what was saved.
+    expected = sitk.GetArrayFromImage(sitk.Resample(label, saved, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    assert np.array_equal(sitk.GetArrayFromImage(saved), expected)
+    assert np.array_equal(np.bincount(expected.ravel(), minlength=3), np.bincount(
+        sitk.GetArrayFromImage(label).ravel(), minlength=3)), "voxels lost on the way"
+
+
+def _drop_references(seg):
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        if "DerivationImageSequence" in frame:
+            del frame.DerivationImageSequence
+    return seg
+
+
+@pytest.mark.parametrize("geometry", ["oblique", "descending"])
+def test_frames_without_source_references_are_placed_by_position(geometry, datastore_module, tmp_path):
+    """A SEG whose frames carry only their plane position (no referenced instance) lands on the same slices;
+    a frame between two slices is refused, naming the problem."""
+    import pydicom
+    import SimpleITK as sitk
+
+    image, label, files = _synthetic_case(geometry, tmp_path / "series")
+    volume, _, sop_uids = datastore_module.read_series(str(tmp_path / "series"))
+    positions, normal = datastore_module.slice_geometry(volume)
+    encoded = io.BytesIO()
+    _seg_of(files, sitk.GetArrayFromImage(label), datastore_module).save_as(encoded)
+
+    by_reference, _ = datastore_module.read_seg(pydicom.dcmread(io.BytesIO(encoded.getvalue())), sop_uids,
+                                                positions, normal, LABELS)
+    unreferenced = _drop_references(pydicom.dcmread(io.BytesIO(encoded.getvalue())))
+    assert not any("DerivationImageSequence" in f for f in unreferenced.PerFrameFunctionalGroupsSequence)
+    by_position, _ = datastore_module.read_seg(unreferenced, sop_uids, positions, normal, LABELS)
+    expected = sitk.GetArrayFromImage(sitk.Resample(label, volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    assert np.array_equal(by_reference, expected)
+    assert np.array_equal(by_position, expected)
+
+    between = _drop_references(pydicom.dcmread(io.BytesIO(encoded.getvalue())))
+    frame = between.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    frame.ImagePositionPatient = [float(v) + 0.5 * volume.GetSpacing()[2] * n
+                                  for v, n in zip(frame.ImagePositionPatient, normal)]
+    with pytest.raises(ValueError, match="lies on no slice"):
+        datastore_module.read_seg(between, sop_uids, positions, normal, LABELS)
+
+
+def _seg_on_grid(files, label_array, orientation, positions, spacing_rc, datastore_module):
+    """A SEG whose frames are on a pixel grid of their own (``orientation``, per-frame ``positions``)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="liver", segmented_property_category=codes.cid7150.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Liver, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    return hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(f) for f in files], pixel_array=label_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[description],
+        series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="0", device_serial_number="0",
+        plane_orientation=hd.PlaneOrientationSequence("PATIENT", [float(v) for v in orientation]),
+        plane_positions=[hd.PlanePositionSequence("PATIENT", [float(v) for v in p]) for p in positions],
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=list(spacing_rc), slice_thickness=1.0))
+
+
+@pytest.mark.parametrize("change", ["mirrored_columns", "shifted_in_plane", "other_pixel_spacing"])
+def test_a_seg_whose_frames_are_not_on_the_image_grid_is_refused(change, datastore_module, tmp_path):
+    """Frames mirrored left-right (row direction reversed, pixels flipped: the same label in space), shifted
+    in their plane or with another pixel spacing are refused with a message naming the mismatch; the image
+    keeps no final label rather than one on the wrong voxels."""
+    import pydicom
+    import SimpleITK as sitk
+
+    image, label, files = _synthetic_case("oblique", tmp_path / "series")
+    volume, _, sop_uids = datastore_module.read_series(str(tmp_path / "series"))
+    positions, normal = datastore_module.slice_geometry(volume)
+    direction = np.asarray(volume.GetDirection()).reshape(3, 3)
+    spacing = volume.GetSpacing()
+    label_array = (sitk.GetArrayFromImage(label) == LABELS["liver"]).astype(np.uint8)
+    row, column = direction[:, 0], direction[:, 1]
+    frame_positions = positions.copy()
+    spacing_rc = (spacing[1], spacing[0])
+    if change == "mirrored_columns":  # the same voxels in space, stored right to left
+        label_array = label_array[:, :, ::-1]
+        row = -row
+        frame_positions = positions + (volume.GetWidth() - 1) * spacing[0] * direction[:, 0]
+        match = "orientation"
+    elif change == "shifted_in_plane":
+        frame_positions = positions + 3 * spacing[0] * direction[:, 0]
+        match = "shifted"
+    else:
+        spacing_rc = (spacing[1] * 2, spacing[0])
+        match = "pixel spacing"
+    seg = _seg_on_grid(files, label_array, (*row, *column), frame_positions, spacing_rc, datastore_module)
+    encoded = io.BytesIO()
+    seg.save_as(encoded)
+    decoded = pydicom.dcmread(io.BytesIO(encoded.getvalue()))
+    with pytest.raises(ValueError, match=match):
+        datastore_module.check_seg_grid(decoded, volume)
+        datastore_module.read_seg(decoded, sop_uids, positions, normal, LABELS)
+
+    client = _MemoryDICOMweb([pydicom.dcmread(f) for f in files] + [seg])
+    store = datastore_module.OfflineDICOMWebDatastore(client, LABELS, search_filter={"Modality": "CT"},
+                                                      cache_path=str(tmp_path / "cache"))
+    assert store.get_labeled_images() == [str(pydicom.dcmread(files[0]).SeriesInstanceUID)]
+    assert store.datalist() == [], "a refused SEG became a final label"

@@ -420,3 +420,49 @@ def test_outer_take_equals_the_fancy_index():
         expected = values.transpose(2, 0, 1)[np.ix_(index[2], index[0], index[1])]
         assert got.flags.c_contiguous and got.dtype == values.dtype
         np.testing.assert_array_equal(got, expected)
+
+
+def test_a_click_is_inside_up_to_half_a_voxel_beyond_the_edge_voxels():
+    """The boundaries exactly: a click rounds to a voxel of the scan (or crop) or is refused, never clamped."""
+    volume = np.random.default_rng(0).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    last = np.array([9, 11, 13], dtype=float)
+    assert prep.check_inside([[-0.5, -0.5, -0.5], last + 0.49]).shape == (2, 3)
+    for outside in ([-0.51, 0, 0], [0, -1.0, 0], [9.5, 0, 0], [0, 11.5, 0], [0, 0, 13.5], [0, 0, 14]):
+        with pytest.raises(ValueError, match="is outside the scan 10x12x14"):
+            prep.check_inside([outside])
+    with pytest.raises(ValueError, match=r"click \(-1.25, 2, 3\) is outside"):  # coordinates as given
+        prep.check_inside([[-1.25, 2, 3]])
+    with pytest.raises(ValueError, match=r"^seeds must have shape \(N, 3\)"):
+        prep.check_inside([1, 2, 3], name="seed")
+
+    # the canonical grid is the scan's here (RAS, 1.5 mm), so crop indices are scan indices minus start
+    crop = prep.crop((2, 3, 4), 5)
+    start, stop = np.array([2, 3, 4], dtype=float), np.array([7, 8, 9], dtype=float)
+    points = np.array([start - 0.5, start - 0.51, stop - 0.5, stop - 0.51, start - [0, 0, 1.0], start + [0, 0, 4.0]])
+    assert crop.contains(points).tolist() == [True, False, False, True, False, True]
+    np.testing.assert_array_equal(crop.to_crop([[2, 3, 4], [6.5, 7.25, 8]]), [[0, 0, 0], [4.5, 4.25, 4]])
+
+
+def test_paste_back_refuses_a_wrong_out_and_takes_values_that_require_grad():
+    volume = np.random.default_rng(1).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    crop = prep.crop((2, 3, 4), 5)
+    with pytest.raises(ValueError, match=r"^out must have the scan's shape \(10, 12, 14\), got \(10, 12, 13\)$"):
+        prep.paste_back(crop, np.ones((5, 5, 5), dtype=np.float32), out=np.zeros((10, 12, 13), dtype=np.float32))
+    with pytest.raises(ValueError, match="^the crop belongs to another scan$"):
+        PreparedScan(load_scan(volume)).paste_back_region(crop, np.ones((5, 5, 5)))
+    logits = torch.arange(125, dtype=torch.float32).reshape(5, 5, 5).requires_grad_()  # straight from a model
+    pasted = prep.paste_back(crop, logits)
+    np.testing.assert_array_equal(pasted[2:7, 3:8, 4:9], logits.detach().numpy())
+    assert pasted.sum() == logits.detach().sum().item()
+
+
+def test_a_crop_that_misses_the_scan_pastes_nothing_and_keeps_the_dtype():
+    volume = np.random.default_rng(2).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    outside = prep.crop((20, 20, 20), 4)
+    region, values = prep.paste_back_region(outside, np.ones((4, 4, 4), dtype=np.uint8))
+    assert region is None and values.shape == (0, 0, 0) and values.dtype == np.uint8
+    pasted = prep.paste_back(outside, np.ones((4, 4, 4), dtype=np.uint8))
+    assert pasted.dtype == np.uint8 and pasted.shape == (10, 12, 14) and not pasted.any()

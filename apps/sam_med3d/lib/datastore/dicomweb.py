@@ -10,7 +10,8 @@ into its cache folder, converted to a volume, labels kept locally as well) and c
 - **a SEG on the server is the image's final label**, whoever stored it (this datastore, OHIF's
   "Export DICOM SEG", any tool): segments are mapped to the app's label values **by name**, not by segment
   number (OHIF numbers its segments in its own order), frames to slices by referenced SOP instance or by
-  position. The newest SEG of an image wins; ``datalist()`` (what training reads) syncs them first;
+  position; a SEG whose frames are not on the image's pixel grid (mirrored, shifted, resampled, or between
+  slices) is refused, not resampled. The newest SEG of an image wins; ``datalist()`` (what training reads) syncs them first;
 - **series are converted once, in the background if asked** (:meth:`prefetch`), to an uncompressed NIfTI
   volume in the cache, so the first click on an image does not wait for the download and conversion.
 
@@ -52,6 +53,12 @@ logger = logging.getLogger(__name__)
 #: which hides a SEG stored by OHIF from Next Sample and training for that long).
 QUERY_CACHE_S = 10.0
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: How far (fraction of the slice spacing) a SEG frame may lie from the slice it is put on. Writers copy the
+#: source's position, so real frames are within rounding; a frame farther away belongs to another
+#: reconstruction (other slice positions) and is refused rather than moved to the nearest slice.
+SLICE_TOLERANCE = 0.1
+#: Largest difference between a SEG's frame orientation (direction cosines) and the series'.
+ORIENTATION_TOLERANCE = 1e-3
 #: Longest wait for another process downloading the same series.
 SERIES_LOCK_S = 600.0
 
@@ -214,7 +221,7 @@ def _frame_slice_index(frame: Dataset, sop_index: Mapping[str, int], positions: 
     mirrored stack) raises ValueError instead of becoming a label on the wrong slices.
     """
     spacing = float(np.median(np.abs(np.diff(positions @ normal)))) if len(positions) > 1 else 1.0
-    tolerance = 0.5 * max(spacing, 1e-3)
+    tolerance = SLICE_TOLERANCE * max(spacing, 1e-3)
     nearest, distance = _plane_slice(frame, positions, normal)
     for derivation in getattr(frame, "DerivationImageSequence", []) or []:
         for source in getattr(derivation, "SourceImageSequence", []) or []:
@@ -231,12 +238,63 @@ def _frame_slice_index(frame: Dataset, sop_index: Mapping[str, int], positions: 
     return None
 
 
+def _frame_attribute(seg: Dataset, frame: Dataset, sequence: str, attribute: str) -> Optional[List[float]]:
+    """A per-frame functional group attribute (e.g. ``PlaneOrientationSequence.ImageOrientationPatient``) of
+    ``frame``, else the SEG's shared one; None when neither has it."""
+    for group in (frame, *(getattr(seg, "SharedFunctionalGroupsSequence", None) or [])):
+        items = getattr(group, sequence, None)
+        if items and attribute in items[0]:
+            return [float(v) for v in getattr(items[0], attribute)]
+    return None
+
+
+def check_seg_grid(seg: Dataset, image: Any) -> None:
+    """Refuse a SEG whose frames are not on the pixel grid of ``image`` (the series read by :func:`read_series`).
+
+    :func:`read_seg` copies frame pixels onto slices as they are: that is right only when each frame has the
+    image's rows and columns, orientation and pixel spacing, and starts at its slice's origin. A SEG written
+    on another grid (frames mirrored or transposed, shifted in their plane, resampled) raises ValueError
+    naming the mismatch instead of becoming a label on the wrong voxels.
+    """
+    width, height = int(image.GetWidth()), int(image.GetHeight())
+    if (int(seg.Rows), int(seg.Columns)) != (height, width):
+        raise ValueError(f"the SEG's frames are {seg.Columns}x{seg.Rows} pixels but the image's slices are "
+                         f"{width}x{height}")
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    expected_orientation = np.concatenate([direction[:, 0], direction[:, 1]])
+    spacing = image.GetSpacing()
+    expected_spacing = np.asarray([spacing[1], spacing[0]])  # DICOM: between rows, then between columns
+    positions, normal = slice_geometry(image)
+    in_plane_tolerance = 0.5 * float(min(spacing[0], spacing[1]))
+    frames = getattr(seg, "PerFrameFunctionalGroupsSequence", None) or []
+    for number, frame in enumerate(frames, start=1):
+        orientation = _frame_attribute(seg, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+        if orientation is not None and np.abs(np.asarray(orientation) - expected_orientation).max() \
+                > ORIENTATION_TOLERANCE:
+            raise ValueError(f"frame {number} of the SEG has the orientation {np.round(orientation, 4).tolist()} "
+                             f"but the image's slices {np.round(expected_orientation, 4).tolist()} (frames "
+                             "mirrored, transposed or rotated)")
+        pixel_spacing = _frame_attribute(seg, frame, "PixelMeasuresSequence", "PixelSpacing")
+        if pixel_spacing is not None and not np.allclose(pixel_spacing, expected_spacing, rtol=1e-3, atol=1e-4):
+            raise ValueError(f"frame {number} of the SEG has the pixel spacing {pixel_spacing} mm but the image "
+                             f"{expected_spacing.tolist()} mm")
+        position = _frame_attribute(seg, frame, "PlanePositionSequence", "ImagePositionPatient")
+        if position is not None:
+            offsets = np.asarray(position) - positions
+            nearest = int(np.argmin(np.abs(offsets @ normal)))
+            in_plane = offsets[nearest] - (offsets[nearest] @ normal) * normal
+            if np.linalg.norm(in_plane) > in_plane_tolerance:
+                raise ValueError(f"frame {number} of the SEG is shifted {np.linalg.norm(in_plane):.2f} mm in its "
+                                 f"plane from the origin of slice {nearest}")
+
+
 def read_seg(seg: Dataset, sop_uids: Sequence[str], positions: np.ndarray, normal: np.ndarray,
              values_by_name: Mapping[str, int]) -> Tuple[np.ndarray, List[str]]:
     """A SEG as a label map ``(slice, row, column)`` over the series with ``sop_uids`` (slice order).
 
     Segments are mapped to label values **by** ``SegmentLabel`` (case-insensitive); segments with other
     names are skipped and returned as the second value. Where segments overlap, the first one is kept.
+    Frames are copied onto slices as they are: :func:`check_seg_grid` first refuses frames on another grid.
     """
     frames = np.asarray(seg.pixel_array)
     if frames.ndim == 2:
@@ -504,6 +562,7 @@ class OfflineDICOMWebDatastore(AtomicDatastoreIndex, DICOMWebDatastore):
             instances = self._client.retrieve_series(study_uid, seg_uid)
             segs = [ds for ds in instances if str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS] or instances
             positions, normal = slice_geometry(image)
+            check_seg_grid(segs[0], image)
             label, skipped = read_seg(segs[0], sop_uids, positions, normal,
                                       self.values_by_name)
             if skipped:
