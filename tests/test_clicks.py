@@ -53,7 +53,8 @@ def test_random_click_is_reproducible_with_the_seed():
     b = random_error_click(pred, gt, np.random.default_rng(8))
     c = random_error_click(pred, gt, np.random.default_rng(7))
     assert np.array_equal(a[0][0], c[0])
-    assert b is not None
+    assert pred[tuple(b[0])] != gt[tuple(b[0])]  # an error voxel, and the seed decides which
+    assert not np.array_equal(a[0][0], b[0])
 
 
 def test_no_error_left_returns_none():

@@ -10,7 +10,6 @@ import gzip
 import os
 import resource
 import struct
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -139,12 +138,11 @@ def test_huge_header_is_refused_before_anything_is_allocated(tmp_path, kind):
         header.set_data_dtype(np.uint8)
         raw = header.binaryblock + b"\0" * 4 + b"\0" * (1 << 20)
         path.write_bytes(gzip.compress(raw) if kind == "nii.gz" else raw)
-    before, start = _peak_rss_mb(), time.perf_counter()
+    before = _peak_rss_mb()
     for read in (lambda p: load_scan(p, max_voxels=2 ** 28), lambda p: load_label(p, max_voxels=2 ** 28),
                  lambda p: read_header(p, max_voxels=2 ** 28)):
         with pytest.raises(ScanTooLarge, match="1073741824 voxels"):
             read(path)
-    assert time.perf_counter() - start < 5.0
     assert _peak_rss_mb() - before < 200  # decoding it would take 1 GiB (uint8) or 4 GiB (float32)
 
 
