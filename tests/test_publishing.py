@@ -173,3 +173,94 @@ def test_a_server_starting_on_a_bad_fine_tuned_file_serves_the_base_weights_and_
     assert served.path() == published.base_path and served.structures() is None  # the base answers every label
     assert "still serving the base weights" in served.problem
     assert "still serving the base weights" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------- when to publish
+def _publisher(**margins):
+    from sam_med3d.publishing import PublishBest
+
+    published = []
+    context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)))
+    handler = PublishBest(SimpleNamespace(publish=lambda context, **extra: published.append(extra)), context,
+                          "val_mean_dice", **margins)
+
+    def validate(epoch, **metrics):
+        context.trainer.state.epoch = epoch
+        handler(SimpleNamespace(state=SimpleNamespace(metrics=metrics)))
+
+    return handler, validate, published
+
+
+def test_the_log_says_why_weights_are_published_or_not(caplog):
+    """The log is where an operator learns why a round published nothing: each verdict names the epoch, which
+    weights (the tuned ones or a blend), the scores and the margin that decided."""
+    from sam_med3d.forgetting import BASE_REFERENCE_METRIC as BASE, REFERENCE_METRIC as REF, WORST_DROP_METRIC as WORST
+
+    handler, validate, published = _publisher(max_forgetting=0.05, max_structure_forgetting=0.15)
+    with caplog.at_level(logging.INFO, logger="sam_med3d.publishing"):
+        validate(0, val_mean_dice=0.5)
+        validate(1, val_mean_dice=0.7, **{REF: 0.5, BASE: 0.6, WORST: 0.1})
+        handler.blend = 0.25
+        validate(2, val_mean_dice=0.6, **{REF: 0.59, BASE: 0.6, WORST: 0.3})
+        handler.blend = 1.0
+        validate(3, val_mean_dice=0.8, **{REF: 0.59, BASE: 0.6, WORST: 0.1})
+        handler.blend = 0.5
+        validate(4, val_mean_dice=0.9, **{REF: 0.58, BASE: 0.6, WORST: 0.12})
+    assert [r.getMessage() for r in caplog.records] == [
+        "Validation Dice of the served weights: 0.5000 (to beat)",
+        "Epoch 1 (weights): validation Dice 0.7000 > 0.5000, but the reference Dice 0.5000 is more than 0.050 below "
+        "the base model's 0.6000 (it forgot other structures); not published",
+        "Epoch 2 (blend 0.25 of the tuned and base weights): validation Dice 0.6000 > 0.5000, but one reference "
+        "structure's Dice fell 0.3000 below the base model's (more than 0.150: it forgot that structure); not "
+        "published",
+        "Epoch 3 (weights): validation Dice 0.8000 > 0.5000; publishing",
+        "Epoch 4 (blend 0.5 of the tuned and base weights): validation Dice 0.9000 > 0.8000; publishing",
+    ]
+    assert handler.refused_epoch == 2 and handler.best == 0.9 and handler.published
+    assert published == [
+        {"epoch": 3, "val_dice": 0.8, "reference_dice": 0.59, "base_reference_dice": 0.6, "reference_worst_drop": 0.1},
+        {"epoch": 4, "val_dice": 0.9, "blend": 0.5, "reference_dice": 0.58, "base_reference_dice": 0.6,
+         "reference_worst_drop": 0.12},
+    ]
+
+
+def test_a_run_without_a_score_before_training_publishes_its_first_scored_epoch():
+    """No Dice before training (the metric missing or NaN): the first epoch with a score is the first bar beaten."""
+    handler, validate, published = _publisher()
+    validate(0)
+    validate(0, val_mean_dice=float("nan"))
+    validate(1, val_mean_dice=0.3)
+    validate(2, val_mean_dice=float("nan"))
+    validate(3, val_mean_dice=0.2)
+    assert published == [{"epoch": 1, "val_dice": 0.3}]
+
+
+def test_blending_leaves_alone_an_epoch_that_nothing_refused():
+    from sam_med3d.forgetting import BlendOnForgetting
+
+    handler, validate, published = _publisher(max_forgetting=0.05)
+    evaluator = SimpleNamespace(run=lambda epoch: pytest.fail("a blend was validated"),
+                                state=SimpleNamespace(metrics={}))
+    blend = BlendOnForgetting(SimpleNamespace(evaluator=evaluator, network=None), handler,
+                              lambda: pytest.fail("the base weights were loaded"), 0.5)
+    for epoch in (1, 2):  # the first epochs, before and after validation published nothing and refused nothing
+        blend(SimpleNamespace(state=SimpleNamespace(epoch=epoch)))
+    assert published == [] and handler.refused_epoch == -1
+
+
+def test_publish_weights_records_its_origin_and_says_what_it_published(tmp_path, caplog):
+    from sam_med3d.publishing import publish_weights
+
+    weights = _mini(5)
+    with caplog.at_level(logging.INFO, logger="sam_med3d.publishing"):
+        written = publish_weights(weights, tmp_path / "finetuned.pt", base_checkpoint=tmp_path / "base.pt",
+                                  run_id="20260101_120000", structures=[])
+        publish_weights(weights, tmp_path / "finetuned.pt", base_checkpoint=tmp_path / "base.pt", run_id="r",
+                        structures={"spleen", "liver"}, epoch=2)
+    assert written == tmp_path / "finetuned.pt"
+    assert caplog.messages == [f"New SAM-Med3D weights published: {written} (trained on: -)",
+                               f"New SAM-Med3D weights published: {written} (trained on: liver, spleen)"]
+    info = load_model(written).checkpoint_info["extra"]
+    assert info == {"base_checkpoint": str(tmp_path / "base.pt"), "run_id": "r", "structures": ["liver", "spleen"],
+                    "epoch": 2}
+    assert torch.equal(_probe(load_model(written)), _probe(weights))
