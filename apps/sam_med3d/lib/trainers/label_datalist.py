@@ -5,7 +5,8 @@ target ``{"image", "label", "label_value"}`` (:func:`expand_targets`). Bad files
 that cannot be read, one whose grid size differs from its image's, or an image or label that
 :mod:`sam_med3d.io` refuses (a header naming another file) is skipped with a warning naming it.
 
-A Train request with nothing to train on is refused by the server (HTTP 409, :class:`NothingToTrain`) before
+:func:`structure_names` names the structures a run trained on (recorded with the published weights: the labels
+they answer). A Train request with nothing to train on is refused by the server (HTTP 409, :class:`NothingToTrain`) before
 MONAI Label starts the training subprocess (:func:`trainable_datalist`, through :mod:`lib.trainers.preflight`).
 """
 
@@ -78,6 +79,18 @@ def expand_targets(datalist: List[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         samples.extend({"image": record["image"], "label": record["label"], "label_value": v}
                        for v in usable_values(record))
     return samples
+
+
+def structure_names(targets: List[Mapping[str, Any]], labels: Mapping[str, int]) -> List[str]:
+    """The names in ``labels`` (the app's ``{name: value}``) of ``targets``' label values, sorted; a value without
+    a name is left out with a warning (no click can name it, so no weights need to answer it)."""
+    by_value = {int(value): str(name) for name, value in labels.items() if name != "background"}
+    values = {int(target["label_value"]) for target in targets}
+    unnamed = sorted(values - set(by_value))
+    if unnamed:
+        logger.warning("Training: label value(s) %s of the saved labels have no name in the app's labels "
+                       "(--conf labels); they are trained on, but no click can ask for them", unnamed)
+    return sorted(by_value[value] for value in values if value in by_value)
 
 
 class NothingToTrain(InvalidRequest):

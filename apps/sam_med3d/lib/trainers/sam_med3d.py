@@ -43,7 +43,7 @@ from sam_med3d.training import bare_sam, retention_agreement
 from lib.options import CONF_OPTIONS, TRAIN_OPTIONS, Choice, train_config, train_value
 from lib.served_model import load_weights
 from lib.trainers.label_datalist import (NothingToTrain, expand_targets, label_values,  # noqa: F401
-                                         label_voxel_counts, trainable_datalist)
+                                         label_voxel_counts, structure_names, trainable_datalist)
 from lib.trainers.preflight import EXTERNAL_DATALIST_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -157,15 +157,8 @@ class SamMed3DTrainer(BasicTrainTask):
         return train + rehearsal_train, val
 
     def structure_names(self, targets: List[Mapping[str, Any]]) -> List[str]:
-        """The app's label names of ``targets``' label values (sorted); a value without a name is left out with a
-        warning (no click can name it, so no weights need to answer it)."""
-        by_value = {value: name for name, value in self.label_values.items() if name != "background"}
-        values = {int(target["label_value"]) for target in targets}
-        unnamed = sorted(values - set(by_value))
-        if unnamed:
-            logger.warning("Training: label value(s) %s of the saved labels have no name in the app's labels "
-                           "(--conf labels); they are trained on, but no click can ask for them", unnamed)
-        return sorted(by_value[value] for value in values if value in by_value)
+        """The app's label names of ``targets``' label values (:func:`lib.trainers.label_datalist.structure_names`)."""
+        return structure_names(targets, self.label_values)
 
     def rehearsal_folder(self) -> Optional[Path]:
         """The rehearsal set ``--conf rehearsal_data`` names (:func:`sam_med3d.rehearsal.rehearsal_folder`)."""
