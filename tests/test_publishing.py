@@ -226,10 +226,12 @@ def test_the_log_says_why_weights_are_published_or_not(caplog):
 
 def test_a_run_without_a_score_before_training_publishes_its_first_scored_epoch():
     """No Dice before training (the metric missing or NaN): the first epoch with a score is the first bar beaten."""
-    handler, validate, published = _publisher()
+    from sam_med3d.forgetting import BASE_REFERENCE_METRIC as BASE, REFERENCE_METRIC as REF
+
+    handler, validate, published = _publisher()  # no margins: reference scores, if any, decide nothing
     validate(0)
     validate(0, val_mean_dice=float("nan"))
-    validate(1, val_mean_dice=0.3)
+    validate(1, val_mean_dice=0.3, **{REF: 0.1, BASE: 0.9})
     validate(2, val_mean_dice=float("nan"))
     validate(3, val_mean_dice=0.2)
     assert published == [{"epoch": 1, "val_dice": 0.3}]
@@ -264,3 +266,15 @@ def test_publish_weights_records_its_origin_and_says_what_it_published(tmp_path,
     assert info == {"base_checkpoint": str(tmp_path / "base.pt"), "run_id": "r", "structures": ["liver", "spleen"],
                     "epoch": 2}
     assert torch.equal(_probe(load_model(written)), _probe(weights))
+
+
+def test_weights_exactly_at_the_forgetting_margins_are_published():
+    """``max_forgetting`` and ``max_structure_forgetting`` say how far below the base model's Dice is still fine."""
+    from sam_med3d.forgetting import BASE_REFERENCE_METRIC as BASE, REFERENCE_METRIC as REF, WORST_DROP_METRIC as WORST
+
+    handler, validate, published = _publisher(max_forgetting=0.25, max_structure_forgetting=0.25)
+    validate(0, val_mean_dice=0.5)
+    validate(1, val_mean_dice=0.6, **{REF: 0.5, BASE: 0.75, WORST: 0.25})  # exactly 0.25 below: allowed
+    validate(2, val_mean_dice=0.7, **{REF: 0.4375, BASE: 0.75, WORST: 0.0})  # 0.3125 below: refused
+    validate(3, val_mean_dice=0.8, **{REF: 0.75, BASE: 0.75, WORST: 0.375})  # one structure 0.375 below: refused
+    assert [extra["epoch"] for extra in published] == [1] and handler.refused_epoch == 3
