@@ -181,8 +181,11 @@ def _publisher(**margins):
 
     published = []
     context = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(epoch=0)))
-    handler = PublishBest(SimpleNamespace(publish=lambda context, **extra: published.append(extra)), context,
-                          "val_mean_dice", **margins)
+    def publish(given, **extra):
+        assert given is context, "the task publishes with the training context (its network, its run id)"
+        published.append(extra)
+
+    handler = PublishBest(SimpleNamespace(publish=publish), context, "val_mean_dice", **margins)
 
     def validate(epoch, **metrics):
         context.trainer.state.epoch = epoch
