@@ -461,17 +461,18 @@ def test_auto_rehearsal_data_is_the_bundled_models_phantoms_and_none_for_other_m
 @pytest.mark.parametrize("flag", [True, "true"])
 def test_frozen_encoder_is_left_out_of_the_optimizer_and_keeps_its_weights(trainer_module, tmp_path, flag):
     from sam_med3d import build_sam_med3d
-    from sam_med3d.training import ClickIterationModel, ClickTrainingStep
+    from sam_med3d.checkpoint import save_checkpoint
+    from sam_med3d.training import ClickTrainingStep
 
     trainer, context = _trainer(trainer_module, tmp_path, 0.0)
     torch.manual_seed(0)
-    sam = build_sam_med3d("vit_mini")
-    context.request["freeze_encoder"] = flag
-    # network() loads the served weights; here the same freezing is applied to a mini model.
-    frozen = trainer.option(context, "freeze_encoder")
-    for p in sam.image_encoder.parameters():
-        p.requires_grad_(not frozen)
-    context.network = ClickIterationModel(sam)
+    path = save_checkpoint(build_sam_med3d("vit_mini"), tmp_path / "served.pt")
+    trainer.served = SimpleNamespace(device="cpu", path=lambda: path, expected_arch="auto",
+                                     base=SimpleNamespace(path=path))
+    context.request.update(freeze_encoder=flag, retention=0.0)
+    context.device = "cpu"
+    context.network = trainer.network(context)  # loads the served weights and freezes as asked
+    sam = context.network.sam
     optimizer = trainer.optimizer(context)
     tuned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not tuned & {id(p) for p in sam.image_encoder.parameters()}

@@ -49,9 +49,11 @@ def _worker(rank: int, checkpoint: str, result: str) -> None:
     context = Context()
     context.request, context.device, context.multi_gpu, context.local_rank = {}, torch.device("cpu"), True, rank
     context.world_size = WORLD
+    # MONAI Label's own build-and-wrap step of BasicTrainTask.train(), which as a whole needs one CUDA device per
+    # rank for multi_gpu (BasicTrainTask._device): the trainer's network(), optimizer() and DDP arguments.
     network, optimizer = trainer._create_network_and_optimizer(context)
     step = trainer.train_iteration_update(context).step
-    n = trainer._sam_img_size
+    n = int(network.module.sam.img_size)
     label = torch.zeros(1, 1, n, n, n)
     label[..., n // 4:n // 2, n // 4:n // 2, n // 4:n // 2] = 1
     losses = []

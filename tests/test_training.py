@@ -11,7 +11,7 @@ import torch
 
 from sam_med3d import build_sam_med3d
 from sam_med3d.training import (ClickIterationModel, ClickTrainingStep, click_iteration_step, crop_or_pad,
-                                disagreement_clicks, off_target_clicks, retention_loss,
+                                disagreement_clicks, freeze_image_encoder, off_target_clicks, retention_loss,
                                 training_transforms, zscore_foreground)
 
 
@@ -300,9 +300,7 @@ def test_click_model_with_a_teacher_adds_the_retention_term_in_training_only():
     import copy
 
     torch.manual_seed(0)
-    sam = build_sam_med3d("vit_mini")
-    for p in sam.image_encoder.parameters():
-        p.requires_grad_(False)
+    sam = freeze_image_encoder(build_sam_med3d("vit_mini"), True)
     teacher = copy.deepcopy(sam)
     model = ClickIterationModel(sam, teacher=teacher, retention_weight=1.0, retention_clicks=2)
     assert not any(k.startswith("_teacher") or "teacher" in k for k in model.state_dict())
@@ -352,9 +350,7 @@ def test_retention_keeps_the_answers_elsewhere_when_tuning_on_one_target():
 
     def tune(weight):
         torch.manual_seed(0)
-        sam = build_sam_med3d("vit_mini")
-        for p in sam.image_encoder.parameters():
-            p.requires_grad_(False)
+        sam = freeze_image_encoder(build_sam_med3d("vit_mini"), True)
         teacher = copy.deepcopy(sam)
         model = ClickIterationModel(sam, teacher=teacher if weight else None, retention_weight=weight,
                                     mask_only_iterations=False).train()

@@ -14,7 +14,8 @@ learned from:
   the base model's and refuses to publish weights that forgot more than a set margin, on average or on any one
   structure (:func:`worst_drop`): the mean over all held-back structures moves little when one organ is lost.
 
-:func:`bundled_rehearsal_set` writes the rehearsal set of the bundled offline model: phantoms drawn as its
+:class:`MixedSampler` draws an epoch of the user's targets and rehearsal scans together; :func:`rehearsal_folder`
+says which set a setting names; :func:`bundled_rehearsal_set` writes the rehearsal set of the bundled offline model: phantoms drawn as its
 training data was (:mod:`sam_med3d.phantoms`, the seeds of its model card, CT and MR-like).
 """
 
@@ -146,6 +147,23 @@ def bundled_rehearsal_set(folder: os.PathLike) -> Path:
     return folder
 
 
+def rehearsal_folder(value: Optional[str], base_checkpoint: Optional[os.PathLike],
+                     model_dir: os.PathLike) -> Optional[Path]:
+    """The rehearsal set a setting names: ``auto`` = the bundled model's phantoms when ``base_checkpoint`` is the
+    bundled model (written into ``<model_dir>/rehearsal_bundled`` on first use, :func:`bundled_rehearsal_set`),
+    else none; ``none`` (or empty): none; anything else: that folder."""
+    text = str(value or "none").strip()
+    if text.lower() == "none":
+        return None
+    if text.lower() == "auto":
+        from .checkpoint import BUNDLED_PATH
+
+        if base_checkpoint is None or Path(base_checkpoint).resolve() != Path(BUNDLED_PATH).resolve():
+            return None
+        return bundled_rehearsal_set(Path(model_dir) / "rehearsal_bundled")
+    return Path(text)
+
+
 def _write_bundled_names(folder: Path) -> None:
     import json
 
@@ -261,3 +279,32 @@ class ReferenceScore:
         """Mean Dice of ``sam`` over the reference targets (NaN when there are none)."""
         scores = self.per_target(sam, cache_key)
         return float(np.mean(scores)) if scores else float("nan")
+
+
+class MixedSampler(torch.utils.data.Sampler):
+    """An epoch of ``user_draws`` draws of the user's targets (whole random permutations, then a partial one, so
+    each is drawn as often as the others give or take one) and ``rehearsal_draws`` of the rehearsal scans
+    (likewise), shuffled together. Uses torch's global generator, so a seeded run repeats.
+
+    Args:
+        users: dataset indices of the user's targets.
+        rehearsed: dataset indices of the rehearsal scans.
+    """
+
+    def __init__(self, users: Sequence[int], rehearsed: Sequence[int], user_draws: int, rehearsal_draws: int):
+        self.users, self.rehearsed = list(users), list(rehearsed)
+        self.user_draws, self.rehearsal_draws = int(user_draws), int(rehearsal_draws)
+
+    @staticmethod
+    def _draw(indices: List[int], count: int) -> List[int]:
+        out: List[int] = []
+        while len(out) < count and indices:
+            out += [indices[i] for i in torch.randperm(len(indices)).tolist()]
+        return out[:count]
+
+    def __iter__(self):
+        order = self._draw(self.users, self.user_draws) + self._draw(self.rehearsed, self.rehearsal_draws)
+        return iter([order[i] for i in torch.randperm(len(order)).tolist()])
+
+    def __len__(self) -> int:
+        return (self.user_draws if self.users else 0) + (self.rehearsal_draws if self.rehearsed else 0)

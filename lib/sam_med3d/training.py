@@ -1,6 +1,6 @@
 """Training pieces shared by ``pretrain/train.py`` and the MONAI Label app's trainer.
 
-Two things live here:
+Three things live here:
 
 1. **Training-crop transforms** (:func:`training_transforms`, split into :func:`preprocess_transforms`, the
    deterministic and cacheable part, and :func:`crop_transforms`, the per-sample random part). A sample is a
@@ -36,6 +36,10 @@ Two things live here:
    prediction used to place the next click is ``logits > 0`` (probability > 0.5; the official thresholds the
    raw logits at 0.5). An optional IoU-head loss (``iou_loss_weight``; the official never trains the IoU head)
    makes ``iou_pred`` meaningful.
+
+3. **Fine-tuning glue** for ignite/MONAI engines (:class:`ClickValidationStep`, :class:`WithModelCompleted`,
+   :func:`freeze_image_encoder`, :func:`retention_agreement`): what the app's trainer plugs into MONAI Label's
+   ``BasicTrainTask``.
 
 Coordinates: click points are voxel indices ``(d, h, w)`` along tensor axes 2, 3, 4 of the ``(B, 1, S, S, S)``
 crop (= RAS array axes i, j, k after :func:`training_transforms`).
@@ -748,3 +752,79 @@ class ClickTrainingStep:
         # bf16 autocast needs no loss scaling; a GradScaler is only used when the engine made one for fp16.
         return self.train_step(engine.network, engine.optimizer, batchdata, device=device, amp=amp,
                                scaler=scaler if amp and self.amp_dtype == torch.float16 else None)
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning glue
+#: Seed of the validation click simulation (fixed, so epochs are compared on the same clicks).
+VAL_SEED = 1234
+
+
+def bare_sam(network: nn.Module) -> nn.Module:
+    """The ``Sam3D`` inside a (DDP-wrapped) :class:`ClickIterationModel`, or ``network`` itself."""
+    inner = getattr(network, "module", network)
+    return getattr(inner, "sam", inner)
+
+
+def freeze_image_encoder(sam: nn.Module, frozen: bool) -> nn.Module:
+    """Tune only the prompt encoder and mask decoder (``frozen``) or every weight: sets ``requires_grad`` of the
+    image encoder's parameters; an optimizer built over the parameters that require gradients then leaves a
+    frozen encoder out (its weights stay as they are). Returns ``sam``."""
+    for parameter in sam.image_encoder.parameters():
+        parameter.requires_grad_(not frozen)
+    return sam
+
+
+def encoder_frozen(sam: nn.Module) -> bool:
+    """Whether no weight of ``sam``'s image encoder is tuned (its crop embeddings can be kept between scores)."""
+    return not any(p.requires_grad for p in sam.image_encoder.parameters())
+
+
+class WithModelCompleted:
+    """Run an ignite iteration function the way MONAI's own ``_iteration`` ends: put its output in
+    ``engine.state.output`` and fire ``IterationEvents.MODEL_COMPLETED``, on which MONAI engines decollate the
+    batch and run the post transforms (so the Dice metrics see thresholded masks, not raw logits)."""
+
+    def __init__(self, step: Any):
+        self.step = step
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> Any:
+        from monai.engines.utils import IterationEvents
+
+        output = self.step(engine, batch)
+        if isinstance(output, dict):  # not decollated yet: the step did not fire the event itself
+            engine.state.output = output
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
+        return output
+
+
+class ClickValidationStep:
+    """ignite ``iteration_update`` for validation: the click simulation without gradients, seeded per item
+    (``[seed, iteration]``), so every epoch is scored on the same clicks."""
+
+    def __init__(self, num_click_iterations: int, seed: int = VAL_SEED):
+        self.num_click_iterations = int(num_click_iterations)
+        self.seed = int(seed)
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        sam = bare_sam(engine.network)
+        device = engine.state.device
+        image = torch.as_tensor(batch["image"]).to(device).float()
+        label = torch.as_tensor(batch["label"]).to(device).float()
+        rng = np.random.default_rng([self.seed, int(engine.state.iteration)])
+        sam.eval()
+        with torch.no_grad():
+            out = run_click_iterations(sam, image, label, self.num_click_iterations, rng,
+                                       mask_only_iterations=False)
+        return {"image": image, "label": label, "pred": out["logits"]}
+
+
+def retention_agreement(output: Any) -> float:
+    """The mean ``retention_agreement`` of a training step's output (a dict, or the per-item dicts MONAI makes of
+    it): the ignite ``output_transform`` of the retention metric."""
+    items = output if isinstance(output, (list, tuple)) else [output]
+    values = [float(item["retention_agreement"]) for item in items
+              if isinstance(item, Mapping) and "retention_agreement" in item]
+    if not values:
+        raise ValueError("the training step's output has no retention_agreement (is the retention term on?)")
+    return float(np.mean(values))

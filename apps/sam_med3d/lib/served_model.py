@@ -175,7 +175,10 @@ class ServedModel:
     """The model the server serves right now: fine-tuned weights when published, else the base weights.
 
     :meth:`get` stats the candidate file on every call (microseconds) and reloads when the file, its size or
-    its mtime changed, which is how weights published by a training subprocess reach the clicks.
+    its mtime changed, which is how weights published by a training subprocess reach the clicks. A fine-tuned
+    file that cannot be loaded (truncated, corrupt, another architecture) is not served: the weights served before
+    stay (the base weights when none were), a warning is logged once per file version, and :attr:`problem` says
+    why until a good file is published.
     """
 
     def __init__(self, base: BaseWeights, expected_arch: str, device: str, finetuned: Path, use_finetuned: bool,
@@ -191,31 +194,61 @@ class ServedModel:
         self._model: "torch.nn.Module | None" = None
         self._base_model: "torch.nn.Module | None" = None
         self._loaded_key: "Tuple[str, int, int] | None" = None
+        self._refused_key: "Tuple[str, int, int] | None" = None
+        #: Why the fine-tuned file on disk is not the one served (None when nothing was refused).
+        self.problem: Optional[str] = None
         self.arch = expected_arch
 
-    def path(self) -> Path:
-        """The file that should be served now."""
+    def candidate(self) -> Path:
+        """The file that should be served: the fine-tuned weights when published (and used), else the base."""
         if self.use_finetuned and self.finetuned.is_file():
             return self.finetuned
         return self.base.path
+
+    def path(self) -> Path:
+        """The file whose weights are served (or are about to be, on the next :meth:`get`): :meth:`candidate`,
+        unless that file is the version :meth:`get` refused; then the file loaded instead."""
+        candidate = self.candidate()
+        if self._refused_key is not None and self._loaded_key is not None and str(candidate) == self._refused_key[0]:
+            try:
+                if self._key(candidate) == self._refused_key:
+                    return Path(self._loaded_key[0])
+            except OSError:
+                pass
+        return candidate
 
     def describe(self) -> str:
         """One log line: which model is served and why."""
         path = self.path()
         if path == self.finetuned:
-            return f"fine-tuned weights {path} (published by training from {self.base.path})"
-        return self.base.reason
+            what = f"fine-tuned weights {path} (published by training from {self.base.path})"
+        else:
+            what = self.base.reason
+        return f"{what}; {self.problem}" if self.problem else what
+
+    @staticmethod
+    def _key(path: Path) -> Tuple[str, int, int]:
+        stat = path.stat()
+        return str(path), int(stat.st_size), int(stat.st_mtime_ns)
 
     def get(self) -> Tuple[torch.nn.Module, bool]:
         """``(model, reloaded)``: the current model, loading it first when the served file changed."""
-        path = self.path()
-        stat = path.stat()
-        key = (str(path), int(stat.st_size), int(stat.st_mtime_ns))
-        if self._model is not None and key == self._loaded_key:
+        path = self.candidate()
+        try:
+            key = self._key(path)
+        except FileNotFoundError:  # the fine-tuned file went away between the two looks
+            path = self.base.path
+            key = self._key(path)
+        if self._model is not None and key in (self._loaded_key, self._refused_key):
             return self._model, False
+        try:
+            model, arch = load_weights(path, self.expected_arch, self.device)
+        except Exception as err:  # noqa: BLE001 - any file that does not load is not served
+            if path == self.base.path:
+                raise
+            return self._refuse(path, key, err)
         first = self._model is None
-        model, arch = load_weights(path, self.expected_arch, self.device)
-        self._model, self._loaded_key, self.arch = model, key, arch
+        self._model, self._loaded_key, self.arch, self.problem = model, key, arch, None
         self._base_model = None  # loaded again on demand, sharing the new model's encoder when it can
         if first:  # the app already logged which model it serves and why, at start
             logger.debug("Loaded SAM-Med3D %s from %s on %s", arch, path, self.device)
@@ -226,6 +259,19 @@ class ServedModel:
             logger.info("The fine-tuned weights answer %s; the base weights every other label (--conf "
                         "finetuned_for trained)", ", ".join(sorted(structures)) or "no label")
         return model, True
+
+    def _refuse(self, path: Path, key: Tuple[str, int, int], err: Exception) -> Tuple[torch.nn.Module, bool]:
+        """Keep serving the last good weights (the base weights when none were loaded) instead of ``path``."""
+        self._refused_key = key
+        reloaded = self._model is None
+        if reloaded:
+            self._model, self.arch = load_weights(self.base.path, self.expected_arch, self.device)
+            self._loaded_key, self._base_model = self._key(self.base.path), None
+        kept = "the fine-tuned weights loaded before" if self.path() == self.finetuned else "the base weights"
+        why = str(err).split(". ")[0]  # the reason; the loader's advice is for files a user passes by hand
+        self.problem = f"the fine-tuned weights {path} could not be loaded ({why}); still serving {kept}"
+        logger.warning("SAM-Med3D: %s, until training publishes a good file", self.problem)
+        return self._model, reloaded
 
     def structures(self) -> Optional[FrozenSet[str]]:
         """The label names the model last returned by :meth:`get` answers, or None for every label.

@@ -113,6 +113,8 @@ class SamMed3DInfer(InferTask):
     def info(self) -> Dict[str, Any]:
         info = super().info()
         info["model_file"] = str(self.served.path())
+        if self.served.problem:  # a published file that could not be loaded: the weights before it are served
+            info["model_problem"] = self.served.problem
         return info
 
     def warm_up(self) -> None:
