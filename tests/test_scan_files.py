@@ -275,6 +275,12 @@ def test_training_applies_the_voxel_cap_finite_values_and_the_label_grid(tmp_pat
     with pytest.raises(RuntimeError) as refused:
         training_transforms(crop_size=16, max_voxels=1000)({**record, "label_value": 2})
     assert isinstance(refused.value.__cause__, ScanTooLarge)
+    from sam_med3d.training import validation_transforms
+
+    with pytest.raises(RuntimeError) as refused:  # validation reads the same files under the same cap
+        validation_transforms(crop_size=16, center="click", max_voxels=1000)({**record, "label_value": 2})
+    assert isinstance(refused.value.__cause__, ScanTooLarge)
+    validation_transforms(crop_size=16, center="click", max_voxels=20 * 18 * 16)({**record, "label_value": 2})
     huge = tmp_path / "huge.nii.gz"
     header = nib.Nifti1Header()
     header.set_data_shape((1024, 1024, 1024))

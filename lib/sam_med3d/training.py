@@ -312,8 +312,10 @@ class OfficialCropd(MapTransform):
     """
 
     def __init__(self, crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
-                 label_value: Optional[int] = None, value_key: str = "label_value", center: str = "label") -> None:
+                 label_value: Optional[int] = None, value_key: str = "label_value", center: str = "label",
+                 max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> None:
         super().__init__(("image", "label"))
+        self.max_voxels = max_voxels
         if center not in ("label", "click"):
             raise ValueError(f"center must be 'label' or 'click', got {center!r}")
         self.crop_size = int(crop_size)
@@ -328,8 +330,8 @@ class OfficialCropd(MapTransform):
 
         d = dict(data)
         # Through sam_med3d.io with the voxel cap, as training's LoadScand (validation reads the same files).
-        prepared = PreparedScan(load_scan(d["image"], max_voxels=DEFAULT_MAX_VOXELS), self.spacing_mm)
-        labels = load_label(d["label"], read_header(d["image"]), DEFAULT_MAX_VOXELS)
+        prepared = PreparedScan(load_scan(d["image"], max_voxels=self.max_voxels), self.spacing_mm)
+        labels = load_label(d["label"], read_header(d["image"]), self.max_voxels)
         value = d.get(self.value_key, self.label_value)
         target = (labels > 0) if value is None else (labels == int(value))
         if self.center == "click" and target.any():
@@ -349,10 +351,12 @@ class OfficialCropd(MapTransform):
 
 
 def validation_transforms(crop_size: int, spacing_mm: float = DEFAULT_SPACING_MM,
-                          label_value: Optional[int] = None, center: str = "label") -> Compose:
+                          label_value: Optional[int] = None, center: str = "label",
+                          max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> Compose:
     """Validation samples as inference sees them (:class:`OfficialCropd`); inputs are file paths. ``center``:
-    ``label`` (the official evaluation's crop) or ``click`` (the app's: centred on a seeded voxel of the target)."""
-    return Compose([OfficialCropd(crop_size, spacing_mm, label_value, center=center)])
+    ``label`` (the official evaluation's crop) or ``click`` (the app's: centred on a seeded voxel of the target).
+    ``max_voxels``: files whose header claims more voxels are refused before decoding."""
+    return Compose([OfficialCropd(crop_size, spacing_mm, label_value, center=center, max_voxels=max_voxels)])
 
 
 # ------------------------------------------------------------------------------------------------ click step

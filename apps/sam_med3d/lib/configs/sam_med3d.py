@@ -59,6 +59,7 @@ class SamMed3DConfig(TaskConfig):
     def trainer(self) -> Optional[TrainTask]:
         return SamMed3DTrainer(model_dir=os.path.join(self.options.model_dir, f"train_{self.name}"),
                                served=self.served, labels=self.labels, rehearsal_data=self.options.rehearsal_data,
+                               max_voxels=self.options.max_voxels,
                                **self.options.train_defaults())
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

@@ -72,15 +72,18 @@ class SamMed3DTrainer(BasicTrainTask):
         served: the app's :class:`~lib.served_model.ServedModel` (weights to start from and publish to).
         labels: the app's labels (shown in ``/info``; training uses every saved label value).
         rehearsal_data: ``--conf rehearsal_data`` (a request never names a folder); None: the schema's default.
+        max_voxels: ``--conf max_voxels``: training and validation read no scan or label whose header claims more.
         defaults: the defaults of the Train request options, by ``--conf`` name
             (:meth:`lib.options.AppOptions.train_defaults`); others take :func:`lib.options.train_config`'s.
     """
 
     def __init__(self, model_dir: str, served: Any, labels: Mapping[str, int], rehearsal_data: Optional[str] = None,
+                 max_voxels: Optional[int] = None,
                  description: str = "Fine-tune SAM-Med3D on the saved labels with simulated clicks", **defaults: Any):
         self.served = served
         self.label_values = {str(name): int(value) for name, value in labels.items()}
         self.rehearsal_data = CONF_OPTIONS["rehearsal_data"].default if rehearsal_data is None else rehearsal_data
+        self.max_voxels = int(CONF_OPTIONS["max_voxels"].default if max_voxels is None else max_voxels)
         self.reference_records: List[Dict[str, Any]] = []
         #: Label names this run trains on (:meth:`partition_datalist`); with those the starting weights were
         #: trained on (:meth:`network`) they are published as ``structures``, the labels the weights answer.
@@ -218,12 +221,14 @@ class SamMed3DTrainer(BasicTrainTask):
         from sam_med3d.training import training_transforms
 
         # Centred on a random voxel of the target, as the predictor centres its crop on a first click there.
-        return training_transforms(crop_size=self._img_size(context), augment=True, center="voxel")
+        return training_transforms(crop_size=self._img_size(context), augment=True, center="voxel",
+                                   max_voxels=self.max_voxels)
 
     def val_pre_transforms(self, context: Context):
         from sam_med3d.training import validation_transforms
 
-        return validation_transforms(crop_size=self._img_size(context), center="click")  # the crops inference sees
+        return validation_transforms(crop_size=self._img_size(context), center="click",  # the crops inference sees
+                                     max_voxels=self.max_voxels)
 
     def train_post_transforms(self, context: Context):
         return [AsDiscreted(keys="pred", threshold=0.0)]  # logits > 0 -> mask, for the Dice metric
