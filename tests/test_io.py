@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -236,3 +237,25 @@ def test_affine_is_only_for_arrays(tmp_path):
 def test_unsupported_input_type():
     with pytest.raises(ValueError, match="cannot load a scan from a dict"):
         load_scan({"image": 1})
+
+
+def test_file_identity_tells_a_replaced_file_from_the_old_one_even_with_the_same_size_and_time(tmp_path):
+    from sam_med3d.io import file_identity
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"a" * 64)
+    old = file_identity(path)
+    assert old[0] == os.path.realpath(path) and old[2] == 64
+    link = tmp_path / "link.pth"
+    link.symlink_to(path)
+    assert file_identity(link) == old  # the file behind the name, not the name
+    replacement = tmp_path / "weights.pth.tmp"
+    replacement.write_bytes(b"b" * 64)
+    keep = tmp_path / "keep"  # hold the old inode so the new file cannot reuse its number
+    os.link(path, keep)
+    os.utime(replacement, ns=(old[3], old[3]))
+    os.replace(replacement, path)  # an atomic publish: same name, size and modification time
+    new = file_identity(path)
+    assert new[0] == old[0] and new[2:] == old[2:] and new != old
+    with pytest.raises(OSError):
+        file_identity(tmp_path / "missing")

@@ -116,6 +116,17 @@ class ScanHeader:
         return "x".join(str(n) for n in self.size)
 
 
+def file_identity(path: Union[str, os.PathLike]) -> Tuple[str, int, int, int]:
+    """``(real path, inode, size in bytes, mtime in ns)`` of a file or a DICOM folder: what every cache keyed by a
+    file (the predictor's embeddings, the app's image sessions, the served weights, scoring's model version) uses
+    to notice that the file was replaced. The inode tells an atomically replaced file (a new file renamed over
+    the old one) from the old one even when size and modification time happen to agree. ``OSError`` when the
+    path does not exist."""
+    real = os.path.realpath(os.fspath(path))
+    stat = os.stat(real)
+    return real, int(stat.st_ino), int(stat.st_size), int(stat.st_mtime_ns)
+
+
 def read_header(path: Union[str, os.PathLike], max_voxels: Optional[int] = None) -> ScanHeader:
     """The header of a scan file or DICOM folder, checked before any library reads it (module docstring).
 

@@ -56,7 +56,7 @@ from torch import nn
 from .device import disable_tf32, synchronize
 from .extension import ExtensionConfig, CropTiler, Tile, TilingStats, changes_beyond_first, combine_on_scan
 from .geometry import TARGET_SPACING_MM, Crop, PreparedScan, crop_keeps_clicks, place_crop, upsample_logits
-from .io import ScanInput, load_scan
+from .io import ScanInput, file_identity, load_scan
 
 PointsLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 LabelsLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
@@ -256,11 +256,9 @@ class Sam3DPredictor:
         if not isinstance(path_or_array, (str, os.PathLike)):
             return None
         try:
-            path = os.path.realpath(os.fspath(path_or_array))
-            stat = os.stat(path)
+            return file_identity(path_or_array)
         except OSError:
             return None
-        return (path, stat.st_size, stat.st_mtime_ns)
 
     def reset(self, label_key: Optional[Hashable] = None) -> None:
         """Forget the clicks and previous mask of ``label_key`` (of every label if None). The image and its

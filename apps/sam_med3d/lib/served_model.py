@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
 import torch
+from sam_med3d.io import file_identity
 
 from lib.options import FINETUNED_FOR  # which labels the fine-tuned weights answer
 
@@ -227,9 +228,8 @@ class ServedModel:
         return f"{what}; {self.problem}" if self.problem else what
 
     @staticmethod
-    def _key(path: Path) -> Tuple[str, int, int]:
-        stat = path.stat()
-        return str(path), int(stat.st_size), int(stat.st_mtime_ns)
+    def _key(path: Path) -> Tuple[str, int, int, int]:
+        return file_identity(path)
 
     def get(self) -> Tuple[torch.nn.Module, bool]:
         """``(model, reloaded)``: the current model, loading it first when the served file changed."""

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 from monailabel.interfaces.datastore import Datastore
+from sam_med3d.io import file_identity
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
@@ -99,7 +100,7 @@ class UncertaintyScoring(ScoringMethod):
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         model, _ = self.served.get()
         path = self.served.path()
-        model_version = f"{path}@{path.stat().st_mtime_ns}"  # ns: two publishes within a second differ
+        model_version = "{}@{}:{}:{}".format(*file_identity(path))  # a republished file is a new version
         result: Dict[str, Any] = {}
         skipped = 0
         for image_id in datastore.get_unlabeled_images():

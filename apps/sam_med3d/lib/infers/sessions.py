@@ -27,7 +27,6 @@ drawn before the update stay as they are; only clicks after it use the new weigh
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Hashable, Optional, Set, Tuple
 
 import numpy as np
+from sam_med3d.io import file_identity
 
 SessionKey = Tuple[str, int, int]
 
@@ -48,10 +48,9 @@ CLIENT_BYTES_PER_VOXEL = 10
 
 
 def session_key(image_path: str) -> SessionKey:
-    """``(real path, size in bytes, mtime in ns)`` of ``image_path`` (a file or a DICOM folder)."""
-    real = os.path.realpath(image_path)
-    stat = os.stat(real)
-    return real, int(stat.st_size), int(stat.st_mtime_ns)
+    """:func:`sam_med3d.io.file_identity` of ``image_path`` (a file or a DICOM folder): a replaced scan is a new
+    session."""
+    return file_identity(image_path)
 
 
 class ClientPredictor:
