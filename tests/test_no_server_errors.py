@@ -207,6 +207,23 @@ def _probe(server):
         yield "POST", "/batch/infer/sam_med3d", {"json": body, "params": {"run_sync": "false"}}
     yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2", "output": "dicom_seg"}}
     yield "GET", "/datastore/image", {"params": [("image", "t2"), ("image", "../x")]}
+    # Bodies that break parsers rather than checks: nesting deeper than Python's recursion limit, a huge click
+    # list, multipart without a boundary or with the fields twice.
+    deep = "[" * 100_000 + "]" * 100_000
+    yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2"}, "data": {"params": deep}}
+    yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2"},
+                                      "data": {"params": json.dumps(dict(CLICK, spleen=[[1, 2, 3]] * 200_000))}}
+    yield "PUT", "/datastore/image/info", {"params": {"image": "t2"}, "data": {"info": deep}}
+    yield "PUT", "/datastore/label", {"params": {"image": "t2"}, "data": {"params": deep}, "files": {"label": label}}
+    for path in (f"/train/{MODEL}", "/activelearning/random", "/scoring/sam_med3d_uncertainty",
+                 "/batch/infer/sam_med3d"):
+        yield "POST", path, {"data": deep, "headers": {"Content-Type": "application/json"}}
+    yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2"}, "data": b"--x\r\n",
+                                      "headers": {"Content-Type": "multipart/form-data"}}
+    yield "PUT", "/datastore/image", {"params": {"image": "twice"}, "data": b"garbage",
+                                      "headers": {"Content-Type": "multipart/form-data; boundary=zz"}}
+    yield "POST", f"/infer/{MODEL}", {"params": {"image": "t2"},
+                                      "data": [("params", json.dumps(CLICK)), ("params", "[]")]}
 
 
 def test_hostile_probe_never_gets_a_5xx(server):
