@@ -1,4 +1,4 @@
-"""An annotator's day in OHIF, in a real browser: Next Sample -> click -> Save -> Next Sample -> train -> save.
+"""An annotator's day in OHIF, in a real browser: Next Sample -> click, edit -> Save -> Next Sample -> train -> save.
 
 Everything runs on 127.0.0.1: Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) holding three CT studies made
 from ``../shared/data/msd_spleen_ct`` (the same scan under three sets of UIDs, one file per slice), the MONAI
@@ -10,7 +10,8 @@ Chromium (selenium) with a 1600x1000 window. :func:`test_ohif_annotator_day`:
    ``sam_med3d_uncertainty`` strategy and presses Next Sample: OHIF asks that strategy and shows its study in
    the same page (no reload), the panel connected;
 2. clicks ``spleen`` (inside the ground truth) twice and ``liver`` once on the axial slice shown, checking the
-   request OHIF sent, the NRRD it got back and the viewport;
+   request OHIF sent, the NRRD it got back and the viewport; then paints liver with the Brush in the slice's
+   top-right corner and erases a stripe across the spleen's top rows (off-centre, so a flip would show);
 3. presses *Save Label*: the DICOM SEG read back from Orthanc equals the viewer's label map voxel for voxel,
    each SEG frame placed by its own position and the viewer's slices by the viewer's geometry, both against
    the series' slice positions (a SEG on mirrored slices fails);
@@ -359,8 +360,9 @@ def _next_sample(stack: SimpleNamespace, strategy: str) -> str:
     return json.loads(browser.response_body(sample["id"]))["StudyInstanceUID"]
 
 
-def _annotate(stack: SimpleNamespace, study: SimpleNamespace, step: str) -> dict:
-    """Click spleen twice and liver once on the axial slice shown; return {"k", "shown"} (the viewer's map)."""
+def _annotate(stack: SimpleNamespace, study: SimpleNamespace, step: str, edit: bool = False) -> dict:
+    """Click spleen twice and liver once on the axial slice shown, then (``edit``) a brush and an eraser stroke;
+    return {"k", "shown"} (the viewer's map)."""
     browser, truth = stack.browser, stack.truth
     k = int(browser.axial_viewport()["k"])
     assert truth[k].any(), f"the slice OHIF shows ({k}) has no spleen in the ground truth"
@@ -393,7 +395,44 @@ def _annotate(stack: SimpleNamespace, study: SimpleNamespace, step: str) -> dict
     browser.screenshot(stack.artifacts / f"{step}c_two_labels.png")
     shown = _viewer_in_series_order(browser, study, stack.values)
     assert set(np.unique(shown).tolist()) == {0, stack.values[SPLEEN], stack.values["liver"]}
+    if edit:
+        shown = _brush_and_erase(stack, study, shown, k, mask, step)
     return {"k": k, "shown": shown}
+
+
+def _brush_and_erase(stack: SimpleNamespace, study: SimpleNamespace, before: np.ndarray, k: int,
+                     spleen: np.ndarray, step: str) -> np.ndarray:
+    """A brush stroke (the label chosen last: liver) in the slice's top-right corner and an eraser stroke across the
+    spleen's top rows, both on slice ``k`` and off-centre, so a flipped or transposed save would show; return the
+    viewer's map after both (series order), checked stroke by stroke against ``before``."""
+    from ohif_edit_helpers import stroke
+
+    browser, liver = stack.browser, stack.values["liver"]
+    geometry = browser.viewer_geometry()
+    direction = np.asarray(geometry["direction"], dtype=float).reshape(3, 3)
+    position = np.asarray(geometry["origin"], dtype=float) + k * float(geometry["spacing"][2]) * direction[2]
+    ks = _slice_of(study, float(np.dot(study.normal, position)))  # the viewer's slice k in the series' order
+    browser.click_button("Brush")
+    stroke(browser, [(c, 100, k) for c in range(360, 421, 5)])
+    painted = wait_until(lambda: (lambda m: m if (m != before).sum() > 200 else None)(
+        _viewer_in_series_order(browser, study, stack.values)), 60, "the brush stroke in OHIF")
+    changed = np.argwhere(painted != before)
+    assert (painted[painted != before] == liver).all(), "the brush wrote another label than the one chosen"
+    assert set(changed[:, 0].tolist()) == {ks}, f"brush voxels on slices {set(changed[:, 0].tolist())}, not {ks}"
+    assert (abs(changed[:, 1] - 100) <= 10).all() and (changed[:, 2] >= 350).all(), "brush voxels off the stroke"
+    browser.click_button("Eraser")
+    on = np.argwhere(spleen[k])
+    top = int(on[:, 0].min()) + 6
+    columns = on[on[:, 0] == top][:, 1]
+    stroke(browser, [(c, top, k) for c in range(int(columns.min()) - 8, int(columns.max()) + 9, 4)])
+    edited = wait_until(lambda: (lambda m: m if ((m == 0) & (painted != 0)).sum() > 50 else None)(
+        _viewer_in_series_order(browser, study, stack.values)), 60, "the eraser stroke in OHIF")
+    erased = np.argwhere((edited == 0) & (painted != 0))
+    assert set(erased[:, 0].tolist()) == {ks} and (abs(erased[:, 1] - top) <= 10).all(), "eraser voxels off the stroke"
+    assert np.array_equal(edited[painted == 0], painted[painted == 0]), "the eraser painted"
+    browser.click_button("Points")
+    browser.screenshot(stack.artifacts / f"{step}d_brush_and_eraser.png")
+    return edited
 
 
 def test_ohif_annotator_day(stack):
@@ -418,8 +457,9 @@ def test_ohif_annotator_day(stack):
     assert browser.js("return window.sessionStorage.getItem('samMed3d.strategy')") == "sam_med3d_uncertainty"
     browser.screenshot(stack.artifacts / "02_next_sample.png")
 
-    # 2-3. Two labels, Save: the SEG on Orthanc is the viewer's label map, voxel for voxel, slice by position.
-    work = _annotate(stack, first, "03_first_study")
+    # 2-3. Two labels, a brush and an eraser stroke, Save: the SEG on Orthanc is the viewer's label map, edits
+    # included, voxel for voxel, slice by position.
+    work = _annotate(stack, first, "03_first_study", edit=True)
     save = _save_in_ohif(stack)
     assert save["status"] == 200, (save, browser.console()[-10:])
     print(f"Save Label: {save['round_trip_s']:.2f} s from the button to the answer (browser)")
