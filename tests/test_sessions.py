@@ -1,5 +1,6 @@
 """The app's click sessions (``apps/sam_med3d/lib/infers/sessions.py``) without a server: per-client label maps
-and click states over one shared predictor, the per-image client limit, and the memory bound of the cache."""
+and click states over one shared predictor, routing to the base weights, the per-image client limit, the bounds and
+expiry of the cache, and the label maps kept for saving after new weights."""
 
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ class _Predictor:
     """Records the label keys it is asked for and forgets them on ``reset``, like ``Sam3DPredictor``."""
 
     def __init__(self):
-        self.calls, self.states = [], set()
+        self.calls, self.states, self.clicks = [], set(), []
 
     def predict(self, points, labels, label_key="default", **kwargs):
         self.calls.append(label_key)
+        self.clicks.append((points, labels, kwargs))
         self.states.add(label_key)
         return SimpleNamespace(mask=np.ones((2, 2, 2), dtype=bool))
 
@@ -53,9 +55,11 @@ def test_clients_have_their_own_label_maps_and_click_states_over_one_predictor()
     alice, bob = session.for_client("alice"), session.for_client("bob")
     alice.label_map[0, 0, 0] = 1
     assert bob.label_map.sum() == 0 and session.for_client("alice").label_map[0, 0, 0] == 1
-    alice.predictor.predict([[1, 1, 1]], [1], label_key="spleen")
-    bob.predictor.predict([[2, 2, 2]], [1], label_key="spleen")
+    assert alice.scan is bob.scan is session.scan and (alice.client, bob.client) == ("alice", "bob")
+    alice.predictor.predict([[1, 1, 1]], [1], label_key="spleen", multimask=True)
+    bob.predictor.predict([[2, 2, 2]], [0], label_key="spleen")
     assert session.predictor.calls == [("alice", "spleen"), ("bob", "spleen")]
+    assert session.predictor.clicks == [([[1, 1, 1]], [1], {"multimask": True}), ([[2, 2, 2]], [0], {})]
     replaced = np.full((4, 5, 6), 2, dtype=np.uint8)
     session.set_label_map("bob", replaced)
     assert session.for_client("bob").label_map is replaced and session.for_client("alice").label_map.max() == 1
@@ -88,6 +92,31 @@ def test_the_cache_keeps_its_estimated_memory_under_max_bytes_dropping_the_least
     assert cache.get("b") is None
     cache.discard("c")
     assert len(cache) == 0
+
+
+def test_sessions_exactly_at_max_bytes_stay_and_the_newest_stays_even_alone_over_it():
+    one = _session((100, 100, 10)).estimated_bytes()
+    exact = sessions.SessionCache(max_items=10, ttl_s=60, max_bytes=2 * one)
+    exact.put("a", _session((100, 100, 10)))
+    exact.put("b", _session((100, 100, 10)))
+    assert len(exact) == 2
+    small = sessions.SessionCache(max_items=10, ttl_s=60, max_bytes=one // 2)
+    big = _session((100, 100, 10))
+    small.put("big", big)
+    assert small.get("big") is big and len(small) == 1
+
+
+def test_discarding_drops_live_and_retired_sessions_and_ignores_unknown_keys():
+    cache = sessions.SessionCache(max_items=4, ttl_s=60)
+    cache.discard("never stored")
+    for name in ("live", "retired"):
+        cache.put(name, _session())
+        cache.get(name).for_client("alice")
+    cache.clear()
+    cache.put("live", _session())
+    cache.discard("retired")
+    cache.discard("live")
+    assert cache.get_saved_work("retired") is None and cache.get_saved_work("live") is None and len(cache) == 0
 
 
 def test_without_max_bytes_only_the_count_bounds_the_cache():
@@ -174,7 +203,8 @@ def test_without_a_label_subset_the_main_weights_answer_every_label():
 
 
 def test_an_image_session_answering_some_labels_needs_the_base_model():
-    with pytest.raises(ValueError, match="base model"):
+    message = "^an image session whose predictor answers only some labels needs the base model$"
+    with pytest.raises(ValueError, match=message):
         sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_RoutedPredictor(),
                               answers=frozenset({"spleen"}))
 
@@ -190,6 +220,11 @@ def test_a_new_client_starts_from_an_empty_fortran_ordered_map_or_a_copy_of_the_
     seeded = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_Predictor(),
                                    label_map=initial)
     initial[0, 0, 0] = 1  # the caller's array changes after: the session's starting map does not
+    as_stored = np.zeros((4, 5, 6), dtype=np.uint8)  # already the map's dtype: still copied
+    unaliased = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_Predictor(),
+                                      label_map=as_stored)
+    as_stored[2, 2, 2] = 1
+    assert not unaliased.for_client("alice").label_map.any()
     alice, bob = seeded.for_client("alice"), seeded.for_client("bob")
     assert not alice.fresh and alice.label_map.dtype == np.uint8
     assert alice.label_map[1, 2, 3] == 2 and alice.label_map.sum() == 2
@@ -211,7 +246,7 @@ def test_new_weights_keep_drawn_label_maps_for_saving_and_for_the_images_next_se
     assert cache.get_saved_work("untouched") is None  # nothing drawn: nothing kept
     now[0] = 8.0
     assert cache.get_saved_work("drawn") is drawn  # a save counts as a use
-    now[0] = 17.0
+    now[0] = 18.0  # exactly ttl_s after the save
     fresh = _session()
     cache.put("drawn", fresh)  # the next click: a fresh session takes the map over
     taken = fresh.for_client("alice")
@@ -337,3 +372,23 @@ def test_a_click_on_another_image_beyond_cache_size_ends_the_first_images_sessio
     assert evicted.status_code == 422 and "nothing to save" in evicted.json()["detail"]
     _, again = _click(server, "t1w", "solo", [(23, 37, 37)], tmp_path)
     assert again["encoder_ran"] and "load" in again["timings"]  # the scan is read and encoded again
+
+
+def test_a_fresh_session_takes_over_at_most_the_per_image_client_limit():
+    limit = sessions.MAX_CLIENTS_PER_IMAGE
+    cache = sessions.SessionCache(max_items=4, ttl_s=60)
+    old = _session()
+    cache.put("image", old)
+    for index in range(limit):
+        old.for_client(f"c{index}")
+    cache.clear()
+    everyone = _session()
+    cache.put("image", everyone)
+    assert len(everyone.label_maps) == limit  # exactly the limit: nobody lost
+    cache.clear()
+    crowded = _session()
+    crowded.for_client("first").predictor.predict([[0, 0, 0]], [1], label_key="spleen")
+    cache.put("image", crowded)  # its own client plus the limit taken over: the least recent goes
+    assert len(crowded.label_maps) == limit and crowded.has_client(f"c{limit - 1}")
+    crowded.for_client("newcomer")  # drops a client taken over (no click states here yet)
+    assert len(crowded.label_maps) == limit and crowded.has_client("newcomer")
