@@ -1,9 +1,11 @@
 """The app's click sessions (``apps/sam_med3d/lib/infers/sessions.py``) without a server: per-client label maps
-and click states over one shared predictor, the per-image client limit, and the memory bound of the cache."""
+and click states over one shared predictor, routing to the base weights, the per-image client limit, the bounds and
+expiry of the cache, and the label maps kept for saving after new weights."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -32,10 +34,11 @@ class _Predictor:
     """Records the label keys it is asked for and forgets them on ``reset``, like ``Sam3DPredictor``."""
 
     def __init__(self):
-        self.calls, self.states = [], set()
+        self.calls, self.states, self.clicks = [], set(), []
 
     def predict(self, points, labels, label_key="default", **kwargs):
         self.calls.append(label_key)
+        self.clicks.append((points, labels, kwargs))
         self.states.add(label_key)
         return SimpleNamespace(mask=np.ones((2, 2, 2), dtype=bool))
 
@@ -52,9 +55,11 @@ def test_clients_have_their_own_label_maps_and_click_states_over_one_predictor()
     alice, bob = session.for_client("alice"), session.for_client("bob")
     alice.label_map[0, 0, 0] = 1
     assert bob.label_map.sum() == 0 and session.for_client("alice").label_map[0, 0, 0] == 1
-    alice.predictor.predict([[1, 1, 1]], [1], label_key="spleen")
-    bob.predictor.predict([[2, 2, 2]], [1], label_key="spleen")
+    assert alice.scan is bob.scan is session.scan and (alice.client, bob.client) == ("alice", "bob")
+    alice.predictor.predict([[1, 1, 1]], [1], label_key="spleen", multimask=True)
+    bob.predictor.predict([[2, 2, 2]], [0], label_key="spleen")
     assert session.predictor.calls == [("alice", "spleen"), ("bob", "spleen")]
+    assert session.predictor.clicks == [([[1, 1, 1]], [1], {"multimask": True}), ([[2, 2, 2]], [0], {})]
     replaced = np.full((4, 5, 6), 2, dtype=np.uint8)
     session.set_label_map("bob", replaced)
     assert session.for_client("bob").label_map is replaced and session.for_client("alice").label_map.max() == 1
@@ -76,16 +81,42 @@ def test_the_cache_keeps_its_estimated_memory_under_max_bytes_dropping_the_least
     one = 100_000 * (sessions.SESSION_BYTES_PER_VOXEL + sessions.CLIENT_BYTES_PER_VOXEL)
     assert _session(shape).estimated_bytes() == one
     cache = sessions.SessionCache(max_items=10, ttl_s=60, max_bytes=int(2.5 * one))
-    for name in ("a", "b", "c"):
-        cache.put(name, _session(shape))
-    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
+    stored = {name: _session(shape) for name in ("a", "b", "c")}
+    for name, session in stored.items():
+        cache.put(name, session)
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is stored["c"]
     # More clients on "c" grow its estimate: the least recently used other session goes.
     for client in ("x", "y", "z"):
         cache.get("c").for_client(client)
-    assert cache.get("c") is not None  # the next access drops what no longer fits
+    assert cache.get("c") is stored["c"]  # the next access drops what no longer fits
     assert cache.get("b") is None
     cache.discard("c")
     assert len(cache) == 0
+
+
+def test_sessions_exactly_at_max_bytes_stay_and_the_newest_stays_even_alone_over_it():
+    one = _session((100, 100, 10)).estimated_bytes()
+    exact = sessions.SessionCache(max_items=10, ttl_s=60, max_bytes=2 * one)
+    exact.put("a", _session((100, 100, 10)))
+    exact.put("b", _session((100, 100, 10)))
+    assert len(exact) == 2
+    small = sessions.SessionCache(max_items=10, ttl_s=60, max_bytes=one // 2)
+    big = _session((100, 100, 10))
+    small.put("big", big)
+    assert small.get("big") is big and len(small) == 1
+
+
+def test_discarding_drops_live_and_retired_sessions_and_ignores_unknown_keys():
+    cache = sessions.SessionCache(max_items=4, ttl_s=60)
+    cache.discard("never stored")
+    for name in ("live", "retired"):
+        cache.put(name, _session())
+        cache.get(name).for_client("alice")
+    cache.clear()
+    cache.put("live", _session())
+    cache.discard("retired")
+    cache.discard("live")
+    assert cache.get_saved_work("retired") is None and cache.get_saved_work("live") is None and len(cache) == 0
 
 
 def test_without_max_bytes_only_the_count_bounds_the_cache():
@@ -98,12 +129,158 @@ def test_without_max_bytes_only_the_count_bounds_the_cache():
 def test_an_idle_session_is_dropped_after_ttl_s_and_a_used_one_is_kept():
     now = [0.0]
     cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
-    cache.put("idle", _session())
-    cache.put("busy", _session())
+    idle, busy = _session(), _session()
+    cache.put("idle", idle)
+    cache.put("busy", busy)
     now[0] = 8.0
-    assert cache.get("busy") is not None  # used at 8 s: its 10 s start again
-    now[0] = 15.0
-    assert cache.get("idle") is None and cache.get("busy") is not None and len(cache) == 1
+    assert cache.get("busy") is busy  # used at 8 s: its 10 s start again
+    now[0] = 10.0
+    assert cache.get("idle") is idle  # exactly ttl_s idle: still kept
+    now[0] = 20.5
+    assert cache.get("idle") is None and len(cache) == 0  # both idle for more than 10 s
+
+
+def test_the_cache_refuses_a_size_below_one_and_a_ttl_that_is_not_positive():
+    for max_items, ttl_s in ((0, 60), (-1, 60), (1, 0), (1, -5)):
+        with pytest.raises(ValueError, match="max_items" if max_items < 1 else "ttl_s"):
+            sessions.SessionCache(max_items=max_items, ttl_s=ttl_s)
+    cache = sessions.SessionCache(max_items=1, ttl_s=0.5)  # the smallest valid values
+    cache.put("a", _session())
+    assert len(cache) == 1
+
+
+def test_the_session_key_changes_when_the_image_file_is_rewritten(tmp_path):
+    image = tmp_path / "scan.nii.gz"
+    image.write_bytes(b"x" * 100)
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(image)
+    key = sessions.session_key(str(image))
+    assert key == sessions.session_key(str(link)) == (str(image.resolve()), 100, image.stat().st_mtime_ns)
+    image.write_bytes(b"y" * 101)  # another size
+    resized = sessions.session_key(str(image))
+    assert resized[1] == 101 and resized != key
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same size, new mtime
+    touched = sessions.session_key(str(image))
+    assert touched[:2] == resized[:2] and touched != resized
+
+
+class _RoutedPredictor(_Predictor):
+    """A predictor with ``sibling`` (same scan, other weights), like ``Sam3DPredictor``."""
+
+    def __init__(self, model="tuned"):
+        super().__init__()
+        self.model, self.siblings, self.timings = model, [], {"encode": 1.5}
+
+    def sibling(self, model):
+        self.siblings.append(model)
+        return _RoutedPredictor(model)
+
+
+def test_labels_outside_the_tuned_ones_are_answered_by_the_base_weights_per_client():
+    session = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_RoutedPredictor(),
+                                    answers=frozenset({"spleen"}), base_model="base")
+    alice = session.for_client("alice").predictor
+    assert alice.answers("spleen") and not alice.answers("liver")
+    alice.predict([[1, 1, 1]], [1], label_key="spleen")
+    alice.predict([[1, 1, 1]], [1], label_key="liver")
+    session.for_client("bob").predictor.predict([[2, 2, 2]], [1], label_key="liver")
+    base = session.predictor_for("liver")
+    assert session.predictor_for("spleen") is session.predictor and base.model == "base"
+    assert session.predictor.siblings == ["base"] and session.predictor_for("kidney") is base  # made once
+    assert session.predictor.calls == [("alice", "spleen")]
+    assert base.calls == [("alice", "liver"), ("bob", "liver")]
+    assert alice.timings == {"encode": 1.5}  # other attributes are the shared predictor's
+
+
+def test_without_a_label_subset_the_main_weights_answer_every_label():
+    session = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_RoutedPredictor())
+    client = session.for_client("alice").predictor
+    assert client.answers("anything")
+    client.predict([[1, 1, 1]], [1], label_key="anything")
+    assert session.predictor_for("anything") is session.predictor and session.predictor.siblings == []
+    assert session.predictor.calls == [("alice", "anything")]
+
+
+def test_an_image_session_answering_some_labels_needs_the_base_model():
+    message = "^an image session whose predictor answers only some labels needs the base model$"
+    with pytest.raises(ValueError, match=message):
+        sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_RoutedPredictor(),
+                              answers=frozenset({"spleen"}))
+
+
+def test_a_new_client_starts_from_an_empty_fortran_ordered_map_or_a_copy_of_the_initial_one():
+    session = _session()
+    first = session.for_client("alice")
+    assert first.fresh and first.label_map.shape == (4, 5, 6) and first.label_map.dtype == np.uint8
+    assert first.label_map.flags.f_contiguous and not first.label_map.any()
+    assert not session.for_client("alice").fresh  # the second request finds the map
+    initial = np.zeros((4, 5, 6), dtype=np.int64)
+    initial[1, 2, 3] = 2
+    seeded = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_Predictor(),
+                                   label_map=initial)
+    initial[0, 0, 0] = 1  # the caller's array changes after: the session's starting map does not
+    as_stored = np.zeros((4, 5, 6), dtype=np.uint8)  # already the map's dtype: still copied
+    unaliased = sessions.ImageSession(scan=SimpleNamespace(shape=(4, 5, 6)), predictor=_Predictor(),
+                                      label_map=as_stored)
+    as_stored[2, 2, 2] = 1
+    assert not unaliased.for_client("alice").label_map.any()
+    alice, bob = seeded.for_client("alice"), seeded.for_client("bob")
+    assert not alice.fresh and alice.label_map.dtype == np.uint8
+    assert alice.label_map[1, 2, 3] == 2 and alice.label_map.sum() == 2
+    alice.label_map[3, 3, 3] = 1
+    assert bob.label_map.sum() == 2 and bob.label_map is not alice.label_map
+
+
+def test_new_weights_keep_drawn_label_maps_for_saving_and_for_the_images_next_session():
+    now = [0.0]
+    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
+    drawn, untouched = _session(), _session()
+    cache.put("drawn", drawn)
+    cache.put("untouched", untouched)
+    drawn.for_client("alice").label_map[1, 1, 1] = 3
+    cache.clear()  # new weights
+    assert len(cache) == 0 and cache.get("drawn") is None  # never clicked on again with stale weights
+    saved = cache.get_saved_work("drawn")
+    assert saved is drawn and saved.predictor is None and saved.label_maps["alice"][1, 1, 1] == 3
+    assert cache.get_saved_work("untouched") is None  # nothing drawn: nothing kept
+    now[0] = 8.0
+    assert cache.get_saved_work("drawn") is drawn  # a save counts as a use
+    now[0] = 18.0  # exactly ttl_s after the save
+    fresh = _session()
+    cache.put("drawn", fresh)  # the next click: a fresh session takes the map over
+    taken = fresh.for_client("alice")
+    assert taken.label_map[1, 1, 1] == 3 and not taken.fresh
+    assert cache.get_saved_work("drawn") is fresh and cache.get("drawn") is fresh
+
+
+def test_label_maps_retired_longer_than_ttl_s_are_gone():
+    now = [0.0]
+    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
+    for name in ("late", "saved"):
+        cache.put(name, _session())
+        cache.get(name).for_client("alice").label_map[0, 0, 0] = 1
+    cache.clear()
+    now[0] = 10.5
+    fresh = _session()
+    cache.put("late", fresh)  # idle more than ttl_s: nothing taken over
+    assert fresh.for_client("alice").fresh
+    assert cache.get_saved_work("saved") is None
+
+
+def test_retired_sessions_count_toward_max_items_and_go_first():
+    cache = sessions.SessionCache(max_items=2, ttl_s=60)
+    retired = {}
+    for name in ("a", "b"):
+        retired[name] = _session()
+        cache.put(name, retired[name])
+        retired[name].for_client("alice")
+    cache.clear()
+    assert cache.get_saved_work("a") is retired["a"] and cache.get_saved_work("b") is retired["b"]
+    live = _session()
+    cache.put("c", live)
+    assert cache.get_saved_work("a") is None and cache.get_saved_work("b") is retired["b"]
+    assert cache.get("c") is live
 
 
 # ---------------------------------------------------------------- through the real infer route (one server)
@@ -195,3 +372,23 @@ def test_a_click_on_another_image_beyond_cache_size_ends_the_first_images_sessio
     assert evicted.status_code == 422 and "nothing to save" in evicted.json()["detail"]
     _, again = _click(server, "t1w", "solo", [(23, 37, 37)], tmp_path)
     assert again["encoder_ran"] and "load" in again["timings"]  # the scan is read and encoded again
+
+
+def test_a_fresh_session_takes_over_at_most_the_per_image_client_limit():
+    limit = sessions.MAX_CLIENTS_PER_IMAGE
+    cache = sessions.SessionCache(max_items=4, ttl_s=60)
+    old = _session()
+    cache.put("image", old)
+    for index in range(limit):
+        old.for_client(f"c{index}")
+    cache.clear()
+    everyone = _session()
+    cache.put("image", everyone)
+    assert len(everyone.label_maps) == limit  # exactly the limit: nobody lost
+    cache.clear()
+    crowded = _session()
+    crowded.for_client("first").predictor.predict([[0, 0, 0]], [1], label_key="spleen")
+    cache.put("image", crowded)  # its own client plus the limit taken over: the least recent goes
+    assert len(crowded.label_maps) == limit and crowded.has_client(f"c{limit - 1}")
+    crowded.for_client("newcomer")  # drops a client taken over (no click states here yet)
+    assert len(crowded.label_maps) == limit and crowded.has_client("newcomer")
