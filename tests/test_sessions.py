@@ -155,14 +155,15 @@ def test_the_session_key_changes_when_the_image_file_is_rewritten(tmp_path):
     link = tmp_path / "link.nii.gz"
     link.symlink_to(image)
     key = sessions.session_key(str(image))
-    assert key == sessions.session_key(str(link)) == (str(image.resolve()), 100, image.stat().st_mtime_ns)
+    assert key == sessions.session_key(str(link)) == (str(image.resolve()), image.stat().st_ino, 100,
+                                                       image.stat().st_mtime_ns)
     image.write_bytes(b"y" * 101)  # another size
     resized = sessions.session_key(str(image))
-    assert resized[1] == 101 and resized != key
+    assert resized[2] == 101 and resized != key
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same size, new mtime
     touched = sessions.session_key(str(image))
-    assert touched[:2] == resized[:2] and touched != resized
+    assert touched[:3] == resized[:3] and touched != resized
 
 
 class _RoutedPredictor(_Predictor):
