@@ -414,8 +414,8 @@ def _brush_and_erase(stack: SimpleNamespace, study: SimpleNamespace, before: np.
     ks = _slice_of(study, float(np.dot(study.normal, position)))  # the viewer's slice k in the series' order
     browser.click_button("Brush")
     stroke(browser, [(c, 100, k) for c in range(360, 421, 5)])
-    painted = wait_until(lambda: (lambda m: m if (m != before).sum() > 200 else None)(
-        _viewer_in_series_order(browser, study, stack.values)), 60, "the brush stroke in OHIF")
+    painted = wait_until(lambda: (lambda m: [m] if (m != before).sum() > 200 else None)(
+        _viewer_in_series_order(browser, study, stack.values)), 60, "the brush stroke in OHIF")[0]
     changed = np.argwhere(painted != before)
     assert (painted[painted != before] == liver).all(), "the brush wrote another label than the one chosen"
     assert set(changed[:, 0].tolist()) == {ks}, f"brush voxels on slices {set(changed[:, 0].tolist())}, not {ks}"
@@ -425,8 +425,8 @@ def _brush_and_erase(stack: SimpleNamespace, study: SimpleNamespace, before: np.
     top = int(on[:, 0].min()) + 6
     columns = on[on[:, 0] == top][:, 1]
     stroke(browser, [(c, top, k) for c in range(int(columns.min()) - 8, int(columns.max()) + 9, 4)])
-    edited = wait_until(lambda: (lambda m: m if ((m == 0) & (painted != 0)).sum() > 50 else None)(
-        _viewer_in_series_order(browser, study, stack.values)), 60, "the eraser stroke in OHIF")
+    edited = wait_until(lambda: (lambda m: [m] if ((m == 0) & (painted != 0)).sum() > 50 else None)(
+        _viewer_in_series_order(browser, study, stack.values)), 60, "the eraser stroke in OHIF")[0]
     erased = np.argwhere((edited == 0) & (painted != 0))
     assert set(erased[:, 0].tolist()) == {ks} and (abs(erased[:, 1] - top) <= 10).all(), "eraser voxels off the stroke"
     assert np.array_equal(edited[painted == 0], painted[painted == 0]), "the eraser painted"
