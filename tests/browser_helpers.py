@@ -55,6 +55,19 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s
     raise TimeoutError(f"{what}: not within {timeout_s} s" + (f" (last error: {last_error})" if last_error else ""))
 
 
+def stop_and_keep_logs(stoppers: Sequence[Callable[[], Any]], work: Path, artifacts: Path) -> None:
+    """Run ``stoppers`` newest first (a failing one does not keep the others from running), then copy the server's,
+    chromedriver's and Orthanc's logs from ``work`` into ``artifacts``."""
+    for stop in reversed(stoppers):
+        try:
+            stop()
+        except Exception as err:  # keep stopping the others
+            print(f"cleanup: {err}")
+    for log in ("server.log", "chromedriver.log", "orthanc/orthanc.log"):
+        if (work / log).exists():
+            shutil.copy(work / log, artifacts / Path(log).name)
+
+
 class Browser:
     """A headless Chromium driven by chromedriver; :meth:`stop` ends both (the whole process group)."""
 

@@ -46,7 +46,7 @@ import pytest
 import requests
 
 from app_helpers import REPO, copy_app, start_server, wait_for_training
-from browser_helpers import Browser, browser_missing, read_nrrd, wait_until
+from browser_helpers import Browser, browser_missing, read_nrrd, stop_and_keep_logs, wait_until
 from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
 
 SPLEEN = "spleen"
@@ -204,14 +204,7 @@ def stack(data_dir, tmp_path_factory):
                               sop_uids=studies[0].sop_uids, seen_segs=set(), ct=ct,
                               truth=_ground_truth(label_path), app_dir=work / "app", clicks=[])
     finally:
-        for stop in reversed(stoppers):
-            try:
-                stop()
-            except Exception as err:  # keep stopping the others
-                print(f"cleanup: {err}")
-        for log in ("server.log", "chromedriver.log", "orthanc/orthanc.log"):
-            if (work / log).exists():
-                shutil.copy(work / log, artifacts / Path(log).name)
+        stop_and_keep_logs(stoppers, work, artifacts)
 
 
 def _seg_by_position(stack: SimpleNamespace, series: SimpleNamespace, values: dict) -> np.ndarray:

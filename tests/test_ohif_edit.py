@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from app_helpers import REPO, copy_app, start_server
-from browser_helpers import Browser, browser_missing, wait_until
+from browser_helpers import Browser, browser_missing, stop_and_keep_logs, wait_until
 from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
 from ohif_edit_helpers import newest_seg, png, run_click, seg_label_map, stroke, viewer_map, wait_viewer
 
@@ -90,14 +90,7 @@ def test_brush_eraser_click_undo_save_and_open_the_seg(data_dir, tmp_path):
         _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, str(headers[0].StudyInstanceUID),
                                  artifacts, tmp_path)
     finally:
-        for stop in reversed(stoppers):
-            try:
-                stop()
-            except Exception as err:  # keep stopping the others
-                print(f"cleanup: {err}")
-        for log in ("server.log", "chromedriver.log", "orthanc/orthanc.log"):
-            if (tmp_path / log).exists():
-                shutil.copy(tmp_path / log, artifacts / Path(log).name)
+        stop_and_keep_logs(stoppers, tmp_path, artifacts)
 
 
 def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_uid, artifacts, work):

@@ -77,11 +77,7 @@ def _spool(upload: UploadFile, what: str, extensions: Sequence[str] = IMAGE_EXTE
     path = os.path.join(folder, stem + extension)
     try:
         with open(path, "xb") as out:
-            while True:
-                chunk = upload.file.read(CHUNK_BYTES)
-                if not chunk:
-                    break
-                out.write(chunk)
+            shutil.copyfileobj(upload.file, out, CHUNK_BYTES)
     except BaseException:
         _remove(path)
         raise

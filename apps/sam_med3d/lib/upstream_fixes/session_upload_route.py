@@ -54,11 +54,7 @@ CHUNK_BYTES = 1 << 20
 
 def _copy(upload: UploadFile, path: str) -> None:
     with open(path, "xb") as out:
-        while True:
-            chunk = upload.file.read(CHUNK_BYTES)
-            if not chunk:
-                break
-            out.write(chunk)
+        shutil.copyfileobj(upload.file, out, CHUNK_BYTES)
 
 
 def _checked_header(path: str, what: str, max_voxels: Optional[int]) -> ScanHeader:
