@@ -56,7 +56,7 @@ def test_the_training_task_defaults_are_the_conf_options(lib, tmp_path):
     parsed = lib.options.AppOptions.from_conf({"train_clicks": "2-9", "epochs": "3"}, str(tmp_path))
     trainer = lib.trainer.SamMed3DTrainer(str(tmp_path), SimpleNamespace(device="cpu"), {"spleen": 1},
                                           **parsed.train_defaults())
-    config = trainer._config
+    config = trainer.config()  # MONAI Label's public view of the task's config
     assert (config["max_epochs"], config["train_clicks"], config["lr"], config["freeze_encoder"]) == \
         (3, "2-9", 0.0005, False)
     context = SimpleNamespace(request={})
