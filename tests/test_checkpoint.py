@@ -356,9 +356,22 @@ def test_http_error_is_reported(server):
 
 
 # ------------------------------------------------------------------------------------------ named models
-def test_named_sources(tmp_path, monkeypatch):
-    assert ckpt._named_source("turbo") == ckpt.TURBO_URL
+def test_named_sources(tmp_path, monkeypatch, server, isolated_cache):
     assert ckpt.TURBO_URL.startswith("https://huggingface.co/") and ckpt.TURBO_URL.endswith("sam_med3d_turbo.pth")
+    # "turbo" (also the default) is TURBO_URL, downloaded once like any URL: here the release served on 127.0.0.1.
+    release = mini_model(seed=3)
+    save_checkpoint(release, tmp_path / "release.pt")
+    server.files["/sam_med3d_turbo.pth"] = (tmp_path / "release.pt").read_bytes()
+    monkeypatch.setattr(ckpt, "TURBO_URL", server.url("/sam_med3d_turbo.pth"))
+    turbo = load_model("turbo")
+    assert_same_weights(turbo, release.state_dict())
+    assert_same_weights(load_model(), release.state_dict())
+    assert server.hits == {"/sam_med3d_turbo.pth": 1}
+    assert resolve_checkpoint("turbo").read_bytes() == server.files["/sam_med3d_turbo.pth"]
+    assert resolve_checkpoint("turbo", download_dir=tmp_path / "mine") == tmp_path / "mine" / "sam_med3d_turbo.pth"
+    if ckpt.SAM_MED3D_URL is None:  # published on Google Drive only: the error says where
+        with pytest.raises(FileNotFoundError, match="Google Drive"):
+            load_model("sam_med3d")
     monkeypatch.setattr(ckpt, "BUNDLED_PATH", tmp_path / "bundled" / "sam_med3d_bundled.pt")
     with pytest.raises(FileNotFoundError, match="bundled model .* is missing"):
         load_model("bundled")
