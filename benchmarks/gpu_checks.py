@@ -410,20 +410,17 @@ def _signal_groups(groups: set, sig: int) -> None:
             pass
 
 
-def run_check(name: str, timeout_s: float, device: str, log_dir: Path, arch: str = "vit_b_ori") -> Dict:
-    """Run one worker in its own process group; returns ``{"status", "summary", "seconds"}``."""
-    result_path = log_dir / f"{name}.json"
-    log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
-           "--result", str(result_path), "--arch", arch]
-    start = time.perf_counter()
+def run_with_timeout(cmd: List[str], timeout_s: float, log_path: Path) -> Optional[int]:
+    """Run ``cmd`` in a session of its own, output into ``log_path``; its exit status, or None when it ran past
+    ``timeout_s``: then it and every descendant (servers run in sessions of their own) get SIGTERM, GRACE_S to
+    stop, then SIGKILL."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            # The servers a worker starts run in their own sessions: note every descendant's process group
-            # now, let the worker stop them (SIGTERM -> SystemExit -> finally), then kill what is left.
+            # Note every descendant's process group now, let the worker stop its servers (SIGTERM -> SystemExit
+            # -> finally), then kill what is left.
             groups = _descendant_groups(proc.pid)
             _signal_groups(groups, signal.SIGTERM)
             try:
@@ -432,8 +429,20 @@ def run_check(name: str, timeout_s: float, device: str, log_dir: Path, arch: str
                 pass
             _signal_groups(groups | _descendant_groups(proc.pid), signal.SIGKILL)
             proc.wait()
-            return {"status": "FAILED", "summary": f"timed out after {timeout_s:.0f} s (log: {log_path})",
-                    "seconds": time.perf_counter() - start}
+            return None
+
+
+def run_check(name: str, timeout_s: float, device: str, log_dir: Path, arch: str = "vit_b_ori") -> Dict:
+    """Run one worker in its own process group; returns ``{"status", "summary", "seconds"}``."""
+    result_path = log_dir / f"{name}.json"
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
+           "--result", str(result_path), "--arch", arch]
+    start = time.perf_counter()
+    rc = run_with_timeout(cmd, timeout_s, log_path)
+    if rc is None:
+        return {"status": "FAILED", "summary": f"timed out after {timeout_s:.0f} s (log: {log_path})",
+                "seconds": time.perf_counter() - start}
     seconds = time.perf_counter() - start
     if rc != 0 or not result_path.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
