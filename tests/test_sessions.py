@@ -119,6 +119,27 @@ def test_discarding_drops_live_and_retired_sessions_and_ignores_unknown_keys():
     assert cache.get_saved_work("retired") is None and cache.get_saved_work("live") is None and len(cache) == 0
 
 
+class _Clock:
+    """The cache's clock, moved by the test (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_cache(*names: str):
+    """A cache (4 sessions, ttl_s 10) on a :class:`_Clock` at 0 s, with a new session put under each name."""
+    clock = _Clock()
+    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=clock)
+    put = {}
+    for name in names:
+        put[name] = _session()
+        cache.put(name, put[name])
+    return cache, clock, put
+
+
 def test_without_max_bytes_only_the_count_bounds_the_cache():
     cache = sessions.SessionCache(max_items=2, ttl_s=60)
     for name in ("a", "b", "c"):
@@ -127,16 +148,13 @@ def test_without_max_bytes_only_the_count_bounds_the_cache():
 
 
 def test_an_idle_session_is_dropped_after_ttl_s_and_a_used_one_is_kept():
-    now = [0.0]
-    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
-    idle, busy = _session(), _session()
-    cache.put("idle", idle)
-    cache.put("busy", busy)
-    now[0] = 8.0
+    cache, clock, put = _timed_cache("idle", "busy")
+    idle, busy = put["idle"], put["busy"]
+    clock.now = 8.0
     assert cache.get("busy") is busy  # used at 8 s: its 10 s start again
-    now[0] = 10.0
+    clock.now = 10.0
     assert cache.get("idle") is idle  # exactly ttl_s idle: still kept
-    now[0] = 20.5
+    clock.now = 20.5
     assert cache.get("idle") is None and len(cache) == 0  # both idle for more than 10 s
 
 
@@ -234,20 +252,17 @@ def test_a_new_client_starts_from_an_empty_fortran_ordered_map_or_a_copy_of_the_
 
 
 def test_new_weights_keep_drawn_label_maps_for_saving_and_for_the_images_next_session():
-    now = [0.0]
-    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
-    drawn, untouched = _session(), _session()
-    cache.put("drawn", drawn)
-    cache.put("untouched", untouched)
+    cache, clock, put = _timed_cache("drawn", "untouched")
+    drawn = put["drawn"]
     drawn.for_client("alice").label_map[1, 1, 1] = 3
     cache.clear()  # new weights
     assert len(cache) == 0 and cache.get("drawn") is None  # never clicked on again with stale weights
     saved = cache.get_saved_work("drawn")
     assert saved is drawn and saved.predictor is None and saved.label_maps["alice"][1, 1, 1] == 3
     assert cache.get_saved_work("untouched") is None  # nothing drawn: nothing kept
-    now[0] = 8.0
+    clock.now = 8.0
     assert cache.get_saved_work("drawn") is drawn  # a save counts as a use
-    now[0] = 18.0  # exactly ttl_s after the save
+    clock.now = 18.0  # exactly ttl_s after the save
     fresh = _session()
     cache.put("drawn", fresh)  # the next click: a fresh session takes the map over
     taken = fresh.for_client("alice")
@@ -256,13 +271,11 @@ def test_new_weights_keep_drawn_label_maps_for_saving_and_for_the_images_next_se
 
 
 def test_label_maps_retired_longer_than_ttl_s_are_gone():
-    now = [0.0]
-    cache = sessions.SessionCache(max_items=4, ttl_s=10, clock=lambda: now[0])
-    for name in ("late", "saved"):
-        cache.put(name, _session())
-        cache.get(name).for_client("alice").label_map[0, 0, 0] = 1
+    cache, clock, put = _timed_cache("late", "saved")
+    for session in put.values():
+        session.for_client("alice").label_map[0, 0, 0] = 1
     cache.clear()
-    now[0] = 10.5
+    clock.now = 10.5
     fresh = _session()
     cache.put("late", fresh)  # idle more than ttl_s: nothing taken over
     assert fresh.for_client("alice").fresh
