@@ -446,3 +446,5 @@ def test_the_official_manifest_agrees_with_the_reference_fixtures(fixtures_dir):
     assert [(e["name"], e["shape"]) for e in manifest["entries"]] == \
         [(e["name"], e["shape"]) for e in reference["entries"]]
     assert manifest["total_elements"] == reference["total_state_dict_elements"]
+    # Our model holds the same parameters (buffers aside, which the state dict mixes in).
+    assert sum(p.numel() for p in build_sam_med3d("vit_b_ori").parameters()) == reference["total_parameters"]
