@@ -83,11 +83,6 @@ def _image(server, image_id: str) -> nib.Nifti1Image:
     return nib.load(str(server.studies / f"{image_id}.nii.gz"))
 
 
-def _infer_status(server, image_id: str, params: dict, files=None) -> requests.Response:
-    return requests.post(f"{server.url}/infer/{MODEL}", params={"image": image_id, "output": "json"},
-                         data={"params": json.dumps(params)}, files=files, timeout=120)
-
-
 # ------------------------------------------------------------------------------- app pieces (no server)
 @pytest.fixture(scope="module")
 def app_lib():
@@ -428,47 +423,6 @@ def test_a_previous_label_sent_by_the_client_is_kept(server, client, tmp_path):
     merged = np.asarray(nib.load(result_file).dataobj)
     assert result["labels_updated"] == ["liver"]
     assert np.all(merged[previous == 1] == 1)
-
-
-@pytest.mark.parametrize("params, expected", [
-    ({"lung": [[10, 10, 10]], "label": "lung"}, "unknown label 'lung'"),
-    ({"spleen": [], "background": [[3, 3, 3]], "label": "spleen"}, "no foreground click for label 'spleen'"),
-    ({}, "no foreground clicks"),
-    ({"spleen": [[600, 12, 10]], "label": "spleen"}, "click (600, 12, 10) for label 'spleen' is outside the scan 45x120x21"),
-    ({"spleen": [["a", 12, 10]], "label": "spleen"}, "non-numeric coordinate 'a'"),
-    ({"spleen": [[1, 2]], "label": "spleen"}, "is not a point [i, j, k]"),
-])
-def test_bad_clicks_get_422_naming_the_problem(server, client, params, expected):
-    response = _infer_status(server, "breast1", params)
-    assert response.status_code == 422, response.text
-    assert expected in response.json()["detail"]
-    assert client.info()["name"] == "SAM-Med3D"  # still serving
-
-
-def test_unknown_image_gets_422(server):
-    response = _infer_status(server, "no_such_image", {"spleen": [[1, 1, 1]], "label": "spleen"})
-    assert response.status_code == 422
-    assert "not found in the datastore" in response.json()["detail"]
-
-
-@pytest.mark.parametrize("kind", ["2d", "unreadable"])
-def test_2d_or_unreadable_uploaded_images_get_422(server, client, tmp_path, kind):
-    path = tmp_path / f"{kind}.nii.gz"
-    if kind == "2d":
-        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 1)).astype(np.float32), np.eye(4)),
-                 str(path))
-        expected = "2D image"
-    else:
-        path.write_bytes(b"this is not a NIfTI file" * 20)
-        expected = "could not be read"
-    with open(path, "rb") as f:
-        response = _infer_status(server, "", {"spleen": [[2, 2, 0]], "label": "spleen"},
-                                 files={"file": (path.name, f)})
-    assert response.status_code == 422, response.text
-    assert expected in response.json()["detail"]
-    assert client.info()["name"] == "SAM-Med3D"
-    # The refused upload is not left behind in the server's temporary folder.
-    assert not list(server.tmp.glob("sam_med3d_upload_*")), sorted(server.tmp.iterdir())
 
 
 # -------------------------------------------------------------------------------- datastore, active learning

@@ -147,6 +147,14 @@ def test_an_image_uploaded_with_a_click_never_reads_another_file(server, unchang
     _no_leak(response)
 
 
+def test_a_2d_image_uploaded_with_a_click_is_refused_and_not_kept(server, unchanged):
+    flat = gzip.compress(nib.Nifti1Image(np.ones((40, 40, 1), np.float32), np.eye(4)).to_bytes())
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"output": "json"},
+                             data={"params": json.dumps({"spleen": [[2, 2, 0]], "label": "spleen"})},
+                             files={"file": ("flat.nii.gz", flat)}, timeout=120)
+    assert response.status_code == 422 and "2D image" in response.json()["detail"], response.text
+
+
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_datastore_uploads_never_store_a_header_naming_another_file(server, unchanged, attack):
     name, data = _attacks(server)[attack]
