@@ -179,9 +179,9 @@ def test_bad_image_uploads_never_land_in_the_datastore(place, kind, message):
         path = _write_sitk(uploads / "vector.nrrd", np.ones((4, 5, 6, 3), np.float32), vector=True)
     else:
         _bomb(path)
-    err = _refused(ds.add_image, f"up_{kind}", str(path), {}, match=message)
+    err = _refused(ds.add_image, f"up_{kind}", str(path), {}, status=413 if kind == "bomb" else 422, match=message)
     if kind == "bomb":
-        assert err.status_code == 413 and "max_voxels" in err.detail
+        assert "max_voxels" in err.detail
     assert _snapshot(studies) == before
     assert f"up_{kind}" not in ds.list_images()
 
@@ -251,7 +251,7 @@ def test_bad_labels_are_refused(place, kind, message):
         _write_nifti(path, good)
     else:
         _write_nifti(path, np.zeros((12, 10), np.uint8))
-    _refused(ds.save_label, "a", str(path), "final", {}, match=message)
+    _refused(ds.save_label, "a", str(path), "final", {}, status=422, match=message)
     assert _snapshot(studies) == before
     assert ds.get_label_uri("a", "final") == ""
 
