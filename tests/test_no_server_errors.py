@@ -12,7 +12,6 @@ must be below 500 and the server must keep answering.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import unicodedata
@@ -74,6 +73,23 @@ def test_blank_and_unknown_info_updates_are_4xx(server):
     good = _call(server, "PUT", "/datastore/image/info", params={"image": "t2"}, data={"info": '{"note": "ok"}'})
     assert good.status_code == 200
     assert _call(server, "GET", "/datastore/image/info", params={"image": "t2"}).json()["note"] == "ok"
+
+
+def test_info_over_the_limit_is_413_and_the_index_stays_small(server):
+    """Above the datastore's bound per image or label ("at most"), and above the request size ("maximum size")."""
+    saved = _call(server, "PUT", "/datastore/label", params={"image": "t2", "tag": "big_info"},
+                  files={"label": ("t2.nii.gz", server.label_bytes)})
+    assert saved.status_code == 200, saved.text
+    index = server.studies / "datastore_v2.json"
+    size = index.stat().st_size
+    for blob, message in ((200_000, "at most"), (1 << 20, "maximum size")):
+        big = json.dumps({"blob": "x" * blob})
+        for path, params in (("/datastore/image/info", {"image": "t2"}),
+                             ("/datastore/label/info", {"label": "t2", "tag": "big_info"})):
+            response = _call(server, "PUT", path, params=params, data={"info": big})
+            assert response.status_code == 413, (path, response.status_code, response.text[:300])
+            assert message in response.json()["detail"]
+    assert index.stat().st_size < size + 4096
 
 
 def test_check_sum_is_validated_and_actually_compared(server):
