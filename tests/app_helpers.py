@@ -15,12 +15,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "sam_med3d"
+
+
+def app_module(name: str) -> Any:
+    """The app's module ``name`` (e.g. ``"lib.options"``), imported as MONAI Label imports the app: with the app
+    folder first on ``sys.path`` while importing."""
+    import importlib
+
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(APP_DIR))
 
 
 def free_port() -> int:
@@ -74,6 +86,22 @@ class Server(LoggedProcess):
     def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
         super().__init__(process, log_path)
         self.url = url
+
+
+def copy_studies(folder: Path, data_dir: Path, cases: Mapping[str, Tuple[str, str]]) -> Path:
+    """``folder`` created with ``<image id>.nii.gz`` copies of ``data_dir/<dataset>/imagesTr/<case>.nii.gz`` for
+    each ``image id: (dataset, case)`` of ``cases``."""
+    folder.mkdir(parents=True)
+    for image_id, (dataset, case) in cases.items():
+        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", folder / f"{image_id}.nii.gz")
+    return folder
+
+
+def mini_conf(checkpoint: Path, **extra: str) -> Dict[str, str]:
+    """The ``--conf`` of the small test servers: ``vit_mini`` weights from ``checkpoint``, labels spleen and liver,
+    CPU, the model loaded at start, one crop per click; ``extra`` added or overriding."""
+    return {"model": "vit_mini", "checkpoint": str(checkpoint), "labels": "spleen=1,liver=2", "device": "cpu",
+            "preload": "true", "extension": "off", **extra}
 
 
 def start_server(app_dir: Path, studies: Path, conf: Mapping[str, str], log_path: Path,

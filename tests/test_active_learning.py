@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from app_helpers import APP_DIR, REPO
+from app_helpers import REPO, app_module
 
 BENCHMARK = REPO / "benchmarks" / "active_learning.py"
 
@@ -31,11 +31,7 @@ BENCHMARK = REPO / "benchmarks" / "active_learning.py"
 @pytest.fixture(scope="module")
 def trainer_module():
     """The app's trainer module, imported as MONAI Label imports it (app folder first on ``sys.path``)."""
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return importlib.import_module("lib.trainers.sam_med3d")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return app_module("lib.trainers.sam_med3d")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 from monailabel.client import MONAILabelClient
 
-from app_helpers import copy_app, start_server, wait_for_training
+from app_helpers import app_module, copy_app, start_server, wait_for_training
 
 #: Studies folder content: image id -> (dataset folder, case) in ../shared/data.
 CASES = {
@@ -87,17 +87,8 @@ def _image(server, image_id: str) -> nib.Nifti1Image:
 @pytest.fixture(scope="module")
 def app_lib():
     """The app's ``lib`` package, imported as MONAI Label imports it (app folder first on sys.path)."""
-    import importlib
-    import sys
-
-    from app_helpers import APP_DIR
-
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return {name: importlib.import_module(f"lib.{name}")
-                for name in ("options", "served_model", "infers.viewer_clicks", "trainers.sam_med3d")}
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return {name: app_module(f"lib.{name}")
+            for name in ("options", "served_model", "infers.viewer_clicks", "trainers.sam_med3d")}
 
 
 @pytest.mark.parametrize("text, expected", [

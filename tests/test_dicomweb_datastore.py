@@ -13,7 +13,6 @@ which installs it) makes that a failure.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from app_helpers import APP_DIR, copy_app, start_server
+from app_helpers import app_module, copy_app, start_server
 from browser_helpers import wait_until
 from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
 
@@ -69,11 +68,7 @@ def orthanc(series, tmp_path):
 @pytest.fixture(scope="module")
 def datastore_module():
     """``lib.datastore.dicomweb`` imported as MONAI Label imports the app (app folder first on sys.path)."""
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return importlib.import_module("lib.datastore.dicomweb")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return app_module("lib.datastore.dicomweb")
 
 
 def _two_structures(truth: np.ndarray) -> np.ndarray:

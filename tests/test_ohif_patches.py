@@ -6,24 +6,18 @@ written for (another monailabel version): then follow ``docs/ohif_upgrade.md``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from app_helpers import APP_DIR
+from app_helpers import app_module
 
 
 @pytest.fixture(scope="module")
 def ohif():
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return importlib.import_module("lib.ohif")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return app_module("lib.ohif")
 
 
 @pytest.mark.parametrize("name", ["3933.bundle.92d0a0e9bc7e6861b7c9.js", "app.bundle.af87d1dd396d277eac89.js"])

@@ -3,27 +3,19 @@ table, the checks at start and before a training run, and the training task's de
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from app_helpers import APP_DIR, REPO
+from app_helpers import REPO, app_module
 
 
 @pytest.fixture(scope="module")
 def lib():
     """The app's ``lib`` modules, imported as MONAI Label imports them (app folder first on sys.path)."""
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return SimpleNamespace(options=importlib.import_module("lib.options"),
-                               preflight=importlib.import_module("lib.trainers.preflight"),
-                               trainer=importlib.import_module("lib.trainers.sam_med3d"),
-                               errors=importlib.import_module("lib.errors"))
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return SimpleNamespace(options=app_module("lib.options"), preflight=app_module("lib.trainers.preflight"),
+                           trainer=app_module("lib.trainers.sam_med3d"), errors=app_module("lib.errors"))
 
 
 def test_the_docs_options_table_is_the_schemas(lib):
