@@ -40,6 +40,65 @@ def browser_missing() -> Optional[str]:
     return None
 
 
+def require_browser_and_orthanc() -> None:
+    """Skip a browser test, naming what is missing of Chromium, chromedriver, selenium and Orthanc+DICOMweb; with
+    ``REQUIRE_BROWSER=1`` (CI) fail instead."""
+    import pytest
+    from dicomweb_helpers import orthanc_missing
+
+    missing = browser_missing() or orthanc_missing()
+    if missing:
+        reason = f"browser test needs Chromium, chromedriver, selenium and Orthanc+DICOMweb: {missing}"
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def artifacts_dir(name: str) -> Path:
+    """``outputs/<name>`` (or ``$SAM_MED3D_ARTIFACTS/<name>``), emptied: where a browser test keeps screenshots and
+    logs."""
+    from app_helpers import REPO
+
+    folder = Path(os.environ.get("SAM_MED3D_ARTIFACTS", REPO / "outputs")) / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def mask_on_series_grid(label_path: Path) -> Any:
+    """A NIfTI label's foreground as (slice, row, column) of the DICOM series written from the same scan (LPS)."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(label_path)), "LPS")) > 0
+
+
+def interior_point(mask_2d: Any) -> Tuple[int, int]:
+    """(row, column) deepest inside a 2D mask (largest distance to its border)."""
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt
+
+    distance = distance_transform_edt(mask_2d)
+    row, column = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(row), int(column)
+
+
+def spleen_tinted(rgb: Any) -> Any:
+    """Pixels in the spleen segment's colour (OHIF draws it purple, rgb(157, 108, 162), over grey CT)."""
+    return (rgb[..., 0] - rgb[..., 1] > 12) & (rgb[..., 2] - rgb[..., 1] > 12)
+
+
+def png(browser: "Browser", path: Path) -> Any:
+    """A screenshot saved to ``path``, as an RGB int array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = browser.driver.get_screenshot_as_png()
+    path.write_bytes(data)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.5) -> Any:
     """Poll ``condition`` until it returns something truthy; ``TimeoutError`` naming ``what`` otherwise."""
     deadline = time.monotonic() + timeout_s

@@ -107,15 +107,3 @@ def seg_label_map(path: Path, sop_uids: Sequence[str], shape: Sequence[int], val
                                                    combine_segments=True)
         label[pixels > 0] = values[str(segment.SegmentLabel)]
     return label
-
-
-def png(browser: Browser, path: Path) -> np.ndarray:
-    """A screenshot saved to ``path``, as an RGB int array."""
-    import io
-
-    from PIL import Image
-
-    data = browser.driver.get_screenshot_as_png()
-    path.write_bytes(data)
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,60 +43,15 @@ import numpy as np
 import pytest
 import requests
 
-from app_helpers import REPO, copy_app, start_server, wait_for_training
-from browser_helpers import Browser, browser_missing, read_nrrd, stop_and_keep_logs, wait_until
-from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
+from app_helpers import copy_app, start_server, wait_for_training
+from browser_helpers import (Browser, artifacts_dir, interior_point, mask_on_series_grid, png, read_nrrd,
+                             require_browser_and_orthanc, spleen_tinted, stop_and_keep_logs, wait_until)
+from dicomweb_helpers import start_orthanc, write_ct_series
+from ohif_edit_helpers import newest_seg
 
 SPLEEN = "spleen"
 # The app's default labels: liver=1, spleen=2, ... (docs/app.md); the server's values, not OHIF's.
 SPLEEN_VALUE = 2
-
-
-def _require_tools() -> None:
-    missing = browser_missing() or orthanc_missing()
-    if missing:
-        reason = f"browser test needs Chromium, chromedriver, selenium and Orthanc+DICOMweb: {missing}"
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-def _artifacts_dir() -> Path:
-    root = Path(os.environ.get("SAM_MED3D_ARTIFACTS", REPO / "outputs"))
-    folder = root / "test_ohif_browser"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder
-
-
-def _ground_truth(label_path: Path) -> np.ndarray:
-    """The spleen mask as (slice, row, column) of the DICOM series made from the same NIfTI."""
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(label_path)), "LPS")) > 0
-
-
-def _interior_point(mask_2d: np.ndarray) -> tuple:
-    """(row, column) deepest inside a 2D mask (largest distance to its border)."""
-    from scipy.ndimage import distance_transform_edt
-
-    distance = distance_transform_edt(mask_2d)
-    row, column = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(row), int(column)
-
-
-def _png(browser: Browser, path: Path) -> np.ndarray:
-    from PIL import Image
-
-    data = browser.driver.get_screenshot_as_png()
-    path.write_bytes(data)
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-
-
-def _tinted(rgb: np.ndarray) -> np.ndarray:
-    """Pixels tinted by the spleen segment's colour (OHIF draws it purple, rgb(157, 108, 162), over grey CT)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return (r - g > 12) & (b - g > 12)
 
 
 def _infer_params(post: str) -> dict:
@@ -138,7 +91,7 @@ def _liver_point(ct_slice: np.ndarray, spleen_2d: np.ndarray) -> tuple:
     regions, count = label(binary_opening(tissue, iterations=3))
     assert count, "no soft tissue in the left half of the slice"
     largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-    return _interior_point(regions == largest)
+    return interior_point(regions == largest)
 
 
 def _series(files: list) -> SimpleNamespace:
@@ -164,13 +117,13 @@ def _slice_of(series: SimpleNamespace, z: float) -> int:
 
 @pytest.fixture(scope="module")
 def stack(data_dir, tmp_path_factory):
-    _require_tools()
+    require_browser_and_orthanc()
     case = data_dir / "msd_spleen_ct"
     image_path, label_path = case / "imagesTr" / "spleen_8.nii.gz", case / "labelsTr" / "spleen_8.nii.gz"
     if not image_path.exists():
         pytest.fail(f"{image_path} is missing from the shared data")
     work = tmp_path_factory.mktemp("ohif_browser")
-    artifacts = _artifacts_dir()
+    artifacts = artifacts_dir("test_ohif_browser")
     print(f"\nOHIF browser test: screenshots and logs in {artifacts}")
     stoppers = []
     try:
@@ -202,7 +155,7 @@ def stack(data_dir, tmp_path_factory):
         yield SimpleNamespace(orthanc=orthanc, server=server, browser=browser, artifacts=artifacts, work=work,
                               studies=studies, study_uid=studies[0].study_uid, series_uid=studies[0].series_uid,
                               sop_uids=studies[0].sop_uids, seen_segs=set(), ct=ct,
-                              truth=_ground_truth(label_path), app_dir=work / "app", clicks=[])
+                              truth=mask_on_series_grid(label_path), app_dir=work / "app", clicks=[])
     finally:
         stop_and_keep_logs(stoppers, work, artifacts)
 
@@ -359,8 +312,8 @@ def _annotate(stack: SimpleNamespace, study: SimpleNamespace, step: str, edit: b
     browser, truth = stack.browser, stack.truth
     k = int(browser.axial_viewport()["k"])
     assert truth[k].any(), f"the slice OHIF shows ({k}) has no spleen in the ground truth"
-    row, column = _interior_point(truth[k])
-    before = _png(browser, stack.artifacts / f"{step}a_before_click.png")
+    row, column = interior_point(truth[k])
+    before = png(browser, stack.artifacts / f"{step}a_before_click.png")
     mask = _click_label(stack, SPLEEN, (column, row, k), f"{step}: first click (spleen)")
     precision = float((mask & truth).sum() / mask.sum())
     dice = float(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
@@ -368,17 +321,17 @@ def _annotate(stack: SimpleNamespace, study: SimpleNamespace, step: str, edit: b
     assert precision > 0.5, f"only {precision:.2f} of the mask lies in the spleen"
 
     def mask_drawn():  # the mask's pixels turn the segment's colour in the viewport
-        after = _png(browser, stack.artifacts / f"{step}b_spleen_in_ohif.png")
+        after = png(browser, stack.artifacts / f"{step}b_spleen_in_ohif.png")
         on = np.argwhere(mask[k])
         pick = on[np.linspace(0, len(on) - 1, min(40, len(on))).astype(int)]
         xy = [browser.voxel_to_page((c, r, k)) for r, c in pick]
-        inside = np.mean([_tinted(after[int(y), int(x)]) and not _tinted(before[int(y), int(x)]) for x, y in xy])
+        inside = np.mean([spleen_tinted(after[int(y), int(x)]) and not spleen_tinted(before[int(y), int(x)]) for x, y in xy])
         return inside if inside >= 0.8 else None
 
     wait_until(mask_drawn, 30, "the spleen mask drawn in the axial viewport")
     away = truth[k].copy()
     away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
-    row2, column2 = _interior_point(away)
+    row2, column2 = interior_point(away)
     mask = _click_label(stack, SPLEEN, (column2, row2, k), f"{step}: follow-up click (spleen)")
     assert mask[k, row, column], "the follow-up mask lost the first clicked voxel"
     row3, column3 = _liver_point(stack.ct[k], truth[k])
@@ -509,7 +462,7 @@ def test_ohif_annotator_day(stack):
     browser.js("window.samMed3d.openNextSample({StudyInstanceUID: arguments[0]});", third.study_uid)
     _wait_study(stack, third, "the third study")
     k = int(browser.axial_viewport()["k"])
-    row, column = _interior_point(stack.truth[k])
+    row, column = interior_point(stack.truth[k])
     _click_label(stack, SPLEEN, (column, row, k), "07 third study: first click while training runs")
     during = requests.get(f"{server.url}/train/", timeout=30).json()
     assert during.get("status") == "RUNNING", f"the training ended before the click was answered: {during}"
@@ -535,7 +488,7 @@ def test_ohif_annotator_day(stack):
     log_before = len(server.log_path.read_text(errors="replace"))
     away = stack.truth[k].copy()
     away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
-    row2, column2 = _interior_point(away)
+    row2, column2 = interior_point(away)
     _click_label(stack, SPLEEN, (column2, row2, k), "09 third study: follow-up click after Update Model")
     new_log = server.log_path.read_text(errors="replace")[log_before:]
     assert "Now serving new SAM-Med3D" in new_log and Path(new_file).name in new_log, new_log[-3000:]
@@ -582,7 +535,7 @@ def test_a_seg_stored_by_ohif_is_the_final_label(stack, tmp_path):
     from monailabel.datastore.dicom import DICOMwebClientX
 
     browser, server = stack.browser, stack.server
-    segs_before = len(stack.orthanc.series_of_modality("SEG"))
+    segs_before = {str(s["0020000E"]["Value"][0]) for s in stack.orthanc.series_of_modality("SEG")}
     browser.driver.get(f"{server.url}/ohif/segmentation?StudyInstanceUIDs={stack.study_uid}")
     wait_until(lambda: browser.js("return window.cornerstone && cornerstone.getEnabledElements().length > 0"), 120,
                "the study in OHIF's Segmentation mode")
@@ -611,7 +564,7 @@ def test_a_seg_stored_by_ohif_is_the_final_label(stack, tmp_path):
     time.sleep(1.0)  # the dialog fades in; a click before that is lost
 
     def stored() -> bool:
-        if len(stack.orthanc.series_of_modality("SEG")) > segs_before:
+        if len(stack.orthanc.series_of_modality("SEG")) > len(segs_before):
             return True
         if "Create Report" in browser.body_text():  # the click was lost: press Save again
             browser.click_button("Save", real_mouse=True)
@@ -637,9 +590,9 @@ def test_a_seg_stored_by_ohif_is_the_final_label(stack, tmp_path):
 
     saved = sitk.GetArrayFromImage(sitk.ReadImage(records[0]["label"]))
     # The slices the SEG itself says its frames lie on (referenced source instances).
-    client = DICOMwebClientX(url=stack.orthanc.dicomweb)
-    newest = store._segs_on_server()[stack.series_uid]
-    seg = client.retrieve_series(newest[0], newest[1])[0]
+    import pydicom
+
+    seg = pydicom.dcmread(newest_seg(stack.orthanc, tmp_path, segs_before))
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver"]
     referenced = sorted(stack.sop_uids.index(str(frame.DerivationImageSequence[0].SourceImageSequence[0]
                                                  .ReferencedSOPInstanceUID))

@@ -16,43 +16,18 @@ Chromium/chromedriver/Orthanc the test skips, naming what is missing; ``REQUIRE_
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 
-from app_helpers import REPO, copy_app, start_server
-from browser_helpers import Browser, browser_missing, stop_and_keep_logs, wait_until
-from dicomweb_helpers import orthanc_missing, start_orthanc, write_ct_series
-from ohif_edit_helpers import newest_seg, png, run_click, seg_label_map, stroke, viewer_map, wait_viewer
+from app_helpers import copy_app, start_server
+from browser_helpers import (Browser, artifacts_dir, interior_point, mask_on_series_grid, png,
+                             require_browser_and_orthanc, spleen_tinted, stop_and_keep_logs, wait_until)
+from dicomweb_helpers import start_orthanc, write_ct_series
+from ohif_edit_helpers import newest_seg, run_click, seg_label_map, stroke, viewer_map, wait_viewer
 
 SPLEEN = "spleen"
-
-
-def _tools_or_skip() -> None:
-    missing = browser_missing() or orthanc_missing()
-    if missing:
-        reason = f"browser test needs Chromium, chromedriver, selenium and Orthanc+DICOMweb: {missing}"
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-def _interior(mask_2d: np.ndarray) -> tuple:
-    """(row, column) deepest inside a 2D mask."""
-    from scipy.ndimage import distance_transform_edt
-
-    distance = distance_transform_edt(mask_2d)
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(distance)), distance.shape))
-
-
-def _tinted(rgb: np.ndarray) -> np.ndarray:
-    """Pixels in the spleen's colour (purple, rgb(157, 108, 162), blended over grey CT)."""
-    return (rgb[..., 0] - rgb[..., 1] > 12) & (rgb[..., 2] - rgb[..., 1] > 12)
 
 
 def _map_when(browser, shape, values, condition, what, timeout_s=20.0) -> np.ndarray:
@@ -62,17 +37,14 @@ def _map_when(browser, shape, values, condition, what, timeout_s=20.0) -> np.nda
 
 
 def test_brush_eraser_click_undo_save_and_open_the_seg(data_dir, tmp_path):
-    _tools_or_skip()
+    require_browser_and_orthanc()
     case = data_dir / "msd_spleen_ct"
     image_path, label_path = case / "imagesTr" / "spleen_8.nii.gz", case / "labelsTr" / "spleen_8.nii.gz"
-    artifacts = Path(os.environ.get("SAM_MED3D_ARTIFACTS", REPO / "outputs")) / "test_ohif_edit"
-    shutil.rmtree(artifacts, ignore_errors=True)
-    artifacts.mkdir(parents=True)
+    artifacts = artifacts_dir("test_ohif_edit")
     print(f"\nscreenshots and logs in {artifacts}")
     import pydicom
-    import SimpleITK as sitk
 
-    truth = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(label_path)), "LPS")) > 0
+    truth = mask_on_series_grid(label_path)
     files = write_ct_series(image_path, tmp_path / "ct")
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     sop_uids = [str(h.SOPInstanceUID) for h in headers]
@@ -102,7 +74,7 @@ def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_ui
     browser.open_section("Point Prompts")
     browser.click_text(SPLEEN)
     k = int(browser.axial_viewport()["k"])
-    row, column = _interior(truth[k])
+    row, column = interior_point(truth[k])
 
     # A click: the viewer shows exactly the server's answer.
     first = run_click(browser, (column, row, k))["answer"]
@@ -137,7 +109,7 @@ def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_ui
     browser.click_button("Points")
     away = truth[k].copy()
     away[max(0, row - 6):row + 7, max(0, column - 6):column + 7] = False
-    row2, column2 = _interior(away)
+    row2, column2 = interior_point(away)
     second = run_click(browser, (column2, row2, k))["answer"]
     expected = np.where(second != first, second, edited)
     kept = int(((edited != first) & (second == first)).sum())
@@ -153,7 +125,7 @@ def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_ui
 
     # The next click continues from there: OHIF sends the first and the new point only, and the server's answer
     # is merged with the edited map.
-    row3, column3 = _interior(truth[k] & (np.arange(shape[2])[None, :] > column))
+    row3, column3 = interior_point(truth[k] & (np.arange(shape[2])[None, :] > column))
     third_request = run_click(browser, (column3, row3, k))
     third = third_request["answer"]
     post = third_request["post"] or browser.request_post_data(third_request["id"])
@@ -196,7 +168,7 @@ def _correct_save_and_reopen(browser, server, orthanc, truth, sop_uids, study_ui
 
     def drawn():
         rgb = png(browser, artifacts / "04_saved_seg_in_monai_label_mode.png")
-        inside = np.mean([_tinted(rgb[int(y), int(x)]) for x, y in
+        inside = np.mean([spleen_tinted(rgb[int(y), int(x)]) for x, y in
                           (browser.voxel_to_page((c, r, k)) for r, c in pick)])
         rect = browser.axial_viewport()["rect"]  # the scan, not a black viewport
         grey = rgb[int(rect["y"]):int(rect["y"] + rect["height"]), int(rect["x"]):int(rect["x"] + rect["width"])].mean()
