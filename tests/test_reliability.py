@@ -5,18 +5,18 @@ studies folder copied from ``../shared/data``; the tests run in file order and t
 
 1. the bad-input corpus (:data:`BAD_INPUTS`, one row per request: expected status and a substring of the
    message); after each, ``/info/`` still answers, and a good click works at the end;
-2. two annotators on one image never see each other's unsaved labels;
-3. 8 concurrent clients x 25 clicks (threads; 2 clients per image): 0 errors, 0 mix-ups (every answer has
+2. 8 concurrent clients x 25 clicks (threads; 2 clients per image): 0 errors, 0 mix-ups (every answer has
    its own image's shape, only its own label's value, its own click count), ``/info/`` polled throughout and
    each answer within 2 s, while a 60-click request replays on another image;
-4. ``kill -9`` of a running training subprocess: the served weights stay a complete, loadable checkpoint
+3. ``kill -9`` of a running training subprocess: the served weights stay a complete, loadable checkpoint
    and the server keeps serving;
-5. SIGTERM of the server while a training runs, a click is in flight and a client stalls mid-upload: the
+4. SIGTERM of the server while a training runs, a click is in flight and a client stalls mid-upload: the
    process group is gone within :data:`SHUTDOWN_LIMIT_S`, no subprocess is left, no partial file.
 
 The slowest parts are the two training tests (a training subprocess starts: 20-60 s each on 2 loaded cores).
 
-Traversal and file-system attacks on the datastore are tested in ``tests/test_datastore_safety.py``.
+Traversal and file-system attacks on the datastore are tested in ``tests/test_datastore_safety.py``, two
+annotators of one image (who never see each other's unsaved labels) in ``tests/test_sessions.py``.
 Everything is bounded in time; every process started is stopped (the fixture stops the group at the end).
 """
 
@@ -41,7 +41,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from app_helpers import APP_DIR, copy_app, start_server, wait_for_training
+from app_helpers import APP_DIR, copy_app, copy_studies, mini_conf, start_server, wait_for_training
 
 sys.path.insert(0, str(APP_DIR))
 try:
@@ -66,20 +66,15 @@ PUBLISHED = "finetuned_vit_mini.pt"  # <model_dir>/finetuned_<base checkpoint fi
 
 
 def _start(app: Path, studies: Path, checkpoint: Path, log_path: Path):
-    return start_server(app, studies, {"model": "vit_mini", "checkpoint": str(checkpoint),
-                                       "labels": "spleen=1,liver=2", "device": "cpu", "preload": "true",
-                                       "extension": "off"},
-                        log_path=log_path, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    return start_server(app, studies, mini_conf(checkpoint), log_path=log_path,
+                        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
 
 
 @pytest.fixture(scope="module")
 def server(data_dir, mini_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     app = copy_app(root / "app")
-    studies = root / "studies"
-    studies.mkdir()
-    for image_id, (dataset, case) in CASES.items():
-        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", studies / f"{image_id}.nii.gz")
+    studies = copy_studies(root / "studies", data_dir, CASES)
     # Published weights exist from the start (as after an earlier run), so killing a training run tests that
     # the file it might be replacing stays whole.
     (app / "model").mkdir(parents=True)
@@ -324,30 +319,6 @@ def test_a_good_click_works_after_the_corpus_and_no_training_started(server, tmp
     assert requests.get(f"{server.url}/train/", timeout=30).status_code == 404  # no training task ever ran
     leftovers = [p for p in server.app.rglob("*") if p.suffix in (".sh", ".bin")]
     assert not leftovers
-
-
-# ---------------------------------------------------------------------------------- per-client session maps
-def test_two_annotators_of_one_image_never_see_each_others_unsaved_labels(server, tmp_path):
-    alice = MONAILabelClient(server.url, tmpdir=str(tmp_path / "a"), client_id="alice")
-    bob = MONAILabelClient(server.url, tmpdir=str(tmp_path / "b"), client_id="bob")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    file_a, result_a = alice.infer(MODEL, "mr_sm", {"spleen": [[58, 45, 10]], "label": "spleen"})
-    assert result_a["sam_med3d"]["spleen"]["voxels"] > 0, "precondition: alice's click gives a mask"
-    file_b, result_b = bob.infer(MODEL, "mr_sm", {"liver": [[30, 40, 10]], "label": "liver"})
-    map_b = np.asarray(nib.load(file_b).dataobj)
-    assert not np.any(map_b == 1), "bob's answer holds alice's unsaved spleen"
-    assert "spleen" not in result_b["label_names"]
-    # Alice's next click still has her own spleen and none of bob's liver.
-    file_a2, _ = alice.infer(MODEL, "mr_sm", {"spleen": [[58, 45, 10], [60, 45, 10]], "label": "spleen"})
-    map_a2 = np.asarray(nib.load(file_a2).dataobj)
-    assert not np.any(map_a2 == 2), "alice's answer holds bob's unsaved liver"
-    # Saving with no clicks returns the requesting client's own map only.
-    saved = requests.post(f"{server.url}/infer/{MODEL}", params={"image": "mr_sm", "output": "json"},
-                          data={"params": json.dumps({"save_label": True, "label_tag": "bob_draft",
-                                                      "client_id": "bob"})}, timeout=60)
-    if saved.status_code == 200:  # the datastore may refuse the tag name; the map is what matters here
-        assert "spleen" not in saved.json()["label_names"]
 
 
 # ----------------------------------------------------------------------------------------------- concurrency

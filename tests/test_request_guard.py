@@ -26,10 +26,9 @@ import psutil
 import pytest
 import requests
 
-from app_helpers import copy_app, start_server
+from app_helpers import copy_app, copy_studies, mini_conf, start_server
 
 CASES = {"t2": ("sct_spinalcord_mri", "t2"), "t1w": ("sct_spinalcord_mri", "t1w")}
-LABELS = "spleen=1,liver=2"
 MODEL = "sam_med3d"
 CLICK = {"spleen": [[30, 27, 26]], "liver": [], "background": [], "label": "spleen"}
 TIMEOUT = 120
@@ -51,10 +50,7 @@ def _snapshot(*folders: Path) -> dict:
 def server(data_dir, mini_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("request_guard")
     app = copy_app(root / "app")
-    studies = root / "studies"
-    studies.mkdir()
-    for image_id, (dataset, case) in CASES.items():
-        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", studies / f"{image_id}.nii.gz")
+    studies = copy_studies(root / "studies", data_dir, CASES)
     outside = root / "outside"
     (outside / "victim_dir").mkdir(parents=True)
     (outside / "victim_dir" / "precious.txt").write_text("must survive rmtree")
@@ -64,9 +60,7 @@ def server(data_dir, mini_checkpoint, tmp_path_factory):
     pydir = root / "pydir"
     pydir.mkdir()
     (pydir / "sitecustomize.py").write_text(f"open({str(root / 'PWNED')!r}, 'w').write('ran')\n")
-    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint), "labels": LABELS,
-                                      "device": "cpu", "preload": "true", "extension": "off"},
-                       log_path=root / "server.log",
+    srv = start_server(app, studies, mini_conf(mini_checkpoint), log_path=root / "server.log",
                        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
                             "MONAI_LABEL_SESSION_PATH": str(root / "sessions")})
     srv.root, srv.app, srv.studies, srv.outside, srv.pydir = root, app, studies, outside, pydir

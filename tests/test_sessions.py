@@ -1,12 +1,12 @@
-"""The app's click sessions (``apps/sam_med3d/lib/infers/sessions.py``) without a server: per-client label maps
-and click states over one shared predictor, routing to the base weights, the per-image client limit, the bounds and
-expiry of the cache, and the label maps kept for saving after new weights."""
+"""The app's click sessions (``apps/sam_med3d/lib/infers/sessions.py``): per-client label maps and click states
+over one shared predictor, routing to the base weights, the per-image client limit, the bounds and expiry of the
+cache, and the label maps kept for saving after new weights; first without a server, then through the real
+infer route (two clients at once, the limits, unsaved work over newly published weights)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -21,7 +21,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from app_helpers import APP_DIR, copy_app, start_server
+from app_helpers import APP_DIR, copy_app, copy_studies, mini_conf, start_server
 
 sys.path.insert(0, str(APP_DIR))
 try:
@@ -301,20 +301,20 @@ def test_retired_sessions_count_toward_max_items_and_go_first():
 CASES = {"t2": ("sct_spinalcord_mri", "t2"), "t1w": ("sct_spinalcord_mri", "t1w")}
 
 
+def _start(root: Path, data_dir: Path, checkpoint: Path, **conf: str):
+    """The app on 127.0.0.1 (vit_mini, one crop per click, ``conf`` added) serving the two spinal-cord MRIs."""
+    app = copy_app(root / "app")
+    studies = copy_studies(root / "studies", data_dir, CASES)
+    srv = start_server(app, studies, mini_conf(checkpoint, **conf), log_path=root / "server.log",
+                       env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    srv.root, srv.app = root, app
+    return srv
+
+
 @pytest.fixture(scope="module")
 def server(data_dir, mini_checkpoint, tmp_path_factory):
-    """The app on 127.0.0.1 (vit_mini, one crop per click) keeping ONE image session (``cache_size 1``)."""
-    root = tmp_path_factory.mktemp("sessions")
-    app = copy_app(root / "app")
-    studies = root / "studies"
-    studies.mkdir()
-    for image_id, (dataset, case) in CASES.items():
-        shutil.copy(data_dir / dataset / "imagesTr" / f"{case}.nii.gz", studies / f"{image_id}.nii.gz")
-    srv = start_server(app, studies, {"model": "vit_mini", "checkpoint": str(mini_checkpoint),
-                                      "labels": "spleen=1,liver=2", "device": "cpu", "preload": "true",
-                                      "extension": "off", "cache_size": "1"},
-                       log_path=root / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-    srv.root = root
+    """The app keeping ONE image session (``cache_size 1``)."""
+    srv = _start(tmp_path_factory.mktemp("sessions"), data_dir, mini_checkpoint, cache_size="1")
     yield srv
     srv.stop()
 
@@ -367,6 +367,26 @@ def test_two_clients_clicking_one_label_of_one_image_at_once_each_get_their_own_
         assert np.array_equal(answers[key], expected), f"{key[0]}'s mask after {key[1]} click(s) is not its own"
 
 
+def test_two_annotators_of_one_image_never_see_each_others_unsaved_labels(server, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alice = MONAILabelClient(server.url, tmpdir=str(tmp_path / "a"), client_id="annotator-a")
+    bob = MONAILabelClient(server.url, tmpdir=str(tmp_path / "b"), client_id="annotator-b")
+    _, result_a = alice.infer("sam_med3d", "t2", {"spleen": [list(HISTORIES["alice"][0])], "label": "spleen"})
+    assert result_a["sam_med3d"]["spleen"]["voxels"] > 0, "precondition: alice's click gives a mask"
+    file_b, result_b = bob.infer("sam_med3d", "t2", {"liver": [list(HISTORIES["bob"][0])], "label": "liver"})
+    assert result_b["sam_med3d"]["liver"]["voxels"] > 0, "precondition: bob's click gives a mask"
+    assert not np.any(np.asarray(nib.load(file_b).dataobj) == 1), "bob's answer holds alice's unsaved spleen"
+    assert "spleen" not in result_b["label_names"]
+    # Alice's next click still has her own spleen and none of bob's liver.
+    file_a2, _ = alice.infer("sam_med3d", "t2", {"spleen": [list(p) for p in HISTORIES["alice"]], "label": "spleen"})
+    assert not np.any(np.asarray(nib.load(file_a2).dataobj) == 2), "alice's answer holds bob's unsaved liver"
+    # Saving with no clicks returns the requesting client's own map only.
+    saved = _save_session_label(server, "t2", "annotator-b")
+    assert saved.status_code == 200, saved.text
+    assert "spleen" not in saved.json()["label_names"] and "liver" in saved.json()["label_names"]
+
+
 def test_beyond_the_per_image_client_limit_the_least_recent_client_loses_its_unsaved_map(server, tmp_path):
     from_limit = sessions.MAX_CLIENTS_PER_IMAGE + 1
     for index in range(from_limit):
@@ -406,3 +426,75 @@ def test_a_fresh_session_takes_over_at_most_the_per_image_client_limit():
     assert len(crowded.label_maps) == limit and crowded.has_client(f"c{limit - 1}")
     crowded.for_client("newcomer")  # drops a client taken over (no click states here yet)
     assert len(crowded.label_maps) == limit and crowded.has_client("newcomer")
+
+# ----------------------------------------------------- unsaved work over new weights (a second server)
+@pytest.fixture(scope="module")
+def finetuned_server(data_dir, mini_checkpoint, tmp_path_factory):
+    """The app serving fine-tuned weights as soon as they are published (``use_finetuned``)."""
+    srv = _start(tmp_path_factory.mktemp("unsaved_work"), data_dir, mini_checkpoint, use_finetuned="true")
+    yield srv
+    srv.stop()
+
+
+ANNOTATOR = "annotator-1"
+
+
+def _infer_as_annotator(server, image_id: str, params: dict, tmp_path: Path, name: str):
+    response = requests.post(f"{server.url}/infer/sam_med3d", params={"image": image_id, "output": "image"},
+                             data={"params": json.dumps({"client_id": ANNOTATOR, "result_extension": ".nii.gz",
+                                                         **params})}, timeout=300)
+    if response.status_code != 200:
+        return response.status_code, response.text, None
+    path = tmp_path / f"{name}.nii.gz"
+    path.write_bytes(response.content)
+    return 200, None, np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_masks_drawn_before_new_weights_still_save_and_later_clicks_use_the_new_weights(finetuned_server, tmp_path):
+    """An annotator clicks two labels on one image and does not save; new weights are published where the trainer
+    publishes them and another image's click loads them. The save (``save_label`` with no clicks, as 3D Slicer and
+    the OHIF without a save button send it) returns exactly the map drawn before; that image's next click is
+    answered by the new weights while the other label's mask stays."""
+    import torch
+    from sam_med3d import build_sam_med3d
+    from sam_med3d.checkpoint import save_checkpoint
+
+    server = finetuned_server
+    # Two labels clicked on t2, not saved. vit_mini's random weights may draw a small mask: any map will do, as
+    # long as it is the one returned for the last click.
+    status, text, _ = _infer_as_annotator(server, "t2", {"spleen": [[30, 27, 26]], "label": "spleen"}, tmp_path, "c1")
+    assert status == 200, text
+    status, text, drawn = _infer_as_annotator(
+        server, "t2", {"spleen": [[30, 27, 26]], "liver": [[20, 20, 20]], "label": "liver"}, tmp_path, "c2")
+    assert status == 200, text
+    # New weights published (the trainer's path for these base weights), loaded by another image's click.
+    torch.manual_seed(1)
+    finetuned = server.app / "model" / "finetuned_vit_mini.pt"
+    save_checkpoint(build_sam_med3d("vit_mini"), finetuned)
+    before = server.log_path.read_text(errors="replace")
+    status, text, _ = _infer_as_annotator(server, "t1w", {"spleen": [[21, 38, 38]], "label": "spleen"}, tmp_path,
+                                          "other")
+    assert status == 200, text
+    log = server.log_path.read_text(errors="replace")[len(before):]
+    assert "Now serving new SAM-Med3D" in log and finetuned.name in log, log[-2000:]
+
+    # The unsaved map of t2 still saves, exactly as drawn.
+    status, text, saved = _infer_as_annotator(server, "t2", {"save_label": True, "label_tag": "final"}, tmp_path,
+                                              "saved")
+    assert status == 200, text
+    assert np.array_equal(saved, drawn)
+    labels = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"]["t2"]["labels"]
+    assert "final" in labels, labels
+
+    # The next click on t2 is answered by the new weights; the liver mask drawn before stays untouched.
+    response = requests.post(f"{server.url}/infer/sam_med3d", params={"image": "t2", "output": "json"},
+                             data={"params": json.dumps({"client_id": ANNOTATOR, "spleen": [[30, 27, 26], [31, 28, 26]],
+                                                         "label": "spleen"})}, timeout=300)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["model"]["file"].endswith(finetuned.name), result["model"]
+    assert result["encoder_ran"] is True, "the new weights must encode the image anew"
+    status, text, after = _infer_as_annotator(server, "t2", {"save_label": True, "label_tag": "final"}, tmp_path,
+                                              "after")
+    assert status == 200, text
+    assert np.array_equal(after == 2, drawn == 2), "the liver mask drawn before the new weights changed"
