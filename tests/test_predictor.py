@@ -187,6 +187,10 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     again = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])  # the same clicks: both crops reused
     assert again.decode_steps == 0 and again.encoder_ran is False and again.crop_boxes == moved.crop_boxes
     assert again.tiling == TilingStats(crops=2, crops_reused=1)
+    # A follow-up click in the moved crop decodes there only: the other crop is kept as it was, not placed again.
+    follow = predictor.predict([[300, 200, 16], [60, 450, 5], [62, 452, 5]], [1, 1, 1])
+    assert follow.decode_steps == 1 and follow.crop_boxes == moved.crop_boxes and not follow.encoder_ran
+    assert follow.tiling == TilingStats(crops=2, crops_reused=1)
     back = predictor.predict([[300, 200, 16]], [1])
     assert not back.encoder_ran and back.crop_box == first.crop_box
 
