@@ -195,6 +195,18 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     assert not back.encoder_ran and back.crop_box == first.crop_box
 
 
+def test_a_negative_click_in_the_other_crop_reruns_that_crop_only(spleen):
+    predictor, _ = spleen
+    clicks, labels = [[300, 200, 16], [60, 450, 5]], [1, 1]
+    two = predictor.predict(clicks, labels)
+    assert len(two.crop_boxes) == 2
+    # Outside the label's first crop (placed on the last far click), inside the other one.
+    negative = predictor.predict(clicks + [[310, 205, 16]], labels + [0])
+    assert negative.decode_steps == 1 and negative.crop_boxes == two.crop_boxes and not negative.encoder_ran
+    assert negative.tiling == TilingStats(crops=2, crops_rerun=1, decode_steps=1)
+    assert negative.mask[300, 200, 16] == 1 and negative.mask[60, 450, 5] == 1
+
+
 def test_a_repeated_request_reports_its_crops(spleen):
     predictor, _ = spleen
     first = predictor.predict([[300, 200, 16]], [1])
