@@ -312,6 +312,18 @@ def test_negative_click_outside_the_crop_changes_nothing(spleen):
     assert predictor.predict([[300, 200, 16], [20, 20, 2], [301, 201, 16]], [1, 0, 1]).decode_steps == 1
 
 
+def test_clicks_that_changed_nothing_are_remembered_in_their_order(spleen):
+    """A negative click outside the crop, listed before the positive one (background first), is recorded with its
+    own label: the same request again runs nothing, and dropping it starts the label over."""
+    predictor, model = spleen
+    predictor.predict([[300, 200, 16]], [1])
+    calls = len(model.calls)
+    for _ in range(2):
+        assert predictor.predict([[20, 20, 2], [300, 200, 16]], [0, 1]).decode_steps == 0
+    assert len(model.calls) == calls
+    assert predictor.predict([[300, 200, 16]], [1]).decode_steps == 1
+
+
 def test_labels_have_independent_states_and_reset(spleen):
     predictor, model = spleen
     liver = predictor.predict([[300, 200, 16]], [1], label_key="liver")
