@@ -231,6 +231,15 @@ def test_without_extension_one_region_per_label(data_dir):
     assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.tiling.crops == 1
 
 
+def test_a_far_click_moves_the_crop_onto_it_wherever_it_is_listed(data_dir):
+    """The crop follows the new click even when the viewer lists it before the old one."""
+    predictor = Sam3DPredictor(SphereSam3D(img_size=64), extension=False)
+    predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
+    predictor.predict([[300, 200, 16]], [1])
+    moved = predictor.predict([[60, 450, 5], [300, 200, 16]], [1, 1])
+    assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0 and moved.prompt_clicks == 1
+
+
 def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
     predictor, model = spleen
     free = predictor.predict([[300, 200, 16]], [1])
