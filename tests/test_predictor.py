@@ -204,6 +204,7 @@ def test_a_negative_click_in_the_other_crop_reruns_that_crop_only(spleen):
     negative = predictor.predict(clicks + [[310, 205, 16]], labels + [0])
     assert negative.decode_steps == 1 and negative.crop_boxes == two.crop_boxes and not negative.encoder_ran
     assert negative.tiling == TilingStats(crops=2, crops_rerun=1, decode_steps=1)
+    assert negative.iou == two.iou  # the first crop's, which did not change
     assert negative.mask[300, 200, 16] == 1 and negative.mask[60, 450, 5] == 1
 
 
