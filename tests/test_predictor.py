@@ -168,6 +168,8 @@ def test_click_inside_the_crop_reuses_the_embedding(spleen):
     assert set(first.timings) == set(second.timings) == stages
     assert first.timings["preprocess"] > 0.0 and first.timings["encode"] > 0.0
     assert second.timings["preprocess"] == 0.0 and second.timings["encode"] == 0.0
+    for result in (first, second):
+        assert all(0.0 <= result.timings[stage] <= result.timings["total"] for stage in stages)
 
 
 def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
@@ -372,12 +374,27 @@ def test_negative_only_prompt_is_allowed():
     assert result.mask.sum() == 0 and result.decode_steps == 1
 
 
-def test_multimask_output_picks_one_mask():
-    predictor = Sam3DPredictor(SphereSam3D(img_size=64))
+class ThreeCandidatesSam3D(SphereSam3D):
+    """With ``multimask_output`` three candidate balls (radius x1, x1.5, x0.5) of predicted IoU 0.5, 0.9 and 0.7;
+    without it the first one only."""
+
+    def decode(self, image_embeddings, points, mask_input, multimask_output=False):
+        logits, _ = super().decode(image_embeddings, points, mask_input)
+        if not multimask_output:
+            return logits, torch.tensor([[0.5]])
+        # The stand-in's logits are radius - distance: another radius shifts them.
+        candidates = torch.cat([logits, logits + 0.5 * self.radius, logits - 0.5 * self.radius], dim=1)
+        return candidates, torch.tensor([[0.5, 0.9, 0.7]])
+
+
+def test_multimask_output_picks_the_mask_of_the_best_predicted_iou():
+    predictor = Sam3DPredictor(ThreeCandidatesSam3D(img_size=64), extension=False)
     predictor.set_image(np.random.default_rng(0).random((50, 50, 50)).astype(np.float32))
-    result = predictor.predict([[25, 25, 25]], [1], multimask_output=True)
+    single = predictor.predict([[25, 25, 25]], [1])
+    result = predictor.predict([[25, 25, 25]], [1], multimask_output=True, label_key="multimask")
     assert result.low_res_logits.shape == (1, 1, 16, 16, 16) and result.mask[25, 25, 25] == 1
-    assert result.iou == pytest.approx(0.9)
+    assert single.iou == pytest.approx(0.5) and result.iou == pytest.approx(0.9)
+    assert result.mask.sum() > 2 * single.mask.sum()  # the 1.5x ball: ~3.4x the volume
 
 
 # ------------------------------------------------------------------------------------------------ errors
