@@ -288,6 +288,7 @@ def test_three_clicks_at_once_are_replayed_one_at_a_time(spleen):
     np.testing.assert_array_equal(again.mask, result.mask)
     more = predictor.predict(clicks + [[298, 195, 15]], [1, 0, 1, 1])
     assert more.decode_steps == 1 and model.calls[-1][0].shape[1] == 4
+    torch.testing.assert_close(model.calls[-1][2], result.low_res_logits)  # the previous answer as mask prompt
 
 
 def test_click_order_does_not_matter_but_removing_a_click_starts_over(spleen):
