@@ -398,6 +398,17 @@ def test_multimask_output_picks_the_mask_of_the_best_predicted_iou():
     assert result.mask.sum() > 2 * single.mask.sum()  # the 1.5x ball: ~3.4x the volume
 
 
+def test_multimask_output_applies_to_the_crops_the_extension_adds(data_dir):
+    predictor = Sam3DPredictor(ThreeCandidatesSam3D(img_size=64))
+    predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
+    clicks = [[300, 200, 16], [60, 450, 5]]  # the first crop on the last one, a crop of its own for the other
+    single = predictor.predict(clicks, [1, 1], label_key="single")
+    multi = predictor.predict(clicks, [1, 1], label_key="multi", multimask_output=True)
+    assert len(single.crop_boxes) == len(multi.crop_boxes) == 2
+    around = (slice(260, 340), slice(160, 240), slice(0, 32))
+    assert multi.mask[around].sum() > 2 * single.mask[around].sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
