@@ -210,6 +210,23 @@ def test_a_negative_click_in_the_other_crop_reruns_that_crop_only(spleen):
     assert negative.mask[300, 200, 16] == 1 and negative.mask[60, 450, 5] == 1
 
 
+def test_the_paste_time_includes_the_upsampling(spleen, monkeypatch):
+    """The upsampling of the logits to the crop is part of the paste stage, not lost between stages."""
+    import sam_med3d.predictor as predictor_module
+
+    delay_s = 0.2
+    upsample = predictor_module.upsample_logits
+
+    def slow_upsample(*args, **kwargs):  # as on a big crop
+        time.sleep(delay_s)
+        return upsample(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "upsample_logits", slow_upsample)
+    predictor, _ = spleen
+    result = predictor.predict([[300, 200, 16]], [1])
+    assert result.timings["paste"] >= delay_s
+
+
 def test_a_repeated_request_reports_its_crops(spleen):
     predictor, _ = spleen
     first = predictor.predict([[300, 200, 16]], [1])
