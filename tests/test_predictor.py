@@ -157,7 +157,15 @@ def spleen(data_dir):
 
 def test_click_inside_the_crop_reuses_the_embedding(spleen):
     predictor, model = spleen
+    tick = time.perf_counter()
     first = predictor.predict([[300, 200, 16]], [1])
+    elapsed = time.perf_counter() - tick
+    assert 0.0 < first.timings["total"] <= elapsed
+    np.testing.assert_array_equal(first.affine, predictor.prepared.scan.affine)
+    # The first crop's probabilities, on its grid: high at the click, which is the crop's centre.
+    assert first.crop_probabilities.shape == (64, 64, 64) and first.crop_probabilities.dtype == torch.float32
+    centre = np.rint(predictor.prepared.crop(first.crop_box[0], 64).to_crop([[300, 200, 16]])[0]).astype(int)
+    assert float(first.crop_probabilities[tuple(centre)]) > 0.5 > float(first.crop_probabilities[0, 0, 0])
     assert first.encoder_ran and first.decode_steps == 1
     second = predictor.predict([[300, 200, 16], [310, 205, 17]], [1, 0])
     assert not second.encoder_ran and second.decode_steps == 1
@@ -240,6 +248,15 @@ def test_a_repeated_request_reports_its_crops(spleen):
     assert all(again.timings[k] == 0.0 for k in ("preprocess", "encode", "decode", "paste"))
     assert 0.0 <= again.timings["total"] <= elapsed and again.encoder_ran is False
     np.testing.assert_array_equal(again.mask, first.mask)
+
+
+def test_the_encoder_ran_when_only_an_added_crop_needed_it(spleen):
+    predictor, _ = spleen
+    first = predictor.predict([[300, 200, 16]], [1], label_key="liver")
+    # Another label whose first crop is the cached one (placed on its last click); the far click needs a new crop.
+    both = predictor.predict([[60, 450, 5], [300, 200, 16]], [1, 1], label_key="spleen")
+    assert both.crop_box == first.crop_box and len(both.crop_boxes) == 2
+    assert both.encoder_ran and both.tiling.encoder_runs == 1 and predictor.encoder_runs == 2
 
 
 def test_without_extension_one_region_per_label(data_dir):
