@@ -3,21 +3,22 @@ torch steps create no tensor on a hard-coded device.
 
 The second part runs on *fake* CUDA tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): they carry a
 ``cuda:0`` device and shapes but no data, so this CPU-only machine can execute the encoder, prompt encoder,
-mask decoder and the predictor's encode/decode steps "on CUDA". A tensor created on the CPU by mistake (a
-``torch.zeros(...)`` without ``device=``) meets a CUDA one and raises ``FakeTensorDeviceMismatchError``, the
-error a real GPU would give; the last test shows the check catches exactly that.
+mask decoder and a click through the predictor "on CUDA" (only CUDA tensors are fake there: the predictor
+prepares its crop from a real scan on the CPU). A tensor created on the CPU by mistake (a ``torch.zeros(...)``
+without ``device=``) meets a CUDA one and raises ``FakeTensorDeviceMismatchError``, the error a real GPU would
+give; the last test shows the check catches exactly that.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "sam_med3d"
@@ -99,23 +100,45 @@ def test_predictor_and_loaded_model_use_the_requested_device(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- fake CUDA runs
-def _fake_cuda_model(mode: FakeTensorMode, arch: str = "vit_mini"):
-    from sam_med3d import build_sam_med3d
-    from sam_med3d.modeling import image_encoder
+class _FakeCuda(FakeTensorMode):
+    """Fake tensors for CUDA only: a tensor made on (or moved to) ``cuda`` is fake, and so is anything computed
+    from one; work on real CPU tensors alone runs for real. The predictor can then prepare a crop from a real
+    scan (its intensity statistics read values, which fake tensors do not have) and hand it to a CUDA model.
+    A real CPU tensor that meets a CUDA one is made a fake CPU tensor and fails the device check, as on a GPU."""
 
-    image_encoder._relative_index.cache_clear()  # it may hold another fake mode's index tensors
-    with mode, torch.device("cuda"):
-        return build_sam_med3d(arch).eval()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        to_cuda = any(isinstance(a, torch.device) and a.type == "cuda" for a in leaves)
+        if not to_cuda and not any(isinstance(a, FakeTensor) for a in leaves):
+            return func(*args, **kwargs)  # this mode is off while it dispatches: a real CPU op
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor) else self.from_tensor(t),
+                                     (args, kwargs))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+# One mode for every test here: the encoder caches its relative-position index tensors per device, and a fake
+# tensor only works with the mode that made it.
+FAKE_CUDA = _FakeCuda()
+
+
+def _fake_cuda_model(arch: str = "vit_mini"):
+    from sam_med3d import build_sam_med3d
+
+    with FAKE_CUDA, torch.device("cuda"):
+        model = build_sam_med3d(arch).eval()
+    # Module.to cannot swap fake parameters in place; the model is on (fake) CUDA already.
+    model.to = lambda *args, **kwargs: model
+    return model
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 def test_model_runs_on_cuda_without_cpu_tensors(impl):
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    model = _fake_cuda_model(mode)
+    model = _fake_cuda_model()
     model.image_encoder.set_attention_impl(impl)
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     n = model.img_size
-    with mode, torch.no_grad():
+    with FAKE_CUDA, torch.no_grad():
         image = torch.zeros(1, 1, n, n, n, device="cuda")
         embedding = model.image_encoder(image)
         points = (torch.zeros(1, 3, 3, device="cuda"), torch.tensor([[1, 0, 1]], device="cuda"))
@@ -126,42 +149,41 @@ def test_model_runs_on_cuda_without_cpu_tensors(impl):
                 assert logits.shape[-3:] == (n // 4,) * 3
 
 
-def test_predictor_encode_and_decode_steps_stay_on_the_model_device(monkeypatch):
-    """The predictor's own torch code (crop to device, encoder, click tensors, decoder) on a CUDA model."""
+def test_a_click_on_a_cuda_model_keeps_the_predictors_tensors_on_the_model_device(monkeypatch):
+    """The predictor's own torch code on a CUDA model, through a click: the crop (prepared on the CPU) moved to
+    the model's device, the encoder timer waiting on that device, the click tensors and the first step's empty
+    mask prompt made there."""
     import sam_med3d.predictor as predictor_module
     from sam_med3d import Sam3DPredictor
 
     waited = []
     monkeypatch.setattr(predictor_module, "synchronize", waited.append)  # no real GPU to wait for
+    model = _fake_cuda_model()
+    seen = {}
+    model.image_encoder.register_forward_hook(
+        lambda module, inputs, output: seen.update(image=inputs[0].device.type, embedding=output.device.type))
+    real_decode = model.decode
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the click arrays come from numpy, as in a request
-    model = _fake_cuda_model(mode)
-    # Already on (fake) CUDA; Module.to cannot swap fake parameters in place, so the predictor's
-    # model.to(device) is made a no-op here.
-    model.to = lambda *args, **kwargs: model
-    n = model.img_size
-    with mode, torch.no_grad():
-        predictor = Sam3DPredictor(model, device="cuda")
-        # A crop as _embedding reads it: its model input (on the CPU, as the geometry builds it) and cache key.
-        crop = SimpleNamespace(image=torch.zeros(n, n, n), key=("fake",))
-        embedding, ran = predictor._embedding(crop, {"preprocess": 0.0, "encode": 0.0})
-        assert ran and embedding.device.type == "cuda" and waited == [torch.device("cuda")]
-        low_res = torch.zeros((1, 1) + (predictor.low_res_size,) * 3, device=predictor.device)
-        seen = {}
-        real_decode = model.decode
+    class Decoded(Exception):
+        """Stops the click after the decoder: the predictor then reads the IoU as a float, which fake tensors
+        lack."""
 
-        class Decoded(Exception):
-            """Stops _decode_step after the decoder: it then reads the IoU as a float, which fake tensors lack."""
+    def decode(embedding, points, mask_input, multimask_output=False):
+        logits, iou = real_decode(embedding, points, mask_input, multimask_output)
+        seen.update(points=[t.device.type for t in points], mask_input=mask_input.device.type,
+                    logits=logits.device.type, iou=iou.device.type)
+        raise Decoded
 
-        def decode(embedding, points, mask_input, multimask_output=False):
-            logits, iou = real_decode(embedding, points, mask_input, multimask_output)
-            seen.update(points=[t.device.type for t in points], logits=logits.device.type, iou=iou.device.type)
-            raise Decoded
-
-        model.decode = decode
+    model.decode = decode
+    scan = np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32)
+    with FAKE_CUDA:
+        predictor = Sam3DPredictor(model, device="cuda", extension=False)
+        predictor.set_image(scan, affine=np.eye(4))
         with pytest.raises(Decoded):
-            predictor._decode_step(embedding, np.array([[5.0, 6.0, 7.0]]), np.array([1]), low_res, False)
-        assert seen == {"points": ["cuda", "cuda"], "logits": "cuda", "iou": "cuda"}
+            predictor.predict(np.array([[20.0, 20.0, 20.0]]), [1])
+    assert predictor.encoder_runs == 1 and waited == [torch.device("cuda")]
+    assert seen == {"image": "cuda", "embedding": "cuda", "points": ["cuda", "cuda"], "mask_input": "cuda",
+                    "logits": "cuda", "iou": "cuda"}
 
 
 def test_fake_cuda_check_catches_a_tensor_created_on_the_cpu():
@@ -175,10 +197,9 @@ def test_fake_cuda_check_catches_a_tensor_created_on_the_cpu():
         def forward(self, x):
             return x * self.scale + torch.zeros(4)  # created on the CPU whatever the model's device
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    with mode, torch.device("cuda"):
+    with FAKE_CUDA, torch.device("cuda"):
         module = Forgetful()
-    with mode, pytest.raises(FakeTensorDeviceMismatchError):
+    with FAKE_CUDA, pytest.raises(FakeTensorDeviceMismatchError):
         module(torch.ones(4, device="cuda"))
 
 

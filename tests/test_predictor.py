@@ -157,13 +157,27 @@ def spleen(data_dir):
 
 def test_click_inside_the_crop_reuses_the_embedding(spleen):
     predictor, model = spleen
+    tick = time.perf_counter()
     first = predictor.predict([[300, 200, 16]], [1])
+    elapsed = time.perf_counter() - tick
+    assert 0.0 < first.timings["total"] <= elapsed
+    np.testing.assert_array_equal(first.affine, predictor.prepared.scan.affine)
+    # The first crop's probabilities, on its grid: high at the click, which is the crop's centre.
+    assert first.crop_probabilities.shape == (64, 64, 64) and first.crop_probabilities.dtype == torch.float32
+    centre = np.rint(predictor.prepared.crop(first.crop_box[0], 64).to_crop([[300, 200, 16]])[0]).astype(int)
+    assert float(first.crop_probabilities[tuple(centre)]) > 0.5 > float(first.crop_probabilities[0, 0, 0])
     assert first.encoder_ran and first.decode_steps == 1
     second = predictor.predict([[300, 200, 16], [310, 205, 17]], [1, 0])
     assert not second.encoder_ran and second.decode_steps == 1
     assert second.crop_box == first.crop_box
     assert predictor.encoder_runs == 1
-    assert second.timings["encode"] == 0.0 and set(second.timings) >= {"preprocess", "encode", "decode", "paste"}
+    # The same stages on every answer (the app sums them); the cached crop was neither prepared nor encoded again.
+    stages = {"preprocess", "encode", "decode", "paste", "extension", "total"}
+    assert set(first.timings) == set(second.timings) == stages
+    assert first.timings["preprocess"] > 0.0 and first.timings["encode"] > 0.0
+    assert second.timings["preprocess"] == 0.0 and second.timings["encode"] == 0.0
+    for result in (first, second):
+        assert all(0.0 <= result.timings[stage] <= result.timings["total"] for stage in stages)
 
 
 def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
@@ -183,8 +197,42 @@ def test_click_far_away_moves_the_crop_and_runs_the_encoder(spleen):
     again = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])  # the same clicks: both crops reused
     assert again.decode_steps == 0 and again.encoder_ran is False and again.crop_boxes == moved.crop_boxes
     assert again.tiling == TilingStats(crops=2, crops_reused=1)
+    # A follow-up click in the moved crop decodes there only: the other crop is kept as it was, not placed again.
+    follow = predictor.predict([[300, 200, 16], [60, 450, 5], [62, 452, 5]], [1, 1, 1])
+    assert follow.decode_steps == 1 and follow.crop_boxes == moved.crop_boxes and not follow.encoder_ran
+    assert follow.tiling == TilingStats(crops=2, crops_reused=1)
     back = predictor.predict([[300, 200, 16]], [1])
     assert not back.encoder_ran and back.crop_box == first.crop_box
+
+
+def test_a_negative_click_in_the_other_crop_reruns_that_crop_only(spleen):
+    predictor, _ = spleen
+    clicks, labels = [[300, 200, 16], [60, 450, 5]], [1, 1]
+    two = predictor.predict(clicks, labels)
+    assert len(two.crop_boxes) == 2
+    # Outside the label's first crop (placed on the last far click), inside the other one.
+    negative = predictor.predict(clicks + [[310, 205, 16]], labels + [0])
+    assert negative.decode_steps == 1 and negative.crop_boxes == two.crop_boxes and not negative.encoder_ran
+    assert negative.tiling == TilingStats(crops=2, crops_rerun=1, decode_steps=1)
+    assert negative.iou == two.iou  # the first crop's, which did not change
+    assert negative.mask[300, 200, 16] == 1 and negative.mask[60, 450, 5] == 1
+
+
+def test_the_paste_time_includes_the_upsampling(spleen, monkeypatch):
+    """The upsampling of the logits to the crop is part of the paste stage, not lost between stages."""
+    import sam_med3d.predictor as predictor_module
+
+    delay_s = 0.2
+    upsample = predictor_module.upsample_logits
+
+    def slow_upsample(*args, **kwargs):  # as on a big crop
+        time.sleep(delay_s)
+        return upsample(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "upsample_logits", slow_upsample)
+    predictor, _ = spleen
+    result = predictor.predict([[300, 200, 16]], [1])
+    assert result.timings["paste"] >= delay_s
 
 
 def test_a_repeated_request_reports_its_crops(spleen):
@@ -202,6 +250,15 @@ def test_a_repeated_request_reports_its_crops(spleen):
     np.testing.assert_array_equal(again.mask, first.mask)
 
 
+def test_the_encoder_ran_when_only_an_added_crop_needed_it(spleen):
+    predictor, _ = spleen
+    first = predictor.predict([[300, 200, 16]], [1], label_key="liver")
+    # Another label whose first crop is the cached one (placed on its last click); the far click needs a new crop.
+    both = predictor.predict([[60, 450, 5], [300, 200, 16]], [1, 1], label_key="spleen")
+    assert both.crop_box == first.crop_box and len(both.crop_boxes) == 2
+    assert both.encoder_ran and both.tiling.encoder_runs == 1 and predictor.encoder_runs == 2
+
+
 def test_without_extension_one_region_per_label(data_dir):
     predictor = Sam3DPredictor(SphereSam3D(img_size=64), extension=False)
     predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
@@ -209,6 +266,15 @@ def test_without_extension_one_region_per_label(data_dir):
     moved = predictor.predict([[300, 200, 16], [60, 450, 5]], [1, 1])
     assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0
     assert moved.decode_steps == 1 and len(moved.crop_boxes) == 1 and moved.tiling.crops == 1
+
+
+def test_a_far_click_moves_the_crop_onto_it_wherever_it_is_listed(data_dir):
+    """The crop follows the new click even when the viewer lists it before the old one."""
+    predictor = Sam3DPredictor(SphereSam3D(img_size=64), extension=False)
+    predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
+    predictor.predict([[300, 200, 16]], [1])
+    moved = predictor.predict([[60, 450, 5], [300, 200, 16]], [1, 1])
+    assert moved.mask[60, 450, 5] == 1 and moved.mask[300, 200, 16] == 0 and moved.prompt_clicks == 1
 
 
 def test_crop_affine_pins_the_crop_and_follow_ups_keep_it(spleen):
@@ -256,6 +322,7 @@ def test_three_clicks_at_once_are_replayed_one_at_a_time(spleen):
     np.testing.assert_array_equal(again.mask, result.mask)
     more = predictor.predict(clicks + [[298, 195, 15]], [1, 0, 1, 1])
     assert more.decode_steps == 1 and model.calls[-1][0].shape[1] == 4
+    torch.testing.assert_close(model.calls[-1][2], result.low_res_logits)  # the previous answer as mask prompt
 
 
 def test_click_order_does_not_matter_but_removing_a_click_starts_over(spleen):
@@ -270,6 +337,17 @@ def test_click_order_does_not_matter_but_removing_a_click_starts_over(spleen):
     assert changed.decode_steps == 2
 
 
+def test_the_same_click_sent_twice_counts_twice(spleen):
+    """A voxel clicked twice is two clicks: sending both again runs nothing, dropping one starts over."""
+    predictor, model = spleen
+    twice = predictor.predict([[300, 200, 16], [300, 200, 16]], [1, 1])
+    assert twice.decode_steps == 2 and twice.prompt_clicks == 2
+    assert predictor.predict([[300, 200, 16], [300, 200, 16]], [1, 1]).decode_steps == 0
+    once = predictor.predict([[300, 200, 16]], [1])
+    assert once.decode_steps == 1 and once.prompt_clicks == 1
+    assert float(model.calls[-1][2].abs().max()) == 0.0  # from the all-zero mask prompt
+
+
 def test_negative_click_outside_the_crop_changes_nothing(spleen):
     predictor, model = spleen
     first = predictor.predict([[300, 200, 16]], [1])
@@ -279,6 +357,18 @@ def test_negative_click_outside_the_crop_changes_nothing(spleen):
     np.testing.assert_array_equal(result.mask, first.mask)
     # ... and it is remembered: the next click is incremental.
     assert predictor.predict([[300, 200, 16], [20, 20, 2], [301, 201, 16]], [1, 0, 1]).decode_steps == 1
+
+
+def test_clicks_that_changed_nothing_are_remembered_in_their_order(spleen):
+    """A negative click outside the crop, listed before the positive one (background first), is recorded with its
+    own label: the same request again runs nothing, and dropping it starts the label over."""
+    predictor, model = spleen
+    predictor.predict([[300, 200, 16]], [1])
+    calls = len(model.calls)
+    for _ in range(2):
+        assert predictor.predict([[20, 20, 2], [300, 200, 16]], [0, 1]).decode_steps == 0
+    assert len(model.calls) == calls
+    assert predictor.predict([[300, 200, 16]], [1]).decode_steps == 1
 
 
 def test_labels_have_independent_states_and_reset(spleen):
@@ -319,12 +409,38 @@ def test_negative_only_prompt_is_allowed():
     assert result.mask.sum() == 0 and result.decode_steps == 1
 
 
-def test_multimask_output_picks_one_mask():
-    predictor = Sam3DPredictor(SphereSam3D(img_size=64))
+class ThreeCandidatesSam3D(SphereSam3D):
+    """With ``multimask_output`` three candidate balls (radius x1, x1.5, x0.5) of predicted IoU 0.5, 0.9 and 0.7;
+    without it the first one only."""
+
+    def decode(self, image_embeddings, points, mask_input, multimask_output=False):
+        logits, _ = super().decode(image_embeddings, points, mask_input)
+        if not multimask_output:
+            return logits, torch.tensor([[0.5]])
+        # The stand-in's logits are radius - distance: another radius shifts them.
+        candidates = torch.cat([logits, logits + 0.5 * self.radius, logits - 0.5 * self.radius], dim=1)
+        return candidates, torch.tensor([[0.5, 0.9, 0.7]])
+
+
+def test_multimask_output_picks_the_mask_of_the_best_predicted_iou():
+    predictor = Sam3DPredictor(ThreeCandidatesSam3D(img_size=64), extension=False)
     predictor.set_image(np.random.default_rng(0).random((50, 50, 50)).astype(np.float32))
-    result = predictor.predict([[25, 25, 25]], [1], multimask_output=True)
+    single = predictor.predict([[25, 25, 25]], [1])
+    result = predictor.predict([[25, 25, 25]], [1], multimask_output=True, label_key="multimask")
     assert result.low_res_logits.shape == (1, 1, 16, 16, 16) and result.mask[25, 25, 25] == 1
-    assert result.iou == pytest.approx(0.9)
+    assert single.iou == pytest.approx(0.5) and result.iou == pytest.approx(0.9)
+    assert result.mask.sum() > 2 * single.mask.sum()  # the 1.5x ball: ~3.4x the volume
+
+
+def test_multimask_output_applies_to_the_crops_the_extension_adds(data_dir):
+    predictor = Sam3DPredictor(ThreeCandidatesSam3D(img_size=64))
+    predictor.set_image(data_dir / "msd_spleen_ct" / "imagesTr" / "spleen_8.nii.gz")
+    clicks = [[300, 200, 16], [60, 450, 5]]  # the first crop on the last one, a crop of its own for the other
+    single = predictor.predict(clicks, [1, 1], label_key="single")
+    multi = predictor.predict(clicks, [1, 1], label_key="multi", multimask_output=True)
+    assert len(single.crop_boxes) == len(multi.crop_boxes) == 2
+    around = (slice(260, 340), slice(160, 240), slice(0, 32))
+    assert multi.mask[around].sum() > 2 * single.mask[around].sum() > 0
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -332,7 +448,7 @@ def test_multimask_output_picks_one_mask():
 
 def test_bad_inputs_raise_clear_errors():
     predictor = Sam3DPredictor(SphereSam3D(img_size=64))
-    with pytest.raises(ValueError, match="no image set"):
+    with pytest.raises(ValueError, match=r"^no image set: call set_image\(path_or_array\) before predict\(\)$"):
         predictor.predict([[1, 2, 3]], [1])
     predictor.set_image(np.random.default_rng(0).random((512, 512, 32)).astype(np.float32))
     cases = [
