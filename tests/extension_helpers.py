@@ -53,7 +53,7 @@ class CropLocator(nn.Module):
         p = int(grid.source_axis[axis])
         x = grid.original_coords(axis, first, count)
         values = np.interp(x, np.arange(len(self.profiles[p])), self.profiles[p])
-        values[(x < -0.5) | (x > len(self.profiles[p]) - 0.5)] = np.nan
+        values[(x < -0.5) | (x >= len(self.profiles[p]) - 0.5)] = np.nan  # as the sampler
         return values
 
     def locate(self, image: torch.Tensor):
@@ -133,9 +133,11 @@ class GroundTruthSam3D(nn.Module):
         self.label = label.astype(np.uint8)
         self.image_encoder = CropLocator(encoder)
         self.decodes = 0
+        self.prompts: dict = {}  # (spacing_mm, crop start) -> the last prompt it was given: ((n, 3), (n,))
 
     def decode(self, crop, points, mask_input, multimask_output=False):
         self.decodes += 1
+        self.prompts[crop.prepared.spacing_mm, crop.start] = (points[0][0].cpu().numpy(), points[1][0].cpu().numpy())
         inside = crop.sample(self.label, "nearest").float()
         logits = torch.where(inside > 0, 10.0, -10.0)[None, None]  # full crop resolution: upsampling is a no-op
         m = 3 if multimask_output else 1

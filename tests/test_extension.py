@@ -138,6 +138,105 @@ def test_zoom_strategy_recovers_the_liver(totalseg):
     assert dice(result.mask > 0, gt) >= 0.99
 
 
+def test_zoom_strategy_finds_a_part_of_the_structure_the_slide_does_not_reach(totalseg):
+    """Both kidneys as one label, clicked on the left one: sliding follows only the clicked part (the right
+    kidney lies 78 mm beyond the first crop's reach), while the zoom strategy's coarse pass (6 mm voxels, 384 mm)
+    sees both and places 1.5 mm crops over the right kidney too."""
+    image, label_map, values = totalseg
+    gt = (label_map == values["kidney_left"]) | (label_map == values["kidney_right"])
+    click = _deepest(label_map == values["kidney_left"])
+    scores = {}
+    for strategy in ("slide", "zoom"):
+        predictor = CropAwarePredictor(GroundTruthSam3D(gt), extension=ExtensionConfig(
+            strategy=strategy, zoom_spacing_mm=6.0, max_crops=64, time_budget_s=600))
+        predictor.set_image(image)
+        result = predictor.predict(click, [1])
+        scores[strategy] = dice(result.mask > 0, gt)
+        right = label_map == values["kidney_right"]
+        assert not (result.mask > 0)[~gt].any()
+        if strategy == "slide":
+            assert not (result.mask > 0)[right].any() and scores[strategy] < 0.7
+        else:
+            assert int((right & (result.mask == 0)).sum()) == 0 and scores[strategy] >= 0.99, scores
+
+
+def _canonical_box(prepared, mask):
+    """``[lo, hi)`` of a label's voxels on the canonical grid (nearest canonical voxel of each)."""
+    found = np.floor(prepared.to_canonical(np.argwhere(mask)) + 0.5).astype(int)
+    return found.min(0), found.max(0) + 1
+
+
+def test_zoom_strategy_tiles_the_coarse_mask_nearest_first(totalseg):
+    """The "zoom" crops are planned from the coarse mask (6 mm voxels: the coarse crop sees the whole liver): one
+    lattice of stride size - overlap, centred on the structure and just large enough to span it, decoded before
+    the sliding pass fills in; under a crop cap, the lattice crops nearest the first one are decoded first."""
+    image, label_map, values = totalseg
+    gt = label_map == values["liver"]
+    stride = SIZE - SIZE // 4
+    results = {}
+    for cap in (64, 4):
+        predictor = CropAwarePredictor(GroundTruthSam3D(gt), extension=ExtensionConfig(
+            strategy="zoom", zoom_spacing_mm=6.0, max_crops=cap, time_budget_s=600))
+        predictor.set_image(image)
+        results[cap] = predictor.predict(_deepest(gt), [1])
+    full, capped = results[64], results[4]
+    assert dice(full.mask > 0, gt) >= 0.99
+    first = np.asarray(full.crop_boxes[0][0])
+    added = np.array([box[0] for box in full.crop_boxes[1:]])
+    on_lattice = np.all((added - added[0]) % stride == 0, axis=1)
+    planned = int(np.argmin(on_lattice)) if not on_lattice.all() else len(added)  # then the slide fills in
+    added = added[:planned]
+    assert len(added) >= 4
+    lo, hi = _canonical_box(predictor.prepared, gt)
+    span_lo, span_hi = added.min(0), added.max(0) + SIZE
+    slop = 4  # one coarse voxel
+    assert np.all(span_lo <= lo + slop) and np.all(span_hi >= hi - slop), (span_lo, span_hi, lo, hi)
+    assert np.all(span_hi - span_lo < hi - lo + stride), (span_lo, span_hi, lo, hi)  # no lattice row to spare
+    assert np.all(np.abs((span_lo + span_hi) / 2 - (lo + hi) / 2) <= slop), (span_lo, span_hi, lo, hi)
+    # Capped: the first crop and the 3 lattice crops nearest to it.
+    kept = np.array([box[0] for box in capped.crop_boxes[1:]])
+    assert len(capped.crop_boxes) == 4 and capped.crop_boxes[0] == full.crop_boxes[0]
+    distance = np.abs(added - first).sum(1)
+    assert {tuple(s) for s in kept} <= {tuple(s) for s in added.tolist()}
+    assert np.abs(kept - first).sum(1).max() <= np.sort(distance)[2]
+
+
+@pytest.mark.parametrize("strategy", ["slide", "zoom"])
+def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strategy):
+    """The user's clicks reach every crop they fall in, the coarse crop of the zoom strategy too, at their
+    place on that crop, after the clicks derived from the known mask."""
+    image, label_map, values = totalseg
+    gt = label_map == values["liver"]
+    model = GroundTruthSam3D(gt)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy=strategy, max_crops=64,
+                                                                    time_budget_s=600))
+    predictor.set_image(image)
+    deepest = _deepest(gt)[0]
+    inside = np.argwhere(gt)
+    points = np.array([deepest, inside[0], inside[len(inside) // 2], inside[-1]], float)
+    result = predictor.predict(points, [1, 1, 0, 1])
+    grids = {predictor.spacing_mm: predictor.prepared}
+    if strategy == "zoom":
+        from sam_med3d.geometry import PreparedScan
+
+        grids[3.0] = PreparedScan(predictor.prepared.scan, 3.0)
+        assert 3.0 in {spacing for spacing, _ in model.prompts}
+    starts = {box[0] for box in result.crop_boxes}
+    assert starts <= {start for spacing, start in model.prompts if spacing == predictor.spacing_mm}
+    reached = 0
+    for (spacing, start), (prompt, labels) in model.prompts.items():
+        if spacing == predictor.spacing_mm and start not in starts:
+            continue
+        crop = grids[spacing].crop(start, SIZE)
+        mine = [i for i in range(len(points)) if crop.contains(points[i:i + 1])[0]]
+        derived = len(prompt) - len(mine)
+        assert derived >= 0 and np.all(labels[:derived] == 1), (spacing, start)
+        np.testing.assert_allclose(prompt[derived:], crop.to_crop(points[mine]), atol=1e-4)
+        assert labels[derived:].tolist() == [[1, 1, 0, 1][i] for i in mine]
+        reached += len(mine)
+    assert reached > len(points)  # some clicks lie in several crops
+
+
 def test_blend_window_and_derived_points():
     w = blend_window(64, 16)
     assert w.shape == (64,) and w[0] < 0.05 and w[31] == 1.0 and np.allclose(w, w[::-1])
