@@ -133,11 +133,12 @@ class GroundTruthSam3D(nn.Module):
         self.label = label.astype(np.uint8)
         self.image_encoder = CropLocator(encoder)
         self.decodes = 0
-        self.prompts: dict = {}  # (spacing_mm, crop start) -> the last prompt it was given: ((n, 3), (n,))
+        self.prompts: dict = {}  # (spacing_mm, crop start) -> last prompt: ((n, 3), (n,), multimask)
 
     def decode(self, crop, points, mask_input, multimask_output=False):
         self.decodes += 1
-        self.prompts[crop.prepared.spacing_mm, crop.start] = (points[0][0].cpu().numpy(), points[1][0].cpu().numpy())
+        self.prompts[crop.prepared.spacing_mm, crop.start] = (points[0][0].cpu().numpy(), points[1][0].cpu().numpy(),
+                                                              multimask_output)
         inside = crop.sample(self.label, "nearest").float()
         logits = torch.where(inside > 0, 10.0, -10.0)[None, None]  # full crop resolution: upsampling is a no-op
         m = 3 if multimask_output else 1

@@ -17,6 +17,7 @@ import pytest
 from extension_helpers import CropAwarePredictor, GroundTruthSam3D
 from sam_med3d.extension import ExtensionConfig, TilingStats, blend_window, derived_points
 from sam_med3d.metrics import dice
+from scipy.ndimage import distance_transform_edt
 
 SIZE = 64
 
@@ -201,10 +202,31 @@ def test_zoom_strategy_tiles_the_coarse_mask_nearest_first(totalseg):
     assert np.abs(kept - first).sum(1).max() <= np.sort(distance)[2]
 
 
+def test_zoom_strategy_follows_a_new_scan(totalseg):
+    """One predictor, two scans: the coarse pass of the second runs on the second scan, as a fresh predictor's."""
+    image, label_map, values = totalseg
+    scan = nib.load(str(image))
+    sub = (slice(10, None), slice(None), slice(0, 100))  # another extent and origin
+    affine = scan.affine.copy()
+    affine[:3, 3] = nib.affines.apply_affine(scan.affine, [10, 0, 0])
+    array, gt = np.asarray(scan.dataobj, np.float32)[sub], (label_map == values["liver"])[sub]
+    config = ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64, time_budget_s=600)
+    model = GroundTruthSam3D(label_map == values["liver"])
+    reused = CropAwarePredictor(model, extension=config)
+    reused.set_image(np.asarray(scan.dataobj, np.float32), scan.affine)
+    assert len(reused.predict(_deepest(label_map == values["liver"]), [1]).crop_boxes) > 2
+    model.label = gt.astype(np.uint8)
+    reused.set_image(array, affine)
+    fresh = CropAwarePredictor(GroundTruthSam3D(gt), extension=config)
+    fresh.set_image(array, affine)
+    a, b = reused.predict(_deepest(gt), [1]), fresh.predict(_deepest(gt), [1])
+    assert a.crop_boxes == b.crop_boxes and np.array_equal(a.mask, b.mask) and dice(a.mask > 0, gt) >= 0.99
+
+
 @pytest.mark.parametrize("strategy", ["slide", "zoom"])
 def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strategy):
     """The user's clicks reach every crop they fall in, the coarse crop of the zoom strategy too, at their
-    place on that crop, after the clicks derived from the known mask."""
+    place on that crop, after the clicks derived from the known mask; so does the request for three masks."""
     image, label_map, values = totalseg
     gt = label_map == values["liver"]
     model = GroundTruthSam3D(gt)
@@ -214,7 +236,7 @@ def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strateg
     deepest = _deepest(gt)[0]
     inside = np.argwhere(gt)
     points = np.array([deepest, inside[0], inside[len(inside) // 2], inside[-1]], float)
-    result = predictor.predict(points, [1, 1, 0, 1])
+    result = predictor.predict(points, [1, 1, 0, 1], multimask_output=True)
     grids = {predictor.spacing_mm: predictor.prepared}
     if strategy == "zoom":
         from sam_med3d.geometry import PreparedScan
@@ -224,7 +246,8 @@ def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strateg
     starts = {box[0] for box in result.crop_boxes}
     assert starts <= {start for spacing, start in model.prompts if spacing == predictor.spacing_mm}
     reached = 0
-    for (spacing, start), (prompt, labels) in model.prompts.items():
+    assert all(multimask for _, _, multimask in model.prompts.values())  # every crop picks the best of three
+    for (spacing, start), (prompt, labels, _) in model.prompts.items():
         if spacing == predictor.spacing_mm and start not in starts:
             continue
         crop = grids[spacing].crop(start, SIZE)
@@ -246,6 +269,17 @@ def test_blend_window_and_derived_points():
     assert len(pts) == 2 and all(known[tuple(p.astype(int))] == 1 for p in pts)
     assert np.linalg.norm(pts[0] - pts[1]) >= 4.0
     assert len(derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0)) == 0
+    assert derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0).shape == (0, 3)
+    # The deepest voxel of the known part, whatever lies around it; probabilities of 0.5 are not known.
+    known[:] = 0.5
+    known[6:13, 20:31, 2:17] = 0.9
+    inside = np.zeros(known.shape, bool)
+    inside[6:13, 20:31, 2:17] = True
+    depth = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1, 1:-1]
+    pts = derived_points(known, np.ones(known.shape, bool), 3, 3.0)
+    assert len(pts) == 3 and all(inside[tuple(p.astype(int))] for p in pts)
+    assert depth[tuple(pts[0].astype(int))] == depth.max() == 4.0
+
     with pytest.raises(ValueError, match="strategy"):
         ExtensionConfig(strategy="magic")
 
