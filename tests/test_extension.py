@@ -279,6 +279,11 @@ def test_blend_window_and_derived_points():
     pts = derived_points(known, np.ones(known.shape, bool), 3, 3.0)
     assert len(pts) == 3 and all(inside[tuple(p.astype(int))] for p in pts)
     assert depth[tuple(pts[0].astype(int))] == depth.max() == 4.0
+    # A known part one voxel thin (a structure grazing the crop) still gives clicks on it.
+    sheet = np.zeros_like(known)
+    sheet[31, 4:20, 4:20] = 1.0
+    pts = derived_points(sheet, np.ones(known.shape, bool), 2, 4.0)
+    assert len(pts) == 2 and all(sheet[tuple(p.astype(int))] == 1 for p in pts)
 
     with pytest.raises(ValueError, match="strategy"):
         ExtensionConfig(strategy="magic")
