@@ -277,6 +277,18 @@ def test_blend_window_and_derived_points():
     pts = derived_points(known, np.ones(known.shape, bool), 3, 3.0)
     assert len(pts) == 3 and all(inside[tuple(p.astype(int))] for p in pts)
     assert pts[0].tolist() == [10, 24, 6]  # the centre of the 9^3 block, 5 voxels deep
+    # Along a bar 5 voxels across, the deepest voxels (3 deep) lie on its axis: the first one in index order, then
+    # every min_distance along it; a blob too small for more gives fewer clicks, all inside it.
+    for axis in range(3):
+        bar = np.zeros_like(known)
+        bar[tuple(slice(2, 30) if a == axis else slice(10, 15) for a in range(3))] = 1.0
+        expected = np.full((3, 3), 12.0)
+        expected[:, axis] = [4, 10, 16]
+        np.testing.assert_array_equal(derived_points(bar, np.ones(known.shape, bool), 3, 6.0), expected)
+    blob = np.zeros_like(known)
+    blob[7:9, 7:9, 7:9] = 1.0
+    pts = derived_points(blob, np.ones(known.shape, bool), 3, 4.0)
+    assert len(pts) == 1 and blob[tuple(pts[0].astype(int))] == 1
     # A known part one voxel thin (a structure grazing the crop's face) still gives clicks on it.
     for axis in range(3):
         sheet = np.zeros_like(known)
