@@ -419,6 +419,28 @@ def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
     np.testing.assert_array_equal(region_mask, mask[region])
 
 
+def test_blended_mask_comes_in_the_scan_memory_order():
+    """The blended mask is laid out like the scan (Fortran order for scans read from files, i fastest), so that
+    the app's merge into the label map runs along memory; the values do not depend on the layout."""
+    from sam_med3d.extension import blend_window, combine_in_region
+    from sam_med3d.geometry import PreparedScan
+    from sam_med3d.io import load_scan
+
+    array = np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32)
+    window = blend_window(16, 4)
+    ramp = np.linspace(0.2, 0.8, 16)[:, None, None] * np.ones((16, 16, 16))
+    masks = {}
+    for order in ("C", "F"):
+        prepared = PreparedScan(load_scan(np.asarray(array, order=order), PERMUTED_AFFINE))
+        assert prepared.scan.array.flags[f"{order}_CONTIGUOUS"]
+        tiles = [_crop_tile(prepared, (0, 0, 0), ramp), _crop_tile(prepared, (12, 2, 0), ramp[::-1])]
+        _, mask, _ = combine_in_region(prepared, tiles, window)
+        assert mask.flags[f"{order}_CONTIGUOUS"] and not mask.flags["C_CONTIGUOUS" if order == "F" else "F_CONTIGUOUS"]
+        masks[order] = mask
+    assert 0 < masks["C"].mean() < 1
+    np.testing.assert_array_equal(masks["C"], masks["F"])
+
+
 def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule():
     """Three crops overlapping along different canonical axes, each with probabilities that vary along all
     three crop axes differently: the vectorised blend equals the voxel-by-voxel rule on the whole scan and on a
