@@ -174,9 +174,10 @@ def test_zoom_strategy_tiles_the_coarse_mask_nearest_first(totalseg):
     image, label_map, values = totalseg
     gt = label_map == values["liver"]
     stride = SIZE - SIZE // 4
-    results = {}
+    results, models = {}, {}
     for cap in (64, 4):
-        predictor = CropAwarePredictor(GroundTruthSam3D(gt), extension=ExtensionConfig(
+        models[cap] = GroundTruthSam3D(gt)
+        predictor = CropAwarePredictor(models[cap], extension=ExtensionConfig(
             strategy="zoom", zoom_spacing_mm=6.0, max_crops=cap, time_budget_s=600))
         predictor.set_image(image)
         results[cap] = predictor.predict(_deepest(gt), [1])
@@ -188,6 +189,11 @@ def test_zoom_strategy_tiles_the_coarse_mask_nearest_first(totalseg):
     planned = int(np.argmin(on_lattice)) if not on_lattice.all() else len(added)  # then the slide fills in
     added = added[:planned]
     assert len(added) >= 4
+    # Each prompted with derived_points clicks from the coarse mask (the click is not in them).
+    click_in = [predictor.prepared.crop(start, SIZE).contains(_deepest(gt))[0] for start in added]
+    derived = [len(models[64].prompts[predictor.spacing_mm, tuple(start)][0]) - int(c)
+               for start, c in zip(added.tolist(), click_in)]
+    assert max(derived) == 2 and derived.count(2) >= len(added) // 2, derived
     lo, hi = _canonical_box(predictor.prepared, gt)
     span_lo, span_hi = added.min(0), added.max(0) + SIZE
     slop = 4  # one coarse voxel
@@ -245,7 +251,7 @@ def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strateg
         assert 3.0 in {spacing for spacing, _ in model.prompts}
     starts = {box[0] for box in result.crop_boxes}
     assert starts <= {start for spacing, start in model.prompts if spacing == predictor.spacing_mm}
-    reached = 0
+    reached, derived_counts = 0, []
     assert all(multimask for _, _, multimask in model.prompts.values())  # every crop picks the best of three
     for (spacing, start), (prompt, labels, _) in model.prompts.items():
         if spacing == predictor.spacing_mm and start not in starts:
@@ -256,10 +262,15 @@ def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strateg
         assert derived >= 0 and np.all(labels[:derived] == 1), (spacing, start)
         if spacing != predictor.spacing_mm or start == result.crop_boxes[0][0]:
             assert derived == 0, (spacing, start)  # the coarse crop and the first one: the user's clicks only
+        else:
+            derived_counts.append(derived)
         np.testing.assert_allclose(prompt[derived:], crop.to_crop(points[mine]), atol=1e-4)
         assert labels[derived:].tolist() == [[1, 1, 0, 1][i] for i in mine]
         reached += len(mine)
     assert reached > len(points)  # some clicks lie in several crops
+    # Each crop added across a face: up to derived_points clicks from the known mask, all of them where it knows
+    # enough (a crop placed on a positive click no crop held has none).
+    assert max(derived_counts) == ExtensionConfig().derived_points == 2 and derived_counts.count(2) > 1
 
 
 def test_blend_window_and_derived_points():
