@@ -17,6 +17,7 @@ import pytest
 from extension_helpers import CropAwarePredictor, GroundTruthSam3D
 from sam_med3d.extension import ExtensionConfig, TilingStats, blend_window, derived_points
 from sam_med3d.metrics import dice
+from scipy.ndimage import distance_transform_edt
 
 SIZE = 64
 
@@ -138,6 +139,140 @@ def test_zoom_strategy_recovers_the_liver(totalseg):
     assert dice(result.mask > 0, gt) >= 0.99
 
 
+def test_zoom_strategy_finds_a_part_of_the_structure_the_slide_does_not_reach(totalseg):
+    """Both kidneys as one label, clicked on the left one: sliding follows only the clicked part (the right
+    kidney lies 78 mm beyond the first crop's reach), while the zoom strategy's coarse pass (6 mm voxels, 384 mm)
+    sees both and places 1.5 mm crops over the right kidney too."""
+    image, label_map, values = totalseg
+    gt = (label_map == values["kidney_left"]) | (label_map == values["kidney_right"])
+    click = _deepest(label_map == values["kidney_left"])
+    scores = {}
+    for strategy in ("slide", "zoom"):
+        predictor = CropAwarePredictor(GroundTruthSam3D(gt), extension=ExtensionConfig(
+            strategy=strategy, zoom_spacing_mm=6.0, max_crops=64, time_budget_s=600))
+        predictor.set_image(image)
+        result = predictor.predict(click, [1])
+        scores[strategy] = dice(result.mask > 0, gt)
+        right = label_map == values["kidney_right"]
+        assert not (result.mask > 0)[~gt].any()
+        if strategy == "slide":
+            assert not (result.mask > 0)[right].any() and scores[strategy] < 0.7
+        else:
+            assert int((right & (result.mask == 0)).sum()) == 0 and scores[strategy] >= 0.99, scores
+
+
+def _canonical_box(prepared, mask):
+    """``[lo, hi)`` of a label's voxels on the canonical grid (nearest canonical voxel of each)."""
+    found = np.floor(prepared.to_canonical(np.argwhere(mask)) + 0.5).astype(int)
+    return found.min(0), found.max(0) + 1
+
+
+def test_zoom_strategy_tiles_the_coarse_mask_nearest_first(totalseg):
+    """The "zoom" crops are planned from the coarse mask (6 mm voxels: the coarse crop sees the whole liver): one
+    lattice of stride size - overlap, centred on the structure and just large enough to span it, decoded before
+    the sliding pass fills in; under a crop cap, the lattice crops nearest the first one are decoded first."""
+    image, label_map, values = totalseg
+    gt = label_map == values["liver"]
+    stride = SIZE - SIZE // 4
+    results, models = {}, {}
+    for cap in (64, 4):
+        models[cap] = GroundTruthSam3D(gt)
+        predictor = CropAwarePredictor(models[cap], extension=ExtensionConfig(
+            strategy="zoom", zoom_spacing_mm=6.0, max_crops=cap, time_budget_s=600))
+        predictor.set_image(image)
+        results[cap] = predictor.predict(_deepest(gt), [1])
+    full, capped = results[64], results[4]
+    assert dice(full.mask > 0, gt) >= 0.99
+    first = np.asarray(full.crop_boxes[0][0])
+    added = np.array([box[0] for box in full.crop_boxes[1:]])
+    on_lattice = np.all((added - added[0]) % stride == 0, axis=1)
+    planned = int(np.argmin(on_lattice)) if not on_lattice.all() else len(added)  # then the slide fills in
+    added = added[:planned]
+    assert len(added) >= 4
+    # Each prompted with derived_points clicks from the coarse mask (the click is not in them).
+    click_in = [predictor.prepared.crop(start, SIZE).contains(_deepest(gt))[0] for start in added]
+    derived = [len(models[64].prompts[predictor.spacing_mm, tuple(start)][0]) - int(c)
+               for start, c in zip(added.tolist(), click_in)]
+    assert max(derived) == 2 and derived.count(2) >= len(added) // 2, derived
+    lo, hi = _canonical_box(predictor.prepared, gt)
+    span_lo, span_hi = added.min(0), added.max(0) + SIZE
+    slop = 4  # one coarse voxel
+    assert np.all(span_lo <= lo + slop) and np.all(span_hi >= hi - slop), (span_lo, span_hi, lo, hi)
+    assert np.all(span_hi - span_lo < hi - lo + stride), (span_lo, span_hi, lo, hi)  # no lattice row to spare
+    assert np.all(np.abs((span_lo + span_hi) / 2 - (lo + hi) / 2) <= slop), (span_lo, span_hi, lo, hi)
+    # Capped: the first crop and the 3 lattice crops nearest to it.
+    kept = np.array([box[0] for box in capped.crop_boxes[1:]])
+    assert len(capped.crop_boxes) == 4 and capped.crop_boxes[0] == full.crop_boxes[0]
+    distance = np.abs(added - first).sum(1)
+    assert {tuple(s) for s in kept} <= {tuple(s) for s in added.tolist()}
+    assert np.abs(kept - first).sum(1).max() <= np.sort(distance)[2]
+
+
+def test_zoom_strategy_follows_a_new_scan(totalseg):
+    """One predictor, two scans: the coarse pass of the second runs on the second scan, as a fresh predictor's."""
+    image, label_map, values = totalseg
+    scan = nib.load(str(image))
+    sub = (slice(10, None), slice(None), slice(0, 100))  # another extent and origin
+    affine = scan.affine.copy()
+    affine[:3, 3] = nib.affines.apply_affine(scan.affine, [10, 0, 0])
+    array, gt = np.asarray(scan.dataobj, np.float32)[sub], (label_map == values["liver"])[sub]
+    config = ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64, time_budget_s=600)
+    model = GroundTruthSam3D(label_map == values["liver"])
+    reused = CropAwarePredictor(model, extension=config)
+    reused.set_image(np.asarray(scan.dataobj, np.float32), scan.affine)
+    assert len(reused.predict(_deepest(label_map == values["liver"]), [1]).crop_boxes) > 2
+    model.label = gt.astype(np.uint8)
+    reused.set_image(array, affine)
+    fresh = CropAwarePredictor(GroundTruthSam3D(gt), extension=config)
+    fresh.set_image(array, affine)
+    a, b = reused.predict(_deepest(gt), [1]), fresh.predict(_deepest(gt), [1])
+    assert a.crop_boxes == b.crop_boxes and np.array_equal(a.mask, b.mask) and dice(a.mask > 0, gt) >= 0.99
+
+
+@pytest.mark.parametrize("strategy", ["slide", "zoom"])
+def test_every_crop_is_prompted_with_the_user_clicks_inside_it(totalseg, strategy):
+    """The user's clicks reach every crop they fall in, the coarse crop of the zoom strategy too, at their
+    place on that crop, after the clicks derived from the known mask; so does the request for three masks."""
+    image, label_map, values = totalseg
+    gt = label_map == values["liver"]
+    model = GroundTruthSam3D(gt)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy=strategy, max_crops=64,
+                                                                    time_budget_s=600))
+    predictor.set_image(image)
+    deepest = _deepest(gt)[0]
+    inside = np.argwhere(gt)
+    points = np.array([deepest, inside[0], inside[len(inside) // 2], inside[-1]], float)
+    result = predictor.predict(points, [1, 1, 0, 1], multimask_output=True)
+    grids = {predictor.spacing_mm: predictor.prepared}
+    if strategy == "zoom":
+        from sam_med3d.geometry import PreparedScan
+
+        grids[3.0] = PreparedScan(predictor.prepared.scan, 3.0)
+        assert 3.0 in {spacing for spacing, _ in model.prompts}
+    starts = {box[0] for box in result.crop_boxes}
+    assert starts <= {start for spacing, start in model.prompts if spacing == predictor.spacing_mm}
+    reached, derived_counts = 0, []
+    assert all(multimask for _, _, multimask in model.prompts.values())  # every crop picks the best of three
+    for (spacing, start), (prompt, labels, _) in model.prompts.items():
+        if spacing == predictor.spacing_mm and start not in starts:
+            continue
+        crop = grids[spacing].crop(start, SIZE)
+        mine = [i for i in range(len(points)) if crop.contains(points[i:i + 1])[0]]
+        derived = len(prompt) - len(mine)
+        assert derived >= 0 and np.all(labels[:derived] == 1), (spacing, start)
+        if spacing != predictor.spacing_mm or start == result.crop_boxes[0][0]:
+            assert derived == 0, (spacing, start)  # the coarse crop and the first one: the user's clicks only
+        else:
+            derived_counts.append(derived)
+        np.testing.assert_allclose(prompt[derived:], crop.to_crop(points[mine]), atol=1e-4)
+        assert labels[derived:].tolist() == [[1, 1, 0, 1][i] for i in mine]
+        reached += len(mine)
+    assert reached > len(points)  # some clicks lie in several crops
+    # Each crop added across a face: up to derived_points clicks from the known mask, all of them where it knows
+    # enough (a crop placed on a positive click no crop held has none).
+    assert max(derived_counts) == ExtensionConfig().derived_points == 2 and derived_counts.count(2) > 1
+
+
 def test_blend_window_and_derived_points():
     w = blend_window(64, 16)
     assert w.shape == (64,) and w[0] < 0.05 and w[31] == 1.0 and np.allclose(w, w[::-1])
@@ -147,6 +282,33 @@ def test_blend_window_and_derived_points():
     assert len(pts) == 2 and all(known[tuple(p.astype(int))] == 1 for p in pts)
     assert np.linalg.norm(pts[0] - pts[1]) >= 4.0
     assert len(derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0)) == 0
+    assert derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0).shape == (0, 3)
+    # The deepest voxel of the known part, whatever lies around it; probabilities of 0.5 are not known.
+    known[:] = 0.5
+    known[6:15, 20:29, 2:11] = 0.9
+    inside = known > 0.5
+    pts = derived_points(known, np.ones(known.shape, bool), 3, 3.0)
+    assert len(pts) == 3 and all(inside[tuple(p.astype(int))] for p in pts)
+    assert pts[0].tolist() == [10, 24, 6]  # the centre of the 9^3 block, 5 voxels deep
+    # Along a bar 5 voxels across, the deepest voxels (3 deep) lie on its axis: the first one in index order, then
+    # every min_distance along it; a blob too small for more gives fewer clicks, all inside it.
+    for axis in range(3):
+        bar = np.zeros_like(known)
+        bar[tuple(slice(2, 30) if a == axis else slice(10, 15) for a in range(3))] = 1.0
+        expected = np.full((3, 3), 12.0)
+        expected[:, axis] = [4, 10, 16]
+        np.testing.assert_array_equal(derived_points(bar, np.ones(known.shape, bool), 3, 6.0), expected)
+    blob = np.zeros_like(known)
+    blob[7:9, 7:9, 7:9] = 1.0
+    pts = derived_points(blob, np.ones(known.shape, bool), 3, 4.0)
+    assert len(pts) == 1 and blob[tuple(pts[0].astype(int))] == 1
+    # A known part one voxel thin (a structure grazing the crop's face) still gives clicks on it.
+    for axis in range(3):
+        sheet = np.zeros_like(known)
+        sheet[(slice(4, 20),) * axis + (31,)] = 1.0
+        pts = derived_points(sheet, np.ones(known.shape, bool), 2, 4.0)
+        assert len(pts) == 2 and all(sheet[tuple(p.astype(int))] == 1 for p in pts), axis
+
     with pytest.raises(ValueError, match="strategy"):
         ExtensionConfig(strategy="magic")
 
@@ -266,6 +428,28 @@ def test_blend_weights_decide_the_overlap_on_a_non_ras_scan():
     assert region == (slice(0, 16), slice(j_inside[0], j_inside[-1] + 1), slice(28, 56))
     np.testing.assert_array_equal(region_probs, probs[region])
     np.testing.assert_array_equal(region_mask, mask[region])
+
+
+def test_blended_mask_comes_in_the_scan_memory_order():
+    """The blended mask is laid out like the scan (Fortran order for scans read from files, i fastest), so that
+    the app's merge into the label map runs along memory; the values do not depend on the layout."""
+    from sam_med3d.extension import blend_window, combine_in_region
+    from sam_med3d.geometry import PreparedScan
+    from sam_med3d.io import load_scan
+
+    array = np.random.default_rng(0).normal(size=PERMUTED_SHAPE).astype(np.float32)
+    window = blend_window(16, 4)
+    ramp = np.linspace(0.2, 0.8, 16)[:, None, None] * np.ones((16, 16, 16))
+    masks = {}
+    for order in ("C", "F"):
+        prepared = PreparedScan(load_scan(np.asarray(array, order=order), PERMUTED_AFFINE))
+        assert prepared.scan.array.flags[f"{order}_CONTIGUOUS"]
+        tiles = [_crop_tile(prepared, (0, 0, 0), ramp), _crop_tile(prepared, (12, 2, 0), ramp[::-1])]
+        _, mask, _ = combine_in_region(prepared, tiles, window)
+        assert mask.flags[f"{order}_CONTIGUOUS"] and not mask.flags["C_CONTIGUOUS" if order == "F" else "F_CONTIGUOUS"]
+        masks[order] = mask
+    assert 0 < masks["C"].mean() < 1
+    np.testing.assert_array_equal(masks["C"], masks["F"])
 
 
 def test_blend_of_tiles_varying_along_every_axis_matches_the_voxel_by_voxel_rule():
