@@ -466,3 +466,52 @@ def test_a_crop_that_misses_the_scan_pastes_nothing_and_keeps_the_dtype():
     assert region is None and values.shape == (0, 0, 0) and values.dtype == np.uint8
     pasted = prep.paste_back(outside, np.ones((4, 4, 4), dtype=np.uint8))
     assert pasted.dtype == np.uint8 and pasted.shape == (10, 12, 14) and not pasted.any()
+
+
+def _ras_1p5mm_prep(shape=(100, 100, 100)) -> PreparedScan:
+    """A RAS scan at 1.5 mm: its canonical grid is the scan's own, so canonical indices are the clicks'."""
+    volume = np.random.default_rng(4).random(shape).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    assert prep.shape == shape
+    return prep
+
+
+def test_place_crop_centres_on_the_positive_clicks_and_otherwise_on_the_latest_intent():
+    """``place_crop``: on all positive clicks when they fit; else on the ``new`` clicks (their positives), else on
+    the latest positive click, else (negatives only) on the latest click. start = floor((lo + hi) / 2) - 8."""
+    from sam_med3d.geometry import place_crop
+
+    prep = _ras_1p5mm_prep()
+    near = np.array([[40, 40, 40], [46, 46, 46]])
+    assert place_crop(prep, near, np.array([1, 1]), 16).start == (35, 35, 35)  # (40 + 47) // 2 - 8
+    assert place_crop(prep, near, np.array([1, 1]), 16, new=[1]).start == (35, 35, 35)  # the new click is in it
+    spread = np.array([[10, 10, 10], [80, 80, 80], [50, 50, 50]])
+    # positives 10 and 80 do not fit in one crop (centred at 45 it holds neither): the latest positive wins,
+    # not the later negative click (which that crop holds)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16).start == (72, 72, 72)
+    assert place_crop(prep, spread[[1, 0, 2]], np.array([1, 1, 0]), 16).start == (2, 2, 2)
+    # negatives only: the latest click
+    assert place_crop(prep, spread[:2], np.array([0, 0]), 16).start == (72, 72, 72)
+    assert place_crop(prep, spread[[1, 0]], np.array([0, 0]), 16).start == (2, 2, 2)
+    # the new clicks decide, centred on their positives only (the new negative at 50 is left out)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[0, 2]).start == (2, 2, 2)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[1]).start == (72, 72, 72)
+    # a new negative click only: the crop on all positives is kept when it holds it
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[2]).start == (37, 37, 37)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[]).start == (72, 72, 72)  # empty: no new click
+
+
+def test_crop_keeps_clicks_only_when_every_new_positive_click_is_inside():
+    from sam_med3d.geometry import crop_keeps_clicks
+
+    prep = _ras_1p5mm_prep()
+    crop = prep.crop((30, 30, 30), 16)  # canonical voxels 30 .. 45
+    inside, outside = [35, 40, 45], [46, 40, 40]
+    assert crop_keeps_clicks(crop, np.array([inside, [30, 30, 30]]), np.array([1, 1]))
+    assert not crop_keeps_clicks(crop, np.array([outside]), np.array([1]))
+    assert not crop_keeps_clicks(crop, np.array([inside, outside]), np.array([1, 1]))
+    # a negative click outside the crop does not move it
+    assert crop_keeps_clicks(crop, np.array([outside]), np.array([0]))
+    assert crop_keeps_clicks(crop, np.array([outside, inside]), np.array([0, 1]))
+    assert not crop_keeps_clicks(crop, np.array([inside, outside]), np.array([0, 1]))
+    assert crop_keeps_clicks(crop, np.zeros((0, 3)), np.zeros(0, np.int64))
