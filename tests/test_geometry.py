@@ -209,6 +209,19 @@ def test_normalisation_fallbacks():
     assert std == 1.0 and float(flat.abs().max()) == 0.0
 
 
+
+def test_normalisation_with_two_positive_voxels_and_with_equal_positive_voxels():
+    """Two positive voxels are enough for their own statistics; positive voxels that are all equal (zero std)
+    fall back to the whole crop's statistics instead of dividing by zero."""
+    two = torch.tensor([-4.0, 1.0, 3.0, -2.0]).reshape(1, 2, 2)
+    image, mean, std = normalize_intensity(two)
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2.0))
+    np.testing.assert_allclose(image.numpy(), (two.numpy() - 2.0) / math.sqrt(2.0), rtol=1e-6)
+    flat_positive = torch.tensor([0.0, 0.0, 5.0, 5.0]).reshape(1, 2, 2)  # e.g. a binary-valued crop
+    image, mean, std = normalize_intensity(flat_positive)
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(25.0 / 3.0))  # unbiased std of 0, 0, 5, 5
+    assert bool(torch.isfinite(image).all())
+
 def _torchio_sitk(array: np.ndarray, affine: np.ndarray, pixel=None) -> sitk.Image:
     """An (i, j, k) array with a RAS affine as torchio 0.19.9 hands it to SimpleITK (``nib_to_sitk``)."""
     image = sitk.GetImageFromArray(array.transpose(2, 1, 0) if pixel is None else array.transpose(2, 1, 0).astype(pixel))
