@@ -221,8 +221,8 @@ def test_normalisation_with_two_positive_voxels_and_with_equal_positive_voxels()
     image, mean, std = normalize_intensity(flat_positive)
     assert mean == 2.5 and std == pytest.approx(math.sqrt(25.0 / 3.0))  # unbiased std of 0, 0, 5, 5
     assert bool(torch.isfinite(image).all())
-    image, mean, std = normalize_intensity(torch.tensor([-1.0, -3.0]))  # no positive voxel: both voxels count
-    assert mean == -2.0 and std == pytest.approx(math.sqrt(2.0))
+    image, mean, std = normalize_intensity(torch.tensor([-1.0, -1.5]))  # no positive voxel: both voxels count
+    assert mean == -1.25 and std == pytest.approx(math.sqrt(0.125))  # kept although below 1
 
 def _torchio_sitk(array: np.ndarray, affine: np.ndarray, pixel=None) -> sitk.Image:
     """An (i, j, k) array with a RAS affine as torchio 0.19.9 hands it to SimpleITK (``nib_to_sitk``)."""
