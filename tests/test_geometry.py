@@ -530,3 +530,18 @@ def test_crop_keeps_clicks_only_when_every_new_positive_click_is_inside():
     assert crop_keeps_clicks(crop, np.array([outside, inside]), np.array([0, 1]))
     assert not crop_keeps_clicks(crop, np.array([inside, outside]), np.array([0, 1]))
     assert crop_keeps_clicks(crop, np.zeros((0, 3)), np.zeros(0, np.int64))
+
+
+def test_crop_of_a_mask_takes_torch_masks_centres_an_empty_mask_and_names_a_wrong_shape():
+    volume = np.random.default_rng(5).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))  # canonical grid = the scan's
+    mask = np.zeros((10, 12, 14), np.uint8)
+    mask[2:4, 3:6, 4] = 3
+    # box [2, 4) x [3, 6) x [4, 5): start = (lo + hi) // 2 - 2
+    assert prep.crop_box_of_mask(mask, 4) == (1, 2, 2)
+    assert prep.crop_box_of_mask(torch.from_numpy(mask), 4) == (1, 2, 2)
+    # an empty mask: the centre of the canonical grid, as CropOrPad does without a label
+    assert prep.crop_box_of_mask(np.zeros_like(mask), 4) == (3, 4, 5)
+    assert prep.crop_box_of_mask(np.zeros_like(mask), 5) == (3, 4, 5)
+    with pytest.raises(ValueError, match=r"^mask of shape \(10, 12, 13\) does not match the scan 10x12x14$"):
+        prep.crop_box_of_mask(np.zeros((10, 12, 13), np.uint8), 4)
