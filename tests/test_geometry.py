@@ -545,3 +545,21 @@ def test_crop_of_a_mask_takes_torch_masks_centres_an_empty_mask_and_names_a_wron
     assert prep.crop_box_of_mask(np.zeros_like(mask), 5) == (3, 4, 5)
     with pytest.raises(ValueError, match=r"^mask of shape \(10, 12, 13\) does not match the scan 10x12x14$"):
         prep.crop_box_of_mask(np.zeros((10, 12, 13), np.uint8), 4)
+
+
+def test_crop_around_clicks_rounds_them_to_voxels_and_names_bad_input():
+    """The clicks' nearest canonical voxels (ties up) make the box; all clicks count when none is positive."""
+    volume = np.random.default_rng(6).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))  # canonical grid = the scan's
+    clicks = [[2, 3, 4], [6, 7, 8]]
+    # box [2, 7) x [3, 8) x [4, 9): start = (lo + hi) // 2 - 2
+    assert prep.crop_box_around(clicks, 4) == (2, 3, 4)
+    assert prep.crop_box_around(clicks, 4, [0, 0]) == (2, 3, 4)
+    assert prep.crop_box_around(clicks, 4, np.array([[1], [0]])) == (0, 1, 2)  # the first click's voxel only
+    assert prep.crop_box_around(clicks, 4, torch.tensor([0, 1])) == (4, 5, 6)
+    # (2.5, 3.49, 4.5) is voxel (3, 3, 5)
+    assert prep.crop_box_around([[2.5, 3.49, 4.5]], 4) == (1, 1, 3)
+    with pytest.raises(ValueError, match="^at least one point is needed to place a crop$"):
+        prep.crop_box_around(np.zeros((0, 3)), 4)
+    with pytest.raises(ValueError, match="^labels has 1 entries for 2 points$"):
+        prep.crop_box_around(clicks, 4, [1])
