@@ -500,11 +500,17 @@ def test_place_crop_centres_on_the_positive_clicks_and_otherwise_on_the_latest_i
     near = np.array([[40, 40, 40], [46, 46, 46]])
     assert place_crop(prep, near, np.array([1, 1]), 16).start == (35, 35, 35)  # (40 + 47) // 2 - 8
     assert place_crop(prep, near, np.array([1, 1]), 16, new=[1]).start == (35, 35, 35)  # the new click is in it
+    # a negative click does not pull the crop, not even a new one (the new positive is what must be inside)
+    with_negative = np.array([[40, 40, 40], [46, 46, 46], [70, 70, 70]])
+    assert place_crop(prep, with_negative, np.array([1, 1, 0]), 16).start == (35, 35, 35)
+    assert place_crop(prep, with_negative, np.array([1, 1, 0]), 16, new=[1, 2]).start == (35, 35, 35)
     spread = np.array([[10, 10, 10], [80, 80, 80], [50, 50, 50]])
     # positives 10 and 80 do not fit in one crop (centred at 45 it holds neither): the latest positive wins,
     # not the later negative click (which that crop holds)
     assert place_crop(prep, spread, np.array([1, 1, 0]), 16).start == (72, 72, 72)
     assert place_crop(prep, spread[[1, 0, 2]], np.array([1, 1, 0]), 16).start == (2, 2, 2)
+    three = np.array([[80, 80, 80], [10, 10, 10], [12, 12, 12]])
+    assert place_crop(prep, three, np.array([1, 1, 1]), 16).start == (4, 4, 4)  # (12 + 13) // 2 - 8
     # negatives only: the latest click
     assert place_crop(prep, spread[:2], np.array([0, 0]), 16).start == (72, 72, 72)
     assert place_crop(prep, spread[[1, 0]], np.array([0, 0]), 16).start == (2, 2, 2)
