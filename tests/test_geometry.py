@@ -551,6 +551,15 @@ def test_crop_of_a_mask_takes_torch_masks_centres_an_empty_mask_and_names_a_wron
     assert prep.crop_box_of_mask(np.zeros_like(mask), 5) == (3, 4, 5)
     with pytest.raises(ValueError, match=r"^mask of shape \(10, 12, 13\) does not match the scan 10x12x14$"):
         prep.crop_box_of_mask(np.zeros((10, 12, 13), np.uint8), 4)
+    # a 0.5 mm mask voxel that no 1.5 mm voxel takes (their centres are at stored index 1 + 3 t): nothing of the
+    # mask is left on the canonical grid, so the crop is the grid's centre, as for an empty mask
+    fine = PreparedScan(load_scan(np.random.default_rng(5).random((30, 30, 30)).astype(np.float32),
+                                  np.diag([0.5, 0.5, 0.5, 1.0])))
+    assert fine.shape == (10, 10, 10)
+    speck = np.zeros((30, 30, 30), np.uint8)
+    speck[0, 0, 0] = 1
+    assert fine.crop_box_of_mask(speck, 4) == (3, 3, 3)
+    assert fine.crop_box_of_mask(speck, 5) == (3, 3, 3)
 
 
 def test_crop_around_clicks_rounds_them_to_voxels_and_names_bad_input():
