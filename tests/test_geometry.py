@@ -209,6 +209,21 @@ def test_normalisation_fallbacks():
     assert std == 1.0 and float(flat.abs().max()) == 0.0
 
 
+
+def test_normalisation_with_two_positive_voxels_and_with_equal_positive_voxels():
+    """Two positive voxels are enough for their own statistics; positive voxels that are all equal (zero std)
+    fall back to the whole crop's statistics instead of dividing by zero."""
+    two = torch.tensor([-4.0, 1.0, 3.0, -2.0]).reshape(1, 2, 2)
+    image, mean, std = normalize_intensity(two)
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2.0))
+    np.testing.assert_allclose(image.numpy(), (two.numpy() - 2.0) / math.sqrt(2.0), rtol=1e-6)
+    flat_positive = torch.tensor([0.0, 0.0, 5.0, 5.0]).reshape(1, 2, 2)  # e.g. a binary-valued crop
+    image, mean, std = normalize_intensity(flat_positive)
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(25.0 / 3.0))  # unbiased std of 0, 0, 5, 5
+    assert bool(torch.isfinite(image).all())
+    image, mean, std = normalize_intensity(torch.tensor([-1.0, -1.5]))  # no positive voxel: both voxels count
+    assert mean == -1.25 and std == pytest.approx(math.sqrt(0.125))  # kept although below 1
+
 def _torchio_sitk(array: np.ndarray, affine: np.ndarray, pixel=None) -> sitk.Image:
     """An (i, j, k) array with a RAS affine as torchio 0.19.9 hands it to SimpleITK (``nib_to_sitk``)."""
     image = sitk.GetImageFromArray(array.transpose(2, 1, 0) if pixel is None else array.transpose(2, 1, 0).astype(pixel))
@@ -466,3 +481,100 @@ def test_a_crop_that_misses_the_scan_pastes_nothing_and_keeps_the_dtype():
     assert region is None and values.shape == (0, 0, 0) and values.dtype == np.uint8
     pasted = prep.paste_back(outside, np.ones((4, 4, 4), dtype=np.uint8))
     assert pasted.dtype == np.uint8 and pasted.shape == (10, 12, 14) and not pasted.any()
+
+
+def _ras_1p5mm_prep(shape=(100, 100, 100)) -> PreparedScan:
+    """A RAS scan at 1.5 mm: its canonical grid is the scan's own, so canonical indices are the clicks'."""
+    volume = np.random.default_rng(4).random(shape).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))
+    assert prep.shape == shape
+    return prep
+
+
+def test_place_crop_centres_on_the_positive_clicks_and_otherwise_on_the_latest_intent():
+    """``place_crop``: on all positive clicks when they fit; else on the ``new`` clicks (their positives), else on
+    the latest positive click, else (negatives only) on the latest click. start = floor((lo + hi) / 2) - 8."""
+    from sam_med3d.geometry import place_crop
+
+    prep = _ras_1p5mm_prep()
+    near = np.array([[40, 40, 40], [46, 46, 46]])
+    assert place_crop(prep, near, np.array([1, 1]), 16).start == (35, 35, 35)  # (40 + 47) // 2 - 8
+    assert place_crop(prep, near, np.array([1, 1]), 16, new=[1]).start == (35, 35, 35)  # the new click is in it
+    # a negative click does not pull the crop, not even a new one (the new positive is what must be inside)
+    with_negative = np.array([[40, 40, 40], [46, 46, 46], [70, 70, 70]])
+    assert place_crop(prep, with_negative, np.array([1, 1, 0]), 16).start == (35, 35, 35)
+    assert place_crop(prep, with_negative, np.array([1, 1, 0]), 16, new=[1, 2]).start == (35, 35, 35)
+    spread = np.array([[10, 10, 10], [80, 80, 80], [50, 50, 50]])
+    # positives 10 and 80 do not fit in one crop (centred at 45 it holds neither): the latest positive wins,
+    # not the later negative click (which that crop holds)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16).start == (72, 72, 72)
+    assert place_crop(prep, spread[[1, 0, 2]], np.array([1, 1, 0]), 16).start == (2, 2, 2)
+    three = np.array([[80, 80, 80], [10, 10, 10], [12, 12, 12]])
+    assert place_crop(prep, three, np.array([1, 1, 1]), 16).start == (4, 4, 4)  # (12 + 13) // 2 - 8
+    # negatives only: the latest click
+    assert place_crop(prep, spread[:2], np.array([0, 0]), 16).start == (72, 72, 72)
+    assert place_crop(prep, spread[[1, 0]], np.array([0, 0]), 16).start == (2, 2, 2)
+    # the new clicks decide, centred on their positives only (the new negative at 50 is left out)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[0, 2]).start == (2, 2, 2)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[1]).start == (72, 72, 72)
+    # a new negative click only: the crop on all positives is kept when it holds it
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[2]).start == (37, 37, 37)
+    assert place_crop(prep, spread, np.array([1, 1, 0]), 16, new=[]).start == (72, 72, 72)  # empty: no new click
+
+
+def test_crop_keeps_clicks_only_when_every_new_positive_click_is_inside():
+    from sam_med3d.geometry import crop_keeps_clicks
+
+    prep = _ras_1p5mm_prep()
+    crop = prep.crop((30, 30, 30), 16)  # canonical voxels 30 .. 45
+    inside, outside = [35, 40, 45], [46, 40, 40]
+    assert crop_keeps_clicks(crop, np.array([inside, [30, 30, 30]]), np.array([1, 1]))
+    assert not crop_keeps_clicks(crop, np.array([outside]), np.array([1]))
+    assert not crop_keeps_clicks(crop, np.array([inside, outside]), np.array([1, 1]))
+    # a negative click outside the crop does not move it
+    assert crop_keeps_clicks(crop, np.array([outside]), np.array([0]))
+    assert crop_keeps_clicks(crop, np.array([outside, inside]), np.array([0, 1]))
+    assert not crop_keeps_clicks(crop, np.array([inside, outside]), np.array([0, 1]))
+    assert crop_keeps_clicks(crop, np.zeros((0, 3)), np.zeros(0, np.int64))
+
+
+def test_crop_of_a_mask_takes_torch_masks_centres_an_empty_mask_and_names_a_wrong_shape():
+    volume = np.random.default_rng(5).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))  # canonical grid = the scan's
+    mask = np.zeros((10, 12, 14), np.uint8)
+    mask[2:4, 3:6, 4] = 3
+    # box [2, 4) x [3, 6) x [4, 5): start = (lo + hi) // 2 - 2
+    assert prep.crop_box_of_mask(mask, 4) == (1, 2, 2)
+    assert prep.crop_box_of_mask(torch.from_numpy(mask), 4) == (1, 2, 2)
+    # an empty mask: the centre of the canonical grid, as CropOrPad does without a label
+    assert prep.crop_box_of_mask(np.zeros_like(mask), 4) == (3, 4, 5)
+    assert prep.crop_box_of_mask(np.zeros_like(mask), 5) == (3, 4, 5)
+    with pytest.raises(ValueError, match=r"^mask of shape \(10, 12, 13\) does not match the scan 10x12x14$"):
+        prep.crop_box_of_mask(np.zeros((10, 12, 13), np.uint8), 4)
+    # a 0.5 mm mask voxel that no 1.5 mm voxel takes (their centres are at stored index 1 + 3 t): nothing of the
+    # mask is left on the canonical grid, so the crop is the grid's centre, as for an empty mask
+    fine = PreparedScan(load_scan(np.random.default_rng(5).random((30, 30, 30)).astype(np.float32),
+                                  np.diag([0.5, 0.5, 0.5, 1.0])))
+    assert fine.shape == (10, 10, 10)
+    speck = np.zeros((30, 30, 30), np.uint8)
+    speck[0, 0, 0] = 1
+    assert fine.crop_box_of_mask(speck, 4) == (3, 3, 3)
+    assert fine.crop_box_of_mask(speck, 5) == (3, 3, 3)
+
+
+def test_crop_around_clicks_rounds_them_to_voxels_and_names_bad_input():
+    """The clicks' nearest canonical voxels (ties up) make the box; all clicks count when none is positive."""
+    volume = np.random.default_rng(6).random((10, 12, 14)).astype(np.float32)
+    prep = PreparedScan(load_scan(volume, np.diag([1.5, 1.5, 1.5, 1.0])))  # canonical grid = the scan's
+    clicks = [[2, 3, 4], [6, 7, 8]]
+    # box [2, 7) x [3, 8) x [4, 9): start = (lo + hi) // 2 - 2
+    assert prep.crop_box_around(clicks, 4) == (2, 3, 4)
+    assert prep.crop_box_around(clicks, 4, [0, 0]) == (2, 3, 4)
+    assert prep.crop_box_around(clicks, 4, np.array([[1], [0]])) == (0, 1, 2)  # the first click's voxel only
+    assert prep.crop_box_around(clicks, 4, torch.tensor([0, 1])) == (4, 5, 6)
+    # (2.5, 3.49, 4.5) is voxel (3, 3, 5)
+    assert prep.crop_box_around([[2.5, 3.49, 4.5]], 4) == (1, 1, 3)
+    with pytest.raises(ValueError, match="^at least one point is needed to place a crop$"):
+        prep.crop_box_around(np.zeros((0, 3)), 4)
+    with pytest.raises(ValueError, match="^labels has 1 entries for 2 points$"):
+        prep.crop_box_around(clicks, 4, [1])
