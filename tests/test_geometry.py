@@ -390,6 +390,39 @@ def test_nearest_sampling_keeps_labels():
         sample_separable(labels, [np.arange(3.0)] * 3, "cubic")
 
 
+def test_sampling_at_and_beyond_the_ends_of_each_axis():
+    """ITK's rules along every axis: a sample up to half a voxel outside takes the edge voxel's value (-0.5 is
+    inside, n - 0.5 outside), farther out it is 0; linear weights by the distance to the two voxel centres,
+    nearest rounds ties up; integer scans (truncate) give the same values, truncated toward zero."""
+    values = np.array([10, 20, 40, 80])
+    coords = np.array([-3.0, -0.51, -0.5, -0.25, 0.0, 0.25, 0.75, 1.5, 2.75, 3.0, 3.25, 3.49, 3.5, 5.0])
+    linear = [0, 0, 10, 10, 10, 12.5, 17.5, 30, 70, 80, 80, 80, 0, 0]
+    nearest = [0, 0, 10, 10, 10, 10, 20, 40, 80, 80, 80, 80, 0, 0]
+    for axis in range(3):
+        shape, grid = [1, 1, 1], [np.zeros(1)] * 3
+        shape[axis], grid[axis] = 4, coords
+        for dtype in (np.float32, np.int16):
+            volume = values.astype(dtype).reshape(shape)
+            got = sample_separable(volume, grid, truncate=dtype == np.int16).numpy().ravel()
+            np.testing.assert_array_equal(got, np.trunc(linear) if dtype == np.int16 else linear)
+            got = sample_separable(volume, grid, "nearest").numpy().ravel()
+            np.testing.assert_array_equal(got, nearest)
+
+
+def test_point_maps_take_lists_arrays_and_tensors_in_float64_and_name_a_wrong_shape():
+    prep = PreparedScan(_linear_scan(ORIENTATIONS["PSR"]))
+    clicks = [[1, 2, 3], [4, 0, 2]]
+    expected = prep.to_canonical(np.array(clicks, dtype=np.float64))
+    for given in (clicks, torch.tensor(clicks, dtype=torch.float64, requires_grad=True)):
+        np.testing.assert_array_equal(prep.to_canonical(given), expected)
+    assert prep.check_inside(clicks).dtype == np.float64  # integer clicks come back as float64, as documented
+    np.testing.assert_array_equal(prep.to_original(torch.tensor(expected)), prep.to_original(expected))
+    with pytest.raises(ValueError, match=r"^points must have shape \(N, 3\), got \(3,\)$"):
+        prep.to_canonical([1, 2, 3])
+    with pytest.raises(ValueError, match=r"^points must have shape \(N, 3\), got \(2, 4\)$"):
+        prep.to_original(np.zeros((2, 4)))
+
+
 def test_resampled_volume_matches_crops():
     prep = PreparedScan(_linear_scan(ORIENTATIONS["oblique"]))
     whole = prep.resampled()
