@@ -634,16 +634,19 @@ def _zoom_on_synthetic(gt, click, **settings):
     return result, model
 
 
-@pytest.mark.parametrize("length, click, crops", [(48, 28, 2), (56, 28, 3), (52, 32, 3)])
-def test_zoom_lattice_is_just_large_enough_for_the_coarse_mask(length, click, crops):
+@pytest.mark.parametrize("length, click, crops, overlap", [(48, 28, 2, None), (56, 28, 3, None), (52, 32, 3, None),
+                                                           (52, 28, 2, 7)])
+def test_zoom_lattice_is_just_large_enough_for_the_coarse_mask(length, click, crops, overlap):
     """A bar 8 voxels across (one crop across) and ``length`` voxels long from z = 20, clicked at z = ``click``:
     the lattice spans the coarse box (length + 1) with as few crops as fit it, one across (2 for 48 and 52
     voxels, 3 for 56), a lattice crop within 8 voxels of the first crop is not decoded again, and the sliding
     pass adds a crop where a lattice crop's face still cuts the bar (52). A coarse box one coarse voxel too small
-    (56) or too large (52), or a second crop across, costs a crop more for the same mask."""
+    (56) or too large (52), or a second crop across, costs a crop more for the same mask. With an odd overlap
+    (7: stride 25, 2 crops span 57 voxels) the lattice is still centred to the voxel: the box of the 52 voxels
+    from z = 20 is 19 .. 71, the lattice 17 .. 73, 2 voxels to spare at the far end, so no crop is added there."""
     gt = np.zeros(SYNTHETIC_SHAPE, bool)
     gt[36:44, 36:44, 20:20 + length] = True
-    result, _ = _zoom_on_synthetic(gt, (40, 40, click))
+    result, _ = _zoom_on_synthetic(gt, (40, 40, click), overlap=overlap)
     starts = np.array([box[0] for box in result.crop_boxes])
     assert len(starts) == crops, starts.tolist()
     assert np.all(np.ptp(starts[:, :2], axis=0) <= 8), starts.tolist()  # one crop across the bar, never two
