@@ -631,7 +631,7 @@ def _zoom_on_synthetic(gt, click, **settings):
     predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32), np.diag([1.5] * 3 + [1]))
     result = predictor.predict(np.asarray([click], float), [1])
     assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
-    return result, model
+    return result, model, predictor
 
 
 @pytest.mark.parametrize("length, click, crops, overlap", [(48, 28, 2, None), (56, 28, 3, None), (52, 32, 3, None),
@@ -646,7 +646,7 @@ def test_zoom_lattice_is_just_large_enough_for_the_coarse_mask(length, click, cr
     from z = 20 is 19 .. 71, the lattice 17 .. 73, 2 voxels to spare at the far end, so no crop is added there."""
     gt = np.zeros(SYNTHETIC_SHAPE, bool)
     gt[36:44, 36:44, 20:20 + length] = True
-    result, _ = _zoom_on_synthetic(gt, (40, 40, click), overlap=overlap)
+    result, _, _ = _zoom_on_synthetic(gt, (40, 40, click), overlap=overlap)
     starts = np.array([box[0] for box in result.crop_boxes])
     assert len(starts) == crops, starts.tolist()
     assert np.all(np.ptp(starts[:, :2], axis=0) <= 8), starts.tolist()  # one crop across the bar, never two
@@ -660,6 +660,27 @@ def test_zoom_decodes_every_lattice_crop_holding_the_coarse_mask_past_empty_ones
     gt[24:32, 24:32, 16:56] = True
     far = np.zeros_like(gt)
     far[56:64, 56:64, 32:40] = True
-    result, model = _zoom_on_synthetic(gt | far, (28, 28, 36))
+    result, model, _ = _zoom_on_synthetic(gt | far, (28, 28, 36))
     assert len(result.crop_boxes) == 5
     assert sum(1 for spacing, _ in model.prompts if spacing == 1.5) == 5  # the empty crops are never decoded
+
+
+def test_zoom_derived_clicks_are_an_eighth_of_a_crop_apart():
+    """Every added crop's derived clicks lie at least img_size / 8 (4 voxels) apart, as the sliding pass's: a bar
+    16 x 16 across and 56 long with a block touching one of its edges, whose coarse mask, cut by a lattice crop,
+    has its next-deepest voxels on a ridge where the first in index order lies 3.6 voxels from the deepest: it
+    is passed over for one 4.2 voxels away."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[12:68, 32:48, 40:56] = True
+    gt[0:12, 48:60, 44:48] = True
+    click = np.array([[18, 40, 48]], float)
+    result, model, predictor = _zoom_on_synthetic(gt, click[0])
+    checked = 0
+    for (spacing, start), (prompt, _, _) in model.prompts.items():
+        if spacing != 1.5 or start == result.crop_boxes[0][0]:
+            continue
+        derived = prompt[:len(prompt) - int(predictor.prepared.crop(start, 32).contains(click)[0])]
+        gaps = [np.linalg.norm(a - b) for i, a in enumerate(derived) for b in derived[i + 1:]]
+        assert min(gaps, default=4.0) >= 4.0, (start, derived.tolist())
+        checked += len(gaps)
+    assert checked >= 3
