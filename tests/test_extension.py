@@ -628,7 +628,8 @@ def _zoom_on_synthetic(gt, click, **settings):
     model = GroundTruthSam3D(gt, img_size=32)
     predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64,
                                                                     time_budget_s=600, **settings))
-    predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32), np.diag([1.5] * 3 + [1]))
+    scan = np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32)
+    predictor.set_image(scan, np.diag([1.5] * 3 + [1]))  # 1.5 mm, RAS: canonical voxels are scan voxels
     result = predictor.predict(np.asarray([click], float), [1])
     assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
     return result, model, predictor
