@@ -614,3 +614,74 @@ def test_one_crop_is_the_official_paste_back_and_crops_off_the_scan_give_nothing
         region, mask, found = combine_in_region(prepared, off, window, with_probabilities)
         assert region is None and mask.shape == (0, 0, 0) and mask.dtype == np.uint8
         assert found is None if not with_probabilities else (found.shape == (0, 0, 0) and found.dtype == np.float32)
+
+
+# ------------------------------------------------------------------------- the zoom lattice on a synthetic scan
+#
+# 32^3 crops (48 mm) on a 1.5 mm scan with a 6 mm coarse pass: coarse voxel k covers the scan voxels 4k .. 4k+3,
+# so structures made of whole 4-voxel blocks come out of the coarse pass exactly (their coarse box in scan voxels:
+# one voxel more on the low side, where the coarse voxel's edge falls mid-voxel). Lattice stride 32 - 8 = 24.
+SYNTHETIC_SHAPE = (80, 80, 96)
+
+
+def _zoom_on_synthetic(gt, click, **settings):
+    model = GroundTruthSam3D(gt, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64,
+                                                                    time_budget_s=600, **settings))
+    scan = np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32)
+    predictor.set_image(scan, np.diag([1.5] * 3 + [1]))  # 1.5 mm, RAS: canonical voxels are scan voxels
+    result = predictor.predict(np.asarray([click], float), [1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
+    return result, model, predictor
+
+
+@pytest.mark.parametrize("length, click, crops, overlap", [(48, 28, 2, None), (56, 28, 3, None), (52, 32, 3, None),
+                                                           (52, 28, 2, 7)])
+def test_zoom_lattice_is_just_large_enough_for_the_coarse_mask(length, click, crops, overlap):
+    """A bar 8 voxels across (one crop across) and ``length`` voxels long from z = 20, clicked at z = ``click``:
+    the lattice spans the coarse box (length + 1) with as few crops as fit it, one across (2 for 48 and 52
+    voxels, 3 for 56), a lattice crop within 8 voxels of the first crop is not decoded again, and the sliding
+    pass adds a crop where a lattice crop's face still cuts the bar (52). A coarse box one coarse voxel too small
+    (56) or too large (52), or a second crop across, costs a crop more for the same mask. With an odd overlap
+    (7: stride 25, 2 crops span 57 voxels) the lattice is still centred to the voxel: the box of the 52 voxels
+    from z = 20 is 19 .. 71, the lattice 17 .. 73, 2 voxels to spare at the far end, so no crop is added there."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[36:44, 36:44, 20:20 + length] = True
+    result, _, _ = _zoom_on_synthetic(gt, (40, 40, click), overlap=overlap)
+    starts = np.array([box[0] for box in result.crop_boxes])
+    assert len(starts) == crops, starts.tolist()
+    assert np.all(np.ptp(starts[:, :2], axis=0) <= 8), starts.tolist()  # one crop across the bar, never two
+
+
+def test_zoom_decodes_every_lattice_crop_holding_the_coarse_mask_past_empty_ones():
+    """Two parts of one label, 24 voxels apart diagonally; the clicked one longer than a crop. The lattice is
+    2 x 2 across, and its two off-diagonal crops hold neither part: they are skipped, and the far part is still
+    found (the sliding pass cannot reach it), in 4 crops + the first one."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[24:32, 24:32, 16:56] = True
+    far = np.zeros_like(gt)
+    far[56:64, 56:64, 32:40] = True
+    result, model, _ = _zoom_on_synthetic(gt | far, (28, 28, 36))
+    assert len(result.crop_boxes) == 5
+    assert sum(1 for spacing, _ in model.prompts if spacing == 1.5) == 5  # the empty crops are never decoded
+
+
+def test_zoom_derived_clicks_are_an_eighth_of_a_crop_apart():
+    """Every added crop's derived clicks lie at least img_size / 8 (4 voxels) apart, as the sliding pass's: a bar
+    16 x 16 across and 56 long with a block touching one of its edges, whose coarse mask, cut by a lattice crop,
+    has its next-deepest voxels on a ridge where the first in index order lies 3.6 voxels from the deepest: it
+    is passed over for one 4.2 voxels away."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[12:68, 32:48, 40:56] = True
+    gt[0:12, 48:60, 44:48] = True
+    click = np.array([[18, 40, 48]], float)
+    result, model, predictor = _zoom_on_synthetic(gt, click[0])
+    checked = 0
+    for (spacing, start), (prompt, _, _) in model.prompts.items():
+        if spacing != 1.5 or start == result.crop_boxes[0][0]:
+            continue
+        derived = prompt[:len(prompt) - int(predictor.prepared.crop(start, 32).contains(click)[0])]
+        gaps = [np.linalg.norm(a - b) for i, a in enumerate(derived) for b in derived[i + 1:]]
+        assert min(gaps, default=4.0) >= 4.0, (start, derived.tolist())
+        checked += len(gaps)
+    assert checked >= 3
