@@ -279,7 +279,7 @@ def test_blend_window_and_derived_points():
     known = np.zeros((32, 32, 32), np.float32)
     known[4:20, 4:20, 4:20] = 1.0
     pts = derived_points(known, np.ones(known.shape, bool), 2, 4.0)
-    assert len(pts) == 2 and all(known[tuple(p.astype(int))] == 1 for p in pts)
+    assert len(pts) == 2 and all(known[tuple(p.astype(int))] == 1 for p in pts) and pts.dtype == np.float64
     assert np.linalg.norm(pts[0] - pts[1]) >= 4.0
     assert len(derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0)) == 0
     assert derived_points(np.zeros_like(known), np.ones(known.shape, bool), 2, 4.0).shape == (0, 3)
@@ -347,6 +347,87 @@ def test_only_the_part_of_the_mask_that_was_clicked_opens_faces():
     assert not clicked_parts(_tile(probs, [[30, 30, 30]], [1])).any()
     assert not clicked_parts(_tile(probs, np.zeros((0, 3)), [])).any()
     assert ExtensionConfig().clicked_only
+
+
+def test_clicked_parts_by_hand():
+    """The part a positive prompt point holds: its voxel is the floor of the point (clamped into the crop),
+    parts join across corners (26-connectivity), a probability of exactly 0.5 is not mask, and negative points
+    select nothing."""
+    from sam_med3d.extension import clicked_parts
+
+    probs = np.zeros((16, 16, 16), np.float32)
+    probs[2:6, 2:6, 2:6] = 1.0          # A: 64 voxels
+    probs[6:9, 6:9, 6:9] = 0.8          # B: 27 voxels, meets A only at the corner (5, 5, 5) - (6, 6, 6)
+    probs[10:14, 10:14, 10:14] = 0.5    # not mask
+    probs[12:14, 0:3, 0:3] = 0.51       # C: 18 voxels
+    probs[0, 15, 0] = 1.0               # D: one voxel on the crop's corner
+    a, b, c, d = (np.zeros(probs.shape, bool) for _ in range(4))
+    a[2:6, 2:6, 2:6] = b[6:9, 6:9, 6:9] = c[12:14, 0:3, 0:3] = d[0, 15, 0] = True
+
+    def parts(points, labels):
+        found = clicked_parts(_tile(probs, points, labels))
+        assert found.shape == probs.shape and found.dtype == bool
+        return found
+
+    np.testing.assert_array_equal(parts([[3.9, 3.9, 3.9]], [1]), a | b)
+    np.testing.assert_array_equal(parts([[8.6, 8.6, 8.6]], [1]), a | b)   # voxel 8 (rounding would give 9)
+    assert not parts([[9.2, 9.2, 9.2]], [1]).any()
+    assert not parts([[11, 11, 11]], [1]).any()                            # 0.5 is not in the mask
+    np.testing.assert_array_equal(parts([[12.5, 1.5, 1.5]], [1]), c)
+    np.testing.assert_array_equal(parts([[-0.4, 15.7, -0.3]], [1]), d)     # clamped into the crop
+    np.testing.assert_array_equal(parts([[3, 3, 3], [12, 1, 1]], [0, 1]), c)  # the negative point selects nothing
+    np.testing.assert_array_equal(parts([[3, 3, 3], [9.5, 9.5, 9.5], [12, 1, 1]], [1, 1, 1]), a | b | c)
+    assert not clicked_parts(_tile(np.zeros_like(probs), [[3, 3, 3]], [1])).any()
+
+
+def test_open_faces_by_hand():
+    """Which faces of a 32^3 crop at (40, 40, 40) open, with margin 2, and the centre each one gives: the mask's
+    voxels in the two slabs next to a face count, those 2 voxels in do not; a face at the scan's end stays shut;
+    a face whose voxels just beyond lie all in the interior of another crop stays shut, and opens again when some
+    lie in that crop's margin or beyond it."""
+    from types import SimpleNamespace
+
+    from sam_med3d.extension import open_faces
+
+    probs = np.zeros((32, 32, 32), np.float32)
+    probs[10:20, 10:20, 0:5] = 1.0      # touches the low face of axis 2
+    probs[25:32, 12:16, 12:16] = 1.0    # touches the high face of axis 0
+    probs[10:14, 2:6, 20:24] = 1.0      # 2 voxels from the low face of axis 1: not touching
+    probs[10:14, 26:30, 20:24] = 1.0    # 2 voxels from the high face of axis 1 (voxel 29): not touching
+    scan = SimpleNamespace(shape=(200, 200, 200))
+    tile = _tile(probs, [[15, 15, 15]], [1])
+
+    def faces(tile, others=(), scan=scan):
+        found = open_faces(tile, list(others), scan, 2, clicked_only=False)
+        return [(axis, side, np.asarray(centre).tolist()) for axis, side, centre in found]
+
+    # Axis 0, high face: voxels 30..31 x 12..15 x 12..15, canonical 70..71 x 52..55 x 52..55 -> centre (71, 54, 54).
+    # Axis 2, low face: voxels 10..19 x 10..19 x 0..1, canonical 50..59 x 50..59 x 40..41 -> centre (55, 55, 41).
+    assert faces(tile) == [(0, 1, [71, 54, 54]), (2, -1, [55, 55, 41])]
+    # The scan ends exactly at a face: nothing beyond it; one voxel more and the face opens.
+    assert faces(tile, scan=SimpleNamespace(shape=(72, 200, 200))) == [(2, -1, [55, 55, 41])]
+    assert faces(tile, scan=SimpleNamespace(shape=(73, 200, 200))) == faces(tile)
+    at_origin = _tile(probs, [[15, 15, 15]], [1], start=(0, 0, 0))
+    assert [(a, s) for a, s, _ in faces(at_origin)] == [(0, 1)]
+    assert [(a, s) for a, s, _ in faces(_tile(probs, [[15, 15, 15]], [1], start=(0, 0, 1)))] == [(0, 1), (2, -1)]
+    # Beyond the axis-0 face lie canonical 72 x 52..55 x 52..55. A crop whose interior holds all of it shuts the
+    # face; the tile itself in the list changes nothing.
+    covering = _tile(probs, [[0, 0, 0]], [1], start=(70, 40, 40))   # interior 72..99 on each axis
+    assert faces(tile, [tile, covering]) == [(2, -1, [55, 55, 41])]
+    assert faces(tile, [tile]) == faces(tile)
+    # Moved one voxel along axis 0, the voxels beyond lie in its margin: the face opens again.
+    assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(71, 40, 40))]) == faces(tile)
+    # Covering only part of them (axis 1 interior from 54) leaves the face open.
+    assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(70, 52, 40))]) == faces(tile)
+    # More than 512 voxels touch a face (24 x 2 x 24 by the high face of axis 1): a sample of them is looked at
+    # beyond it, canonical 44..67 x 72 x 44..67. A crop whose interior holds all of it shuts the face; one whose
+    # interior starts a voxel later along axis 2 leaves the row k = 44 open, the first voxel touching the face.
+    band = np.zeros_like(probs)
+    band[4:28, 30:, 4:28] = 1.0
+    wide = _tile(band, [[15, 31, 15]], [1])
+    assert faces(wide) == [(1, 1, [56, 71, 56])]
+    assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 40))]) == []
+    assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 43))]) == faces(wide)
 
 
 # ------------------------------------------------------------------------- blending tiles that disagree
@@ -685,3 +766,54 @@ def test_zoom_derived_clicks_are_an_eighth_of_a_crop_apart():
         assert min(gaps, default=4.0) >= 4.0, (start, derived.tolist())
         checked += len(gaps)
     assert checked >= 3
+
+
+def test_zoom_lattice_crops_are_prompted_from_the_coarse_mask_at_its_place_on_a_flipped_scan():
+    """The coarse mask is carried onto each lattice crop at its own place, on a 1.5 mm scan stored neither in RAS
+    order nor direction (array i runs A, j runs S reversed, k runs R reversed, so the coarse grid's offsets are
+    not zero). A bar 8 voxels across (two 6 mm coarse voxels, i 32..39, j 40..47) and 72 long (k 16..87, canonical
+    R 16..87), clicked at k = 30: the first crop starts at canonical R 73 - 16 = 57; the coarse box on the 1.5 mm
+    grid is R [15, 88), A [31, 40), S [47, 56) (one voxel more on the low side), so the lattice is 3 crops along R
+    from (15 + 88) // 2 - 40 = 11, stride 24, at A 35 - 16 = 19 and S 51 - 16 = 35; the one at R 59 lies within 8
+    voxels of the first crop and is not decoded. The sliding pass then adds the crop across the first crop's
+    high R face (the bar ends 2 voxels before it). Each lattice crop's derived clicks are the deepest voxels of
+    the bar as the coarse mask gives it: across the bar, i = 35 and j = 44 (the first of the two middle voxels
+    in canonical order)."""
+    shape = (80, 96, 104)
+    affine = np.array([[0.0, 0.0, -1.5, 50.0], [1.5, 0.0, 0.0, -20.0], [0.0, -1.5, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
+    gt = np.zeros(shape, bool)
+    gt[32:40, 40:48, 16:88] = True
+    model = GroundTruthSam3D(gt, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64,
+                                                                    time_budget_s=600))
+    predictor.set_image(np.random.default_rng(0).normal(size=shape).astype(np.float32), affine)
+    assert nib.aff2axcodes(affine) == ("A", "I", "L") and predictor.prepared.step.tolist() == [-1, 1, -1]
+    click = np.array([[36.0, 44.0, 30.0]])
+    result = predictor.predict(click, [1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
+    assert [box[0] for box in result.crop_boxes] == [(57, 20, 35), (35, 19, 35), (11, 19, 35), (81, 20, 36)]
+    for start in [(35, 19, 35), (11, 19, 35)]:
+        prompt, labels, _ = model.prompts[1.5, start]
+        assert len(prompt) == 2 and labels.tolist() == [1, 1]  # the click lies in neither
+        derived = predictor.prepared.to_original(np.asarray(start) + prompt)
+        assert derived[:, :2].tolist() == [[35.0, 44.0]] * 2, (start, derived.tolist())
+        assert np.all((derived[:, 2] >= 16) & (derived[:, 2] < 88))
+
+
+def test_zoom_lattice_crop_reaching_past_the_coarse_crop_knows_nothing_there():
+    """A bar along z through a whole 1.5 mm scan 200 voxels long, clicked at z = 100: the coarse crop (32 voxels
+    of 6 mm) sees z = 36 .. 163 only (coarse voxels 9 .. 40), and the lattice over that box reaches 13 voxels past
+    it at both ends. The lowest lattice crop (z = 23 .. 54) is prompted from what the coarse pass saw: the bar
+    from z = 36, whose first voxel 4 deep is z = 39 (centre of the bar across: 39, 39), then 4 voxels on."""
+    shape = (80, 80, 200)
+    gt = np.zeros(shape, bool)
+    gt[36:44, 36:44, :] = True
+    model = GroundTruthSam3D(gt, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64,
+                                                                    time_budget_s=600))
+    predictor.set_image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.diag([1.5] * 3 + [1]))
+    result = predictor.predict(np.array([[40.0, 40.0, 100.0]]), [1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
+    assert [start for spacing, start in model.prompts if spacing == 6.0] == [(-6, -6, 9)]
+    prompt, labels, _ = model.prompts[1.5, (23, 23, 23)]
+    assert labels.tolist() == [1, 1] and (prompt + 23).tolist() == [[39, 39, 39], [39, 39, 43]]
