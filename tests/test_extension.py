@@ -817,3 +817,47 @@ def test_zoom_lattice_crop_reaching_past_the_coarse_crop_knows_nothing_there():
     assert [start for spacing, start in model.prompts if spacing == 6.0] == [(-6, -6, 9)]
     prompt, labels, _ = model.prompts[1.5, (23, 23, 23)]
     assert labels.tolist() == [1, 1] and (prompt + 23).tolist() == [[39, 39, 39], [39, 39, 43]]
+
+
+class _SlowRecordingSam3D(GroundTruthSam3D):
+    """The ground-truth stand-in, taking ``delay_s`` per decoder run and recording each run's crop, mask prompt
+    and answer."""
+
+    def __init__(self, label, img_size, delay_s):
+        super().__init__(label, img_size=img_size)
+        self.delay_s = delay_s
+        self.runs = []  # (spacing_mm, crop start, mask_input, logits)
+
+    def decode(self, crop, points, mask_input, multimask_output=False):
+        import time
+
+        time.sleep(self.delay_s)
+        logits, iou = super().decode(crop, points, mask_input, multimask_output)
+        self.runs.append((crop.prepared.spacing_mm, crop.start, None if mask_input is None else mask_input.clone(),
+                          logits.clone()))
+        return logits, iou
+
+
+def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted():
+    """As the official click loop, on every crop, the added ones too: the first decoder run of a crop gets the
+    all-zero low-res mask, each later run the mask the run before gave. Every run's time counts in the call's
+    "decode" stage (a stand-in taking 20 ms per run: at least 20 ms per decode step, at most the call's total)."""
+    import torch
+
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[36:44, 36:44, 8:88] = True
+    model = _SlowRecordingSam3D(gt, img_size=32, delay_s=0.02)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(max_crops=64, time_budget_s=600))
+    predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
+                        np.diag([1.5] * 3 + [1]))
+    result = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0]]), [1, 1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and len(result.crop_boxes) >= 3
+    assert len(model.runs) == result.decode_steps and result.decode_steps > len(result.crop_boxes)
+    low = predictor.low_res_size
+    previous = {}
+    for spacing, start, mask_input, logits in model.runs:
+        expected = previous.get(start, torch.zeros(1, 1, low, low, low))
+        assert mask_input is not None and torch.equal(mask_input, expected), start
+        previous[start] = logits
+    assert set(previous) == {box[0] for box in result.crop_boxes}
+    assert 0.02 * result.decode_steps <= result.timings["decode"] <= result.timings["total"]
