@@ -840,7 +840,8 @@ class _SlowRecordingSam3D(GroundTruthSam3D):
 
 def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted():
     """As the official click loop, on every crop, the added ones too: the first decoder run of a crop gets the
-    all-zero low-res mask, each later run the mask the run before gave. Every run's time counts in the call's
+    all-zero low-res mask, each later run the mask the run before gave, in a later call too (a follow-up click
+    re-runs a crop from its last mask). Every run's time counts in the call's
     "decode" stage (a stand-in taking 20 ms per run: at least 20 ms per decode step, at most the call's total)."""
     import torch
 
@@ -853,6 +854,10 @@ def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted
     result = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0]]), [1, 1])
     assert int((gt & (result.mask == 0)).sum()) == 0 and len(result.crop_boxes) >= 3
     assert len(model.runs) == result.decode_steps and result.decode_steps > len(result.crop_boxes)
+    # A negative click in a crop the extension added re-runs that crop from where it stopped.
+    again = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0], [40.0, 40.0, 80.0]]), [1, 1, 0])
+    assert again.decode_steps >= 1 and again.tiling.crops_rerun >= 1 and again.crop_boxes == result.crop_boxes
+    assert len(model.runs) == result.decode_steps + again.decode_steps
     low = predictor.low_res_size
     previous = {}
     for spacing, start, mask_input, logits in model.runs:
@@ -860,4 +865,5 @@ def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted
         assert mask_input is not None and torch.equal(mask_input, expected), start
         previous[start] = logits
     assert set(previous) == {box[0] for box in result.crop_boxes}
-    assert 0.02 * result.decode_steps <= result.timings["decode"] <= result.timings["total"]
+    for answer in (result, again):
+        assert 0.02 * answer.decode_steps <= answer.timings["decode"] <= answer.timings["total"]

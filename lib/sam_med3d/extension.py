@@ -101,8 +101,6 @@ class Tile:
         prompt_points, prompt_labels: ``(n, 3)`` crop coordinates and ``(n,)`` labels of its prompt so far.
         low_res: ``(1, 1, L, L, L)`` logits of its last decode step.
         probs: ``(S, S, S)`` float32 probabilities on the crop grid (cpu).
-        derived: True for crops added by the extension (prompted from the known mask), False for the crop
-            placed on the user's clicks.
         clicks: indices (into the label's clicks) already in its prompt.
     """
 
@@ -111,7 +109,6 @@ class Tile:
     prompt_labels: np.ndarray
     low_res: torch.Tensor
     probs: torch.Tensor
-    derived: bool = False
     clicks: List[int] = field(default_factory=list)
 
     @property
@@ -519,8 +516,7 @@ class CropTiler:
         timings["decode"] += time.perf_counter() - tick
         stats.decode_steps += len(steps)
         probs = torch.sigmoid(upsample_logits(low_res, crop.size))[0, 0].float().cpu()
-        derived = previous.derived if previous is not None else len(seeds) > 0
-        return Tile(crop, prompt_pts, prompt_labs, low_res, probs, derived, done + [i for i in user if i not in done])
+        return Tile(crop, prompt_pts, prompt_labs, low_res, probs, done + [i for i in user if i not in done])
 
 
 def _coarse_on_crop(coarse_prep: PreparedScan, coarse_tile: Tile, crop: Crop) -> np.ndarray:
