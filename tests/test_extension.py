@@ -826,7 +826,7 @@ class _SlowRecordingSam3D(GroundTruthSam3D):
     def __init__(self, label, img_size, delay_s):
         super().__init__(label, img_size=img_size)
         self.delay_s = delay_s
-        self.runs = []  # (spacing_mm, crop start, mask_input, logits)
+        self.runs = []  # (spacing_mm, crop start, mask_input, logits of the first mask, multimask_output)
 
     def decode(self, crop, points, mask_input, multimask_output=False):
         import time
@@ -834,14 +834,14 @@ class _SlowRecordingSam3D(GroundTruthSam3D):
         time.sleep(self.delay_s)
         logits, iou = super().decode(crop, points, mask_input, multimask_output)
         self.runs.append((crop.prepared.spacing_mm, crop.start, None if mask_input is None else mask_input.clone(),
-                          logits.clone()))
+                          logits[:, :1].clone(), multimask_output))
         return logits, iou
 
 
 def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted():
     """As the official click loop, on every crop, the added ones too: the first decoder run of a crop gets the
     all-zero low-res mask, each later run the mask the run before gave, in a later call too (a follow-up click
-    re-runs a crop from its last mask). Every run's time counts in the call's
+    re-runs a crop from its last mask), and every run answers the request for three masks. Every run's time counts in the call's
     "decode" stage (a stand-in taking 20 ms per run: at least 20 ms per decode step, at most the call's total)."""
     import torch
 
@@ -851,16 +851,18 @@ def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted
     predictor = CropAwarePredictor(model, extension=ExtensionConfig(max_crops=64, time_budget_s=600))
     predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
                         np.diag([1.5] * 3 + [1]))
-    result = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0]]), [1, 1])
+    result = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0]]), [1, 1], multimask_output=True)
     assert int((gt & (result.mask == 0)).sum()) == 0 and len(result.crop_boxes) >= 3
     assert len(model.runs) == result.decode_steps and result.decode_steps > len(result.crop_boxes)
     # A negative click in a crop the extension added re-runs that crop from where it stopped.
-    again = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0], [40.0, 40.0, 80.0]]), [1, 1, 0])
+    again = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0], [40.0, 40.0, 80.0]]), [1, 1, 0],
+                              multimask_output=True)
     assert again.decode_steps >= 1 and again.tiling.crops_rerun >= 1 and again.crop_boxes == result.crop_boxes
     assert len(model.runs) == result.decode_steps + again.decode_steps
     low = predictor.low_res_size
     previous = {}
-    for spacing, start, mask_input, logits in model.runs:
+    assert all(multimask for *_, multimask in model.runs)  # the best of three masks, on every run
+    for spacing, start, mask_input, logits, _ in model.runs:
         expected = previous.get(start, torch.zeros(1, 1, low, low, low))
         assert mask_input is not None and torch.equal(mask_input, expected), start
         previous[start] = logits
