@@ -611,3 +611,31 @@ def test_crop_around_clicks_rounds_them_to_voxels_and_names_bad_input():
         prep.crop_box_around(np.zeros((0, 3)), 4)
     with pytest.raises(ValueError, match="^labels has 1 entries for 2 points$"):
         prep.crop_box_around(clicks, 4, [1])
+
+
+def test_a_prepared_scan_says_what_it_is():
+    """Its repr names the source, the stored shape and orientation, the canonical grid and its voxel size."""
+    array = np.random.default_rng(0).normal(size=(40, 30, 56)).astype(np.float32)
+    permuted = np.array([[0, 0, -1.5, 20], [1.5, 0, 0, -30], [0, -2.5, 0, 40], [0, 0, 0, 1.0]])
+    assert repr(PreparedScan.load(array, permuted)) == \
+        "PreparedScan('array': 40x30x56 AIL -> canonical 56x40x50 at 1.5 mm)"
+    assert repr(PreparedScan.load(array, np.diag([3, 3, 3, 1.0]), spacing_mm=6)) == \
+        "PreparedScan('array': 40x30x56 RAS -> canonical 20x15x28 at 6.0 mm)"
+
+
+def test_low_res_logits_are_upsampled_trilinearly_with_half_voxel_centres():
+    """``upsample_logits`` as the official code (trilinear, ``align_corners=False``): two low-res voxels 0 and 1
+    along an axis become 0, 0.25, 0.75, 1 on a grid twice as fine (output centres at -0.25, 0.25, 0.75, 1.25 low-res
+    voxels, clamped at the ends), along whichever axis they vary; batch and mask axes are kept."""
+    from sam_med3d.geometry import upsample_logits
+
+    for axis in range(3):
+        low = torch.zeros((1, 3, 2, 2, 2))
+        low[(slice(None), slice(None)) + (slice(None),) * axis + (1,)] = 1.0
+        low[:, 1] *= 4.0
+        up = upsample_logits(low, 4)
+        assert up.shape == (1, 3, 4, 4, 4) and up.dtype == torch.float32
+        profile = up[0, 0].movedim(axis, 0)[:, 1, 2]
+        assert profile.tolist() == [0.0, 0.25, 0.75, 1.0], axis
+        torch.testing.assert_close(up[0, 1], 4.0 * up[0, 0])
+        assert torch.equal(up[0, 0].movedim(axis, 0), profile[:, None, None].expand(4, 4, 4))
