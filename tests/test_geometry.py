@@ -639,3 +639,18 @@ def test_low_res_logits_are_upsampled_trilinearly_with_half_voxel_centres():
         assert profile.tolist() == [0.0, 0.25, 0.75, 1.0], axis
         torch.testing.assert_close(up[0, 1], 4.0 * up[0, 0])
         assert torch.equal(up[0, 0].movedim(axis, 0), profile[:, None, None].expand(4, 4, 4))
+
+
+def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
+    """``Crop.sample`` of a label map on a 3 mm scan (two crop voxels per scan voxel) keeps its values, as the
+    training crops' labels need; asked for ``"linear"``, it interpolates between them."""
+    prepared = PreparedScan.load(np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32),
+                                 np.diag([3.0, 3.0, 3.0, 1.0]))
+    labels = (np.arange(12 * 10 * 8).reshape(12, 10, 8) % 5).astype(np.uint8)
+    crop = prepared.crop((2, 3, 1), 8)
+    nearest = crop.sample(labels)
+    assert nearest.shape == (8, 8, 8) and set(np.unique(nearest.numpy())) <= set(range(5))
+    torch.testing.assert_close(nearest, prepared.sample(labels, (2, 3, 1), (8, 8, 8), "nearest"))
+    linear = crop.sample(labels.astype(np.float32), "linear")
+    torch.testing.assert_close(linear, prepared.sample(labels.astype(np.float32), (2, 3, 1), (8, 8, 8), "linear"))
+    assert not np.all(np.isin(linear.numpy(), np.arange(5)))
