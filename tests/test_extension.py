@@ -858,7 +858,14 @@ def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted
     again = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0], [40.0, 40.0, 80.0]]), [1, 1, 0],
                               multimask_output=True)
     assert again.decode_steps >= 1 and again.tiling.crops_rerun >= 1 and again.crop_boxes == result.crop_boxes
-    assert len(model.runs) == result.decode_steps + again.decode_steps
+    # One in the overlap of two added crops re-runs both.
+    crops = [predictor.prepared.crop(box[0], 32) for box in result.crop_boxes]
+    holders = {z: [i for i, c in enumerate(crops) if c.contains([[40, 40, z]])[0]] for z in range(96)}
+    z = next(z for z, held in holders.items() if len(held) == 2 and 0 not in held)
+    third = predictor.predict(np.array([[40.0, 40.0, 30.0], [40.0, 40.0, 34.0], [40.0, 40.0, 80.0], [40.0, 40.0, z]]),
+                              [1, 1, 0, 0], multimask_output=True)
+    assert third.tiling.crops_rerun == 2 and third.decode_steps == 2 and third.crop_boxes == result.crop_boxes
+    assert len(model.runs) == result.decode_steps + again.decode_steps + third.decode_steps
     low = predictor.low_res_size
     previous = {}
     assert all(multimask for *_, multimask in model.runs)  # the best of three masks, on every run
@@ -869,3 +876,30 @@ def test_every_crop_feeds_its_previous_mask_back_and_its_decoder_time_is_counted
     assert set(previous) == {box[0] for box in result.crop_boxes}
     for answer in (result, again):
         assert 0.02 * answer.decode_steps <= answer.timings["decode"] <= answer.timings["total"]
+
+
+def test_zoom_pass_runs_only_when_the_clicked_part_reaches_a_face():
+    """The coarse pass is for a clicked structure the first crop cannot hold: with the clicked part of the label
+    inside the first crop, another part of it reaching across a face (a blob the user did not point at) starts
+    neither the coarse pass nor any other crop; joined to the clicked part, it does."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[36:44, 36:44, 36:44] = True       # clicked, inside the first crop (z 24 .. 55)
+    blob = np.zeros_like(gt)
+    blob[36:40, 48:52, 44:70] = True     # 4 voxels away across y, through the crop's high z face
+    model = GroundTruthSam3D(gt | blob, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0,
+                                                                    max_crops=64, time_budget_s=600))
+    predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
+                        np.diag([1.5] * 3 + [1]))
+    result = predictor.predict(np.array([[40.0, 40.0, 40.0]]), [1])
+    assert result.crop_boxes == (((24, 24, 24), (56, 56, 56)),)
+    assert {spacing for spacing, _ in model.prompts} == {1.5} and len(model.prompts) == 1
+    assert (result.mask > 0).sum() == gt.sum() + (blob[24:56, 24:56, 24:56]).sum()
+    joined = gt | blob
+    joined[36:40, 40:52, 44:48] = True   # a bridge: the blob is now part of the clicked structure
+    model.label = joined.astype(np.uint8)
+    predictor.set_image(np.random.default_rng(1).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
+                        np.diag([1.5] * 3 + [1]))
+    result = predictor.predict(np.array([[40.0, 40.0, 40.0]]), [1])
+    assert 6.0 in {spacing for spacing, _ in model.prompts} and len(result.crop_boxes) > 1
+    assert int((joined & (result.mask == 0)).sum()) == 0

@@ -184,6 +184,21 @@ def test_crop_from_affine_accepts_only_whole_voxel_shifts_of_the_grid():
         prep.crop_from_affine(shifted, 16)
     with pytest.raises(ValueError, match="4x4"):
         prep.crop_from_affine(np.eye(3), 16)
+    # The affine as it comes back from a client (float32, a JSON round trip, a tensor): rounding noise within
+    # 1e-4 of a voxel per matrix entry and 1e-3 of a voxel in the shift is the same crop; a crop of twice the
+    # voxel size, or a shift 2e-3 of a voxel off the grid, is not.
+    assert prep.crop_from_affine(torch.as_tensor(crop.affine), 16).key == crop.key
+    noisy = np.linalg.solve(prep.affine, crop.affine)  # crop index -> canonical index
+    noisy[:3, :3] += 5e-5
+    noisy[:3, 3] += 5e-4
+    assert prep.crop_from_affine(prep.affine @ noisy, 16).key == crop.key
+    coarse = np.linalg.solve(prep.affine, crop.affine)
+    coarse[:3, :3] *= 2.0
+    off = np.linalg.solve(prep.affine, crop.affine)
+    off[:3, 3] += 2e-3
+    for bad in (coarse, off):
+        with pytest.raises(ValueError, match="whole-voxel shift"):
+            prep.crop_from_affine(prep.affine @ bad, 16)
 
 
 def test_normalisation_uses_positive_voxels_and_pads_with_zero():
