@@ -907,21 +907,20 @@ def test_zoom_pass_runs_only_when_the_clicked_part_reaches_a_face():
 
 @pytest.mark.parametrize("cap", [1, 2, 3])
 def test_positive_clicks_far_apart_get_crops_up_to_the_cap(cap):
-    """Three positive clicks too far apart for one crop, on three small blobs of one label: each gets a crop of its
-    own (the latest click's first, then the others in order) until ``max_crops`` crops are decoded; no crop
-    beyond the cap is decoded."""
+    """Three positive clicks too far apart for one crop, on three small blobs of one label, after a fourth one next
+    to the latest: each far one gets a crop of its own (the latest click's first, then the others in order, past
+    the one the first crop holds) until ``max_crops`` crops are decoded; no crop beyond the cap is decoded."""
     gt = np.zeros(SYNTHETIC_SHAPE, bool)
-    clicks = np.array([[10.0, 10.0, 10.0], [10.0, 70.0, 50.0], [70.0, 70.0, 85.0]])
-    for x, y, z in clicks.astype(int):
+    clicks = np.array([[70.0, 70.0, 83.0], [10.0, 10.0, 10.0], [10.0, 70.0, 50.0], [70.0, 70.0, 85.0]])
+    for x, y, z in clicks[1:].astype(int):
         gt[x - 2:x + 2, y - 2:y + 2, z - 2:z + 2] = True
     model = GroundTruthSam3D(gt, img_size=32)
     predictor = CropAwarePredictor(model, extension=ExtensionConfig(max_crops=cap, time_budget_s=600))
     predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
                         np.diag([1.5] * 3 + [1]))
-    result = predictor.predict(clicks, [1, 1, 1])
+    result = predictor.predict(clicks, [1, 1, 1, 1])
     assert len(result.crop_boxes) == cap == len(model.prompts)
     held = [[bool(predictor.prepared.crop(box[0], 32).contains(clicks[i:i + 1])[0]) for box in result.crop_boxes]
-            for i in range(3)]
-    # The first crop on the latest click, then the others in the order given.
-    assert held[2][0] and [any(h) for h in held] == [cap >= 2, cap >= 3, True]
+            for i in range(4)]
+    assert held[3][0] and held[0][0] and [any(h) for h in held] == [True, cap >= 2, cap >= 3, True]
     assert int((gt & (result.mask == 0)).sum()) == 64 * (3 - cap)
