@@ -679,3 +679,16 @@ def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
     linear = crop.sample(labels.astype(np.float32), "linear")
     torch.testing.assert_close(linear, prepared.sample(labels.astype(np.float32), (2, 3, 1), (8, 8, 8), "linear"))
     assert not np.all(np.isin(linear.numpy(), np.arange(5)))
+
+
+def test_the_official_grid_has_the_canonical_shape_on_a_scan_two_slices_thin():
+    """Two 3 mm slices become four 1.5 mm voxels on both the canonical grid and the official one (SimpleITK's
+    reference grid), in whichever order the scan stores its axes; a scan of one slice is refused before."""
+    array = np.random.default_rng(0).normal(size=(40, 2, 3)).astype(np.float32)
+    for affine in (np.diag([-1.5, 3.0, 5.0, 1.0]), np.array([[0, 3.0, 0, 0], [0, 0, -5.0, 0], [1.5, 0, 0, 0],
+                                                                [0, 0, 0, 1.0]])):
+        prepared = PreparedScan.load(array, affine)
+        assert sorted(prepared.shape) == [4, 10, 40]
+        assert tuple(int(n) for n in prepared.itk.size[prepared.source_axis]) == prepared.shape
+    with pytest.raises(ValueError, match="single slice"):
+        PreparedScan.load(array[:, :1], np.diag([-1.5, 3.0, 5.0, 1.0]))
