@@ -924,3 +924,43 @@ def test_positive_clicks_far_apart_get_crops_up_to_the_cap(cap):
             for i in range(4)]
     assert held[3][0] and held[0][0] and [any(h) for h in held] == [True, cap >= 2, cap >= 3, True]
     assert int((gt & (result.mask == 0)).sum()) == 64 * (3 - cap)
+
+
+def test_a_face_whose_neighbour_place_is_taken_does_not_stop_the_other_faces():
+    """``CropTiler.extend`` on hand-placed crops (a decoder that answers the ground truth of the crop it is
+    given): an L-shaped structure, a bar along x through the first crop F (start 24) into an earlier crop C
+    (start 56, i.e. 32 further along x) and an arm along z out of F's high z face. F's high x face is open (C's
+    interior starts at x = 58), but the crop across it would start at x = 48, within 8 voxels of C: that place
+    is taken, and the arm, across F's high z face, still gets its crops."""
+    import time
+
+    import torch
+    from sam_med3d.extension import CropTiler, Tile, combine_on_scan
+    from sam_med3d.geometry import PreparedScan, upsample_logits
+    from sam_med3d.io import load_scan
+
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[30:70, 36:44, 36:44] = True    # the bar along x
+    gt[30:38, 36:44, 36:80] = True    # the arm along z
+    prepared = PreparedScan(load_scan(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
+                                      np.diag([1.5] * 3 + [1])))
+
+    def decode_step(crop, points, labels, low_res, multimask):
+        return torch.where(crop.sample(gt.astype(np.uint8)) > 0, 10.0, -10.0)[None, None], 0.9
+
+    def tile(start, click):  # decoded, prompted with one positive click on the bar
+        crop = prepared.crop(start, 32)
+        logits, _ = decode_step(crop, None, None, None, False)
+        return Tile(crop, crop.to_crop([click]), np.ones(1, np.int64), logits,
+                    torch.sigmoid(upsample_logits(logits, 32))[0, 0])
+
+    tiler = CropTiler(ExtensionConfig(max_crops=64, time_budget_s=600), 32, lambda crop, timings: (crop, False),
+                      decode_step, lambda: torch.zeros(1, 1, 8, 8, 8))
+    first, earlier = tile((24, 24, 24), (34, 40, 40)), tile((56, 24, 24), (64, 40, 40))
+    timings = dict(preprocess=0.0, encode=0.0, decode=0.0, paste=0.0)
+    tiles, stats = tiler.extend(prepared, first, [earlier], np.array([[34.0, 40.0, 40.0]]), np.array([1]), None,
+                                timings, time.perf_counter())
+    assert tiles[:2] == [first, earlier] and stats.crops_added == len(tiles) - 2 >= 1
+    assert all(t.crop.start[2] > 24 for t in tiles[2:])  # every added crop lies up the arm
+    mask, _ = combine_on_scan(prepared, tiles, tiler.window)
+    np.testing.assert_array_equal(mask.astype(bool), gt)
