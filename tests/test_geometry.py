@@ -692,3 +692,18 @@ def test_the_official_grid_has_the_canonical_shape_on_a_scan_two_slices_thin():
         assert tuple(int(n) for n in prepared.itk.size[prepared.source_axis]) == prepared.shape
     with pytest.raises(ValueError, match="single slice"):
         PreparedScan.load(array[:, :1], np.diag([-1.5, 3.0, 5.0, 1.0]))
+
+
+def test_sampling_entirely_outside_the_volume_gives_zeros_of_the_right_type_and_shape():
+    """Samples that all miss the volume: zeros of the requested shape, in the volume's type for nearest sampling
+    (label maps stay integer) and float32 for linear. Linear sampling by default interpolates without the
+    truncation of integer scans."""
+    labels = np.full((6, 5, 4), 3, np.uint8)
+    away = [np.arange(20.0, 27.0), np.arange(2.0), np.arange(3.0)]
+    nearest = sample_separable(labels, away, "nearest")
+    assert nearest.shape == (7, 2, 3) and nearest.dtype == torch.uint8 and not nearest.any()
+    linear = sample_separable(labels, away)
+    assert linear.shape == (7, 2, 3) and linear.dtype == torch.float32 and not linear.any()
+    ramp = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 5, 4), np.float32)
+    halfway = sample_separable(ramp, [np.array([0.5, 2.25]), np.array([1.0]), np.array([2.0])])
+    assert halfway.flatten().tolist() == [0.5, 2.25]
