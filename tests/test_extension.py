@@ -394,11 +394,12 @@ def test_open_faces_by_hand():
     probs[25:32, 12:16, 12:16] = 1.0    # touches the high face of axis 0
     probs[10:14, 2:6, 20:24] = 1.0      # 2 voxels from the low face of axis 1: not touching
     probs[10:14, 26:30, 20:24] = 1.0    # 2 voxels from the high face of axis 1 (voxel 29): not touching
+    probs[0:3, 28:31, 28:31] = 0.5      # touches the low face of axis 0, but 0.5 is not mask
     scan = SimpleNamespace(shape=(200, 200, 200))
     tile = _tile(probs, [[15, 15, 15]], [1])
 
     def faces(tile, others=(), scan=scan):
-        found = open_faces(tile, list(others), scan, 2, clicked_only=False)
+        found = open_faces(tile, list(others), scan, 2)  # every part of the mask counts (the default)
         return [(axis, side, np.asarray(centre).tolist()) for axis, side, centre in found]
 
     # Axis 0, high face: voxels 30..31 x 12..15 x 12..15, canonical 70..71 x 52..55 x 52..55 -> centre (71, 54, 54).

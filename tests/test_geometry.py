@@ -707,3 +707,10 @@ def test_sampling_entirely_outside_the_volume_gives_zeros_of_the_right_type_and_
     ramp = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 5, 4), np.float32)
     halfway = sample_separable(ramp, [np.array([0.5, 2.25]), np.array([1.0]), np.array([2.0])])
     assert halfway.flatten().tolist() == [0.5, 2.25]
+    # Partly outside: the same types, zeros where outside.
+    part = [np.arange(4.0, 8.0), np.arange(2.0), np.arange(3.0)]
+    nearest = sample_separable(labels, part, "nearest")
+    assert nearest.dtype == torch.uint8 and nearest[:2].eq(3).all() and not nearest[2:].any()
+    truncated = sample_separable((ramp * 100).astype(np.int16), [np.array([0.5, 2.25, 9.0]), np.array([1.0]),
+                                                                  np.array([2.0])], truncate=True)
+    assert truncated.dtype == torch.float32 and truncated.flatten().tolist() == [50.0, 225.0, 0.0]
