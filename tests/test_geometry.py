@@ -677,8 +677,10 @@ def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
     assert nearest.shape == (8, 8, 8) and set(np.unique(nearest.numpy())) <= set(range(5))
     torch.testing.assert_close(nearest, prepared.sample(labels, (2, 3, 1), (8, 8, 8), "nearest"))
     linear = crop.sample(labels.astype(np.float32), "linear")
-    torch.testing.assert_close(linear, prepared.sample(labels.astype(np.float32), (2, 3, 1), (8, 8, 8), "linear"))
+    torch.testing.assert_close(linear, prepared.sample(labels.astype(np.float32), (2, 3, 1), (8, 8, 8)))  # default
     assert not np.all(np.isin(linear.numpy(), np.arange(5)))
+    with pytest.raises(ValueError, match=r"^volume of shape \(12, 10, 7\) does not match the scan 12x10x8$"):
+        prepared.sample(labels[:, :, :7], (2, 3, 1), (8, 8, 8))
 
 
 def test_the_official_grid_has_the_canonical_shape_on_a_scan_two_slices_thin():
