@@ -668,9 +668,11 @@ def test_low_res_logits_are_upsampled_trilinearly_with_half_voxel_centres():
 
 def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
     """``Crop.sample`` of a label map on a 3 mm scan (two crop voxels per scan voxel) keeps its values, as the
-    training crops' labels need; asked for ``"linear"``, it interpolates between them."""
-    prepared = PreparedScan.load(np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32),
+    training crops' labels need; asked for ``"linear"``, it interpolates between them, untruncated although the
+    scan itself is stored as integers (its own samples are truncated as the official resampling does)."""
+    prepared = PreparedScan.load((np.random.default_rng(0).normal(size=(12, 10, 8)) * 100).astype(np.int16),
                                  np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert prepared.scan.integer
     labels = (np.arange(12 * 10 * 8).reshape(12, 10, 8) % 5).astype(np.uint8)
     crop = prepared.crop((2, 3, 1), 8)
     nearest = crop.sample(labels)
