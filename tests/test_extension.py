@@ -410,6 +410,9 @@ def test_open_faces_by_hand():
     assert faces(tile, scan=SimpleNamespace(shape=(73, 200, 200))) == faces(tile)
     at_origin = _tile(probs, [[15, 15, 15]], [1], start=(0, 0, 0))
     assert [(a, s) for a, s, _ in faces(at_origin)] == [(0, 1)]
+    through = np.zeros_like(probs)
+    through[14:18, 14:18, :] = 1.0      # through the crop along axis 2: shut at the scan's start, open at the other end
+    assert [(a, s) for a, s, _ in faces(_tile(through, [[15, 15, 15]], [1], start=(0, 0, 0)))] == [(2, 1)]
     assert [(a, s) for a, s, _ in faces(_tile(probs, [[15, 15, 15]], [1], start=(0, 0, 1)))] == [(0, 1), (2, -1)]
     # Beyond the axis-0 face lie canonical 72 x 52..55 x 52..55. A crop whose interior holds all of it shuts the
     # face; the tile itself in the list changes nothing.

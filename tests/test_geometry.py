@@ -683,8 +683,10 @@ def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
     assert not np.all(np.isin(linear.numpy(), np.arange(5)))
     with pytest.raises(ValueError, match=r"^volume of shape \(12, 10, 7\) does not match the scan 12x10x8$"):
         prepared.sample(labels[:, :, :7], (2, 3, 1), (8, 8, 8))
-    # A crop of one voxel is a crop; of none, an error.
+    # A crop of one voxel is a crop; of none, an error. A crop is known by its start and size (the embedding
+    # cache's key).
     assert prepared.crop((4, 4, 4), 1).sample(labels).tolist() == [[[labels[2, 2, 2]]]]
+    assert prepared.crop((4, 4, 4), 1).key == ((4, 4, 4), 1) != prepared.crop((4, 4, 5), 1).key
     with pytest.raises(ValueError, match=r"^crop size must be >= 1, got 0$"):
         prepared.crop((4, 4, 4), 0)
 
