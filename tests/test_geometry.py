@@ -646,6 +646,10 @@ def test_a_prepared_scan_says_what_it_is():
         "PreparedScan('array': 40x30x56 AIL -> canonical 56x40x50 at 1.5 mm)"
     assert repr(PreparedScan.load(array, np.diag([3, 3, 3, 1.0]), spacing_mm=6)) == \
         "PreparedScan('array': 40x30x56 RAS -> canonical 20x15x28 at 6.0 mm)"
+    assert PreparedScan.load(array, np.diag([3, 3, 3, 1.0]), spacing_mm=0.5).shape == (240, 180, 336)
+    for bad in (0, -1.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"^spacing_mm must be > 0, got {bad}$"):
+            PreparedScan.load(array, permuted, spacing_mm=bad)
 
 
 def test_low_res_logits_are_upsampled_trilinearly_with_half_voxel_centres():
