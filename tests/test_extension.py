@@ -419,6 +419,10 @@ def test_open_faces_by_hand():
     covering = _tile(probs, [[0, 0, 0]], [1], start=(70, 40, 40))   # interior 72..99 on each axis
     assert faces(tile, [tile, covering]) == [(2, -1, [55, 55, 41])]
     assert faces(tile, [tile]) == faces(tile)
+    # Beyond the low face of axis 2 lies canonical z = 39: shut by a crop whose interior ends there (start z 10,
+    # interior 12..39) or starts there (start z 37, interior 39..66).
+    for start in [(40, 40, 10), (40, 40, 37)]:
+        assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=start)]) == [(0, 1, [71, 54, 54])], start
     # Moved one voxel along axis 0, the voxels beyond lie in its margin: the face opens again.
     assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(71, 40, 40))]) == faces(tile)
     # Covering only part of them (axis 1 interior from 54) leaves the face open.
