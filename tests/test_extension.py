@@ -436,6 +436,10 @@ def test_open_faces_by_hand():
     assert faces(wide) == [(1, 1, [56, 71, 56])]
     assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 40))]) == []
     assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 43))]) == faces(wide)
+    # The sample spans all the touching voxels: a crop covering all but the first (i 44..50) or the last (i 60..67)
+    # rows of them leaves the face open.
+    for start in [(49, 70, 40), (30, 70, 40)]:
+        assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=start)]) == faces(wide), start
 
 
 # ------------------------------------------------------------------------- blending tiles that disagree
