@@ -697,13 +697,17 @@ def test_a_crop_samples_another_volume_nearest_unless_told_otherwise():
 
 def test_the_official_grid_has_the_canonical_shape_on_a_scan_two_slices_thin():
     """Two 3 mm slices become four 1.5 mm voxels on both the canonical grid and the official one (SimpleITK's
-    reference grid), in whichever order the scan stores its axes; a scan of one slice is refused before."""
+    reference grid), in whichever order the scan stores its axes, and two 0.5 mm slices one; a scan of one slice
+    is refused before."""
     array = np.random.default_rng(0).normal(size=(40, 2, 3)).astype(np.float32)
     for affine in (np.diag([-1.5, 3.0, 5.0, 1.0]), np.array([[0, 3.0, 0, 0], [0, 0, -5.0, 0], [1.5, 0, 0, 0],
                                                                 [0, 0, 0, 1.0]])):
         prepared = PreparedScan.load(array, affine)
         assert sorted(prepared.shape) == [4, 10, 40]
         assert tuple(int(n) for n in prepared.itk.size[prepared.source_axis]) == prepared.shape
+    # Two 0.5 mm slices make one 1.5 mm voxel, on both grids.
+    thin = PreparedScan.load(array, np.diag([-1.5, 0.5, 5.0, 1.0]))
+    assert thin.shape == (40, 1, 10) and tuple(int(n) for n in thin.itk.size[thin.source_axis]) == thin.shape
     with pytest.raises(ValueError, match="single slice"):
         PreparedScan.load(array[:, :1], np.diag([-1.5, 3.0, 5.0, 1.0]))
 
