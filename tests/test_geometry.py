@@ -647,6 +647,12 @@ def test_a_prepared_scan_says_what_it_is():
     assert repr(PreparedScan.load(array, np.diag([3, 3, 3, 1.0]), spacing_mm=6)) == \
         "PreparedScan('array': 40x30x56 RAS -> canonical 20x15x28 at 6.0 mm)"
     assert PreparedScan.load(array, np.diag([3, 3, 3, 1.0]), spacing_mm=0.5).shape == (240, 180, 336)
+    # Its index map is the map to the stored voxels, and the affine goes through it.
+    prepared = PreparedScan.load(array, permuted)
+    canonical = np.array([[3.0, 7.0, 11.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose((prepared.index_map @ np.c_[canonical, [1, 1]].T).T[:, :3],
+                               prepared.to_original(canonical))
+    np.testing.assert_allclose(prepared.affine, permuted @ prepared.index_map)
     for bad in (0, -1.5, float("nan")):
         with pytest.raises(ValueError, match=rf"^spacing_mm must be > 0, got {bad}$"):
             PreparedScan.load(array, permuted, spacing_mm=bad)
