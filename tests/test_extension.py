@@ -391,7 +391,7 @@ def test_open_faces_by_hand():
 
     probs = np.zeros((32, 32, 32), np.float32)
     probs[10:20, 10:20, 0:5] = 1.0      # touches the low face of axis 2
-    probs[25:32, 12:16, 12:16] = 1.0    # touches the high face of axis 0
+    probs[25:32, 12:15, 12:16] = 1.0    # touches the high face of axis 0
     probs[10:14, 2:6, 20:24] = 1.0      # 2 voxels from the low face of axis 1: not touching
     probs[10:14, 26:30, 20:24] = 1.0    # 2 voxels from the high face of axis 1 (voxel 29): not touching
     probs[0:3, 28:31, 28:31] = 0.5      # touches the low face of axis 0, but 0.5 is not mask
@@ -402,9 +402,10 @@ def test_open_faces_by_hand():
         found = open_faces(tile, list(others), scan, 2)  # every part of the mask counts (the default)
         return [(axis, side, np.asarray(centre).tolist()) for axis, side, centre in found]
 
-    # Axis 0, high face: voxels 30..31 x 12..15 x 12..15, canonical 70..71 x 52..55 x 52..55 -> centre (71, 54, 54).
+    # Axis 0, high face: voxels 30..31 x 12..14 x 12..15, canonical 70..71 x 52..54 x 52..55 -> centre (71, 53, 54)
+    # (the middle of [lo, hi + 1), rounded down).
     # Axis 2, low face: voxels 10..19 x 10..19 x 0..1, canonical 50..59 x 50..59 x 40..41 -> centre (55, 55, 41).
-    assert faces(tile) == [(0, 1, [71, 54, 54]), (2, -1, [55, 55, 41])]
+    assert faces(tile) == [(0, 1, [71, 53, 54]), (2, -1, [55, 55, 41])]
     # The scan ends exactly at a face: nothing beyond it; one voxel more and the face opens.
     assert faces(tile, scan=SimpleNamespace(shape=(72, 200, 200))) == [(2, -1, [55, 55, 41])]
     assert faces(tile, scan=SimpleNamespace(shape=(73, 200, 200))) == faces(tile)
@@ -414,7 +415,7 @@ def test_open_faces_by_hand():
     through[14:18, 14:18, :] = 1.0      # through the crop along axis 2: shut at the scan's start, open at the other end
     assert [(a, s) for a, s, _ in faces(_tile(through, [[15, 15, 15]], [1], start=(0, 0, 0)))] == [(2, 1)]
     assert [(a, s) for a, s, _ in faces(_tile(probs, [[15, 15, 15]], [1], start=(0, 0, 1)))] == [(0, 1), (2, -1)]
-    # Beyond the axis-0 face lie canonical 72 x 52..55 x 52..55. A crop whose interior holds all of it shuts the
+    # Beyond the axis-0 face lie canonical 72 x 52..54 x 52..55. A crop whose interior holds all of it shuts the
     # face; the tile itself in the list changes nothing.
     covering = _tile(probs, [[0, 0, 0]], [1], start=(70, 40, 40))   # interior 72..99 on each axis
     assert faces(tile, [tile, covering]) == [(2, -1, [55, 55, 41])]
@@ -422,7 +423,7 @@ def test_open_faces_by_hand():
     # Beyond the low face of axis 2 lies canonical z = 39: shut by a crop whose interior ends there (start z 10,
     # interior 12..39) or starts there (start z 37, interior 39..66).
     for start in [(40, 40, 10), (40, 40, 37)]:
-        assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=start)]) == [(0, 1, [71, 54, 54])], start
+        assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=start)]) == [(0, 1, [71, 53, 54])], start
     # Moved one voxel along axis 0, the voxels beyond lie in its margin: the face opens again.
     assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(71, 40, 40))]) == faces(tile)
     # Covering only part of them (axis 1 interior from 54) leaves the face open.
