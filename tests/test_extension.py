@@ -676,6 +676,8 @@ def test_extension_settings_are_checked():
                          (dict(derived_points=0), "derived_points"), (dict(zoom_spacing_mm=0), "zoom_spacing_mm")]:
         with pytest.raises(ValueError, match=message):
             ExtensionConfig(**bad)
+    with pytest.raises(ValueError, match=r"^extension strategy must be one of slide, zoom, got 'magic'$"):
+        ExtensionConfig(strategy="magic")
     config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1)
     assert config.max_crops == 1 and config.overlap_for(64) == 16 and config.overlap_for(128) == 32
     assert type(config.overlap_for(64)) is int  # crop starts are whole voxels
