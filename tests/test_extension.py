@@ -678,7 +678,7 @@ def test_extension_settings_are_checked():
             ExtensionConfig(**bad)
     with pytest.raises(ValueError, match=r"^extension strategy must be one of slide, zoom, got 'magic'$"):
         ExtensionConfig(strategy="magic")
-    config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1)
+    config = ExtensionConfig(max_crops=1, time_budget_s=0, derived_points=1, zoom_spacing_mm=0.75)
     assert config.max_crops == 1 and config.overlap_for(64) == 16 and config.overlap_for(128) == 32
     assert type(config.overlap_for(64)) is int  # crop starts are whole voxels
     assert ExtensionConfig(overlap=1).overlap_for(64) == 1 and ExtensionConfig(overlap=63).overlap_for(64) == 63
