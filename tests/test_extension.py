@@ -428,19 +428,23 @@ def test_open_faces_by_hand():
     assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(71, 40, 40))]) == faces(tile)
     # Covering only part of them (axis 1 interior from 54) leaves the face open.
     assert faces(tile, [_tile(probs, [[0, 0, 0]], [1], start=(70, 52, 40))]) == faces(tile)
-    # More than 512 voxels touch a face (24 x 2 x 24 by the high face of axis 1): a sample of them is looked at
-    # beyond it, canonical 44..67 x 72 x 44..67. A crop whose interior holds all of it shuts the face; one whose
-    # interior starts a voxel later along axis 2 leaves the row k = 44 open, the first voxel touching the face.
+    # A wide face (24 x 2 x 24 voxels by the high face of axis 1): every voxel beyond it is looked at, canonical
+    # 44..67 x 72 x 44..67. A crop whose interior holds all of it shuts the face; one whose interior starts a voxel
+    # later along axis 2 leaves the row k = 44 open, the first one touching the face.
     band = np.zeros_like(probs)
     band[4:28, 30:, 4:28] = 1.0
     wide = _tile(band, [[15, 31, 15]], [1])
     assert faces(wide) == [(1, 1, [56, 71, 56])]
     assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 40))]) == []
     assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 43))]) == faces(wide)
-    # The sample spans all the touching voxels: a crop covering all but the first (i 44..50) or the last (i 60..67)
-    # rows of them leaves the face open.
+    # Crops covering all but the first (i 44..50) or the last (i 60..67) rows leave the face open.
     for start in [(49, 70, 40), (30, 70, 40)]:
         assert faces(wide, [_tile(band, [[0, 0, 0]], [1], start=start)]) == faces(wide), start
+    # Four crops covering all of it but the one voxel (51, 72, 56) (interiors i 23..50 and 52..79 over every k;
+    # k 28..55 and 57..84 over i 42..69): that voxel alone opens the face; a fifth crop holding it shuts it.
+    around = [_tile(band, [[0, 0, 0]], [1], start=s) for s in [(21, 70, 40), (50, 70, 40), (40, 70, 26), (40, 70, 55)]]
+    assert faces(wide, around) == faces(wide)
+    assert faces(wide, around + [_tile(band, [[0, 0, 0]], [1], start=(40, 70, 40))]) == []
 
 
 # ------------------------------------------------------------------------- blending tiles that disagree
@@ -979,3 +983,30 @@ def test_a_face_whose_neighbour_place_is_taken_does_not_stop_the_other_faces():
     assert all(t.crop.start[2] > 24 for t in tiles[2:])  # every added crop lies up the arm
     mask, _ = combine_on_scan(prepared, tiles, tiler.window)
     np.testing.assert_array_equal(mask.astype(bool), gt)
+
+
+def test_zoom_lattice_crop_far_past_the_coarse_crop_is_prompted_on_the_structure_only():
+    """As above, with the bar thin (4 x 4 across, i, j 36..39) and widening into a block (i, j 36..63) from z = 150
+    to the scan's end: the coarse crop's last slices (z 156 .. 163) hold the block. The lowest lattice crop
+    (z = 23 .. 54) reaches 3 coarse voxels past the coarse crop, where nothing is known; were the coarse mask
+    read there from its other end, the block's slab (deeper than the thin bar) would give derived clicks on
+    background. Every derived click of every crop lies on the structure."""
+    shape = (80, 80, 200)
+    gt = np.zeros(shape, bool)
+    gt[36:40, 36:40, :] = True
+    gt[36:64, 36:64, 150:] = True
+    model = GroundTruthSam3D(gt, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(strategy="zoom", zoom_spacing_mm=6.0, max_crops=64,
+                                                                    time_budget_s=600))
+    predictor.set_image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.diag([1.5] * 3 + [1]))
+    click = np.array([[38.0, 38.0, 100.0]])
+    result = predictor.predict(click, [1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and not (result.mask > 0)[~gt].any()
+    assert [start for spacing, start in model.prompts if spacing == 6.0] == [(-7, -7, 9)]
+    assert (1.5, (33, 33, 23)) in model.prompts  # the lowest lattice crop
+    for (spacing, start), (prompt, labels, _) in model.prompts.items():
+        if spacing != 1.5 or start == result.crop_boxes[0][0]:
+            continue
+        derived = prompt[:len(prompt) - int(predictor.prepared.crop(start, 32).contains(click)[0])]
+        voxels = (np.asarray(start) + derived).astype(int)
+        assert len(derived) and gt[tuple(voxels.T)].all(), (start, voxels.tolist())

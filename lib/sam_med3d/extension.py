@@ -202,10 +202,9 @@ def open_faces(tile: Tile, others: Sequence[Tile], prepared: PreparedScan, margi
             offset = np.zeros(3, np.int64)
             offset[axis] = 0 if side < 0 else size - margin
             touching = touching + offset + tile.start
-            beyond = touching.copy()
-            beyond[:, axis] = edge - 1 if side < 0 else edge  # the canonical voxel just across the face
-            if len(beyond) > 512:  # a sample is enough to tell whether the face is covered
-                beyond = beyond[np.linspace(0, len(beyond) - 1, 512).astype(np.int64)]
+            # Every canonical voxel just across the face from a touching one (at most size^2 of them).
+            footprint = np.argwhere(slab.any(axis=axis)) + np.delete(tile.start, axis)
+            beyond = np.insert(footprint, axis, edge - 1 if side < 0 else edge, axis=1)
             covered = np.zeros(len(beyond), bool)
             for other in others:
                 if other is not tile:
