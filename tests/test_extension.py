@@ -787,6 +787,28 @@ def test_zoom_derived_clicks_are_an_eighth_of_a_crop_apart():
     assert checked >= 3
 
 
+def test_slide_derived_clicks_are_an_eighth_of_a_crop_apart():
+    """The same for the crops the sliding pass adds, with six derived clicks per crop: on the bar and block above,
+    each crop's known mask (the overlap with its neighbours) has next-deepest voxels 3.6 voxels from a chosen
+    one; every pair of derived clicks in a crop lies at least 4 voxels apart."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[12:68, 32:48, 40:56] = True
+    gt[0:12, 48:60, 44:48] = True
+    click = np.array([[18.0, 40.0, 48.0]])
+    model = GroundTruthSam3D(gt, img_size=32)
+    predictor = CropAwarePredictor(model, extension=ExtensionConfig(max_crops=64, time_budget_s=600, derived_points=6))
+    predictor.set_image(np.random.default_rng(0).normal(size=SYNTHETIC_SHAPE).astype(np.float32),
+                        np.diag([1.5] * 3 + [1]))
+    result = predictor.predict(click, [1])
+    assert int((gt & (result.mask == 0)).sum()) == 0 and len(result.crop_boxes) > 1
+    gaps = []
+    for (_, start), (prompt, _, _) in model.prompts.items():
+        if start != result.crop_boxes[0][0]:
+            derived = prompt[:len(prompt) - int(predictor.prepared.crop(start, 32).contains(click)[0])]
+            gaps += [np.linalg.norm(a - b) for i, a in enumerate(derived) for b in derived[i + 1:]]
+    assert len(gaps) >= 20 and min(gaps) >= 4.0, sorted(gaps)[:5]
+
+
 def test_zoom_lattice_crops_are_prompted_from_the_coarse_mask_at_its_place_on_a_flipped_scan():
     """The coarse mask is carried onto each lattice crop at its own place, on a 1.5 mm scan stored neither in RAS
     order nor direction (array i runs A, j runs S reversed, k runs R reversed, so the coarse grid's offsets are
@@ -945,7 +967,7 @@ def test_positive_clicks_far_apart_get_crops_up_to_the_cap(cap):
     assert int((gt & (result.mask == 0)).sum()) == 64 * (3 - cap)
 
 
-def test_a_face_whose_neighbour_place_is_taken_does_not_stop_the_other_faces():
+def test_a_face_whose_neighbour_place_is_taken_or_unknown_does_not_stop_the_other_faces():
     """``CropTiler.extend`` on hand-placed crops (a decoder that answers the ground truth of the crop it is
     given): an L-shaped structure, a bar along x through the first crop F (start 24) into an earlier crop C
     (start 56, i.e. 32 further along x) and an arm along z out of F's high z face. F's high x face is open (C's
@@ -983,6 +1005,25 @@ def test_a_face_whose_neighbour_place_is_taken_does_not_stop_the_other_faces():
     assert all(t.crop.start[2] > 24 for t in tiles[2:])  # every added crop lies up the arm
     mask, _ = combine_on_scan(prepared, tiles, tiler.window)
     np.testing.assert_array_equal(mask.astype(bool), gt)
+
+    # A face with no derived click does not stop the other faces either: the bar's high x face is open (nothing
+    # lies beyond x = 56), but two earlier crops over the bar (same x range as F, answering "not mask") outvote
+    # F there, so the crop across it knows no voxel above 0.5 and is not placed; an arm along z at y 24..27,
+    # beside those crops, still gets its crops, across F's low y face and its high z face.
+    gt[:] = False
+    gt[30:70, 36:44, 36:44] = True    # the bar along x
+    gt[30:38, 24:28, 36:80] = True    # the arm along z
+    gt[30:38, 24:36, 36:44] = True    # joins them
+    first = tile((24, 24, 24), (34, 40, 40))
+    outvoting = [Tile(c, np.zeros((0, 3)), np.zeros(0, np.int64), torch.full((1, 1, 8, 8, 8), -10.0),
+                      torch.zeros(32, 32, 32)) for c in (prepared.crop((24, 28, 24), 32), prepared.crop((24, 28, 20), 32))]
+    tiles, stats = tiler.extend(prepared, first, outvoting, np.array([[34.0, 40.0, 40.0]]), np.array([1]), None,
+                                timings, time.perf_counter())
+    added = [tuple(int(v) for v in t.crop.start) for t in tiles[3:]]
+    assert stats.crops_added == len(added) >= 2 and all(start[0] < 48 for start in added), added
+    assert any(start[1] == 0 for start in added) and any(start[2] == 48 for start in added), added
+    mask, _ = combine_on_scan(prepared, tiles, tiler.window)
+    assert mask[30:38, 0:28, 36:80].astype(bool).sum() == gt[30:38, 0:28, 36:80].sum()  # the whole arm
 
 
 def test_zoom_lattice_crop_far_past_the_coarse_crop_is_prompted_on_the_structure_only():
