@@ -753,6 +753,17 @@ def test_zoom_lattice_is_just_large_enough_for_the_coarse_mask(length, click, cr
     assert np.all(np.ptp(starts[:, :2], axis=0) <= 8), starts.tolist()  # one crop across the bar, never two
 
 
+def test_zoom_lattice_is_centred_by_rounding_down_at_the_scan_start():
+    """A bar against the scan's low x face (i 0..7, j 36..43, z 20..67): its coarse box along x is -1 .. 8 (one
+    voxel more on the low side), centre 3.5; the lattice's one crop across is centred on it rounded down, as
+    everywhere else (start 3 - 16 = -13, not -12 as rounding towards zero would give), and 2 crops along z."""
+    gt = np.zeros(SYNTHETIC_SHAPE, bool)
+    gt[0:8, 36:44, 20:68] = True
+    result, model, _ = _zoom_on_synthetic(gt, (4, 40, 40))
+    lattice = [start for spacing, start in model.prompts if spacing == 1.5 and start != result.crop_boxes[0][0]]
+    assert lattice == [(-13, 23, 15), (-13, 23, 39)]
+
+
 def test_zoom_decodes_every_lattice_crop_holding_the_coarse_mask_past_empty_ones():
     """Two parts of one label, 24 voxels apart diagonally; the clicked one longer than a crop. The lattice is
     2 x 2 across, and its two off-diagonal crops hold neither part: they are skipped, and the far part is still
