@@ -201,13 +201,13 @@ def test_crop_from_affine_accepts_only_whole_voxel_shifts_of_the_grid():
             prep.crop_from_affine(prep.affine @ bad, 16)
     # The message shows the map the affine makes, to 4 decimals.
     ras = PreparedScan(_linear_scan(ORIENTATIONS["RAS"]))
-    quarter = ras.crop((2, 3, 4), 16).affine.copy()
-    quarter[:3, 3] += 0.25 * ras.spacing_mm
+    off_grid = ras.crop((2, 3, 4), 16).affine.copy()
+    off_grid[:3, 3] += 0.123456 * ras.spacing_mm
     with pytest.raises(ValueError) as refused:
-        ras.crop_from_affine(quarter, 16)
+        ras.crop_from_affine(off_grid, 16)
     assert str(refused.value) == (
         "crop_affine is not a whole-voxel shift of the scan's canonical 1.5 mm grid (canonical index = "
-        "[[1.0, 0.0, 0.0, 2.25], [0.0, 1.0, 0.0, 3.25], [0.0, 0.0, 1.0, 4.25], [0.0, 0.0, 0.0, 1.0]] @ crop index): "
+        "[[1.0, 0.0, 0.0, 2.1235], [0.0, 1.0, 0.0, 3.1235], [0.0, 0.0, 1.0, 4.1235], [0.0, 0.0, 0.0, 1.0]] @ crop index): "
         "it cannot be one of this scan's crops")
 
 
