@@ -311,20 +311,25 @@ def test_paste_back_is_the_official_simpleitk_resampling(name, spacing):
     assert mask.dtype == np.uint8 and mask[~box].max() == 0
 
 
+@pytest.mark.parametrize("tilt", [0.0, 1e-12])
 @pytest.mark.parametrize("values", [(-200, 400), (0, 3)])
 @pytest.mark.parametrize("spacing", [1.5, 0.5, 0.75, 0.9, 2.7, 3.0, 7.5])
-@pytest.mark.parametrize("name", ["RAS", "LAS", "PSR"])
-def test_integer_crop_is_the_official_resampling(name, spacing, values):
+@pytest.mark.parametrize("name", ["RAS", "LAS", "PSR", "oblique"])
+def test_integer_crop_is_the_official_resampling(name, spacing, values, tilt):
     """Integer scans: the crop's raw values are, voxel for voxel, torchio 0.19.9's ``Resample(1.5)`` (SimpleITK,
     the scan's pixel type, truncation) then ``ToCanonical`` and ``CropOrPad``; also where the 1.5 mm sample
     points fall on stored voxel centres (1.5 and 0.5 mm), where ITK's ~1e-16 noise decides the truncation, and
     on scans of three values (0 .. 2), where many interpolants between unequal neighbours land next to an
-    integer (weights of thirds at 0.9 and 2.7 mm)."""
+    integer (weights of thirds at 0.9 and 2.7 mm). ``tilt``: the direction off its axes by 1e-12, the rounding
+    noise of many real headers, which makes ITK's positions as unseparable as an oblique scan's; and a truly
+    oblique direction."""
     rng = np.random.default_rng(7)
     spacings = (spacing, spacing, 3.0 if spacing < 1 else spacing)
     shape = tuple(int(round(48 / s)) for s in spacings)
     array = rng.integers(*values, size=shape).astype(np.int16)
-    affine = _affine(ORIENTATIONS[name], spacing=spacings, origin=(10.3, -20.1, 5.7))
+    direction = ORIENTATIONS[name] @ np.array([[1.0, tilt, 0.0], [-tilt, 1.0, 0.0], [tilt / 3, 0.0, 1.0]])
+    direction /= np.linalg.norm(direction, axis=0)
+    affine = _affine(direction, spacing=spacings, origin=(10.3, -20.1, 5.7))
     prep = PreparedScan(Scan(array.astype(np.float32), affine, "array", integer=True))
     image = _torchio_sitk(array, affine)
     old_spacing = np.array(image.GetSpacing())

@@ -522,16 +522,16 @@ class PreparedScan:
     def uses_itk_resampling(self) -> bool:
         """Whether crops of the scan come from one SimpleITK resampling of the whole grid, cached.
 
-        Only for **oblique integer** scans: there ITK's positions are not separable per axis, and the
-        truncation to integers turns their floating-point noise into one-unit differences on many voxels. The
-        grid is resampled once with SimpleITK exactly as torchio 0.19.9 does (:class:`_OfficialGrids`, same
-        pixel type). Axis-aligned scans use the separable sampler at ITK's own positions
-        (:meth:`itk_sample_coords`), which equals SimpleITK voxel for voxel at a fraction of the cost. Grids
-        above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
+        Only for **integer** scans whose direction is not exactly a signed permutation (oblique, or axis-aligned
+        but for rounding noise in the header, as many real files are): there ITK's positions are not separable
+        per axis, and the truncation to integers turns their floating-point noise into one-unit differences on
+        many voxels. The grid is resampled once with SimpleITK exactly as torchio 0.19.9 does
+        (:class:`_OfficialGrids`, same pixel type). Exactly axis-aligned scans use the separable sampler at
+        ITK's own positions (:meth:`itk_sample_coords`), which equals SimpleITK voxel for voxel at a fraction of
+        the cost. Grids above :data:`ITK_RESAMPLE_MAX_VOXELS` use the separable sampler.
         """
-        direction = self.scan.affine[:3, :3] / self.scan.spacing_mm[None, :]
-        aligned = np.allclose(np.abs(direction), np.round(np.abs(direction)), atol=1e-9)
-        return bool(self.scan.integer and not aligned and int(np.prod(self.shape)) <= ITK_RESAMPLE_MAX_VOXELS)
+        return bool(self.scan.integer and not self.itk.resample_separable
+                    and int(np.prod(self.shape)) <= ITK_RESAMPLE_MAX_VOXELS)
 
     @cached_property
     def _itk_canonical(self) -> np.ndarray:
