@@ -34,7 +34,7 @@ with torchio 0.19.9, the version the released models were trained and evaluated 
    0. At exact rounding ties (every voxel of a 3 mm scan, every third of a 1 mm scan) ITK's floating-point
    rounding decides, so ``c`` is computed as ITK computes it from the geometry torchio hands it.
 
-Resampling is **not done for the whole scan** (except oblique integer scans, see
+Resampling is **not done for the whole scan** (except integer scans not exactly axis-aligned, see
 :attr:`PreparedScan.uses_itk_resampling`): a crop is sampled straight from the original voxels on its 1.5 mm
 grid (the grid is axis-aligned with the scan, so linear interpolation is separable and costs O(crop)), which
 gives the same values as resampling everything first; the paste-back is an index lookup over the part of the
